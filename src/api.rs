@@ -1,0 +1,186 @@
+//! The SQL functions. All are VOLATILE and PARALLEL UNSAFE: they act on shared state, not data.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use pgrx::prelude::*;
+use pgrx::{Array, Uuid};
+
+use crate::errors::UsageError;
+use crate::pending::{self, MarkError};
+use crate::rendezvous::{self, Lookup};
+use crate::settings;
+use crate::shmem;
+
+/// How long `wsusage_flush()` waits for a worker to attach before giving up. Longer than the
+/// worker's restart delay, so a worker that was just terminated comes back within it.
+const WORKER_ATTACH_WAIT: Duration = Duration::from_secs(15);
+
+/// Record that a workspace was used now. Not transactional: the mark stands even if the
+/// caller's transaction rolls back.
+#[pg_extern(volatile, parallel_unsafe)]
+fn wsusage_mark(workspace_id: Option<Uuid>) {
+    const FUNCTION: &str = "wsusage_mark";
+    check_can_mark(FUNCTION);
+    let Some(id) = workspace_id else {
+        UsageError::NullId { element: None }.raise(FUNCTION)
+    };
+    mark(&[*id.as_bytes()], FUNCTION);
+}
+
+/// Record that each workspace of the array was used now; an empty array does nothing. Either
+/// every id is marked or, on a NULL element, none.
+#[pg_extern(volatile, parallel_unsafe)]
+fn wsusage_mark_many(workspace_ids: Option<Array<Uuid>>) {
+    const FUNCTION: &str = "wsusage_mark_many";
+    check_can_mark(FUNCTION);
+    let Some(array) = workspace_ids else {
+        UsageError::NullId { element: None }.raise(FUNCTION)
+    };
+    let mut ids = Vec::with_capacity(array.len());
+    for (i, element) in array.iter().enumerate() {
+        match element {
+            Some(id) => ids.push(*id.as_bytes()),
+            None => UsageError::NullId {
+                element: Some(i + 1),
+            }
+            .raise(FUNCTION),
+        }
+    }
+    if !ids.is_empty() {
+        mark(&ids, FUNCTION);
+    }
+}
+
+/// Wake the worker, wait until a flush holding every mark made before this call has committed,
+/// and return the number of distinct ids that flush took from the pending set.
+#[pg_extern(volatile, parallel_unsafe)]
+fn wsusage_flush() -> i64 {
+    const FUNCTION: &str = "wsusage_flush";
+    check_active_here(FUNCTION, "flush usage");
+    let Some(request) = rendezvous::request() else {
+        UsageError::NotPreloaded.raise(FUNCTION)
+    };
+    let Some(cv) = shmem::flushed_cv() else {
+        UsageError::NotPreloaded.raise(FUNCTION)
+    };
+    let mut worker_absent_since: Option<Instant> = None;
+    // SAFETY: our condition variable in shared memory; every exit path below cancels the sleep
+    // (and an ERROR from check_for_interrupts! is cleaned up by transaction abort).
+    unsafe { pg_sys::ConditionVariablePrepareToSleep(cv) };
+    let outcome = loop {
+        let failure = match rendezvous::lookup(request) {
+            Lookup::Done(outcome) => break outcome,
+            Lookup::Waiting {
+                worker_attached: true,
+            } => {
+                worker_absent_since = None;
+                None
+            }
+            Lookup::Waiting {
+                worker_attached: false,
+            } => {
+                let since = *worker_absent_since.get_or_insert_with(Instant::now);
+                (since.elapsed() >= WORKER_ATTACH_WAIT).then_some(UsageError::WorkerNotRunning {
+                    waited: WORKER_ATTACH_WAIT,
+                })
+            }
+            Lookup::Forgotten => Some(UsageError::FlushOutcomeLost),
+            Lookup::NotPreloaded => Some(UsageError::NotPreloaded),
+        };
+        if let Some(error) = failure {
+            // SAFETY: we prepared to sleep on the CV above.
+            unsafe { pg_sys::ConditionVariableCancelSleep() };
+            error.raise(FUNCTION);
+        }
+        // SAFETY: sleeping on our CV, prepared above; wakes on broadcast, timeout or latch.
+        unsafe { pg_sys::ConditionVariableTimedSleep(cv, 1000, pg_sys::PG_WAIT_EXTENSION) };
+        check_for_interrupts!();
+    };
+    // SAFETY: we prepared to sleep on the CV above.
+    unsafe { pg_sys::ConditionVariableCancelSleep() };
+    if outcome.failed {
+        let len = outcome
+            .message
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(outcome.message.len());
+        let message = String::from_utf8_lossy(&outcome.message[..len]).into_owned();
+        UsageError::FlushFailed {
+            sqlstate: outcome.sqlstate,
+            message,
+        }
+        .raise(FUNCTION);
+    }
+    i64::try_from(outcome.ids).unwrap_or(i64::MAX)
+}
+
+fn mark(ids: &[[u8; 16]], function: &'static str) {
+    // SAFETY: reads the clock; clock_timestamp() semantics, not the transaction's start.
+    let now = unsafe { pg_sys::GetCurrentTimestamp() };
+    match pending::mark_all(ids, now) {
+        Ok(()) => {}
+        Err(MarkError::NotPreloaded) => UsageError::NotPreloaded.raise(function),
+        Err(MarkError::Full { marked }) => UsageError::SetFull {
+            capacity: settings::max_pending(),
+            marked,
+            requested: ids.len(),
+        }
+        .raise(function),
+    }
+}
+
+fn check_can_mark(function: &'static str) {
+    check_active_here(function, "mark usage");
+}
+
+/// Raise unless marks made here can be flushed: the library is preloaded, the server is not
+/// in recovery, and this is the database the worker updates.
+fn check_active_here(function: &'static str, action: &'static str) {
+    if !shmem::is_ready() {
+        UsageError::NotPreloaded.raise(function);
+    }
+    // SAFETY: a plain query of the server's state.
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        UsageError::InRecovery { action }.raise(function);
+    }
+    if !in_worker_database() {
+        UsageError::WrongDatabase {
+            current: current_database(),
+        }
+        .raise(function);
+    }
+}
+
+const UNKNOWN: u8 = 0;
+const YES: u8 = 1;
+const NO: u8 = 2;
+/// Whether this backend's database is `wsusage.database`; both are fixed for the backend's
+/// life, so the answer is computed once.
+static IN_WORKER_DATABASE: AtomicU8 = AtomicU8::new(UNKNOWN);
+
+fn in_worker_database() -> bool {
+    match IN_WORKER_DATABASE.load(Ordering::Relaxed) {
+        YES => true,
+        NO => false,
+        _ => {
+            let here = current_database() == settings::database();
+            IN_WORKER_DATABASE.store(if here { YES } else { NO }, Ordering::Relaxed);
+            here
+        }
+    }
+}
+
+fn current_database() -> String {
+    // SAFETY: MyDatabaseId is set for every backend that can call SQL functions, and
+    // get_database_name returns a palloc'd copy (or NULL for a database dropped meanwhile).
+    unsafe {
+        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+        if name.is_null() {
+            return String::new();
+        }
+        std::ffi::CStr::from_ptr(name)
+            .to_string_lossy()
+            .into_owned()
+    }
+}

@@ -1,0 +1,129 @@
+//! Every error and warning a user or DBA sees, each with its SQLSTATE, detail and hint, worded
+//! after PostgreSQL's error message style guide.
+
+use std::time::Duration;
+
+use pgrx::pg_sys::errcodes::PgSqlErrorCode;
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::PgLogLevel;
+
+use crate::flush::Failure;
+use crate::settings;
+
+pub enum UsageError {
+    NotPreloaded,
+    /// A NULL id; `element` is the 1-based array position when it came in an array.
+    NullId {
+        element: Option<usize>,
+    },
+    SetFull {
+        capacity: usize,
+        marked: usize,
+        requested: usize,
+    },
+    WrongDatabase {
+        current: String,
+    },
+    InRecovery {
+        action: &'static str,
+    },
+    WorkerNotRunning {
+        waited: Duration,
+    },
+    FlushFailed {
+        sqlstate: i32,
+        message: String,
+    },
+    FlushOutcomeLost,
+}
+
+impl UsageError {
+    fn to_report(&self, function: &'static str) -> ErrorReport {
+        use PgSqlErrorCode::*;
+        match self {
+            UsageError::NotPreloaded => {
+                ErrorReport::new(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "wsusage must be loaded via shared_preload_libraries", function)
+                    .set_hint("Add \"wsusage\" to \"shared_preload_libraries\" and restart the server.")
+            }
+            UsageError::NullId { element } => {
+                let report = ErrorReport::new(ERRCODE_NULL_VALUE_NOT_ALLOWED, "workspace id must not be null", function);
+                match element {
+                    Some(n) => report.set_detail(format!("Element {n} of the array is null; no id of the array was marked.")),
+                    None => report,
+                }
+            }
+            UsageError::SetFull { capacity, marked, requested } => {
+                let mut detail = format!("The set holds its maximum of {capacity} distinct ids until the next flush.");
+                if *requested > 1 {
+                    detail.push_str(&format!(" {marked} of the {requested} ids were marked before it filled."));
+                }
+                ErrorReport::new(ERRCODE_PROGRAM_LIMIT_EXCEEDED, "wsusage pending set is full", function)
+                    .set_detail(detail)
+                    .set_hint("Increase \"wsusage.max_pending\" (needs a restart) or shorten \"wsusage.flush_interval\".")
+            }
+            UsageError::WrongDatabase { current } => {
+                let configured = settings::database();
+                ErrorReport::new(
+                    ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    format!("wsusage is not active in database \"{current}\""),
+                    function,
+                )
+                .set_detail(format!(
+                    "The wsusage background worker updates database \"{configured}\" (\"wsusage.database\"), so marks are accepted only there."
+                ))
+                .set_hint(format!(
+                    "Connect to database \"{configured}\", or set \"wsusage.database\" to \"{current}\" and restart the server."
+                ))
+            }
+            UsageError::InRecovery { action } => ErrorReport::new(
+                ERRCODE_READ_ONLY_SQL_TRANSACTION,
+                format!("cannot {action} during recovery"),
+                function,
+            )
+            .set_hint("Run it on the primary server; the worker starts on a standby once it is promoted."),
+            UsageError::WorkerNotRunning { waited } => ErrorReport::new(
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "wsusage background worker is not running",
+                function,
+            )
+            .set_detail(format!(
+                "No wsusage worker was attached during {} seconds; the marks stay pending.",
+                waited.as_secs()
+            ))
+            .set_hint("Check the server log for messages from the \"wsusage\" worker, and that \"max_worker_processes\" leaves room for it."),
+            UsageError::FlushFailed { sqlstate, message } => ErrorReport::new(
+                PgSqlErrorCode::from(*sqlstate),
+                format!("wsusage flush failed: {message}"),
+                function,
+            )
+            .set_detail("The marks stay pending; the worker retries them every \"wsusage.flush_interval\".")
+            .set_hint("Fix the cause reported above; the server log has the worker's messages."),
+            UsageError::FlushOutcomeLost => ErrorReport::new(
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "wsusage flush completed but its outcome is no longer available",
+                function,
+            )
+            .set_detail("More flushes completed than wsusage remembers before this call could read its own.")
+            .set_hint("Call the function again."),
+        }
+    }
+
+    /// Raise this error as a PostgreSQL ERROR in the calling SQL function.
+    pub fn raise(&self, function: &'static str) -> ! {
+        self.to_report(function).report(PgLogLevel::ERROR);
+        unreachable!("an ERROR report does not return")
+    }
+}
+
+/// Tell the DBA a flush failed: a WARNING with the SQL error and how many failures in a row.
+pub fn report_flush_failure(ids: u64, consecutive_failures: u64, failure: &Failure) {
+    ErrorReport::new(
+        PgSqlErrorCode::from(failure.sqlstate),
+        format!("wsusage could not flush {ids} pending ids: {}", failure.message),
+        "wsusage worker",
+    )
+    .set_detail(format!(
+        "Consecutive failed flushes: {consecutive_failures}. The ids stay pending and are retried every \"wsusage.flush_interval\", merged with newer marks."
+    ))
+    .report(PgLogLevel::WARNING);
+}

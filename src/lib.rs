@@ -1,0 +1,35 @@
+//! wsusage: debounced "last used" timestamps.
+//!
+//! Vocabulary used throughout the crate:
+//! - a **mark** is one call saying "this id was used now";
+//! - the **pending** set holds, per id, the latest time it was marked and not yet written;
+//! - a **flush** writes the pending set to the table in one statement and forgets what it wrote.
+//!
+//! This file is wiring only; each concept lives in the module named for it.
+
+use pgrx::prelude::*;
+
+mod api;
+mod errors;
+mod flush;
+mod pending;
+mod rendezvous;
+mod settings;
+mod shmem;
+mod worker;
+
+::pgrx::pg_module_magic!(name, version);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    // Shared memory and the worker exist only when the postmaster loads us. Loaded later (by a
+    // backend calling one of our functions) we stay passive, as pg_stat_statements does: the SQL
+    // functions then raise a clear error instead of the server refusing to start.
+    // SAFETY: a plain read of a postmaster global, set before any _PG_init runs.
+    if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        return;
+    }
+    settings::init();
+    shmem::init();
+    worker::register();
+}

@@ -1,0 +1,91 @@
+//! Every `wsusage.*` setting: private statics, one [`init`], typed getters.
+//!
+//! The prefix is reserved, so a misspelt `wsusage.*` name in postgresql.conf is reported instead of
+//! silently becoming a placeholder.
+
+use std::ffi::CString;
+use std::time::Duration;
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::pg_sys;
+
+pub const FLUSH_INTERVAL_MS_DEFAULT: i32 = 60_000;
+pub const FLUSH_INTERVAL_MS_MIN: i32 = 10;
+/// One day: a longer interval is a misconfiguration (the marks would sit in memory for days).
+pub const FLUSH_INTERVAL_MS_MAX: i32 = 86_400_000;
+
+pub const MAX_PENDING_DEFAULT: i32 = 65_536;
+pub const MAX_PENDING_MIN: i32 = 16;
+/// 16M ids is about 1 GiB of shared memory; beyond that a shorter flush interval is the answer.
+pub const MAX_PENDING_MAX: i32 = 16 * 1024 * 1024;
+
+/// Time between flushes of the pending set.
+static FLUSH_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(FLUSH_INTERVAL_MS_DEFAULT);
+
+/// The database the worker connects to; marks are accepted only there.
+static DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+
+/// Capacity of the pending set, in distinct ids; sizes the shared memory at server start.
+static MAX_PENDING: GucSetting<i32> = GucSetting::<i32>::new(MAX_PENDING_DEFAULT);
+
+pub fn init() {
+    GucRegistry::define_int_guc(
+        c"wsusage.flush_interval",
+        c"Time between flushes of pending marks to the table.",
+        c"A shorter interval makes last-used times fresher and costs one more write transaction each time.",
+        &FLUSH_INTERVAL_MS,
+        FLUSH_INTERVAL_MS_MIN,
+        FLUSH_INTERVAL_MS_MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_string_guc(
+        c"wsusage.database",
+        c"Database whose workspaces table the background worker updates.",
+        c"Marks are accepted only in this database.",
+        &DATABASE,
+        GucContext::Postmaster,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
+        c"wsusage.max_pending",
+        c"Maximum number of distinct ids waiting for the next flush.",
+        c"Sizes the shared memory reserved at server start; a mark of a new id fails when the set is full.",
+        &MAX_PENDING,
+        MAX_PENDING_MIN,
+        MAX_PENDING_MAX,
+        GucContext::Postmaster,
+        GucFlags::empty(),
+    );
+    reserve_prefix();
+}
+
+#[cfg(feature = "pg14")]
+fn reserve_prefix() {
+    // SAFETY: called from _PG_init after our variables are defined, as the function requires.
+    unsafe { pg_sys::EmitWarningsOnPlaceholders(c"wsusage".as_ptr()) }
+}
+
+#[cfg(not(feature = "pg14"))]
+fn reserve_prefix() {
+    // SAFETY: called from _PG_init after our variables are defined, as the function requires.
+    unsafe { pg_sys::MarkGUCPrefixReserved(c"wsusage".as_ptr()) }
+}
+
+pub fn flush_interval() -> Duration {
+    Duration::from_millis(
+        u64::try_from(FLUSH_INTERVAL_MS.get()).unwrap_or(FLUSH_INTERVAL_MS_DEFAULT as u64),
+    )
+}
+
+pub fn database() -> String {
+    DATABASE
+        .get()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+pub fn max_pending() -> usize {
+    usize::try_from(MAX_PENDING.get()).unwrap_or(MAX_PENDING_DEFAULT as usize)
+}

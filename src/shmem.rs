@@ -1,0 +1,257 @@
+//! wsusage's shared memory: what lives there, how big it is, and who may touch it.
+//!
+//! Two allocations, both made at server start and sized by `wsusage.max_pending`:
+//!
+//! - **"wsusage pending"**, a PostgreSQL shared hash (dynahash) from workspace id (16 bytes) to the
+//!   latest time it was marked ([`PendingEntry`], 24 bytes). It is created with
+//!   `HASH_FIXED_SIZE` and initial size = maximum size, so every entry is allocated up front and
+//!   an insert returns NULL exactly when the set holds `max_pending` ids: the set never borrows
+//!   from the server's spare shared memory, and a full set is a clean, reportable condition. A hash
+//!   of our own over a raw segment would save little and re-implement what dynahash already gets
+//!   right; `hash_estimate_size` tells the postmaster exactly how much to reserve.
+//! - **"wsusage"**, one [`Shared`] struct: the worker's identity and latch, the `wsusage_flush()`
+//!   rendezvous (request counter, the outcomes of recent flushes) and a condition variable that
+//!   the worker broadcasts on after every flush.
+//!
+//! Locking. One LWLock (named tranche "wsusage") guards the hash and every field of [`Shared`]
+//! except `flushed`, the condition variable, which synchronises itself. The lock is taken in
+//! exclusive mode by every writer: a mark (one hash insert), the worker's snapshot of the set
+//! (a copy into a buffer it allocated beforehand), the worker forgetting what it wrote, and the
+//! rendezvous bookkeeping. Readers that change nothing take it shared. Nothing done under the lock
+//! can raise an error, allocate, log or wait on the database: the flush's UPDATE runs with the
+//! lock released, so a mark never waits on a table lock, an fsync or a slow query. Use
+//! [`with_lock`]; helpers taking a [`Locked`] are "caller must hold the lock" by construction.
+//!
+//! What survives what: the set lives as long as the postmaster's shared memory. A worker exit or
+//! restart loses nothing; a crash of any backend makes the postmaster reinitialise shared memory,
+//! which loses the marks made since the last flush (at most one interval's worth).
+
+use std::ffi::CStr;
+use std::mem::size_of;
+use std::ptr::{addr_of_mut, null_mut};
+use std::sync::atomic::{AtomicPtr, Ordering};
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::settings;
+
+const SHARED_NAME: &CStr = c"wsusage";
+const PENDING_NAME: &CStr = c"wsusage pending";
+const TRANCHE_NAME: &CStr = c"wsusage";
+
+/// How many flush outcomes `Shared` remembers for `wsusage_flush()` callers that have not yet
+/// woken up to read theirs. A caller misses its outcome only if this many flushes complete
+/// between the worker's broadcast and the caller being scheduled.
+pub const RECENT_FLUSHES: usize = 64;
+
+/// Longest error message kept for `wsusage_flush()` callers (bytes, including the terminator).
+pub const MESSAGE_LEN: usize = 256;
+
+/// One pending id: the key must come first (dynahash compares the first `keysize` bytes).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PendingEntry {
+    pub id: [u8; 16],
+    /// Latest mark time, microseconds since 2000-01-01 (PostgreSQL's `TimestampTz`).
+    pub marked_at: i64,
+}
+
+/// What one flush did, as `wsusage_flush()` callers see it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FlushOutcome {
+    /// The flush covers the requests numbered `(after_request, up_to_request]`.
+    pub after_request: u64,
+    pub up_to_request: u64,
+    /// Distinct ids the flush took from the set.
+    pub ids: u64,
+    pub failed: bool,
+    /// SQLSTATE of the failure, as PostgreSQL packs it (`MAKE_SQLSTATE`).
+    pub sqlstate: i32,
+    /// NUL-terminated error message of the failure.
+    pub message: [u8; MESSAGE_LEN],
+}
+
+#[repr(C)]
+pub struct Shared {
+    lock: *mut pg_sys::LWLock,
+    /// Broadcast after every flush (success or failure). Not guarded by `lock`.
+    pub flushed: pg_sys::ConditionVariable,
+    /// Pid of the running worker, 0 when none is attached.
+    pub worker_pid: i32,
+    /// The running worker's latch (in its PGPROC), null when none is attached.
+    pub worker_latch: *mut pg_sys::Latch,
+    /// A mark already woke the worker because the set passed its high-water mark; cleared when
+    /// the worker takes its next snapshot, so a busy set wakes it once per flush, not per mark.
+    pub high_water_wake_sent: bool,
+    /// Number of `wsusage_flush()` requests ever made; request n is the n-th.
+    pub requests: u64,
+    /// Every request numbered up to this was covered by a flush that has completed.
+    pub served: u64,
+    /// Number of flushes completed since server start; `recent[completed % RECENT_FLUSHES]` is
+    /// the next slot written.
+    pub completed: u64,
+    pub recent: [FlushOutcome; RECENT_FLUSHES],
+}
+
+// Set in the postmaster by the shmem startup hook and inherited by every child on fork.
+static SHARED: AtomicPtr<Shared> = AtomicPtr::new(null_mut());
+static PENDING: AtomicPtr<pg_sys::HTAB> = AtomicPtr::new(null_mut());
+
+static mut PREV_SHMEM_STARTUP_HOOK: pg_sys::shmem_startup_hook_type = None;
+#[cfg(not(feature = "pg14"))]
+static mut PREV_SHMEM_REQUEST_HOOK: pg_sys::shmem_request_hook_type = None;
+
+/// Install the hooks that reserve and create our shared memory. Called from `_PG_init`.
+pub fn init() {
+    // SAFETY: _PG_init runs single-threaded in the postmaster before shared memory exists; we
+    // chain whatever hook was installed before ours.
+    unsafe {
+        PREV_SHMEM_STARTUP_HOOK = pg_sys::shmem_startup_hook;
+        pg_sys::shmem_startup_hook = Some(shmem_startup);
+    }
+    #[cfg(feature = "pg14")]
+    request_shmem();
+    // SAFETY: as above; PostgreSQL 15+ accepts requests only from this hook.
+    #[cfg(not(feature = "pg14"))]
+    unsafe {
+        PREV_SHMEM_REQUEST_HOOK = pg_sys::shmem_request_hook;
+        pg_sys::shmem_request_hook = Some(shmem_request);
+    }
+}
+
+#[cfg(not(feature = "pg14"))]
+#[pg_guard]
+unsafe extern "C-unwind" fn shmem_request() {
+    // SAFETY: reading the hook we saved in init(), in the postmaster.
+    if let Some(prev) = unsafe { PREV_SHMEM_REQUEST_HOOK } {
+        // SAFETY: a hook PostgreSQL or another library installed; called as PostgreSQL would.
+        unsafe { prev() };
+    }
+    request_shmem();
+}
+
+fn pending_hash_size() -> usize {
+    let max = settings::max_pending() as std::ffi::c_long;
+    // SAFETY: a pure size computation.
+    unsafe { pg_sys::hash_estimate_size(max, size_of::<PendingEntry>()) }
+}
+
+/// Bytes of shared memory the extension reserves for `wsusage.max_pending` ids.
+pub fn total_size() -> usize {
+    size_of::<Shared>() + pending_hash_size()
+}
+
+fn request_shmem() {
+    // SAFETY: called from _PG_init (14) or the shmem request hook (15+), the only places where
+    // PostgreSQL accepts these requests.
+    unsafe {
+        pg_sys::RequestAddinShmemSpace(total_size());
+        pg_sys::RequestNamedLWLockTranche(TRANCHE_NAME.as_ptr(), 1);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn shmem_startup() {
+    // SAFETY: reading the hook we saved in init(), in the postmaster (or a backend under
+    // EXEC_BACKEND).
+    if let Some(prev) = unsafe { PREV_SHMEM_STARTUP_HOOK } {
+        // SAFETY: a hook PostgreSQL or another library installed; called as PostgreSQL would.
+        unsafe { prev() };
+    }
+    // SAFETY: AddinShmemInitLock (MainLWLockArray[21], a C macro without a binding) serialises
+    // shared-memory creation against other libraries; ShmemInitStruct/ShmemInitHash return
+    // memory of the requested size, initialised by whoever finds it new.
+    unsafe {
+        let addin_shmem_init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+        pg_sys::LWLockAcquire(addin_shmem_init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+
+        let mut found = false;
+        let shared = pg_sys::ShmemInitStruct(SHARED_NAME.as_ptr(), size_of::<Shared>(), &mut found)
+            .cast::<Shared>();
+        if !found {
+            // All-zero is the valid empty state of every field but the two set below.
+            std::ptr::write_bytes(shared, 0, 1);
+            (*shared).lock = &raw mut (*pg_sys::GetNamedLWLockTranche(TRANCHE_NAME.as_ptr())).lock;
+            pg_sys::ConditionVariableInit(addr_of_mut!((*shared).flushed));
+        }
+
+        let max = settings::max_pending() as std::ffi::c_long;
+        let mut info: pg_sys::HASHCTL = std::mem::zeroed();
+        info.keysize = 16;
+        info.entrysize = size_of::<PendingEntry>();
+        let pending = pg_sys::ShmemInitHash(
+            PENDING_NAME.as_ptr(),
+            max,
+            max,
+            &mut info,
+            (pg_sys::HASH_ELEM | pg_sys::HASH_BLOBS | pg_sys::HASH_FIXED_SIZE) as i32,
+        );
+
+        pg_sys::LWLockRelease(addin_shmem_init_lock);
+
+        SHARED.store(shared, Ordering::Release);
+        PENDING.store(pending, Ordering::Release);
+    }
+}
+
+/// Whether the library was preloaded and its shared memory exists in this process.
+pub fn is_ready() -> bool {
+    !SHARED.load(Ordering::Acquire).is_null()
+}
+
+/// The shared state while the lock is held; only [`with_lock`] makes one.
+pub struct Locked<'a> {
+    pub shared: &'a mut Shared,
+    pub pending: *mut pg_sys::HTAB,
+}
+
+struct ReleaseOnDrop(*mut pg_sys::LWLock);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: we acquired this lock in with_lock and release it exactly once.
+        unsafe { pg_sys::LWLockRelease(self.0) }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Shared,
+    Exclusive,
+}
+
+/// Run `f` with the wsusage lock held. `f` must not raise, allocate, log or wait.
+/// Returns `None` when the library was not preloaded (no shared memory).
+pub fn with_lock<R>(mode: Mode, f: impl FnOnce(&mut Locked<'_>) -> R) -> Option<R> {
+    let shared = SHARED.load(Ordering::Acquire);
+    if shared.is_null() {
+        return None;
+    }
+    // SAFETY: `shared` points at the struct created in shmem_startup, alive as long as the
+    // postmaster's shared memory; its `lock` was set there and never changes.
+    let lock = unsafe { (*shared).lock };
+    let lw_mode = match mode {
+        Mode::Shared => pg_sys::LWLockMode::LW_SHARED,
+        Mode::Exclusive => pg_sys::LWLockMode::LW_EXCLUSIVE,
+    };
+    // SAFETY: a valid LWLock of our tranche; released by the guard below, or by PostgreSQL's
+    // LWLockReleaseAll should this process error out.
+    unsafe { pg_sys::LWLockAcquire(lock, lw_mode) };
+    let _release = ReleaseOnDrop(lock);
+    // SAFETY: holding the lock gives us the access the module header promises; a shared-mode
+    // holder must only read, which every Mode::Shared caller does.
+    let mut locked = Locked {
+        shared: unsafe { &mut *shared },
+        pending: PENDING.load(Ordering::Acquire),
+    };
+    Some(f(&mut locked))
+}
+
+/// The condition variable broadcast after every flush, or `None` when not preloaded.
+pub fn flushed_cv() -> Option<*mut pg_sys::ConditionVariable> {
+    let shared = SHARED.load(Ordering::Acquire);
+    // SAFETY: as in with_lock; we take the address only, the CV synchronises itself.
+    (!shared.is_null()).then(|| unsafe { addr_of_mut!((*shared).flushed) })
+}

@@ -57,7 +57,7 @@ impl UsageError {
                 if *requested > 1 {
                     detail.push_str(&format!(" {marked} of the {requested} ids were marked before it filled."));
                 }
-                ErrorReport::new(ERRCODE_PROGRAM_LIMIT_EXCEEDED, "wsusage pending set is full", function)
+                ErrorReport::new(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED, "wsusage pending set is full", function)
                     .set_detail(detail)
                     .set_hint("Increase \"wsusage.max_pending\" (needs a restart) or shorten \"wsusage.flush_interval\".")
             }

@@ -1,1 +1,343 @@
-pub fn x() {}
+//! Test harness: real PostgreSQL clusters, one per test, with wsusage preloaded.
+//!
+//! The major under test is the build whose `bin/` directory `WSUSAGE_PG_BIN` names (set by
+//! `scripts/test`); the extension must already be installed into it. Each [`Cluster`] lives in a
+//! fresh directory under the system temp dir, copied from a template made once per test binary
+//! by `initdb`, listens only on a Unix socket inside that directory, and runs as the `postgres`
+//! user when the tests run as root (PostgreSQL refuses to run as root).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+pub use postgres::{Client, Error as PgError, NoTls};
+use uuid::Uuid;
+
+/// Generous bound for anything the tests wait for; never an assertion about speed.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Port number in the socket file name; each cluster has its own socket directory.
+const PORT: u16 = 5432;
+
+pub fn pg_bin() -> PathBuf {
+    match std::env::var_os("WSUSAGE_PG_BIN") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../.pg/18/bin"),
+    }
+}
+
+/// The PostgreSQL major version under test.
+pub fn major() -> u32 {
+    let out = Command::new(pg_bin().join("pg_config"))
+        .arg("--version")
+        .output()
+        .expect("run pg_config");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "PostgreSQL 17.11"
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|v| v.split('.').next())
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("cannot parse pg_config --version output: {text}"))
+}
+
+fn running_as_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
+}
+
+/// Run `program` as the user that owns the clusters.
+fn as_owner(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    if running_as_root() {
+        let mut cmd = Command::new("runuser");
+        cmd.args(["-u", "postgres", "--"]).arg(program);
+        cmd
+    } else {
+        Command::new(program)
+    }
+}
+
+/// Run a program of the PostgreSQL build under test as the user that owns the clusters.
+fn pg_command(program: &str) -> Command {
+    as_owner(pg_bin().join(program))
+}
+
+fn run(mut cmd: Command, what: &str) -> Output {
+    // Keep Rust backtraces out of server error details.
+    cmd.env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE");
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn make_owned_dir(prefix: &str) -> PathBuf {
+    let base = std::env::temp_dir();
+    for attempt in 0..1000u32 {
+        let dir = base.join(format!(
+            "{prefix}-{}-{}-{attempt}",
+            std::process::id(),
+            unique()
+        ));
+        if fs::create_dir(&dir).is_ok() {
+            if running_as_root() {
+                let mut chown = Command::new("chown");
+                chown.arg("postgres:").arg(&dir);
+                run(chown, "chown");
+            }
+            return dir;
+        }
+    }
+    panic!("cannot create a directory under {}", base.display());
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A data directory made by initdb once per test binary, copied for every cluster.
+fn template() -> &'static Path {
+    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
+    TEMPLATE.get_or_init(|| {
+        let dir = make_owned_dir("wsusage-template");
+        let data = dir.join("data");
+        let mut cmd = pg_command("initdb");
+        cmd.arg("-D").arg(&data).args([
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ]);
+        run(cmd, "initdb");
+        data
+    })
+}
+
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub data: PathBuf,
+    running: bool,
+}
+
+/// Settings every test cluster gets, before the test's own.
+const BASE_SETTINGS: &[(&str, &str)] = &[
+    ("listen_addresses", "''"),
+    ("port", "5432"),
+    ("fsync", "off"),
+    ("shared_buffers", "'32MB'"),
+    ("max_connections", "60"),
+    ("log_min_messages", "log"),
+    ("shared_preload_libraries", "'wsusage'"),
+    // Long by default, so that only the test decides when a flush happens.
+    ("wsusage.flush_interval", "'1h'"),
+];
+
+impl Cluster {
+    /// A running cluster with wsusage preloaded and `settings` added to postgresql.conf
+    /// (later lines win, so a test may override the base settings).
+    pub fn start(settings: &[(&str, &str)]) -> Cluster {
+        let dir = make_owned_dir("wsusage-test");
+        let data = dir.join("data");
+        // copied by the owner, so that ownership and modes stay what initdb made them
+        let mut cp = as_owner("cp");
+        cp.arg("-a").arg(template()).arg(&data);
+        run(cp, "copy the template cluster");
+        let mut conf = String::from("\n# wsusage tests\n");
+        conf.push_str(&format!("unix_socket_directories = '{}'\n", dir.display()));
+        for (name, value) in BASE_SETTINGS.iter().chain(settings) {
+            conf.push_str(&format!("{name} = {value}\n"));
+        }
+        let path = data.join("postgresql.conf");
+        let mut existing = fs::read_to_string(&path).expect("read postgresql.conf");
+        existing.push_str(&conf);
+        fs::write(&path, existing).expect("write postgresql.conf");
+        let mut cluster = Cluster {
+            dir,
+            data,
+            running: false,
+        };
+        cluster.start_again();
+        cluster
+    }
+
+    pub fn start_again(&mut self) {
+        let mut cmd = pg_command("pg_ctl");
+        cmd.arg("-D")
+            .arg(&self.data)
+            .arg("-l")
+            .arg(self.log_path())
+            .args(["-w", "-t", "120", "start"]);
+        run(cmd, "pg_ctl start");
+        self.running = true;
+    }
+
+    /// Stop with the given shutdown mode ("smart", "fast" or "immediate").
+    pub fn stop(&mut self, mode: &str) {
+        let mut cmd = pg_command("pg_ctl");
+        cmd.arg("-D")
+            .arg(&self.data)
+            .args(["-w", "-t", "120", "-m", mode, "stop"]);
+        run(cmd, "pg_ctl stop");
+        self.running = false;
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("server.log")
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn conninfo(&self, database: &str) -> String {
+        format!(
+            "host={} port={PORT} user=postgres dbname={database}",
+            self.dir.display()
+        )
+    }
+
+    pub fn connect(&self) -> Client {
+        self.connect_to("postgres")
+    }
+
+    pub fn connect_to(&self, database: &str) -> Client {
+        Client::connect(&self.conninfo(database), NoTls)
+            .unwrap_or_else(|e| panic!("connect to {database}: {e}\nserver log:\n{}", self.log()))
+    }
+
+    /// Create the extension and a `workspaces` table of `rows` rows with NULL `last_used_at`;
+    /// returns their ids.
+    pub fn with_workspaces(&self, rows: usize) -> (Client, Vec<Uuid>) {
+        let mut client = self.connect();
+        client
+            .batch_execute(
+                "CREATE EXTENSION wsusage;
+                 CREATE TABLE workspaces (id uuid PRIMARY KEY, name text, last_used_at timestamptz);",
+            )
+            .expect("create extension and table");
+        let ids: Vec<Uuid> = (0..rows).map(|_| Uuid::new_v4()).collect();
+        client
+            .execute(
+                "INSERT INTO workspaces (id) SELECT unnest($1::uuid[])",
+                &[&ids],
+            )
+            .expect("insert workspaces");
+        (client, ids)
+    }
+
+    /// Pid of the wsusage worker as pg_stat_activity shows it.
+    pub fn worker_pid(&self, client: &mut Client) -> Option<i32> {
+        client
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'wsusage'",
+                &[],
+            )
+            .expect("query pg_stat_activity")
+            .map(|row| row.get(0))
+    }
+
+    /// Wait until a worker other than `not` is running; returns its pid.
+    pub fn wait_for_worker(&self, client: &mut Client, not: Option<i32>) -> i32 {
+        let mut pid = None;
+        wait_until("the wsusage worker to run", || {
+            pid = self.worker_pid(client).filter(|p| Some(*p) != not);
+            pid.is_some()
+        });
+        pid.unwrap_or_default()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if self.running {
+            let mut cmd = pg_command("pg_ctl");
+            cmd.arg("-D")
+                .arg(&self.data)
+                .args(["-w", "-m", "immediate", "stop"]);
+            let _ = cmd.output();
+        }
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("kept the failed test's cluster in {}", self.dir.display());
+        }
+    }
+}
+
+/// Poll `condition` every 50 ms until it holds; panic after [`PATIENCE`].
+pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        sleep(Duration::from_millis(50));
+    }
+}
+
+/// The SQLSTATE of a failed statement, e.g. "22004".
+pub fn sqlstate(error: &PgError) -> String {
+    error
+        .code()
+        .map(|c| c.code().to_owned())
+        .unwrap_or_else(|| format!("no SQLSTATE: {error}"))
+}
+
+/// The server's error report: (SQLSTATE, message, detail, hint).
+pub fn report(error: &PgError) -> (String, String, String, String) {
+    let db = error
+        .as_db_error()
+        .unwrap_or_else(|| panic!("not a server error: {error}"));
+    (
+        db.code().code().to_owned(),
+        db.message().to_owned(),
+        db.detail().unwrap_or_default().to_owned(),
+        db.hint().unwrap_or_default().to_owned(),
+    )
+}
+
+/// Wall-clock now, truncated to PostgreSQL's microsecond precision.
+pub fn now_us() -> DateTime<Utc> {
+    let now = Utc::now();
+    DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
+}
+
+pub fn last_used(client: &mut Client, id: &Uuid) -> Option<DateTime<Utc>> {
+    client
+        .query_one("SELECT last_used_at FROM workspaces WHERE id = $1", &[id])
+        .expect("read last_used_at")
+        .get(0)
+}
+
+pub fn flush(client: &mut Client) -> i64 {
+    client
+        .query_one("SELECT wsusage_flush()", &[])
+        .expect("wsusage_flush()")
+        .get(0)
+}
+
+pub fn count_used(client: &mut Client) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM workspaces WHERE last_used_at IS NOT NULL",
+            &[],
+        )
+        .expect("count used")
+        .get(0)
+}

@@ -1,0 +1,210 @@
+//! Every wrong call and wrong setting gets a clear error with its SQLSTATE, never a crash.
+
+use wsusage_tests::*;
+
+#[test]
+fn a_null_id_is_rejected_with_22004() {
+    let cluster = Cluster::start(&[]);
+    let (mut client, ids) = cluster.with_workspaces(2);
+
+    let err = client
+        .execute("SELECT wsusage_mark(NULL)", &[])
+        .unwrap_err();
+    let (code, message, _, _) = report(&err);
+    assert_eq!(
+        (code.as_str(), message.as_str()),
+        ("22004", "workspace id must not be null")
+    );
+
+    let err = client
+        .execute("SELECT wsusage_mark_many(NULL)", &[])
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "22004");
+
+    // A NULL element rejects the whole array: no id of it is marked.
+    let err = client
+        .execute(
+            "SELECT wsusage_mark_many(ARRAY[$1, NULL, $2]::uuid[])",
+            &[&ids[0], &ids[1]],
+        )
+        .unwrap_err();
+    let (code, _, detail, _) = report(&err);
+    assert_eq!(code, "22004");
+    assert!(detail.contains("Element 2"), "{detail}");
+    assert_eq!(flush(&mut client), 0);
+}
+
+#[test]
+fn text_that_is_not_a_uuid_is_rejected_with_22p02() {
+    let cluster = Cluster::start(&[]);
+    let (mut client, _) = cluster.with_workspaces(0);
+    let err = client
+        .execute("SELECT wsusage_mark('not-a-uuid')", &[])
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "22P02");
+    let err = client
+        .execute("SELECT wsusage_mark_many('{zzz}')", &[])
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "22P02");
+}
+
+#[test]
+fn a_full_set_refuses_new_ids_with_53400_but_accepts_pending_ones() {
+    let cluster = Cluster::start(&[("wsusage.max_pending", "16")]);
+    let (mut client, ids) = cluster.with_workspaces(20);
+    // Park the table so that no flush (not even the early one a filling set triggers) can
+    // empty the set while the test fills it.
+    client
+        .batch_execute("ALTER TABLE workspaces RENAME TO parked")
+        .unwrap();
+
+    client
+        .execute("SELECT wsusage_mark_many($1)", &[&ids[..16].to_vec()])
+        .unwrap();
+
+    let err = client
+        .execute("SELECT wsusage_mark($1)", &[&ids[16]])
+        .unwrap_err();
+    let (code, message, detail, hint) = report(&err);
+    assert_eq!(code, "53400");
+    assert_eq!(message, "wsusage pending set is full");
+    assert!(detail.contains("16"), "{detail}");
+    assert!(hint.contains("wsusage.max_pending"), "{hint}");
+
+    // Marking an id that is already pending never needs room.
+    client
+        .execute("SELECT wsusage_mark($1)", &[&ids[3]])
+        .unwrap();
+
+    let err = client
+        .execute("SELECT wsusage_mark_many($1)", &[&vec![ids[0], ids[17]]])
+        .unwrap_err();
+    let (code, _, detail, _) = report(&err);
+    assert_eq!(code, "53400");
+    assert!(detail.contains("1 of the 2 ids were marked"), "{detail}");
+
+    // A flush makes room again; nothing accepted was lost.
+    client
+        .batch_execute("ALTER TABLE parked RENAME TO workspaces")
+        .unwrap();
+    assert_eq!(flush(&mut client), 16);
+    assert_eq!(count_used(&mut client), 16);
+    client
+        .execute("SELECT wsusage_mark($1)", &[&ids[16]])
+        .unwrap();
+}
+
+#[test]
+fn marks_are_refused_in_a_database_the_worker_does_not_update() {
+    let cluster = Cluster::start(&[]);
+    let mut admin = cluster.connect();
+    admin.batch_execute("CREATE DATABASE elsewhere").unwrap();
+    let mut client = cluster.connect_to("elsewhere");
+    client.batch_execute("CREATE EXTENSION wsusage").unwrap();
+
+    for call in [
+        "SELECT wsusage_mark(gen_random_uuid())",
+        "SELECT wsusage_flush()",
+    ] {
+        let err = client.execute(call, &[]).unwrap_err();
+        let (code, message, detail, hint) = report(&err);
+        assert_eq!(code, "55000", "{call}");
+        assert!(message.contains("\"elsewhere\""), "{message}");
+        assert!(detail.contains("\"postgres\""), "{detail}");
+        assert!(hint.contains("wsusage.database"), "{hint}");
+    }
+}
+
+#[test]
+fn without_shared_preload_libraries_every_function_says_how_to_fix_it() {
+    let cluster = Cluster::start(&[("shared_preload_libraries", "''")]);
+    let mut client = cluster.connect();
+    client.batch_execute("CREATE EXTENSION wsusage").unwrap();
+    for call in [
+        "SELECT wsusage_mark(gen_random_uuid())",
+        "SELECT wsusage_mark_many(ARRAY[gen_random_uuid()])",
+        "SELECT wsusage_flush()",
+    ] {
+        let err = client.execute(call, &[]).unwrap_err();
+        let (code, message, _, hint) = report(&err);
+        assert_eq!(code, "55000", "{call}");
+        assert_eq!(
+            message,
+            "wsusage must be loaded via shared_preload_libraries"
+        );
+        assert!(hint.contains("shared_preload_libraries"), "{hint}");
+    }
+    // The backend survived: the connection still works.
+    client.execute("SELECT 1", &[]).unwrap();
+}
+
+#[test]
+fn flush_gives_up_with_a_clear_error_when_no_worker_can_run() {
+    // No background worker slot at all: the worker can never start.
+    let cluster = Cluster::start(&[("max_worker_processes", "0")]);
+    let (mut client, ids) = cluster.with_workspaces(1);
+    client
+        .execute("SELECT wsusage_mark($1)", &[&ids[0]])
+        .unwrap();
+
+    let err = client.execute("SELECT wsusage_flush()", &[]).unwrap_err();
+    let (code, message, detail, hint) = report(&err);
+    assert_eq!(code, "55000");
+    assert_eq!(message, "wsusage background worker is not running");
+    assert!(detail.contains("stay pending"), "{detail}");
+    assert!(hint.contains("max_worker_processes"), "{hint}");
+}
+
+#[test]
+fn out_of_range_and_malformed_settings_are_rejected() {
+    let cluster = Cluster::start(&[]);
+    let mut client = cluster.connect();
+    for (setting, value) in [
+        ("wsusage.flush_interval", "'1ms'"),
+        ("wsusage.flush_interval", "'2d'"),
+        ("wsusage.flush_interval", "'-5s'"),
+        ("wsusage.flush_interval", "'soon'"),
+        ("wsusage.flush_interval", "'5 parsecs'"),
+        ("wsusage.max_pending", "0"),
+        ("wsusage.max_pending", "-1"),
+        ("wsusage.max_pending", "100000000000"),
+    ] {
+        let err = client
+            .batch_execute(&format!("ALTER SYSTEM SET {setting} = {value}"))
+            .unwrap_err();
+        assert!(
+            ["22023", "22003"].contains(&sqlstate(&err).as_str()),
+            "{setting} = {value}: {err:?}"
+        );
+    }
+    // Units are accepted and shown in their natural form.
+    client
+        .batch_execute("ALTER SYSTEM SET wsusage.flush_interval = '1min'")
+        .unwrap();
+    client
+        .batch_execute("ALTER SYSTEM SET wsusage.flush_interval = 500")
+        .unwrap();
+
+    // Settings fixed at server start cannot change in a session.
+    let err = client
+        .batch_execute("SET wsusage.max_pending = 100")
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "55P02");
+    let err = client
+        .batch_execute("SET wsusage.flush_interval = '1s'")
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "55P02");
+}
+
+#[test]
+fn the_wsusage_prefix_is_reserved() {
+    if major() < 15 {
+        return; // PostgreSQL 14 only warns about unknown names under a reserved prefix.
+    }
+    let cluster = Cluster::start(&[]);
+    let mut client = cluster.connect();
+    let err = client
+        .batch_execute("SET wsusage.flush_intervall = '1s'")
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "42602", "{err:?}");
+}

@@ -144,7 +144,6 @@ const BASE_SETTINGS: &[(&str, &str)] = &[
     ("fsync", "off"),
     ("shared_buffers", "'32MB'"),
     ("max_connections", "60"),
-    ("log_min_messages", "log"),
     ("shared_preload_libraries", "'wsusage'"),
     // Long by default, so that only the test decides when a flush happens.
     ("wsusage.flush_interval", "'1h'"),
@@ -169,6 +168,30 @@ impl Cluster {
         let mut existing = fs::read_to_string(&path).expect("read postgresql.conf");
         existing.push_str(&conf);
         fs::write(&path, existing).expect("write postgresql.conf");
+        let mut cluster = Cluster {
+            dir,
+            data,
+            running: false,
+        };
+        cluster.start_again();
+        cluster
+    }
+
+    /// A hot standby of `primary`, made with `pg_basebackup -R` over its socket, running.
+    pub fn standby_of(primary: &Cluster) -> Cluster {
+        let dir = make_owned_dir("wsusage-standby");
+        let data = dir.join("data");
+        let mut backup = pg_command("pg_basebackup");
+        backup
+            .arg("-D")
+            .arg(&data)
+            .args(["-R", "-X", "stream", "-U", "postgres", "-p", "5432", "-h"])
+            .arg(&primary.dir);
+        run(backup, "pg_basebackup");
+        let path = data.join("postgresql.conf");
+        let mut conf = fs::read_to_string(&path).expect("read postgresql.conf");
+        conf.push_str(&format!("unix_socket_directories = '{}'\n", dir.display()));
+        fs::write(&path, conf).expect("write postgresql.conf");
         let mut cluster = Cluster {
             dir,
             data,
@@ -254,11 +277,19 @@ impl Cluster {
             .map(|row| row.get(0))
     }
 
-    /// Wait until a worker other than `not` is running; returns its pid.
+    /// Wait until a worker other than `not` is running and idle on its latch (so its start-up
+    /// flush is behind it); returns its pid.
     pub fn wait_for_worker(&self, client: &mut Client, not: Option<i32>) -> i32 {
         let mut pid = None;
         wait_until("the wsusage worker to run", || {
-            pid = self.worker_pid(client).filter(|p| Some(*p) != not);
+            pid = client
+                .query_opt(
+                    "SELECT pid FROM pg_stat_activity WHERE backend_type = 'wsusage' AND wait_event = 'Extension'",
+                    &[],
+                )
+                .expect("query pg_stat_activity")
+                .map(|row| row.get::<_, i32>(0))
+                .filter(|p| Some(*p) != not);
             pid.is_some()
         });
         pid.unwrap_or_default()

@@ -1,0 +1,139 @@
+//! Concurrency: nothing lost, nothing counted twice, and the latest mark always wins.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
+use std::thread;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+use wsusage_tests::*;
+
+const MARKERS: usize = 8;
+
+#[test]
+fn ids_marked_once_by_many_clients_while_flushes_run_are_each_flushed_exactly_once() {
+    const N: usize = 2000;
+    let cluster = Arc::new(Cluster::start(&[]));
+    let (mut client, ids) = cluster.with_workspaces(N);
+    cluster.wait_for_worker(&mut client, None);
+
+    let marking_done = Arc::new(AtomicBool::new(false));
+    let start = Arc::new(Barrier::new(MARKERS + 1));
+    let flusher = {
+        let (cluster, done, start) = (cluster.clone(), marking_done.clone(), start.clone());
+        thread::spawn(move || {
+            let mut client = cluster.connect();
+            start.wait();
+            let (mut sum, mut calls) = (0i64, 0u32);
+            while !done.load(Ordering::Acquire) {
+                sum += flush(&mut client);
+                calls += 1;
+            }
+            (sum, calls)
+        })
+    };
+    let markers: Vec<_> = ids
+        .chunks(N / MARKERS)
+        .map(|share| {
+            let (cluster, share, start) = (cluster.clone(), share.to_vec(), start.clone());
+            thread::spawn(move || {
+                let mut client = cluster.connect();
+                let mark = client.prepare("SELECT wsusage_mark($1)").unwrap();
+                start.wait();
+                for id in &share {
+                    client.execute(&mark, &[id]).unwrap();
+                }
+            })
+        })
+        .collect();
+    for marker in markers {
+        marker.join().unwrap();
+    }
+    marking_done.store(true, Ordering::Release);
+    let (sum, calls) = flusher.join().unwrap();
+    let last = flush(&mut client);
+
+    assert!(calls > 1, "flushes ran while marking");
+    assert_eq!(sum + last, N as i64, "every id flushed exactly once");
+    assert_eq!(count_used(&mut client), N as i64, "every row updated");
+    assert_eq!(flush(&mut client), 0, "nothing left pending");
+}
+
+#[test]
+fn with_overlapping_marks_and_concurrent_flushes_every_id_ends_at_its_latest_mark() {
+    const IDS: usize = 200;
+    const CALLS_PER_MARKER: usize = 400;
+    let cluster = Arc::new(Cluster::start(&[("wsusage.flush_interval", "'50ms'")]));
+    let (mut client, ids) = cluster.with_workspaces(IDS);
+    cluster.wait_for_worker(&mut client, None);
+    let ids = Arc::new(ids);
+
+    let marking_done = Arc::new(AtomicBool::new(false));
+    let flusher = {
+        let (cluster, done) = (cluster.clone(), marking_done.clone());
+        thread::spawn(move || {
+            let mut client = cluster.connect();
+            while !done.load(Ordering::Acquire) {
+                flush(&mut client);
+            }
+        })
+    };
+    type Window = (DateTime<Utc>, DateTime<Utc>);
+    let markers: Vec<_> = (0..MARKERS)
+        .map(|m| {
+            let (cluster, ids) = (cluster.clone(), ids.clone());
+            thread::spawn(move || {
+                let mut client = cluster.connect();
+                let mut calls: Vec<(Vec<Uuid>, Window)> = Vec::new();
+                for call in 0..CALLS_PER_MARKER {
+                    // A cheap deterministic spread over the ids, different per thread.
+                    let pick = |k: usize| ids[(m * 7919 + call * 104_729 + k * 31) % IDS];
+                    let batch: Vec<Uuid> = if m % 2 == 0 {
+                        vec![pick(0)]
+                    } else {
+                        (0..5).map(pick).collect()
+                    };
+                    let before = now_us();
+                    if batch.len() == 1 {
+                        client
+                            .execute("SELECT wsusage_mark($1)", &[&batch[0]])
+                            .unwrap();
+                    } else {
+                        client
+                            .execute("SELECT wsusage_mark_many($1)", &[&batch])
+                            .unwrap();
+                    }
+                    calls.push((batch, (before, now_us())));
+                }
+                calls
+            })
+        })
+        .collect();
+
+    // For each id, the window of its latest mark: no earlier than the latest call's start,
+    // no later than the latest call's end.
+    let mut latest: HashMap<Uuid, Window> = HashMap::new();
+    for marker in markers {
+        for (batch, (before, after)) in marker.join().unwrap() {
+            for id in batch {
+                let window = latest.entry(id).or_insert((before, after));
+                window.0 = window.0.max(before);
+                window.1 = window.1.max(after);
+            }
+        }
+    }
+    marking_done.store(true, Ordering::Release);
+    flusher.join().unwrap();
+    flush(&mut client);
+
+    assert!(!latest.is_empty());
+    for (id, (from, to)) in &latest {
+        let written =
+            last_used(&mut client, id).unwrap_or_else(|| panic!("{id} was never written"));
+        assert!(
+            *from <= written && written <= *to,
+            "{id}: {from} <= {written} <= {to}"
+        );
+    }
+}

@@ -7,6 +7,8 @@
 //!
 //! This file is wiring only; each concept lives in the module named for it.
 
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 use pgrx::prelude::*;
 
 mod api;

@@ -26,6 +26,9 @@ pub enum Result {
 }
 
 /// What a `wsusage_flush()` caller learns about its request.
+// Built under the lock and returned by value once per wake-up; boxing the outcome would allocate
+// under the lock.
+#[allow(clippy::large_enum_variant)]
 pub enum Lookup {
     Done(FlushOutcome),
     /// Not served yet; `worker_attached` tells whether a worker is there to serve it.

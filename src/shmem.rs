@@ -241,9 +241,11 @@ pub fn with_lock<R>(mode: Mode, f: impl FnOnce(&mut Locked<'_>) -> R) -> Option<
     unsafe { pg_sys::LWLockAcquire(lock, lw_mode) };
     let _release = ReleaseOnDrop(lock);
     // SAFETY: holding the lock gives us the access the module header promises; a shared-mode
-    // holder must only read, which every Mode::Shared caller does.
+    // holder must only read, which every Mode::Shared caller does. Other processes' references
+    // live in other address spaces; in this one, no other Locked exists while the lock is held.
+    let shared = unsafe { &mut *shared };
     let mut locked = Locked {
-        shared: unsafe { &mut *shared },
+        shared,
         pending: PENDING.load(Ordering::Acquire),
     };
     Some(f(&mut locked))

@@ -11,6 +11,8 @@
 set -euo pipefail
 
 WSUSAGE_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# Where the PostgreSQL builds go (git-ignored); moved by choose_pg_dir when "postgres" could not
+# reach it (a checkout under /root, say).
 WSUSAGE_PG_DIR="$WSUSAGE_ROOT/.pg"
 WSUSAGE_MAJORS_ALL=(14 15 16 17 18)
 PGRX_VERSION=0.18.1
@@ -40,6 +42,26 @@ ensure_cargo_pgrx() {
     if ! cargo pgrx --version 2>/dev/null | grep -q " $PGRX_VERSION\$"; then
         log "installing cargo-pgrx $PGRX_VERSION (a few minutes, once)"
         cargo install cargo-pgrx --version "=$PGRX_VERSION" --locked --quiet
+    fi
+}
+
+is_root() { [ "$(id -u)" -eq 0 ]; }
+
+# Run a command as the user the clusters run as: "postgres" when we are root, else ourselves.
+as_cluster_owner() {
+    if is_root; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+# Whether the cluster owner can enter directory $1 (every ancestor must be searchable).
+cluster_owner_can_reach() {
+    as_cluster_owner test -x "$1" 2>/dev/null
+}
+
+choose_pg_dir() {
+    if ! cluster_owner_can_reach "$WSUSAGE_ROOT"; then
+        WSUSAGE_PG_DIR=/var/cache/wsusage/pg
+        log "user postgres cannot reach $WSUSAGE_ROOT; PostgreSQL builds go to $WSUSAGE_PG_DIR"
+        mkdir -p "$WSUSAGE_PG_DIR" && chmod a+rx /var/cache/wsusage "$WSUSAGE_PG_DIR"
     fi
 }
 
@@ -94,10 +116,17 @@ ensure_postgres_user() {
     fi
 }
 
+# Build and install the extension into the PostgreSQL build of major $1.
+install_extension() {
+    cargo pgrx install --package wsusage --pg-config "$(pg_config_of "$1")" \
+        --no-default-features --features "pg$1" >/dev/null
+}
+
 # setup MAJOR...: everything the given majors need
 wsusage_setup() {
     ensure_apt_packages
     ensure_postgres_user
+    choose_pg_dir
     ensure_cargo_pgrx
     local major
     for major in "$@"; do ensure_postgres_build "$major"; done

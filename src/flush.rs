@@ -194,6 +194,10 @@ fn in_transaction<R>(body: impl FnOnce() -> R) -> Result<R, Failure> {
         .execute();
 
         pg_sys::MemoryContextSwitchTo(caller_context);
+        // Report the UPDATE's row counts now: autovacuum learns of the dead tuples the flush
+        // made, and pg_stat_user_tables shows the writes, without waiting for an idle moment
+        // that a busy worker may never have.
+        let _ = pg_sys::pgstat_report_stat(true);
         pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null());
         result
     }

@@ -229,3 +229,31 @@ fn flush_honours_statement_timeout_and_cancel_while_the_worker_is_blocked() {
         count_used(&mut client) == 1
     });
 }
+
+#[test]
+fn the_worker_updates_the_database_named_by_wsusage_database_even_one_created_later() {
+    // The database does not exist when the server starts: the worker fails to connect, and the
+    // postmaster restarts it until it can.
+    let cluster = Cluster::start(&[("wsusage.database", "'app'")]);
+    let mut admin = cluster.connect();
+    admin.batch_execute("CREATE EXTENSION wsusage").unwrap();
+    admin.batch_execute("CREATE DATABASE app").unwrap();
+
+    let mut app = cluster.connect_to("app");
+    app.batch_execute(
+        "CREATE EXTENSION wsusage;
+         CREATE TABLE workspaces (id uuid PRIMARY KEY, last_used_at timestamptz);
+         INSERT INTO workspaces VALUES ('00000000-0000-0000-0000-000000000001');",
+    )
+    .unwrap();
+    app.batch_execute("SELECT wsusage_mark('00000000-0000-0000-0000-000000000001')")
+        .unwrap();
+    assert_eq!(flush(&mut app), 1);
+    assert_eq!(count_used(&mut app), 1);
+
+    // In the database the worker does not serve, marks are refused rather than lost.
+    let err = admin
+        .batch_execute("SELECT wsusage_mark(gen_random_uuid())")
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "55000");
+}

@@ -100,12 +100,7 @@ fn wsusage_flush() -> i64 {
     // SAFETY: we prepared to sleep on the CV above.
     unsafe { pg_sys::ConditionVariableCancelSleep() };
     if outcome.failed {
-        let len = outcome
-            .message
-            .iter()
-            .position(|&b| b == 0)
-            .unwrap_or(outcome.message.len());
-        let message = String::from_utf8_lossy(&outcome.message[..len]).into_owned();
+        let message = shmem::read_message(&outcome.message);
         UsageError::FlushFailed {
             sqlstate: outcome.sqlstate,
             message,

@@ -1,16 +1,21 @@
-//! One flush: snapshot the pending set, write it with one parameterised UPDATE in one
-//! transaction, then forget what was written. Runs in the worker only.
+//! One flush: snapshot the pending set, write it in chunks of `wsusage.batch_size` ids, each
+//! chunk one parameterised UPDATE in its own transaction, and forget what each committed chunk
+//! wrote. Runs in the worker only.
 //!
 //! The statement writes each id's own latest mark time, and only over NULL or an older value, so
 //! a row never moves backwards whatever races with it (under READ COMMITTED a concurrently
-//! updated row is re-checked against the WHERE clause). The pending lock is never held here
-//! while the database is touched: the snapshot and the forget are short critical sections of
-//! their own, in `pending`.
+//! updated row is re-checked against the WHERE clause). Ids are sorted, so every flush takes row
+//! locks in one order, the order an application updating several workspaces by id also uses:
+//! no deadlock between them. Each chunk runs under `wsusage.lock_timeout` and
+//! `wsusage.statement_timeout`: an application holding a row lock delays only the chunk with that
+//! row, which stays pending and is retried, while the other chunks commit. The pending lock is
+//! never held here while the database is touched.
 
-use std::ffi::CStr;
+use std::ffi::{c_int, CStr, CString};
 use std::panic::AssertUnwindSafe;
 use std::ptr::null_mut;
 
+use pgrx::pg_sys::errcodes::PgSqlErrorCode;
 use pgrx::pg_sys::{self, PgTryBuilder};
 use pgrx::prelude::*;
 
@@ -19,109 +24,230 @@ use crate::pending;
 use crate::rendezvous;
 use crate::settings;
 use crate::shmem::PendingEntry;
+use crate::stats::{self, ChunkOutcome};
 
 const UPDATE_SQL: &CStr = c"UPDATE workspaces AS t SET last_used_at = v.marked_at \
     FROM unnest($1::uuid[], $2::timestamptz[]) AS v(id, marked_at) \
     WHERE t.id = v.id AND (t.last_used_at IS NULL OR t.last_used_at < v.marked_at)";
 
-/// A database error that ended a flush, with what the DBA and the caller need to know.
+/// Run only when a chunk updated fewer rows than it had ids, to tell missing rows from rows that
+/// already held a newer time.
+const WITHOUT_ROW_SQL: &CStr = c"SELECT count(*) FROM unnest($1::uuid[]) AS v(id) \
+    WHERE NOT EXISTS (SELECT FROM workspaces AS t WHERE t.id = v.id)";
+
+/// A database error that ended a chunk, with what the DBA and the caller need to know.
 pub struct Failure {
     pub sqlstate: i32,
     pub message: String,
 }
 
-/// The worker's flush state: the statement, prepared once, and a buffer big enough for the
+impl Failure {
+    /// Errors that concern one chunk only (a lock held by an application, a timeout, a
+    /// deadlock); after any other error the remaining chunks would fail the same way.
+    fn is_local_to_chunk(&self) -> bool {
+        use PgSqlErrorCode::*;
+        [
+            ERRCODE_LOCK_NOT_AVAILABLE,
+            ERRCODE_QUERY_CANCELED,
+            ERRCODE_T_R_DEADLOCK_DETECTED,
+            ERRCODE_T_R_SERIALIZATION_FAILURE,
+        ]
+        .iter()
+        .any(|code| *code as i32 == self.sqlstate)
+    }
+}
+
+/// What writing one chunk did.
+enum Written {
+    Rows {
+        updated: u64,
+        without_row: u64,
+    },
+    /// The extension is not installed in the worker's database: nothing was written.
+    ExtensionMissing,
+}
+
+/// The worker's flush state: the statements, prepared once, and a buffer big enough for the
 /// whole set, allocated once so the snapshot never allocates under the pending lock.
 pub struct Flusher {
-    plan: pg_sys::SPIPlanPtr,
+    update: pg_sys::SPIPlanPtr,
+    without_row: pg_sys::SPIPlanPtr,
     batch: Vec<PendingEntry>,
-    consecutive_failures: u64,
+    /// The last failure message logged, so a repeated failure is not logged every interval.
+    last_logged_failure: Option<String>,
+    extension_missing_logged: bool,
 }
 
 impl Flusher {
     pub fn new() -> Self {
         Flusher {
-            plan: null_mut(),
+            update: null_mut(),
+            without_row: null_mut(),
             batch: Vec::with_capacity(settings::max_pending()),
-            consecutive_failures: 0,
+            last_logged_failure: None,
+            extension_missing_logged: false,
         }
-    }
-
-    pub fn consecutive_failures(&self) -> u64 {
-        self.consecutive_failures
     }
 
     /// Flush whatever is pending and publish the outcome to `wsusage_flush()` callers.
     pub fn flush(&mut self) {
         let up_to_request = pending::snapshot(&mut self.batch);
+        if self.batch.is_empty() {
+            rendezvous::publish(up_to_request, &rendezvous::Result::Applied { ids: 0 });
+            return;
+        }
+        let started_at = now();
         let ids = self.batch.len() as u64;
-        let result = if self.batch.is_empty() {
-            rendezvous::Result::Applied { ids: 0 }
-        } else {
-            let plan = &mut self.plan;
-            let batch = &self.batch;
-            match in_transaction(|| apply(plan, batch)) {
-                Ok(rows) => {
-                    pending::forget(&self.batch);
-                    self.report_success(ids, rows);
-                    rendezvous::Result::Applied { ids }
+        self.batch.sort_unstable_by_key(|entry| entry.id);
+
+        let mut failure: Option<Failure> = None;
+        let mut extension_missing = false;
+        for chunk in self.batch.chunks(settings::batch_size()) {
+            let (update, without_row) = (&mut self.update, &mut self.without_row);
+            match in_transaction(|| write_chunk(update, without_row, chunk)) {
+                Ok(Written::Rows {
+                    updated,
+                    without_row,
+                }) => {
+                    pending::forget(chunk);
+                    let outcome = ChunkOutcome::Committed {
+                        ids: chunk.len() as u64,
+                        rows_updated: updated,
+                        ids_without_row: without_row,
+                    };
+                    stats::record_chunk(&outcome, now());
                 }
-                Err(failure) => {
-                    self.consecutive_failures += 1;
-                    errors::report_flush_failure(ids, self.consecutive_failures, &failure);
-                    rendezvous::Result::Failed {
-                        ids,
-                        sqlstate: failure.sqlstate,
-                        message: failure.message,
+                Ok(Written::ExtensionMissing) => {
+                    extension_missing = true;
+                    break;
+                }
+                Err(chunk_failure) => {
+                    stats::record_chunk(
+                        &ChunkOutcome::Failed {
+                            message: &chunk_failure.message,
+                        },
+                        now(),
+                    );
+                    let local = chunk_failure.is_local_to_chunk();
+                    failure.get_or_insert(chunk_failure);
+                    if !local {
+                        break;
                     }
+                }
+            }
+        }
+
+        if extension_missing {
+            failure = Some(self.extension_missing());
+        } else {
+            self.extension_missing_logged = false;
+        }
+        let consecutive = stats::record_flush(failure.is_some(), started_at, now());
+        let result = match failure {
+            None => {
+                self.report_success(ids, consecutive);
+                rendezvous::Result::Applied { ids }
+            }
+            Some(failure) => {
+                if !extension_missing {
+                    self.report_failure(ids, consecutive, &failure);
+                }
+                rendezvous::Result::Failed {
+                    ids,
+                    sqlstate: failure.sqlstate,
+                    message: failure.message,
                 }
             }
         };
         rendezvous::publish(up_to_request, &result);
     }
 
-    fn report_success(&mut self, ids: u64, rows: u64) {
-        if self.consecutive_failures > 0 {
-            log!(
-                "wsusage flush succeeded after {} failed attempts: {} pending ids carried over were applied",
-                self.consecutive_failures,
-                ids
-            );
-            self.consecutive_failures = 0;
+    fn extension_missing(&mut self) -> Failure {
+        let database = settings::database();
+        let message = format!("extension \"wsusage\" does not exist in database \"{database}\"");
+        if !self.extension_missing_logged {
+            log!("wsusage worker is idle: {message}; pending marks are kept until CREATE EXTENSION wsusage");
+            self.extension_missing_logged = true;
         }
-        debug1!("wsusage flushed {ids} ids, {rows} rows updated");
+        stats::record_chunk(&ChunkOutcome::Failed { message: &message }, now());
+        Failure {
+            sqlstate: PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT as i32,
+            message,
+        }
+    }
+
+    fn report_success(&mut self, ids: u64, _consecutive: u64) {
+        if self.last_logged_failure.take().is_some() {
+            log!("wsusage flush succeeded again: {ids} pending ids, carried over from the failed flushes, were applied");
+        }
+    }
+
+    /// WARNING on the first failure, when the error changes, and at the 2nd, 4th, 8th …
+    /// consecutive failure, so a lasting fault is visible without flooding the log.
+    fn report_failure(&mut self, ids: u64, consecutive: u64, failure: &Failure) {
+        let changed = self.last_logged_failure.as_deref() != Some(failure.message.as_str());
+        if changed || consecutive.is_power_of_two() {
+            errors::report_flush_failure(ids, consecutive, failure);
+            self.last_logged_failure = Some(failure.message.clone());
+        }
     }
 }
 
-/// Write `batch` with the prepared statement (preparing it first if needed). Returns the number
-/// of rows updated. Raises a PostgreSQL ERROR on failure; call inside [`in_transaction`].
-fn apply(plan: &mut pg_sys::SPIPlanPtr, batch: &[PendingEntry]) -> u64 {
-    // SAFETY: we are in a transaction with an active snapshot (in_transaction); SPI calls raise
-    // ERROR on failure, which in_transaction catches and rolls back. The datums handed to
-    // construct_array point into `batch`, alive across the call; construct_array copies them.
+fn now() -> i64 {
+    // SAFETY: reads the clock.
+    unsafe { pg_sys::GetCurrentTimestamp() }
+}
+
+/// Prepare `sql` once for the worker's lifetime. A kept plan survives transactions, and the plan
+/// cache re-plans it if the table is altered, dropped, or renamed away and back.
+///
+/// # Safety
+/// Inside a transaction, connected to SPI.
+unsafe fn prepared(
+    plan: &mut pg_sys::SPIPlanPtr,
+    sql: &CStr,
+    argtypes: &mut [pg_sys::Oid],
+) -> pg_sys::SPIPlanPtr {
+    if plan.is_null() {
+        // SAFETY: the caller guarantees the SPI connection; errors raise and are caught by
+        // in_transaction.
+        unsafe {
+            let fresh =
+                pg_sys::SPI_prepare(sql.as_ptr(), argtypes.len() as c_int, argtypes.as_mut_ptr());
+            if fresh.is_null() {
+                let code = (&raw const pg_sys::SPI_result).read();
+                error!("could not prepare a wsusage flush statement: SPI error {code}");
+            }
+            pg_sys::SPI_keepplan(fresh);
+            *plan = fresh;
+        }
+    }
+    *plan
+}
+
+/// Write one chunk. Raises a PostgreSQL ERROR on failure; call inside [`in_transaction`].
+fn write_chunk(
+    update: &mut pg_sys::SPIPlanPtr,
+    without_row: &mut pg_sys::SPIPlanPtr,
+    chunk: &[PendingEntry],
+) -> Written {
+    // SAFETY: in a transaction with an active snapshot (in_transaction); SPI calls raise ERROR on
+    // failure, which in_transaction catches and rolls back. The datums handed to
+    // construct_array point into `chunk`, alive across the calls; construct_array copies them.
     unsafe {
+        if pg_sys::get_extension_oid(c"wsusage".as_ptr(), true) == pg_sys::InvalidOid {
+            return Written::ExtensionMissing;
+        }
+        let restore_user = become_configured_role();
         if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
             error!("could not connect to SPI");
         }
-        if plan.is_null() {
-            let mut argtypes = [pg_sys::UUIDARRAYOID, pg_sys::TIMESTAMPTZARRAYOID];
-            let prepared = pg_sys::SPI_prepare(UPDATE_SQL.as_ptr(), 2, argtypes.as_mut_ptr());
-            if prepared.is_null() {
-                let code = (&raw const pg_sys::SPI_result).read();
-                error!("could not prepare the wsusage flush statement: SPI error {code}");
-            }
-            // A kept plan survives the transaction, and is re-planned by the plan cache if the
-            // table is altered, dropped or renamed and back.
-            pg_sys::SPI_keepplan(prepared);
-            *plan = prepared;
-        }
-
-        let nelems = i32::try_from(batch.len()).unwrap_or(i32::MAX);
-        let mut ids: Vec<pg_sys::Datum> = batch
+        let nelems = c_int::try_from(chunk.len()).unwrap_or(c_int::MAX);
+        let mut ids: Vec<pg_sys::Datum> = chunk
             .iter()
             .map(|e| pg_sys::Datum::from(e.id.as_ptr()))
             .collect();
-        let mut times: Vec<pg_sys::Datum> = batch
+        let mut times: Vec<pg_sys::Datum> = chunk
             .iter()
             .map(|e| pg_sys::Datum::from(e.marked_at))
             .collect();
@@ -141,34 +267,138 @@ fn apply(plan: &mut pg_sys::SPIPlanPtr, batch: &[PendingEntry]) -> u64 {
             true,
             pg_sys::TYPALIGN_DOUBLE as _,
         );
+
+        let plan = prepared(
+            update,
+            UPDATE_SQL,
+            &mut [pg_sys::UUIDARRAYOID, pg_sys::TIMESTAMPTZARRAYOID],
+        );
         let mut values = [
             pg_sys::Datum::from(id_array),
             pg_sys::Datum::from(time_array),
         ];
-
-        let rc = pg_sys::SPI_execute_plan(*plan, values.as_mut_ptr(), std::ptr::null(), false, 0);
+        let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), std::ptr::null(), false, 0);
         if rc != pg_sys::SPI_OK_UPDATE as i32 {
             error!("wsusage flush statement returned SPI code {rc}");
         }
-        let rows = pg_sys::SPI_processed;
+        let updated = pg_sys::SPI_processed;
+
+        let mut missing = 0;
+        if updated < chunk.len() as u64 {
+            let plan = prepared(without_row, WITHOUT_ROW_SQL, &mut [pg_sys::UUIDARRAYOID]);
+            let mut values = [pg_sys::Datum::from(id_array)];
+            let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), std::ptr::null(), true, 1);
+            if rc == pg_sys::SPI_OK_SELECT as i32 && pg_sys::SPI_processed == 1 {
+                let table = *pg_sys::SPI_tuptable;
+                let mut is_null = false;
+                let count = pg_sys::SPI_getbinval(*table.vals, table.tupdesc, 1, &mut is_null);
+                missing = if is_null {
+                    0
+                } else {
+                    u64::try_from(count.value() as i64).unwrap_or(0)
+                };
+            }
+        }
         pg_sys::SPI_finish();
-        rows
+        if let Some((user, context)) = restore_user {
+            pg_sys::SetUserIdAndSecContext(user, context);
+        }
+        Written::Rows {
+            updated,
+            without_row: missing,
+        }
     }
 }
 
-/// Run `body` in its own transaction. An ERROR inside it is caught, the transaction rolled back
-/// and the error returned, so the worker lives on (`BackgroundWorker::transaction` would let the
-/// error end the process).
+/// Run the rest of the transaction with the privileges of `wsusage.role`, if set; returns what
+/// to restore before commit (an abort restores it by itself). The worker's process connects as
+/// the bootstrap superuser only so that a missing role or privilege is an ordinary, logged and
+/// retried error rather than a worker that cannot start; the UPDATE, and any trigger it fires,
+/// run as the role, as logical replication runs a subscription's changes as the table owner.
+///
+/// # Safety
+/// Inside a transaction.
+unsafe fn become_configured_role() -> Option<(pg_sys::Oid, c_int)> {
+    let role = settings::role()?;
+    let name = CString::new(role.as_str()).unwrap_or_default();
+    // SAFETY: catalog lookup and user switch inside a transaction, as the caller guarantees.
+    unsafe {
+        let role_oid = pg_sys::get_role_oid(name.as_ptr(), true);
+        if role_oid == pg_sys::InvalidOid {
+            ereport!(
+                ERROR,
+                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+                format!("role \"{role}\" named by \"wsusage.role\" does not exist"),
+                "Create the role and grant it UPDATE on the table, or change \"wsusage.role\" and restart the server."
+            );
+        }
+        let (mut user, mut context) = (pg_sys::InvalidOid, 0);
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+        pg_sys::SetUserIdAndSecContext(
+            role_oid,
+            context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as c_int,
+        );
+        Some((user, context))
+    }
+}
+
+// utils/timeout.h, which pgrx does not bind. The TimeoutId values are stable across 14–18.
+const STATEMENT_TIMEOUT: c_int = 3;
+unsafe extern "C-unwind" {
+    #[link_name = "enable_timeout_after"]
+    fn enable_timeout_after_unguarded(id: c_int, delay_ms: c_int);
+    #[link_name = "disable_timeout"]
+    fn disable_timeout_unguarded(id: c_int, keep_indicator: bool);
+}
+
+/// # Safety
+/// In a backend whose timeouts are initialised (any process connected to a database).
+unsafe fn enable_timeout_after(id: c_int, delay_ms: c_int) {
+    // SAFETY: the guard turns an ERROR raised inside into a Rust panic instead of a longjmp
+    // across Rust frames.
+    unsafe { pg_sys::ffi::pg_guard_ffi_boundary(|| enable_timeout_after_unguarded(id, delay_ms)) }
+}
+
+/// # Safety
+/// As [`enable_timeout_after`].
+unsafe fn disable_timeout(id: c_int, keep_indicator: bool) {
+    // SAFETY: as in enable_timeout_after.
+    unsafe { pg_sys::ffi::pg_guard_ffi_boundary(|| disable_timeout_unguarded(id, keep_indicator)) }
+}
+
+/// Apply the reloadable timeouts to the worker's session; called at start and after a reload.
+/// lock_timeout is enforced by the lock manager for SPI too; statement_timeout is armed per
+/// chunk by [`in_transaction`], as only the client protocol arms it by itself.
+pub fn apply_session_settings() {
+    let lock_timeout = CString::new(settings::lock_timeout_ms().to_string()).unwrap_or_default();
+    // SAFETY: sets a user-settable GUC of this session to a valid integer.
+    unsafe {
+        pg_sys::SetConfigOption(
+            c"lock_timeout".as_ptr(),
+            lock_timeout.as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+        );
+    }
+}
+
+/// Run `body` in its own transaction, under `wsusage.statement_timeout`. An ERROR inside it is
+/// caught, the transaction rolled back and the error returned, so the worker lives on
+/// (`BackgroundWorker::transaction` would let the error end the process).
 fn in_transaction<R>(body: impl FnOnce() -> R) -> Result<R, Failure> {
+    let statement_timeout = settings::statement_timeout_ms();
     // SAFETY: the worker is connected to a database and outside any transaction; every path
-    // below either commits or aborts the transaction it starts, and returns to the memory
-    // context it started in.
+    // below either commits or aborts the transaction it starts, disarms the timeout it armed,
+    // and returns to the memory context it started in.
     unsafe {
         let caller_context = pg_sys::CurrentMemoryContext;
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
         pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, UPDATE_SQL.as_ptr());
+        if statement_timeout > 0 {
+            enable_timeout_after(STATEMENT_TIMEOUT, statement_timeout);
+        }
 
         let result = PgTryBuilder::new(AssertUnwindSafe(|| {
             let value = body();
@@ -193,6 +423,11 @@ fn in_transaction<R>(body: impl FnOnce() -> R) -> Result<R, Failure> {
         })
         .execute();
 
+        if statement_timeout > 0 {
+            disable_timeout(STATEMENT_TIMEOUT, false);
+            // A timeout that fired after the work ended must not cancel what comes next.
+            (&raw mut pg_sys::QueryCancelPending).write_volatile(0);
+        }
         pg_sys::MemoryContextSwitchTo(caller_context);
         // Report the UPDATE's row counts now: autovacuum learns of the dead tuples the flush
         // made, and pg_stat_user_tables shows the writes, without waiting for an idle moment

@@ -14,10 +14,12 @@ use pgrx::prelude::*;
 mod api;
 mod errors;
 mod flush;
+mod monitor;
 mod pending;
 mod rendezvous;
 mod settings;
 mod shmem;
+mod stats;
 mod worker;
 
 ::pgrx::pg_module_magic!(name, version);

@@ -12,6 +12,7 @@ use pgrx::pg_sys;
 
 use crate::settings;
 use crate::shmem::{self, Locked, Mode, PendingEntry};
+use crate::stats;
 
 /// Fraction of `wsusage.max_pending` at which a mark wakes the worker to flush early.
 const HIGH_WATER_NUMERATOR: usize = 1;
@@ -35,9 +36,11 @@ pub fn mark_all(ids: &[[u8; 16]], now: i64) -> Result<(), MarkError> {
     let result = shmem::with_lock(Mode::Exclusive, |locked| {
         for (i, id) in ids.iter().enumerate() {
             if !insert(locked, id, now) {
+                stats::count_marks(locked, i, ids.len() - i);
                 return (Err(MarkError::Full { marked: i }), None);
             }
         }
+        stats::count_marks(locked, ids.len(), 0);
         (Ok(()), take_high_water_wake(locked))
     });
     let Some((result, wake)) = result else {
@@ -103,31 +106,53 @@ pub fn len() -> Option<usize> {
     shmem::with_lock(Mode::Shared, |locked| len_locked(locked))
 }
 
-/// Copy every pending entry into `out` (cleared first; its capacity must be `max_pending`, so
-/// the copy never allocates under the lock) and return the newest `wsusage_flush()` request
-/// the copy covers.
-pub fn snapshot(out: &mut Vec<PendingEntry>) -> u64 {
+/// Copy every pending entry into `out` (cleared first). Returns false, with `out` left empty,
+/// when `out` has not the capacity for all of them: the copy never allocates under the lock.
+/// Caller must hold the lock (either mode).
+fn copy_locked(locked: &Locked<'_>, out: &mut Vec<PendingEntry>) -> bool {
     out.clear();
-    shmem::with_lock(Mode::Exclusive, |locked| {
-        // SAFETY: HASH_SEQ_STATUS is plain data that hash_seq_init fills in.
-        let mut scan: pg_sys::HASH_SEQ_STATUS = unsafe { std::mem::zeroed() };
-        // SAFETY: a full scan of our shared hash under its exclusive lock; the scan runs to its
-        // end (hash_seq_search returning NULL), which releases the scan's registration.
-        unsafe { pg_sys::hash_seq_init(&mut scan, locked.pending) };
-        loop {
-            // SAFETY: as above.
-            let entry = unsafe { pg_sys::hash_seq_search(&mut scan) }.cast::<PendingEntry>();
-            if entry.is_null() {
-                break;
-            }
-            // SAFETY: dynahash hands out valid entries of our type. The set never holds more
-            // than max_pending entries, the capacity reserved by the caller.
-            out.push(unsafe { *entry });
+    if out.capacity() < len_locked(locked) {
+        return false;
+    }
+    // SAFETY: HASH_SEQ_STATUS is plain data that hash_seq_init fills in.
+    let mut scan: pg_sys::HASH_SEQ_STATUS = unsafe { std::mem::zeroed() };
+    // SAFETY: a full scan of our shared hash under its lock; the scan runs to its end
+    // (hash_seq_search returning NULL), which releases the scan's registration.
+    unsafe { pg_sys::hash_seq_init(&mut scan, locked.pending) };
+    loop {
+        // SAFETY: as above.
+        let entry = unsafe { pg_sys::hash_seq_search(&mut scan) }.cast::<PendingEntry>();
+        if entry.is_null() {
+            return true;
         }
+        // SAFETY: dynahash hands out valid entries of our type; the capacity check above
+        // guarantees the push does not allocate.
+        out.push(unsafe { *entry });
+    }
+}
+
+/// Copy every pending entry into `out`, whose capacity must be `max_pending` (the worker's
+/// buffer), and return the newest `wsusage_flush()` request the copy covers.
+pub fn snapshot(out: &mut Vec<PendingEntry>) -> u64 {
+    shmem::with_lock(Mode::Exclusive, |locked| {
+        let copied = copy_locked(locked, out);
+        debug_assert!(copied, "the worker's buffer holds max_pending entries");
         locked.shared.high_water_wake_sent = false;
         locked.shared.requests
     })
     .unwrap_or(0)
+}
+
+/// A copy of the pending set, for inspection; `None` when not preloaded.
+pub fn entries() -> Option<Vec<PendingEntry>> {
+    let mut out = Vec::new();
+    loop {
+        // Sized outside the lock, with room for the marks that may arrive meanwhile.
+        out.reserve(len()? + 1024);
+        if shmem::with_lock(Mode::Shared, |locked| copy_locked(locked, &mut out))? {
+            return Some(out);
+        }
+    }
 }
 
 /// Forget the entries a committed flush wrote, except those marked again since the snapshot.

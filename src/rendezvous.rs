@@ -102,8 +102,7 @@ pub fn publish(up_to_request: u64, result: &Result) {
             outcome.ids = *ids;
             outcome.failed = true;
             outcome.sqlstate = *sqlstate;
-            let bytes = truncate_utf8(message, MESSAGE_LEN - 1);
-            outcome.message[..bytes.len()].copy_from_slice(bytes);
+            shmem::write_message(&mut outcome.message, message);
         }
     }
     let published = shmem::with_lock(Mode::Exclusive, |locked| {
@@ -128,15 +127,6 @@ pub fn publish(up_to_request: u64, result: &Result) {
     }
 }
 
-/// The longest prefix of `s` that fits in `max` bytes without splitting a character.
-fn truncate_utf8(s: &str, max: usize) -> &[u8] {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s.as_bytes()[..end]
-}
-
 /// Announce this process as the worker: marks and requests now wake it. Worker only.
 pub fn attach_worker() {
     shmem::with_lock(Mode::Exclusive, |locked| {
@@ -157,4 +147,9 @@ pub fn detach_worker() {
             locked.shared.worker_latch = null_mut();
         }
     });
+}
+
+/// Pid of the attached worker, or 0.
+pub fn worker_pid() -> i32 {
+    shmem::with_lock(Mode::Shared, |locked| locked.shared.worker_pid).unwrap_or(0)
 }

@@ -19,6 +19,15 @@ pub const MAX_PENDING_MIN: i32 = 16;
 /// 16M ids is about 1 GiB of shared memory; beyond that a shorter flush interval is the answer.
 pub const MAX_PENDING_MAX: i32 = 16 * 1024 * 1024;
 
+pub const BATCH_SIZE_DEFAULT: i32 = 5_000;
+pub const BATCH_SIZE_MIN: i32 = 1;
+pub const BATCH_SIZE_MAX: i32 = 1_000_000;
+
+pub const LOCK_TIMEOUT_MS_DEFAULT: i32 = 1_000;
+pub const STATEMENT_TIMEOUT_MS_DEFAULT: i32 = 60_000;
+/// One hour; 0 (no limit) is also accepted, as for PostgreSQL's own timeouts.
+pub const TIMEOUT_MS_MAX: i32 = 3_600_000;
+
 /// Time between flushes of the pending set.
 static FLUSH_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(FLUSH_INTERVAL_MS_DEFAULT);
 
@@ -28,6 +37,18 @@ static DATABASE: GucSetting<Option<CString>> =
 
 /// Capacity of the pending set, in distinct ids; sizes the shared memory at server start.
 static MAX_PENDING: GucSetting<i32> = GucSetting::<i32>::new(MAX_PENDING_DEFAULT);
+
+/// Ids written per transaction.
+static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(BATCH_SIZE_DEFAULT);
+
+/// `lock_timeout` of the worker's transactions.
+static LOCK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(LOCK_TIMEOUT_MS_DEFAULT);
+
+/// Longest a chunk's UPDATE may run.
+static STATEMENT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(STATEMENT_TIMEOUT_MS_DEFAULT);
+
+/// The role the worker connects as; empty: the bootstrap superuser.
+static ROLE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 pub fn init() {
     GucRegistry::define_int_guc(
@@ -58,6 +79,44 @@ pub fn init() {
         GucContext::Postmaster,
         GucFlags::empty(),
     );
+    GucRegistry::define_int_guc(
+        c"wsusage.batch_size",
+        c"Ids the worker writes per transaction.",
+        c"Smaller transactions hold row locks for less time; a chunk that fails goes back to pending alone.",
+        &BATCH_SIZE,
+        BATCH_SIZE_MIN,
+        BATCH_SIZE_MAX,
+        GucContext::Sighup,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
+        c"wsusage.lock_timeout",
+        c"How long a flush waits for a lock before it retries that chunk later; 0 waits forever.",
+        c"An application transaction holding a row lock then delays only the chunk with that row.",
+        &LOCK_TIMEOUT_MS,
+        0,
+        TIMEOUT_MS_MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"wsusage.statement_timeout",
+        c"Longest time one chunk of a flush may run before it is cancelled and retried; 0: no limit.",
+        c"",
+        &STATEMENT_TIMEOUT_MS,
+        0,
+        TIMEOUT_MS_MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_string_guc(
+        c"wsusage.role",
+        c"Role the background worker connects as; empty means the bootstrap superuser.",
+        c"The role needs only UPDATE on the target table.",
+        &ROLE,
+        GucContext::Postmaster,
+        GucFlags::empty(),
+    );
     reserve_prefix();
 }
 
@@ -84,6 +143,27 @@ pub fn database() -> String {
         .get()
         .map(|name| name.to_string_lossy().into_owned())
         .unwrap_or_default()
+}
+
+pub fn batch_size() -> usize {
+    usize::try_from(BATCH_SIZE.get())
+        .unwrap_or(BATCH_SIZE_DEFAULT as usize)
+        .max(1)
+}
+
+pub fn lock_timeout_ms() -> i32 {
+    LOCK_TIMEOUT_MS.get()
+}
+
+pub fn statement_timeout_ms() -> i32 {
+    STATEMENT_TIMEOUT_MS.get()
+}
+
+/// The role the worker connects as, if one is set.
+pub fn role() -> Option<String> {
+    ROLE.get()
+        .map(|r| r.to_string_lossy().into_owned())
+        .filter(|r| !r.is_empty())
 }
 
 pub fn max_pending() -> usize {

@@ -35,6 +35,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::settings;
+use crate::stats::Stats;
 
 const SHARED_NAME: &CStr = c"wsusage";
 const PENDING_NAME: &CStr = c"wsusage pending";
@@ -93,6 +94,7 @@ pub struct Shared {
     /// the next slot written.
     pub completed: u64,
     pub recent: [FlushOutcome; RECENT_FLUSHES],
+    pub stats: Stats,
 }
 
 // Set in the postmaster by the shmem startup hook and inherited by every child on fork.
@@ -175,6 +177,7 @@ unsafe extern "C-unwind" fn shmem_startup() {
             std::ptr::write_bytes(shared, 0, 1);
             (*shared).lock = &raw mut (*pg_sys::GetNamedLWLockTranche(TRANCHE_NAME.as_ptr())).lock;
             pg_sys::ConditionVariableInit(addr_of_mut!((*shared).flushed));
+            (*shared).stats.stats_reset = pg_sys::GetCurrentTimestamp();
         }
 
         let max = settings::max_pending() as std::ffi::c_long;
@@ -199,6 +202,22 @@ unsafe extern "C-unwind" fn shmem_startup() {
 /// Whether the library was preloaded and its shared memory exists in this process.
 pub fn is_ready() -> bool {
     !SHARED.load(Ordering::Acquire).is_null()
+}
+
+/// Store `message` in a fixed, NUL-terminated shared buffer, cut at a character boundary.
+pub fn write_message(buffer: &mut [u8; MESSAGE_LEN], message: &str) {
+    let mut end = message.len().min(MESSAGE_LEN - 1);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    *buffer = [0; MESSAGE_LEN];
+    buffer[..end].copy_from_slice(&message.as_bytes()[..end]);
+}
+
+/// The message stored by [`write_message`].
+pub fn read_message(buffer: &[u8; MESSAGE_LEN]) -> String {
+    let len = buffer.iter().position(|&b| b == 0).unwrap_or(MESSAGE_LEN);
+    String::from_utf8_lossy(&buffer[..len]).into_owned()
 }
 
 /// The shared state while the lock is held; only [`with_lock`] makes one.

@@ -15,10 +15,11 @@ use pgrx::bgworkers::{
 };
 use pgrx::prelude::*;
 
-use crate::flush::Flusher;
+use crate::flush::{self, Flusher};
 use crate::pending;
 use crate::rendezvous;
 use crate::settings;
+use crate::stats;
 
 /// Seconds the postmaster waits before restarting the worker after it exits or fails. Short,
 /// because marks wait in memory while no worker runs; long enough that a worker failing at once
@@ -50,6 +51,7 @@ fn reload_settings_if_asked() {
         if (&raw const pg_sys::ConfigReloadPending).read_volatile() != 0 {
             (&raw mut pg_sys::ConfigReloadPending).write_volatile(0);
             pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
+            flush::apply_session_settings();
         }
     }
 }
@@ -76,6 +78,7 @@ pub extern "C-unwind" fn wsusage_worker_main(_arg: pg_sys::Datum) {
         settings::flush_interval().as_millis()
     );
 
+    flush::apply_session_settings();
     let mut flusher = Flusher::new();
     // Marks carried over from a previous worker (or made before this one started) go out at once.
     let mut last_flush: Option<Instant> = None;
@@ -83,7 +86,7 @@ pub extern "C-unwind" fn wsusage_worker_main(_arg: pg_sys::Datum) {
         reload_settings_if_asked();
         let interval = settings::flush_interval();
         let next_flush = last_flush.map_or_else(Instant::now, |at| at + interval);
-        let past_high_water = flusher.consecutive_failures() == 0
+        let past_high_water = stats::consecutive_failures() == 0
             && pending::len().unwrap_or(0) >= pending::high_water_mark();
         if Instant::now() >= next_flush || rendezvous::flush_requested() || past_high_water {
             flusher.flush();

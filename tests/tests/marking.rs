@@ -192,6 +192,16 @@ fn the_functions_are_volatile_and_parallel_unsafe() {
         ("wsusage_flush", "bigint"),
         ("wsusage_mark", "void"),
         ("wsusage_mark_many", "void"),
+        ("wsusage_pending", "TABLE(workspace_id uuid, last_used_at timestamp with time zone)"),
+        (
+            "wsusage_stats",
+            "TABLE(pending bigint, capacity bigint, marks bigint, flushes bigint, ids_flushed bigint, \
+             rows_updated bigint, ids_without_row bigint, failures bigint, consecutive_failures bigint, \
+             rejected bigint, last_flush_at timestamp with time zone, last_flush_duration interval, \
+             last_error text, last_error_at timestamp with time zone, worker_pid integer, \
+             stats_reset timestamp with time zone)",
+        ),
+        ("wsusage_stats_reset", "void"),
     ];
     assert_eq!(described.len(), expected.len(), "{described:?}");
     for ((name, volatility, parallel, result), (want_name, want_result)) in

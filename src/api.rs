@@ -22,9 +22,7 @@ const WORKER_ATTACH_WAIT: Duration = Duration::from_secs(15);
 fn wsusage_mark(workspace_id: Option<Uuid>) {
     const FUNCTION: &str = "wsusage_mark";
     check_can_mark(FUNCTION);
-    let Some(id) = workspace_id else {
-        UsageError::NullId { element: None }.raise(FUNCTION)
-    };
+    let Some(id) = workspace_id else { UsageError::NullId { element: None }.raise(FUNCTION) };
     mark(&[*id.as_bytes()], FUNCTION);
 }
 
@@ -34,17 +32,12 @@ fn wsusage_mark(workspace_id: Option<Uuid>) {
 fn wsusage_mark_many(workspace_ids: Option<Array<Uuid>>) {
     const FUNCTION: &str = "wsusage_mark_many";
     check_can_mark(FUNCTION);
-    let Some(array) = workspace_ids else {
-        UsageError::NullId { element: None }.raise(FUNCTION)
-    };
+    let Some(array) = workspace_ids else { UsageError::NullId { element: None }.raise(FUNCTION) };
     let mut ids = Vec::with_capacity(array.len());
     for (i, element) in array.iter().enumerate() {
         match element {
             Some(id) => ids.push(*id.as_bytes()),
-            None => UsageError::NullId {
-                element: Some(i + 1),
-            }
-            .raise(FUNCTION),
+            None => UsageError::NullId { element: Some(i + 1) }.raise(FUNCTION),
         }
     }
     if !ids.is_empty() {
@@ -58,12 +51,8 @@ fn wsusage_mark_many(workspace_ids: Option<Array<Uuid>>) {
 fn wsusage_flush() -> i64 {
     const FUNCTION: &str = "wsusage_flush";
     check_active_here(FUNCTION, "flush usage");
-    let Some(request) = rendezvous::request() else {
-        UsageError::NotPreloaded.raise(FUNCTION)
-    };
-    let Some(cv) = shmem::flushed_cv() else {
-        UsageError::NotPreloaded.raise(FUNCTION)
-    };
+    let Some(request) = rendezvous::request() else { UsageError::NotPreloaded.raise(FUNCTION) };
+    let Some(cv) = shmem::flushed_cv() else { UsageError::NotPreloaded.raise(FUNCTION) };
     let mut worker_absent_since: Option<Instant> = None;
     // SAFETY: our condition variable in shared memory; every exit path below cancels the sleep
     // (and an ERROR from check_for_interrupts! is cleaned up by transaction abort).
@@ -71,19 +60,14 @@ fn wsusage_flush() -> i64 {
     let outcome = loop {
         let failure = match rendezvous::lookup(request) {
             Lookup::Done(outcome) => break outcome,
-            Lookup::Waiting {
-                worker_attached: true,
-            } => {
+            Lookup::Waiting { worker_attached: true } => {
                 worker_absent_since = None;
                 None
             }
-            Lookup::Waiting {
-                worker_attached: false,
-            } => {
+            Lookup::Waiting { worker_attached: false } => {
                 let since = *worker_absent_since.get_or_insert_with(Instant::now);
-                (since.elapsed() >= WORKER_ATTACH_WAIT).then_some(UsageError::WorkerNotRunning {
-                    waited: WORKER_ATTACH_WAIT,
-                })
+                (since.elapsed() >= WORKER_ATTACH_WAIT)
+                    .then_some(UsageError::WorkerNotRunning { waited: WORKER_ATTACH_WAIT })
             }
             Lookup::Forgotten => Some(UsageError::FlushOutcomeLost),
             Lookup::NotPreloaded => Some(UsageError::NotPreloaded),
@@ -101,11 +85,7 @@ fn wsusage_flush() -> i64 {
     unsafe { pg_sys::ConditionVariableCancelSleep() };
     if outcome.failed {
         let message = shmem::read_message(&outcome.message);
-        UsageError::FlushFailed {
-            sqlstate: outcome.sqlstate,
-            message,
-        }
-        .raise(FUNCTION);
+        UsageError::FlushFailed { sqlstate: outcome.sqlstate, message }.raise(FUNCTION);
     }
     i64::try_from(outcome.ids).unwrap_or(i64::MAX)
 }
@@ -116,12 +96,9 @@ fn mark(ids: &[[u8; 16]], function: &'static str) {
     match pending::mark_all(ids, now) {
         Ok(()) => {}
         Err(MarkError::NotPreloaded) => UsageError::NotPreloaded.raise(function),
-        Err(MarkError::Full { marked }) => UsageError::SetFull {
-            capacity: settings::max_pending(),
-            marked,
-            requested: ids.len(),
+        Err(MarkError::Full { marked }) => {
+            UsageError::SetFull { capacity: settings::max_pending(), marked, requested: ids.len() }.raise(function)
         }
-        .raise(function),
     }
 }
 
@@ -140,10 +117,7 @@ fn check_active_here(function: &'static str, action: &'static str) {
         UsageError::InRecovery { action }.raise(function);
     }
     if !in_worker_database() {
-        UsageError::WrongDatabase {
-            current: current_database(),
-        }
-        .raise(function);
+        UsageError::WrongDatabase { current: current_database() }.raise(function);
     }
 }
 
@@ -174,8 +148,6 @@ fn current_database() -> String {
         if name.is_null() {
             return String::new();
         }
-        std::ffi::CStr::from_ptr(name)
-            .to_string_lossy()
-            .into_owned()
+        std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
     }
 }

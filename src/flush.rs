@@ -105,10 +105,7 @@ impl Flusher {
         for chunk in self.batch.chunks(settings::batch_size()) {
             let (update, without_row) = (&mut self.update, &mut self.without_row);
             match in_transaction(|| write_chunk(update, without_row, chunk)) {
-                Ok(Written::Rows {
-                    updated,
-                    without_row,
-                }) => {
+                Ok(Written::Rows { updated, without_row }) => {
                     pending::forget(chunk);
                     let outcome = ChunkOutcome::Committed {
                         ids: chunk.len() as u64,
@@ -122,12 +119,7 @@ impl Flusher {
                     break;
                 }
                 Err(chunk_failure) => {
-                    stats::record_chunk(
-                        &ChunkOutcome::Failed {
-                            message: &chunk_failure.message,
-                        },
-                        now(),
-                    );
+                    stats::record_chunk(&ChunkOutcome::Failed { message: &chunk_failure.message }, now());
                     let local = chunk_failure.is_local_to_chunk();
                     failure.get_or_insert(chunk_failure);
                     if !local {
@@ -152,11 +144,7 @@ impl Flusher {
                 if !extension_missing {
                     self.report_failure(ids, consecutive, &failure);
                 }
-                rendezvous::Result::Failed {
-                    ids,
-                    sqlstate: failure.sqlstate,
-                    message: failure.message,
-                }
+                rendezvous::Result::Failed { ids, sqlstate: failure.sqlstate, message: failure.message }
             }
         };
         rendezvous::publish(up_to_request, &result);
@@ -170,15 +158,14 @@ impl Flusher {
             self.extension_missing_logged = true;
         }
         stats::record_chunk(&ChunkOutcome::Failed { message: &message }, now());
-        Failure {
-            sqlstate: PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT as i32,
-            message,
-        }
+        Failure { sqlstate: PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT as i32, message }
     }
 
     fn report_success(&mut self, ids: u64, _consecutive: u64) {
         if self.last_logged_failure.take().is_some() {
-            log!("wsusage flush succeeded again: {ids} pending ids, carried over from the failed flushes, were applied");
+            log!(
+                "wsusage flush succeeded again: {ids} pending ids, carried over from the failed flushes, were applied"
+            );
         }
     }
 
@@ -203,17 +190,12 @@ fn now() -> i64 {
 ///
 /// # Safety
 /// Inside a transaction, connected to SPI.
-unsafe fn prepared(
-    plan: &mut pg_sys::SPIPlanPtr,
-    sql: &CStr,
-    argtypes: &mut [pg_sys::Oid],
-) -> pg_sys::SPIPlanPtr {
+unsafe fn prepared(plan: &mut pg_sys::SPIPlanPtr, sql: &CStr, argtypes: &mut [pg_sys::Oid]) -> pg_sys::SPIPlanPtr {
     if plan.is_null() {
         // SAFETY: the caller guarantees the SPI connection; errors raise and are caught by
         // in_transaction.
         unsafe {
-            let fresh =
-                pg_sys::SPI_prepare(sql.as_ptr(), argtypes.len() as c_int, argtypes.as_mut_ptr());
+            let fresh = pg_sys::SPI_prepare(sql.as_ptr(), argtypes.len() as c_int, argtypes.as_mut_ptr());
             if fresh.is_null() {
                 let code = (&raw const pg_sys::SPI_result).read();
                 error!("could not prepare a wsusage flush statement: SPI error {code}");
@@ -243,22 +225,10 @@ fn write_chunk(
             error!("could not connect to SPI");
         }
         let nelems = c_int::try_from(chunk.len()).unwrap_or(c_int::MAX);
-        let mut ids: Vec<pg_sys::Datum> = chunk
-            .iter()
-            .map(|e| pg_sys::Datum::from(e.id.as_ptr()))
-            .collect();
-        let mut times: Vec<pg_sys::Datum> = chunk
-            .iter()
-            .map(|e| pg_sys::Datum::from(e.marked_at))
-            .collect();
-        let id_array = pg_sys::construct_array(
-            ids.as_mut_ptr(),
-            nelems,
-            pg_sys::UUIDOID,
-            16,
-            false,
-            pg_sys::TYPALIGN_CHAR as _,
-        );
+        let mut ids: Vec<pg_sys::Datum> = chunk.iter().map(|e| pg_sys::Datum::from(e.id.as_ptr())).collect();
+        let mut times: Vec<pg_sys::Datum> = chunk.iter().map(|e| pg_sys::Datum::from(e.marked_at)).collect();
+        let id_array =
+            pg_sys::construct_array(ids.as_mut_ptr(), nelems, pg_sys::UUIDOID, 16, false, pg_sys::TYPALIGN_CHAR as _);
         let time_array = pg_sys::construct_array(
             times.as_mut_ptr(),
             nelems,
@@ -268,15 +238,8 @@ fn write_chunk(
             pg_sys::TYPALIGN_DOUBLE as _,
         );
 
-        let plan = prepared(
-            update,
-            UPDATE_SQL,
-            &mut [pg_sys::UUIDARRAYOID, pg_sys::TIMESTAMPTZARRAYOID],
-        );
-        let mut values = [
-            pg_sys::Datum::from(id_array),
-            pg_sys::Datum::from(time_array),
-        ];
+        let plan = prepared(update, UPDATE_SQL, &mut [pg_sys::UUIDARRAYOID, pg_sys::TIMESTAMPTZARRAYOID]);
+        let mut values = [pg_sys::Datum::from(id_array), pg_sys::Datum::from(time_array)];
         let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), std::ptr::null(), false, 0);
         if rc != pg_sys::SPI_OK_UPDATE as i32 {
             error!("wsusage flush statement returned SPI code {rc}");
@@ -292,21 +255,14 @@ fn write_chunk(
                 let table = *pg_sys::SPI_tuptable;
                 let mut is_null = false;
                 let count = pg_sys::SPI_getbinval(*table.vals, table.tupdesc, 1, &mut is_null);
-                missing = if is_null {
-                    0
-                } else {
-                    u64::try_from(count.value() as i64).unwrap_or(0)
-                };
+                missing = if is_null { 0 } else { u64::try_from(count.value() as i64).unwrap_or(0) };
             }
         }
         pg_sys::SPI_finish();
         if let Some((user, context)) = restore_user {
             pg_sys::SetUserIdAndSecContext(user, context);
         }
-        Written::Rows {
-            updated,
-            without_row: missing,
-        }
+        Written::Rows { updated, without_row: missing }
     }
 }
 
@@ -334,10 +290,7 @@ unsafe fn become_configured_role() -> Option<(pg_sys::Oid, c_int)> {
         }
         let (mut user, mut context) = (pg_sys::InvalidOid, 0);
         pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
-        pg_sys::SetUserIdAndSecContext(
-            role_oid,
-            context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as c_int,
-        );
+        pg_sys::SetUserIdAndSecContext(role_oid, context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as c_int);
         Some((user, context))
     }
 }
@@ -410,14 +363,9 @@ fn in_transaction<R>(body: impl FnOnce() -> R) -> Result<R, Failure> {
             let report = match &caught {
                 pg_sys::panic::CaughtError::PostgresError(report)
                 | pg_sys::panic::CaughtError::ErrorReport(report)
-                | pg_sys::panic::CaughtError::RustPanic {
-                    ereport: report, ..
-                } => report,
+                | pg_sys::panic::CaughtError::RustPanic { ereport: report, .. } => report,
             };
-            let failure = Failure {
-                sqlstate: report.sql_error_code() as i32,
-                message: report.message().to_owned(),
-            };
+            let failure = Failure { sqlstate: report.sql_error_code() as i32, message: report.message().to_owned() };
             pg_sys::AbortCurrentTransaction();
             Err(failure)
         })

@@ -14,9 +14,7 @@ use crate::shmem;
 use crate::stats;
 
 fn timestamp(micros: i64) -> Option<TimestampWithTimeZone> {
-    (micros != 0)
-        .then(|| TimestampWithTimeZone::try_from(micros).ok())
-        .flatten()
+    (micros != 0).then(|| TimestampWithTimeZone::try_from(micros).ok()).flatten()
 }
 
 fn count(value: u64) -> i64 {
@@ -86,21 +84,10 @@ fn wsusage_stats_reset() {
 
 /// What the next flush will write: each pending id with its latest mark time.
 #[pg_extern(volatile, parallel_unsafe)]
-fn wsusage_pending() -> TableIterator<
-    'static,
-    (
-        name!(workspace_id, Uuid),
-        name!(last_used_at, Option<TimestampWithTimeZone>),
-    ),
-> {
-    let Some(entries) = pending::entries() else {
-        UsageError::NotPreloaded.raise("wsusage_pending")
-    };
-    TableIterator::new(
-        entries
-            .into_iter()
-            .map(|e| (Uuid::from_bytes(e.id), timestamp(e.marked_at))),
-    )
+fn wsusage_pending(
+) -> TableIterator<'static, (name!(workspace_id, Uuid), name!(last_used_at, Option<TimestampWithTimeZone>))> {
+    let Some(entries) = pending::entries() else { UsageError::NotPreloaded.raise("wsusage_pending") };
+    TableIterator::new(entries.into_iter().map(|e| (Uuid::from_bytes(e.id), timestamp(e.marked_at))))
 }
 
 extension_sql!(

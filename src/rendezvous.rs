@@ -15,14 +15,8 @@ use crate::shmem::{self, FlushOutcome, Mode, MESSAGE_LEN, RECENT_FLUSHES};
 
 /// How a flush ended, as the worker reports it.
 pub enum Result {
-    Applied {
-        ids: u64,
-    },
-    Failed {
-        ids: u64,
-        sqlstate: i32,
-        message: String,
-    },
+    Applied { ids: u64 },
+    Failed { ids: u64, sqlstate: i32, message: String },
 }
 
 /// What a `wsusage_flush()` caller learns about its request.
@@ -58,15 +52,11 @@ pub fn lookup(request: u64) -> Lookup {
     shmem::with_lock(Mode::Shared, |locked| {
         let shared = &*locked.shared;
         if shared.served < request {
-            return Lookup::Waiting {
-                worker_attached: shared.worker_pid != 0,
-            };
+            return Lookup::Waiting { worker_attached: shared.worker_pid != 0 };
         }
         let kept = shared.completed.min(RECENT_FLUSHES as u64);
         (0..kept)
-            .map(|age| {
-                shared.recent[((shared.completed - 1 - age) % RECENT_FLUSHES as u64) as usize]
-            })
+            .map(|age| shared.recent[((shared.completed - 1 - age) % RECENT_FLUSHES as u64) as usize])
             .find(|outcome| outcome.after_request < request && request <= outcome.up_to_request)
             .map_or(Lookup::Forgotten, Lookup::Done)
     })
@@ -75,30 +65,17 @@ pub fn lookup(request: u64) -> Lookup {
 
 /// Whether a `wsusage_flush()` request is waiting for a flush. Worker only.
 pub fn flush_requested() -> bool {
-    shmem::with_lock(Mode::Shared, |locked| {
-        locked.shared.requests > locked.shared.served
-    })
-    .unwrap_or(false)
+    shmem::with_lock(Mode::Shared, |locked| locked.shared.requests > locked.shared.served).unwrap_or(false)
 }
 
 /// Publish the outcome of the flush whose snapshot covered requests up to `up_to_request`, and
 /// wake every waiting caller. Worker only.
 pub fn publish(up_to_request: u64, result: &Result) {
-    let mut outcome = FlushOutcome {
-        after_request: 0,
-        up_to_request,
-        ids: 0,
-        failed: false,
-        sqlstate: 0,
-        message: [0; MESSAGE_LEN],
-    };
+    let mut outcome =
+        FlushOutcome { after_request: 0, up_to_request, ids: 0, failed: false, sqlstate: 0, message: [0; MESSAGE_LEN] };
     match result {
         Result::Applied { ids } => outcome.ids = *ids,
-        Result::Failed {
-            ids,
-            sqlstate,
-            message,
-        } => {
+        Result::Failed { ids, sqlstate, message } => {
             outcome.ids = *ids;
             outcome.failed = true;
             outcome.sqlstate = *sqlstate;

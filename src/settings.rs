@@ -3,11 +3,13 @@
 //! The prefix is reserved, so a misspelt `wsusage.*` name in postgresql.conf is reported instead of
 //! silently becoming a placeholder.
 
-use std::ffi::CString;
+use std::ffi::{c_char, CStr};
+use std::ptr::null_mut;
 use std::time::Duration;
 
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::pg_sys;
+use pgrx::prelude::*;
 
 pub const FLUSH_INTERVAL_MS_DEFAULT: i32 = 60_000;
 pub const FLUSH_INTERVAL_MS_MIN: i32 = 10;
@@ -31,9 +33,9 @@ pub const TIMEOUT_MS_MAX: i32 = 3_600_000;
 /// Time between flushes of the pending set.
 static FLUSH_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(FLUSH_INTERVAL_MS_DEFAULT);
 
-/// The database the worker connects to; marks are accepted only there.
-static DATABASE: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+/// The database the worker connects to; marks are accepted only there. A raw GUC variable
+/// rather than a `GucSetting`, because it needs a check hook (an empty name is refused).
+static mut DATABASE: *mut c_char = null_mut();
 
 /// Capacity of the pending set, in distinct ids; sizes the shared memory at server start.
 static MAX_PENDING: GucSetting<i32> = GucSetting::<i32>::new(MAX_PENDING_DEFAULT);
@@ -47,8 +49,8 @@ static LOCK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(LOCK_TIMEOUT_MS
 /// Longest a chunk's UPDATE may run.
 static STATEMENT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(STATEMENT_TIMEOUT_MS_DEFAULT);
 
-/// The role the worker connects as; empty: the bootstrap superuser.
-static ROLE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// The role whose privileges the worker's UPDATEs run with; empty: the bootstrap superuser.
+static mut ROLE: *mut c_char = null_mut();
 
 pub fn init() {
     GucRegistry::define_int_guc(
@@ -61,14 +63,22 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );
-    GucRegistry::define_string_guc(
-        c"wsusage.database",
-        c"Database whose workspaces table the background worker updates.",
-        c"Marks are accepted only in this database.",
-        &DATABASE,
-        GucContext::Postmaster,
-        GucFlags::empty(),
-    );
+    // SAFETY: _PG_init, single-threaded; the variable is a static that lives forever, and the
+    // boot value a static string GUC code copies.
+    unsafe {
+        pg_sys::DefineCustomStringVariable(
+            c"wsusage.database".as_ptr(),
+            c"Database whose workspaces table the background worker updates.".as_ptr(),
+            c"Marks are accepted only in this database.".as_ptr(),
+            &raw mut DATABASE,
+            c"postgres".as_ptr(),
+            pg_sys::GucContext::PGC_POSTMASTER,
+            0,
+            Some(check_database),
+            None,
+            None,
+        );
+    }
     GucRegistry::define_int_guc(
         c"wsusage.max_pending",
         c"Maximum number of distinct ids waiting for the next flush.",
@@ -109,15 +119,78 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );
-    GucRegistry::define_string_guc(
-        c"wsusage.role",
-        c"Role the background worker connects as; empty means the bootstrap superuser.",
-        c"The role needs only UPDATE on the target table.",
-        &ROLE,
-        GucContext::Postmaster,
-        GucFlags::empty(),
-    );
+    // SAFETY: as for wsusage.database.
+    unsafe {
+        pg_sys::DefineCustomStringVariable(
+            c"wsusage.role".as_ptr(),
+            c"Role whose privileges the background worker's UPDATEs run with; empty: the bootstrap superuser.".as_ptr(),
+            c"The role needs only SELECT and UPDATE on the target table.".as_ptr(),
+            &raw mut ROLE,
+            c"".as_ptr(),
+            pg_sys::GucContext::PGC_POSTMASTER,
+            0,
+            Some(check_role),
+            None,
+            None,
+        );
+    }
     reserve_prefix();
+}
+
+/// Refuse `value` (a name) if it is empty or longer than PostgreSQL's identifiers allow.
+/// Returns the detail for the error, or `None` when the value is acceptable.
+fn name_problem(value: &CStr, allow_empty: bool) -> Option<&'static CStr> {
+    let len = value.to_bytes().len();
+    if len == 0 && !allow_empty {
+        Some(c"An empty name names no database.")
+    } else if len >= pg_sys::NAMEDATALEN as usize {
+        Some(c"Names are at most 63 bytes long.")
+    } else {
+        None
+    }
+}
+
+/// # Safety
+/// Called by PostgreSQL's GUC code with a valid (possibly NULL) string.
+unsafe fn check_name(newval: *mut *mut c_char, allow_empty: bool) -> bool {
+    // SAFETY: GUC code passes a pointer to the candidate value, a NUL-terminated string or NULL.
+    let value = unsafe { (*newval).as_ref().map(|v| CStr::from_ptr(v)) }.unwrap_or(c"");
+    match name_problem(value, allow_empty) {
+        None => true,
+        Some(detail) => {
+            // SAFETY: the documented way for a check hook to explain a refusal: GUC code reads
+            // this string (palloc'd in the current context) when it reports the error.
+            unsafe { pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(detail.as_ptr()) };
+            false
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_database(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut std::ffi::c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: called by GUC code, as check_name requires.
+    unsafe { check_name(newval, false) }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_role(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut std::ffi::c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: called by GUC code, as check_name requires.
+    unsafe { check_name(newval, true) }
+}
+
+/// The current value of a string setting defined above.
+fn string_setting(variable: *const *mut c_char) -> String {
+    // SAFETY: GUC code keeps the variable pointing at a valid NUL-terminated string (or NULL);
+    // it changes only in this process's own configuration processing, never concurrently.
+    unsafe { variable.read().as_ref().map(|v| CStr::from_ptr(v).to_string_lossy().into_owned()) }.unwrap_or_default()
 }
 
 #[cfg(feature = "pg14")]
@@ -133,22 +206,15 @@ fn reserve_prefix() {
 }
 
 pub fn flush_interval() -> Duration {
-    Duration::from_millis(
-        u64::try_from(FLUSH_INTERVAL_MS.get()).unwrap_or(FLUSH_INTERVAL_MS_DEFAULT as u64),
-    )
+    Duration::from_millis(u64::try_from(FLUSH_INTERVAL_MS.get()).unwrap_or(FLUSH_INTERVAL_MS_DEFAULT as u64))
 }
 
 pub fn database() -> String {
-    DATABASE
-        .get()
-        .map(|name| name.to_string_lossy().into_owned())
-        .unwrap_or_default()
+    string_setting(&raw const DATABASE)
 }
 
 pub fn batch_size() -> usize {
-    usize::try_from(BATCH_SIZE.get())
-        .unwrap_or(BATCH_SIZE_DEFAULT as usize)
-        .max(1)
+    usize::try_from(BATCH_SIZE.get()).unwrap_or(BATCH_SIZE_DEFAULT as usize).max(1)
 }
 
 pub fn lock_timeout_ms() -> i32 {
@@ -161,9 +227,7 @@ pub fn statement_timeout_ms() -> i32 {
 
 /// The role the worker connects as, if one is set.
 pub fn role() -> Option<String> {
-    ROLE.get()
-        .map(|r| r.to_string_lossy().into_owned())
-        .filter(|r| !r.is_empty())
+    Some(string_setting(&raw const ROLE)).filter(|r| !r.is_empty())
 }
 
 pub fn max_pending() -> usize {

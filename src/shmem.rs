@@ -170,8 +170,7 @@ unsafe extern "C-unwind" fn shmem_startup() {
         pg_sys::LWLockAcquire(addin_shmem_init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
 
         let mut found = false;
-        let shared = pg_sys::ShmemInitStruct(SHARED_NAME.as_ptr(), size_of::<Shared>(), &mut found)
-            .cast::<Shared>();
+        let shared = pg_sys::ShmemInitStruct(SHARED_NAME.as_ptr(), size_of::<Shared>(), &mut found).cast::<Shared>();
         if !found {
             // All-zero is the valid empty state of every field but the two set below.
             std::ptr::write_bytes(shared, 0, 1);
@@ -263,10 +262,7 @@ pub fn with_lock<R>(mode: Mode, f: impl FnOnce(&mut Locked<'_>) -> R) -> Option<
     // holder must only read, which every Mode::Shared caller does. Other processes' references
     // live in other address spaces; in this one, no other Locked exists while the lock is held.
     let shared = unsafe { &mut *shared };
-    let mut locked = Locked {
-        shared,
-        pending: PENDING.load(Ordering::Acquire),
-    };
+    let mut locked = Locked { shared, pending: PENDING.load(Ordering::Acquire) };
     Some(f(&mut locked))
 }
 

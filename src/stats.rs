@@ -34,14 +34,8 @@ pub struct Stats {
 
 /// What one chunk of a flush did.
 pub enum ChunkOutcome<'a> {
-    Committed {
-        ids: u64,
-        rows_updated: u64,
-        ids_without_row: u64,
-    },
-    Failed {
-        message: &'a str,
-    },
+    Committed { ids: u64, rows_updated: u64, ids_without_row: u64 },
+    Failed { message: &'a str },
 }
 
 /// Count marks accepted and refused by one call. Caller must hold the lock exclusively.
@@ -55,11 +49,7 @@ pub fn record_chunk(outcome: &ChunkOutcome<'_>, now: i64) {
     shmem::with_lock(Mode::Exclusive, |locked| {
         let stats = &mut locked.shared.stats;
         match outcome {
-            ChunkOutcome::Committed {
-                ids,
-                rows_updated,
-                ids_without_row,
-            } => {
+            ChunkOutcome::Committed { ids, rows_updated, ids_without_row } => {
                 stats.ids_flushed += ids;
                 stats.rows_updated += rows_updated;
                 stats.ids_without_row += ids_without_row;
@@ -80,21 +70,14 @@ pub fn record_flush(failed: bool, started_at: i64, now: i64) -> u64 {
         stats.flushes += 1;
         stats.last_flush_at = now;
         stats.last_flush_duration_us = now - started_at;
-        stats.consecutive_failures = if failed {
-            stats.consecutive_failures + 1
-        } else {
-            0
-        };
+        stats.consecutive_failures = if failed { stats.consecutive_failures + 1 } else { 0 };
         stats.consecutive_failures
     })
     .unwrap_or(0)
 }
 
 pub fn consecutive_failures() -> u64 {
-    shmem::with_lock(Mode::Shared, |locked| {
-        locked.shared.stats.consecutive_failures
-    })
-    .unwrap_or(0)
+    shmem::with_lock(Mode::Shared, |locked| locked.shared.stats.consecutive_failures).unwrap_or(0)
 }
 
 pub fn read() -> Option<Stats> {
@@ -104,10 +87,7 @@ pub fn read() -> Option<Stats> {
 /// Zero every counter; `stats_reset` becomes `now`.
 pub fn reset(now: i64) -> bool {
     shmem::with_lock(Mode::Exclusive, |locked| {
-        locked.shared.stats = Stats {
-            stats_reset: now,
-            ..zeroed()
-        };
+        locked.shared.stats = Stats { stats_reset: now, ..zeroed() };
     })
     .is_some()
 }

@@ -10,9 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use pgrx::bgworkers::{
-    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
-};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::prelude::*;
 
 use crate::flush::{self, Flusher};
@@ -86,17 +84,14 @@ pub extern "C-unwind" fn wsusage_worker_main(_arg: pg_sys::Datum) {
         reload_settings_if_asked();
         let interval = settings::flush_interval();
         let next_flush = last_flush.map_or_else(Instant::now, |at| at + interval);
-        let past_high_water = stats::consecutive_failures() == 0
-            && pending::len().unwrap_or(0) >= pending::high_water_mark();
+        let past_high_water =
+            stats::consecutive_failures() == 0 && pending::len().unwrap_or(0) >= pending::high_water_mark();
         if Instant::now() >= next_flush || rendezvous::flush_requested() || past_high_water {
             flusher.flush();
             last_flush = Some(Instant::now());
             continue;
         }
-        let timeout_ms = next_flush
-            .saturating_duration_since(Instant::now())
-            .as_millis()
-            .max(1);
+        let timeout_ms = next_flush.saturating_duration_since(Instant::now()).as_millis().max(1);
         // SAFETY: waiting on our own latch; WL_EXIT_ON_PM_DEATH ends the process should the
         // postmaster die. The latch is reset before the loop re-checks every condition, so no
         // wake-up is lost.

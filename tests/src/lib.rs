@@ -32,10 +32,7 @@ pub fn pg_bin() -> PathBuf {
 
 /// The PostgreSQL major version under test.
 pub fn major() -> u32 {
-    let out = Command::new(pg_bin().join("pg_config"))
-        .arg("--version")
-        .output()
-        .expect("run pg_config");
+    let out = Command::new(pg_bin().join("pg_config")).arg("--version").output().expect("run pg_config");
     let text = String::from_utf8_lossy(&out.stdout);
     // "PostgreSQL 17.11"
     text.split_whitespace()
@@ -46,11 +43,7 @@ pub fn major() -> u32 {
 }
 
 fn running_as_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0\n"))
-        .unwrap_or(false)
+    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
 }
 
 /// Run `program` as the user that owns the clusters.
@@ -71,8 +64,7 @@ fn pg_command(program: &str) -> Command {
 
 fn run(mut cmd: Command, what: &str) -> Output {
     // Keep Rust backtraces out of server error details.
-    cmd.env_remove("RUST_BACKTRACE")
-        .env_remove("RUST_LIB_BACKTRACE");
+    cmd.env_remove("RUST_BACKTRACE").env_remove("RUST_LIB_BACKTRACE");
     let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
     assert!(
         out.status.success(),
@@ -86,11 +78,7 @@ fn run(mut cmd: Command, what: &str) -> Output {
 fn make_owned_dir(prefix: &str) -> PathBuf {
     let base = std::env::temp_dir();
     for attempt in 0..1000u32 {
-        let dir = base.join(format!(
-            "{prefix}-{}-{}-{attempt}",
-            std::process::id(),
-            unique()
-        ));
+        let dir = base.join(format!("{prefix}-{}-{}-{attempt}", std::process::id(), unique()));
         if fs::create_dir(&dir).is_ok() {
             if running_as_root() {
                 let mut chown = Command::new("chown");
@@ -116,16 +104,7 @@ fn template() -> &'static Path {
         let dir = make_owned_dir("wsusage-template");
         let data = dir.join("data");
         let mut cmd = pg_command("initdb");
-        cmd.arg("-D").arg(&data).args([
-            "-A",
-            "trust",
-            "-U",
-            "postgres",
-            "--no-sync",
-            "-E",
-            "UTF8",
-            "--locale=C",
-        ]);
+        cmd.arg("-D").arg(&data).args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C"]);
         run(cmd, "initdb");
         data
     })
@@ -153,6 +132,11 @@ impl Cluster {
     /// A running cluster with wsusage preloaded and `settings` added to postgresql.conf
     /// (later lines win, so a test may override the base settings).
     pub fn start(settings: &[(&str, &str)]) -> Cluster {
+        Cluster::try_start(settings).unwrap_or_else(|log| panic!("the cluster did not start:\n{log}"))
+    }
+
+    /// As [`Cluster::start`], but a server that refuses to start is an `Err` with its log.
+    pub fn try_start(settings: &[(&str, &str)]) -> Result<Cluster, String> {
         let dir = make_owned_dir("wsusage-test");
         let data = dir.join("data");
         // copied by the owner, so that ownership and modes stay what initdb made them
@@ -168,13 +152,9 @@ impl Cluster {
         let mut existing = fs::read_to_string(&path).expect("read postgresql.conf");
         existing.push_str(&conf);
         fs::write(&path, existing).expect("write postgresql.conf");
-        let mut cluster = Cluster {
-            dir,
-            data,
-            running: false,
-        };
-        cluster.start_again();
-        cluster
+        let mut cluster = Cluster { dir, data, running: false };
+        cluster.try_start_again().map_err(|()| cluster.log())?;
+        Ok(cluster)
     }
 
     /// A hot standby of `primary`, made with `pg_basebackup -R` over its socket, running.
@@ -192,32 +172,32 @@ impl Cluster {
         let mut conf = fs::read_to_string(&path).expect("read postgresql.conf");
         conf.push_str(&format!("unix_socket_directories = '{}'\n", dir.display()));
         fs::write(&path, conf).expect("write postgresql.conf");
-        let mut cluster = Cluster {
-            dir,
-            data,
-            running: false,
-        };
+        let mut cluster = Cluster { dir, data, running: false };
         cluster.start_again();
         cluster
     }
 
     pub fn start_again(&mut self) {
+        self.try_start_again().unwrap_or_else(|()| panic!("pg_ctl start failed:\n{}", self.log()));
+    }
+
+    fn try_start_again(&mut self) -> Result<(), ()> {
         let mut cmd = pg_command("pg_ctl");
-        cmd.arg("-D")
-            .arg(&self.data)
-            .arg("-l")
-            .arg(self.log_path())
-            .args(["-w", "-t", "120", "start"]);
-        run(cmd, "pg_ctl start");
-        self.running = true;
+        cmd.arg("-D").arg(&self.data).arg("-l").arg(self.log_path()).args(["-w", "-t", "120", "start"]);
+        cmd.env_remove("RUST_BACKTRACE").env_remove("RUST_LIB_BACKTRACE");
+        let started = cmd.output().map(|out| out.status.success()).unwrap_or(false);
+        self.running = started;
+        if started {
+            Ok(())
+        } else {
+            Err(())
+        }
     }
 
     /// Stop with the given shutdown mode ("smart", "fast" or "immediate").
     pub fn stop(&mut self, mode: &str) {
         let mut cmd = pg_command("pg_ctl");
-        cmd.arg("-D")
-            .arg(&self.data)
-            .args(["-w", "-t", "120", "-m", mode, "stop"]);
+        cmd.arg("-D").arg(&self.data).args(["-w", "-t", "120", "-m", mode, "stop"]);
         run(cmd, "pg_ctl stop");
         self.running = false;
     }
@@ -231,10 +211,7 @@ impl Cluster {
     }
 
     pub fn conninfo(&self, database: &str) -> String {
-        format!(
-            "host={} port={PORT} user=postgres dbname={database}",
-            self.dir.display()
-        )
+        format!("host={} port={PORT} user=postgres dbname={database}", self.dir.display())
     }
 
     pub fn connect(&self) -> Client {
@@ -257,22 +234,14 @@ impl Cluster {
             )
             .expect("create extension and table");
         let ids: Vec<Uuid> = (0..rows).map(|_| Uuid::new_v4()).collect();
-        client
-            .execute(
-                "INSERT INTO workspaces (id) SELECT unnest($1::uuid[])",
-                &[&ids],
-            )
-            .expect("insert workspaces");
+        client.execute("INSERT INTO workspaces (id) SELECT unnest($1::uuid[])", &[&ids]).expect("insert workspaces");
         (client, ids)
     }
 
     /// Pid of the wsusage worker as pg_stat_activity shows it.
     pub fn worker_pid(&self, client: &mut Client) -> Option<i32> {
         client
-            .query_opt(
-                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'wsusage'",
-                &[],
-            )
+            .query_opt("SELECT pid FROM pg_stat_activity WHERE backend_type = 'wsusage'", &[])
             .expect("query pg_stat_activity")
             .map(|row| row.get(0))
     }
@@ -300,9 +269,7 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         if self.running {
             let mut cmd = pg_command("pg_ctl");
-            cmd.arg("-D")
-                .arg(&self.data)
-                .args(["-w", "-m", "immediate", "stop"]);
+            cmd.arg("-D").arg(&self.data).args(["-w", "-m", "immediate", "stop"]);
             let _ = cmd.output();
         }
         if !std::thread::panicking() {
@@ -324,17 +291,12 @@ pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
 
 /// The SQLSTATE of a failed statement, e.g. "22004".
 pub fn sqlstate(error: &PgError) -> String {
-    error
-        .code()
-        .map(|c| c.code().to_owned())
-        .unwrap_or_else(|| format!("no SQLSTATE: {error}"))
+    error.code().map(|c| c.code().to_owned()).unwrap_or_else(|| format!("no SQLSTATE: {error}"))
 }
 
 /// The server's error report: (SQLSTATE, message, detail, hint).
 pub fn report(error: &PgError) -> (String, String, String, String) {
-    let db = error
-        .as_db_error()
-        .unwrap_or_else(|| panic!("not a server error: {error}"));
+    let db = error.as_db_error().unwrap_or_else(|| panic!("not a server error: {error}"));
     (
         db.code().code().to_owned(),
         db.message().to_owned(),
@@ -350,25 +312,13 @@ pub fn now_us() -> DateTime<Utc> {
 }
 
 pub fn last_used(client: &mut Client, id: &Uuid) -> Option<DateTime<Utc>> {
-    client
-        .query_one("SELECT last_used_at FROM workspaces WHERE id = $1", &[id])
-        .expect("read last_used_at")
-        .get(0)
+    client.query_one("SELECT last_used_at FROM workspaces WHERE id = $1", &[id]).expect("read last_used_at").get(0)
 }
 
 pub fn flush(client: &mut Client) -> i64 {
-    client
-        .query_one("SELECT wsusage_flush()", &[])
-        .expect("wsusage_flush()")
-        .get(0)
+    client.query_one("SELECT wsusage_flush()", &[]).expect("wsusage_flush()").get(0)
 }
 
 pub fn count_used(client: &mut Client) -> i64 {
-    client
-        .query_one(
-            "SELECT count(*) FROM workspaces WHERE last_used_at IS NOT NULL",
-            &[],
-        )
-        .expect("count used")
-        .get(0)
+    client.query_one("SELECT count(*) FROM workspaces WHERE last_used_at IS NOT NULL", &[]).expect("count used").get(0)
 }

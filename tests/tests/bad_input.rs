@@ -7,27 +7,15 @@ fn a_null_id_is_rejected_with_22004() {
     let cluster = Cluster::start(&[]);
     let (mut client, ids) = cluster.with_workspaces(2);
 
-    let err = client
-        .execute("SELECT wsusage_mark(NULL)", &[])
-        .unwrap_err();
+    let err = client.execute("SELECT wsusage_mark(NULL)", &[]).unwrap_err();
     let (code, message, _, _) = report(&err);
-    assert_eq!(
-        (code.as_str(), message.as_str()),
-        ("22004", "workspace id must not be null")
-    );
+    assert_eq!((code.as_str(), message.as_str()), ("22004", "workspace id must not be null"));
 
-    let err = client
-        .execute("SELECT wsusage_mark_many(NULL)", &[])
-        .unwrap_err();
+    let err = client.execute("SELECT wsusage_mark_many(NULL)", &[]).unwrap_err();
     assert_eq!(sqlstate(&err), "22004");
 
     // A NULL element rejects the whole array: no id of it is marked.
-    let err = client
-        .execute(
-            "SELECT wsusage_mark_many(ARRAY[$1, NULL, $2]::uuid[])",
-            &[&ids[0], &ids[1]],
-        )
-        .unwrap_err();
+    let err = client.execute("SELECT wsusage_mark_many(ARRAY[$1, NULL, $2]::uuid[])", &[&ids[0], &ids[1]]).unwrap_err();
     let (code, _, detail, _) = report(&err);
     assert_eq!(code, "22004");
     assert!(detail.contains("Element 2"), "{detail}");
@@ -38,13 +26,9 @@ fn a_null_id_is_rejected_with_22004() {
 fn text_that_is_not_a_uuid_is_rejected_with_22p02() {
     let cluster = Cluster::start(&[]);
     let (mut client, _) = cluster.with_workspaces(0);
-    let err = client
-        .execute("SELECT wsusage_mark('not-a-uuid')", &[])
-        .unwrap_err();
+    let err = client.execute("SELECT wsusage_mark('not-a-uuid')", &[]).unwrap_err();
     assert_eq!(sqlstate(&err), "22P02");
-    let err = client
-        .execute("SELECT wsusage_mark_many('{zzz}')", &[])
-        .unwrap_err();
+    let err = client.execute("SELECT wsusage_mark_many('{zzz}')", &[]).unwrap_err();
     assert_eq!(sqlstate(&err), "22P02");
 }
 
@@ -54,17 +38,11 @@ fn a_full_set_refuses_new_ids_with_53400_but_accepts_pending_ones() {
     let (mut client, ids) = cluster.with_workspaces(20);
     // Park the table so that no flush (not even the early one a filling set triggers) can
     // empty the set while the test fills it.
-    client
-        .batch_execute("ALTER TABLE workspaces RENAME TO parked")
-        .unwrap();
+    client.batch_execute("ALTER TABLE workspaces RENAME TO parked").unwrap();
 
-    client
-        .execute("SELECT wsusage_mark_many($1)", &[&ids[..16].to_vec()])
-        .unwrap();
+    client.execute("SELECT wsusage_mark_many($1)", &[&ids[..16].to_vec()]).unwrap();
 
-    let err = client
-        .execute("SELECT wsusage_mark($1)", &[&ids[16]])
-        .unwrap_err();
+    let err = client.execute("SELECT wsusage_mark($1)", &[&ids[16]]).unwrap_err();
     let (code, message, detail, hint) = report(&err);
     assert_eq!(code, "53400");
     assert_eq!(message, "wsusage pending set is full");
@@ -72,26 +50,18 @@ fn a_full_set_refuses_new_ids_with_53400_but_accepts_pending_ones() {
     assert!(hint.contains("wsusage.max_pending"), "{hint}");
 
     // Marking an id that is already pending never needs room.
-    client
-        .execute("SELECT wsusage_mark($1)", &[&ids[3]])
-        .unwrap();
+    client.execute("SELECT wsusage_mark($1)", &[&ids[3]]).unwrap();
 
-    let err = client
-        .execute("SELECT wsusage_mark_many($1)", &[&vec![ids[0], ids[17]]])
-        .unwrap_err();
+    let err = client.execute("SELECT wsusage_mark_many($1)", &[&vec![ids[0], ids[17]]]).unwrap_err();
     let (code, _, detail, _) = report(&err);
     assert_eq!(code, "53400");
     assert!(detail.contains("1 of the 2 ids were marked"), "{detail}");
 
     // A flush makes room again; nothing accepted was lost.
-    client
-        .batch_execute("ALTER TABLE parked RENAME TO workspaces")
-        .unwrap();
+    client.batch_execute("ALTER TABLE parked RENAME TO workspaces").unwrap();
     assert_eq!(flush(&mut client), 16);
     assert_eq!(count_used(&mut client), 16);
-    client
-        .execute("SELECT wsusage_mark($1)", &[&ids[16]])
-        .unwrap();
+    client.execute("SELECT wsusage_mark($1)", &[&ids[16]]).unwrap();
 }
 
 #[test]
@@ -102,10 +72,7 @@ fn marks_are_refused_in_a_database_the_worker_does_not_update() {
     let mut client = cluster.connect_to("elsewhere");
     client.batch_execute("CREATE EXTENSION wsusage").unwrap();
 
-    for call in [
-        "SELECT wsusage_mark(gen_random_uuid())",
-        "SELECT wsusage_flush()",
-    ] {
+    for call in ["SELECT wsusage_mark(gen_random_uuid())", "SELECT wsusage_flush()"] {
         let err = client.execute(call, &[]).unwrap_err();
         let (code, message, detail, hint) = report(&err);
         assert_eq!(code, "55000", "{call}");
@@ -128,10 +95,7 @@ fn without_shared_preload_libraries_every_function_says_how_to_fix_it() {
         let err = client.execute(call, &[]).unwrap_err();
         let (code, message, _, hint) = report(&err);
         assert_eq!(code, "55000", "{call}");
-        assert_eq!(
-            message,
-            "wsusage must be loaded via shared_preload_libraries"
-        );
+        assert_eq!(message, "wsusage must be loaded via shared_preload_libraries");
         assert!(hint.contains("shared_preload_libraries"), "{hint}");
     }
     // The backend survived: the connection still works.
@@ -143,9 +107,7 @@ fn flush_gives_up_with_a_clear_error_when_no_worker_can_run() {
     // No background worker slot at all: the worker can never start.
     let cluster = Cluster::start(&[("max_worker_processes", "0")]);
     let (mut client, ids) = cluster.with_workspaces(1);
-    client
-        .execute("SELECT wsusage_mark($1)", &[&ids[0]])
-        .unwrap();
+    client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
 
     let err = client.execute("SELECT wsusage_flush()", &[]).unwrap_err();
     let (code, message, detail, hint) = report(&err);
@@ -168,31 +130,24 @@ fn out_of_range_and_malformed_settings_are_rejected() {
         ("wsusage.max_pending", "0"),
         ("wsusage.max_pending", "-1"),
         ("wsusage.max_pending", "100000000000"),
+        ("wsusage.max_pending", "'64kB'"),
+        ("wsusage.batch_size", "0"),
+        ("wsusage.batch_size", "'many'"),
+        ("wsusage.lock_timeout", "'-1s'"),
+        ("wsusage.lock_timeout", "'2h'"),
+        ("wsusage.statement_timeout", "'-1'"),
     ] {
-        let err = client
-            .batch_execute(&format!("ALTER SYSTEM SET {setting} = {value}"))
-            .unwrap_err();
-        assert!(
-            ["22023", "22003"].contains(&sqlstate(&err).as_str()),
-            "{setting} = {value}: {err:?}"
-        );
+        let err = client.batch_execute(&format!("ALTER SYSTEM SET {setting} = {value}")).unwrap_err();
+        assert!(["22023", "22003"].contains(&sqlstate(&err).as_str()), "{setting} = {value}: {err:?}");
     }
     // Units are accepted and shown in their natural form.
-    client
-        .batch_execute("ALTER SYSTEM SET wsusage.flush_interval = '1min'")
-        .unwrap();
-    client
-        .batch_execute("ALTER SYSTEM SET wsusage.flush_interval = 500")
-        .unwrap();
+    client.batch_execute("ALTER SYSTEM SET wsusage.flush_interval = '1min'").unwrap();
+    client.batch_execute("ALTER SYSTEM SET wsusage.flush_interval = 500").unwrap();
 
     // Settings fixed at server start cannot change in a session.
-    let err = client
-        .batch_execute("SET wsusage.max_pending = 100")
-        .unwrap_err();
+    let err = client.batch_execute("SET wsusage.max_pending = 100").unwrap_err();
     assert_eq!(sqlstate(&err), "55P02");
-    let err = client
-        .batch_execute("SET wsusage.flush_interval = '1s'")
-        .unwrap_err();
+    let err = client.batch_execute("SET wsusage.flush_interval = '1s'").unwrap_err();
     assert_eq!(sqlstate(&err), "55P02");
 }
 
@@ -203,8 +158,48 @@ fn the_wsusage_prefix_is_reserved() {
     }
     let cluster = Cluster::start(&[]);
     let mut client = cluster.connect();
-    let err = client
-        .batch_execute("SET wsusage.flush_intervall = '1s'")
-        .unwrap_err();
+    let err = client.batch_execute("SET wsusage.flush_intervall = '1s'").unwrap_err();
     assert_eq!(sqlstate(&err), "42602", "{err:?}");
+}
+
+#[test]
+fn empty_or_overlong_database_and_role_names_are_refused() {
+    let bad = [
+        ("wsusage.database", "''".to_owned(), "postgres"),
+        ("wsusage.database", format!("'{}'", "d".repeat(64)), "postgres"),
+        ("wsusage.role", format!("'{}'", "r".repeat(64)), ""),
+    ];
+    for (setting, value, default) in &bad {
+        // In postgresql.conf: read before the library defines the setting, so PostgreSQL
+        // reports it with a WARNING and keeps the default, as for any extension's setting.
+        let cluster = Cluster::start(&[(setting, value.as_str())]);
+        let log = cluster.log();
+        assert!(log.contains(&format!("invalid value for parameter \"{setting}\"")), "{log}");
+        assert!(
+            log.contains("DETAIL:  Names are at most 63 bytes long.") || log.contains("DETAIL:  An empty name"),
+            "{log}"
+        );
+        let mut client = cluster.connect();
+        let shown: String = client.query_one(&format!("SHOW {setting}"), &[]).unwrap().get(0);
+        assert_eq!(shown, *default);
+
+        // Through ALTER SYSTEM: an error with the reason.
+        let err = client.batch_execute(&format!("ALTER SYSTEM SET {setting} = {value}")).unwrap_err();
+        let (code, _, detail, _) = report(&err);
+        assert_eq!(code, "22023");
+        assert!(!detail.is_empty());
+    }
+}
+
+#[test]
+fn hostile_text_in_place_of_an_id_is_only_ever_data() {
+    let cluster = Cluster::start(&[]);
+    let (mut client, _) = cluster.with_workspaces(1);
+    for hostile in ["'); DROP TABLE workspaces; --", "00000000-0000-0000-0000-000000000000'; DROP TABLE workspaces; --"]
+    {
+        let err = client.execute("SELECT wsusage_mark($1::text::uuid)", &[&hostile]).unwrap_err();
+        assert_eq!(sqlstate(&err), "22P02");
+    }
+    let rows: i64 = client.query_one("SELECT count(*) FROM workspaces", &[]).unwrap().get(0);
+    assert_eq!(rows, 1);
 }

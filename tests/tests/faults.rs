@@ -12,57 +12,31 @@ use uuid::Uuid;
 use wsusage_tests::*;
 
 fn stat(client: &mut Client, column: &str) -> i64 {
-    client
-        .query_one(&format!("SELECT {column} FROM wsusage_stats"), &[])
-        .unwrap()
-        .get(0)
+    client.query_one(&format!("SELECT {column} FROM wsusage_stats"), &[]).unwrap().get(0)
 }
 
 fn last_error(client: &mut Client) -> String {
-    client
-        .query_one("SELECT coalesce(last_error, '') FROM wsusage_stats", &[])
-        .unwrap()
-        .get(0)
+    client.query_one("SELECT coalesce(last_error, '') FROM wsusage_stats", &[]).unwrap().get(0)
 }
 
 fn figures(fault: &str, made: usize, applied: i64) {
-    println!(
-        "fault: {fault}: marks made {made}, applied {applied}, lost {}",
-        made as i64 - applied
-    );
+    println!("fault: {fault}: marks made {made}, applied {applied}, lost {}", made as i64 - applied);
 }
 
 #[test]
 fn a_row_locked_by_an_application_delays_only_its_own_chunk() {
-    let cluster = Cluster::start(&[
-        ("wsusage.batch_size", "10"),
-        ("wsusage.lock_timeout", "'200ms'"),
-    ]);
+    let cluster = Cluster::start(&[("wsusage.batch_size", "10"), ("wsusage.lock_timeout", "'200ms'")]);
     let (mut client, ids) = cluster.with_workspaces(100);
     let mut app = cluster.connect();
     app.batch_execute("BEGIN").unwrap();
-    app.execute(
-        "SELECT FROM workspaces WHERE id = $1 FOR UPDATE",
-        &[&ids[42]],
-    )
-    .unwrap();
+    app.execute("SELECT FROM workspaces WHERE id = $1 FOR UPDATE", &[&ids[42]]).unwrap();
 
-    client
-        .execute("SELECT wsusage_mark_many($1)", &[&ids])
-        .unwrap();
+    client.execute("SELECT wsusage_mark_many($1)", &[&ids]).unwrap();
     let err = client.execute("SELECT wsusage_flush()", &[]).unwrap_err();
     let (code, message, _, _) = report(&err);
     assert_eq!(code, "55P03", "{message}");
-    assert_eq!(
-        count_used(&mut client),
-        90,
-        "the nine other chunks committed"
-    );
-    assert_eq!(
-        stat(&mut client, "pending"),
-        10,
-        "the blocked chunk stays pending"
-    );
+    assert_eq!(count_used(&mut client), 90, "the nine other chunks committed");
+    assert_eq!(stat(&mut client, "pending"), 10, "the blocked chunk stays pending");
     assert!(stat(&mut client, "failures") >= 1);
 
     app.batch_execute("COMMIT").unwrap();
@@ -77,19 +51,12 @@ fn a_table_locked_access_exclusive_beyond_lock_timeout_is_retried_later() {
     let cluster = Cluster::start(&[("wsusage.lock_timeout", "'200ms'")]);
     let (mut client, ids) = cluster.with_workspaces(50);
     let mut dba = cluster.connect();
-    dba.batch_execute("BEGIN; LOCK TABLE workspaces IN ACCESS EXCLUSIVE MODE")
-        .unwrap();
+    dba.batch_execute("BEGIN; LOCK TABLE workspaces IN ACCESS EXCLUSIVE MODE").unwrap();
 
-    client
-        .execute("SELECT wsusage_mark_many($1)", &[&ids])
-        .unwrap();
+    client.execute("SELECT wsusage_mark_many($1)", &[&ids]).unwrap();
     let err = client.execute("SELECT wsusage_flush()", &[]).unwrap_err();
     assert_eq!(sqlstate(&err), "55P03");
-    assert!(
-        last_error(&mut client).contains("lock"),
-        "{}",
-        last_error(&mut client)
-    );
+    assert!(last_error(&mut client).contains("lock"), "{}", last_error(&mut client));
     assert!(stat(&mut client, "consecutive_failures") >= 1);
 
     dba.batch_execute("COMMIT").unwrap();
@@ -106,48 +73,30 @@ fn the_worker_writes_as_wsusage_role_and_a_revoked_privilege_keeps_the_marks() {
 
     // The role does not exist yet: a clear error, the worker stays up, nothing is lost.
     let worker = cluster.wait_for_worker(&mut client, None);
-    client
-        .execute("SELECT wsusage_mark($1)", &[&ids[0]])
-        .unwrap();
+    client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
     let err = client.execute("SELECT wsusage_flush()", &[]).unwrap_err();
     let (code, message, _, _) = report(&err);
     assert_eq!(code, "42704");
     assert!(message.contains("role \"usage_writer\""), "{message}");
 
-    client
-        .batch_execute("CREATE ROLE usage_writer NOLOGIN")
-        .unwrap();
+    client.batch_execute("CREATE ROLE usage_writer NOLOGIN").unwrap();
     let err = client.execute("SELECT wsusage_flush()", &[]).unwrap_err();
     assert_eq!(sqlstate(&err), "42501", "no privilege yet");
 
-    client
-        .batch_execute("GRANT SELECT, UPDATE ON workspaces TO usage_writer")
-        .unwrap();
-    client
-        .execute("SELECT wsusage_mark($1)", &[&ids[1]])
-        .unwrap();
+    client.batch_execute("GRANT SELECT, UPDATE ON workspaces TO usage_writer").unwrap();
+    client.execute("SELECT wsusage_mark($1)", &[&ids[1]]).unwrap();
     assert_eq!(flush(&mut client), 2);
 
-    client
-        .batch_execute("REVOKE UPDATE ON workspaces FROM usage_writer")
-        .unwrap();
-    client
-        .execute("SELECT wsusage_mark_many($1)", &[&ids[2..].to_vec()])
-        .unwrap();
+    client.batch_execute("REVOKE UPDATE ON workspaces FROM usage_writer").unwrap();
+    client.execute("SELECT wsusage_mark_many($1)", &[&ids[2..].to_vec()]).unwrap();
     let err = client.execute("SELECT wsusage_flush()", &[]).unwrap_err();
     assert_eq!(sqlstate(&err), "42501");
     assert!(last_error(&mut client).contains("permission denied"));
     assert_eq!(stat(&mut client, "pending"), 3);
 
-    client
-        .batch_execute("GRANT UPDATE ON workspaces TO usage_writer")
-        .unwrap();
+    client.batch_execute("GRANT UPDATE ON workspaces TO usage_writer").unwrap();
     assert_eq!(flush(&mut client), 3);
-    assert_eq!(
-        cluster.worker_pid(&mut client),
-        Some(worker),
-        "no restart: errors were caught"
-    );
+    assert_eq!(cluster.worker_pid(&mut client), Some(worker), "no restart: errors were caught");
     let applied = count_used(&mut client);
     figures("role missing, then privilege revoked", ids.len(), applied);
     assert_eq!(applied, 5);
@@ -168,14 +117,9 @@ fn triggers_run_as_wsusage_role_not_as_superuser() {
              CREATE TRIGGER audit BEFORE UPDATE ON workspaces FOR EACH ROW EXECUTE FUNCTION audit_update();",
         )
         .unwrap();
-    client
-        .execute("SELECT wsusage_mark($1)", &[&ids[0]])
-        .unwrap();
+    client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
     assert_eq!(flush(&mut client), 1);
-    let who: String = client
-        .query_one("SELECT who FROM audit", &[])
-        .unwrap()
-        .get(0);
+    let who: String = client.query_one("SELECT who FROM audit", &[]).unwrap().get(0);
     assert_eq!(who, "usage_writer");
 }
 
@@ -191,9 +135,7 @@ fn a_trigger_that_fails_for_one_row_keeps_the_marks_until_it_is_fixed() {
             ids[7]
         ))
         .unwrap();
-    client
-        .execute("SELECT wsusage_mark_many($1)", &[&ids])
-        .unwrap();
+    client.execute("SELECT wsusage_mark_many($1)", &[&ids]).unwrap();
     let err = client.execute("SELECT wsusage_flush()", &[]).unwrap_err();
     let (code, message, _, _) = report(&err);
     assert_eq!(code, "P0001");
@@ -201,9 +143,7 @@ fn a_trigger_that_fails_for_one_row_keeps_the_marks_until_it_is_fixed() {
     assert_eq!(stat(&mut client, "pending"), 20);
     assert!(last_error(&mut client).contains("workspace is frozen"));
 
-    client
-        .batch_execute("DROP TRIGGER refuse ON workspaces")
-        .unwrap();
+    client.batch_execute("DROP TRIGGER refuse ON workspaces").unwrap();
     assert_eq!(flush(&mut client), 20);
     let applied = count_used(&mut client);
     figures("trigger raising for one row", ids.len(), applied);
@@ -214,32 +154,19 @@ fn a_trigger_that_fails_for_one_row_keeps_the_marks_until_it_is_fixed() {
 fn after_drop_extension_the_worker_idles_and_resumes_after_create_extension() {
     let cluster = Cluster::start(&[("wsusage.flush_interval", "'100ms'")]);
     let (mut client, ids) = cluster.with_workspaces(3);
-    client
-        .batch_execute("ALTER TABLE workspaces RENAME TO parked")
-        .unwrap();
-    client
-        .execute("SELECT wsusage_mark_many($1)", &[&ids])
-        .unwrap();
-    client
-        .batch_execute("DROP EXTENSION wsusage; ALTER TABLE parked RENAME TO workspaces")
-        .unwrap();
+    client.batch_execute("ALTER TABLE workspaces RENAME TO parked").unwrap();
+    client.execute("SELECT wsusage_mark_many($1)", &[&ids]).unwrap();
+    client.batch_execute("DROP EXTENSION wsusage; ALTER TABLE parked RENAME TO workspaces").unwrap();
 
-    let idle =
-        "wsusage worker is idle: extension \"wsusage\" does not exist in database \"postgres\"";
+    let idle = "wsusage worker is idle: extension \"wsusage\" does not exist in database \"postgres\"";
     wait_until("the idle message", || cluster.log().contains(idle));
     std::thread::sleep(Duration::from_millis(500)); // several intervals
     assert_eq!(cluster.log().matches(idle).count(), 1, "said once");
     assert_eq!(count_used(&mut client), 0);
 
     client.batch_execute("CREATE EXTENSION wsusage").unwrap();
-    wait_until("the kept marks to be applied", || {
-        count_used(&mut client) == 3
-    });
-    figures(
-        "DROP EXTENSION, then CREATE EXTENSION",
-        ids.len(),
-        count_used(&mut client),
-    );
+    wait_until("the kept marks to be applied", || count_used(&mut client) == 3);
+    figures("DROP EXTENSION, then CREATE EXTENSION", ids.len(), count_used(&mut client));
 }
 
 #[test]
@@ -249,35 +176,21 @@ fn a_worker_terminated_during_a_flush_finishes_it_and_loses_nothing() {
     let worker = cluster.wait_for_worker(&mut client, None);
     let mut app = cluster.connect();
     app.batch_execute("BEGIN").unwrap();
-    app.execute(
-        "SELECT FROM workspaces WHERE id = $1 FOR UPDATE",
-        &[&ids[0]],
-    )
-    .unwrap();
+    app.execute("SELECT FROM workspaces WHERE id = $1 FOR UPDATE", &[&ids[0]]).unwrap();
 
-    client
-        .execute("SELECT wsusage_mark_many($1)", &[&ids])
-        .unwrap();
+    client.execute("SELECT wsusage_mark_many($1)", &[&ids]).unwrap();
     // Ask for a flush without waiting for it: the worker's UPDATE now waits on the row lock.
-    client
-        .batch_execute("SET statement_timeout = '100ms'")
-        .unwrap();
+    client.batch_execute("SET statement_timeout = '100ms'").unwrap();
     client.execute("SELECT wsusage_flush()", &[]).unwrap_err();
     client.batch_execute("RESET statement_timeout").unwrap();
     wait_until("the flush to wait on the row lock", || {
         client
-            .query_opt(
-                "SELECT FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'",
-                &[&worker],
-            )
+            .query_opt("SELECT FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'", &[&worker])
             .unwrap()
             .is_some()
     });
 
-    let terminated: bool = client
-        .query_one("SELECT pg_terminate_backend($1)", &[&worker])
-        .unwrap()
-        .get(0);
+    let terminated: bool = client.query_one("SELECT pg_terminate_backend($1)", &[&worker]).unwrap().get(0);
     assert!(terminated);
     app.batch_execute("COMMIT").unwrap();
     let second = cluster.wait_for_worker(&mut client, Some(worker));
@@ -293,24 +206,20 @@ fn after_a_backend_crash_the_cluster_and_worker_come_back_and_only_unflushed_mar
     let cluster = Cluster::start(&[]);
     let (mut client, ids) = cluster.with_workspaces(20);
     let worker = cluster.wait_for_worker(&mut client, None);
-    client
-        .execute("SELECT wsusage_mark_many($1)", &[&ids[..10].to_vec()])
-        .unwrap();
+    client.execute("SELECT wsusage_mark_many($1)", &[&ids[..10].to_vec()]).unwrap();
     assert_eq!(flush(&mut client), 10);
-    client
-        .execute("SELECT wsusage_mark_many($1)", &[&ids[10..].to_vec()])
-        .unwrap();
-    let pending_at_crash = client
-        .query_one("SELECT pending FROM wsusage_stats", &[])
-        .unwrap()
-        .get::<_, i64>(0);
+    client.execute("SELECT wsusage_mark_many($1)", &[&ids[10..].to_vec()]).unwrap();
+    let pending_at_crash = client.query_one("SELECT pending FROM wsusage_stats", &[]).unwrap().get::<_, i64>(0);
 
     let victim = cluster.connect();
-    let pid: i32 = client.query_one("SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'", &[]).unwrap().get(0);
-    let killed = std::process::Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status()
-        .unwrap();
+    let pid: i32 = client
+        .query_one(
+            "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let killed = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
     assert!(killed.success());
     drop(victim);
     drop(client);
@@ -331,9 +240,7 @@ fn after_a_backend_crash_the_cluster_and_worker_come_back_and_only_unflushed_mar
     assert_eq!(pending_at_crash, 10);
     println!("fault: backend killed with SIGKILL: marks made 20, applied {applied}, lost {} (the documented bound: the marks since the last flush)", 20 - applied);
 
-    client
-        .execute("SELECT wsusage_mark_many($1)", &[&ids[10..].to_vec()])
-        .unwrap();
+    client.execute("SELECT wsusage_mark_many($1)", &[&ids[10..].to_vec()]).unwrap();
     assert_eq!(flush(&mut client), 10);
     assert_eq!(count_used(&mut client), 20);
 }
@@ -385,12 +292,7 @@ fn under_load_every_id_ends_at_its_latest_mark_and_the_counters_add_up() {
     }
     flush(&mut client);
 
-    let rows = client
-        .query(
-            "SELECT id, last_used_at FROM workspaces WHERE last_used_at IS NOT NULL",
-            &[],
-        )
-        .unwrap();
+    let rows = client.query("SELECT id, last_used_at FROM workspaces WHERE last_used_at IS NOT NULL", &[]).unwrap();
     let written: HashMap<Uuid, DateTime<Utc>> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     let mut outside = 0;
     for (index, (from, to)) in &latest {
@@ -406,13 +308,8 @@ fn under_load_every_id_ends_at_its_latest_mark_and_the_counters_add_up() {
             &[],
         )
         .unwrap();
-    let (marks, rejected, pending, without_row, failures): (i64, i64, i64, i64, i64) = (
-        stats.get(0),
-        stats.get(1),
-        stats.get(2),
-        stats.get(3),
-        stats.get(4),
-    );
+    let (marks, rejected, pending, without_row, failures): (i64, i64, i64, i64, i64) =
+        (stats.get(0), stats.get(1), stats.get(2), stats.get(3), stats.get(4));
     let (rows_updated, ids_flushed): (i64, i64) = (stats.get(5), stats.get(6));
     println!(
         "fault: load ({CLIENTS} clients, {made} marks over {} ids): ids flushed {ids_flushed}, rows updated {rows_updated}, \
@@ -420,10 +317,7 @@ fn under_load_every_id_ends_at_its_latest_mark_and_the_counters_add_up() {
         latest.len(),
         latest.len() - written.len().min(latest.len())
     );
-    assert_eq!(
-        outside, 0,
-        "every id at its latest mark: none lost, none moved backwards"
-    );
+    assert_eq!(outside, 0, "every id at its latest mark: none lost, none moved backwards");
     assert_eq!(marks, made, "every mark counted exactly once");
     assert_eq!((rejected, pending, without_row, failures), (0, 0, 0, 0));
     assert!(ids_flushed >= latest.len() as i64 && rows_updated <= ids_flushed);

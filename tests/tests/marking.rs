@@ -10,18 +10,13 @@ fn a_flush_writes_the_time_of_the_mark_not_of_the_flush() {
     let (mut client, ids) = cluster.with_workspaces(10);
 
     let before = now_us();
-    client
-        .execute("SELECT wsusage_mark($1)", &[&ids[0]])
-        .unwrap();
+    client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
     let after = now_us();
     std::thread::sleep(std::time::Duration::from_millis(200));
 
     assert_eq!(flush(&mut client), 1);
     let written = last_used(&mut client, &ids[0]).expect("row was updated");
-    assert!(
-        before <= written && written <= after,
-        "{before} <= {written} <= {after}"
-    );
+    assert!(before <= written && written <= after, "{before} <= {written} <= {after}");
     assert_eq!(count_used(&mut client), 1, "only the marked row changes");
 }
 
@@ -38,10 +33,7 @@ fn the_mark_time_is_the_wall_clock_not_the_transaction_start() {
 
     flush(&mut client);
     let written = last_used(&mut client, &ids[0]).unwrap();
-    assert!(
-        written >= before,
-        "mark time {written} is before the call started at {before}"
-    );
+    assert!(written >= before, "mark time {written} is before the call started at {before}");
 }
 
 #[test]
@@ -49,29 +41,15 @@ fn marking_one_id_many_times_keeps_one_entry_with_the_latest_time() {
     let cluster = Cluster::start(&[]);
     let (mut client, ids) = cluster.with_workspaces(3);
 
-    client
-        .execute(
-            "SELECT count(wsusage_mark($1)) FROM generate_series(1, 100000)",
-            &[&ids[0]],
-        )
-        .unwrap();
+    client.execute("SELECT count(wsusage_mark($1)) FROM generate_series(1, 100000)", &[&ids[0]]).unwrap();
     let before_last = now_us();
-    client
-        .execute("SELECT wsusage_mark($1)", &[&ids[0]])
-        .unwrap();
+    client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
     let after_last = now_us();
 
-    assert_eq!(
-        flush(&mut client),
-        1,
-        "100k marks of one id are one pending id"
-    );
+    assert_eq!(flush(&mut client), 1, "100k marks of one id are one pending id");
     assert_eq!(count_used(&mut client), 1, "exactly one row updated");
     let written = last_used(&mut client, &ids[0]).unwrap();
-    assert!(
-        before_last <= written && written <= after_last,
-        "the latest mark wins"
-    );
+    assert!(before_last <= written && written <= after_last, "the latest mark wins");
 }
 
 #[test]
@@ -79,16 +57,12 @@ fn mark_many_marks_every_element_and_an_empty_array_is_a_no_op() {
     let cluster = Cluster::start(&[]);
     let (mut client, ids) = cluster.with_workspaces(50);
 
-    client
-        .execute("SELECT wsusage_mark_many($1)", &[&Vec::<Uuid>::new()])
-        .unwrap();
+    client.execute("SELECT wsusage_mark_many($1)", &[&Vec::<Uuid>::new()]).unwrap();
     assert_eq!(flush(&mut client), 0);
 
     let mut with_duplicates = ids[..40].to_vec();
     with_duplicates.extend_from_slice(&ids[..5]);
-    client
-        .execute("SELECT wsusage_mark_many($1)", &[&with_duplicates])
-        .unwrap();
+    client.execute("SELECT wsusage_mark_many($1)", &[&with_duplicates]).unwrap();
     assert_eq!(flush(&mut client), 40);
     assert_eq!(count_used(&mut client), 40);
 }
@@ -112,21 +86,12 @@ fn ids_without_a_row_are_skipped_and_create_nothing() {
     let (mut client, ids) = cluster.with_workspaces(2);
 
     let stranger = Uuid::new_v4();
-    client
-        .execute("SELECT wsusage_mark_many($1)", &[&vec![ids[0], stranger]])
-        .unwrap();
+    client.execute("SELECT wsusage_mark_many($1)", &[&vec![ids[0], stranger]]).unwrap();
     assert_eq!(flush(&mut client), 2, "both ids were taken from the set");
-    let rows: i64 = client
-        .query_one("SELECT count(*) FROM workspaces", &[])
-        .unwrap()
-        .get(0);
+    let rows: i64 = client.query_one("SELECT count(*) FROM workspaces", &[]).unwrap().get(0);
     assert_eq!(rows, 2, "no row was created for the unknown id");
     assert_eq!(count_used(&mut client), 1);
-    assert_eq!(
-        flush(&mut client),
-        0,
-        "the unknown id is not retried forever"
-    );
+    assert_eq!(flush(&mut client), 0, "the unknown id is not retried forever");
 }
 
 #[test]
@@ -134,16 +99,9 @@ fn a_row_is_never_moved_back_in_time() {
     let cluster = Cluster::start(&[]);
     let (mut client, ids) = cluster.with_workspaces(1);
 
-    client
-        .execute(
-            "UPDATE workspaces SET last_used_at = now() + interval '1 day'",
-            &[],
-        )
-        .unwrap();
+    client.execute("UPDATE workspaces SET last_used_at = now() + interval '1 day'", &[]).unwrap();
     let future = last_used(&mut client, &ids[0]).unwrap();
-    client
-        .execute("SELECT wsusage_mark($1)", &[&ids[0]])
-        .unwrap();
+    client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
     assert_eq!(flush(&mut client), 1);
     assert_eq!(last_used(&mut client, &ids[0]).unwrap(), future);
 }
@@ -160,10 +118,7 @@ fn an_untyped_parameter_resolves_to_uuid_as_drivers_send_it() {
 
     // A parameter given as untyped text, as drivers that send every value as a string do.
     client
-        .batch_execute(&format!(
-            "PREPARE mark_text AS SELECT wsusage_mark($1); EXECUTE mark_text('{}')",
-            ids[1]
-        ))
+        .batch_execute(&format!("PREPARE mark_text AS SELECT wsusage_mark($1); EXECUTE mark_text('{}')", ids[1]))
         .unwrap();
 
     let mark_many = client.prepare("SELECT wsusage_mark_many($1)").unwrap();
@@ -184,10 +139,8 @@ fn the_functions_are_volatile_and_parallel_unsafe() {
             &[],
         )
         .unwrap();
-    let described: Vec<(String, String, String, String)> = rows
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-        .collect();
+    let described: Vec<(String, String, String, String)> =
+        rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
     let expected = [
         ("wsusage_flush", "bigint"),
         ("wsusage_mark", "void"),
@@ -204,14 +157,8 @@ fn the_functions_are_volatile_and_parallel_unsafe() {
         ("wsusage_stats_reset", "void"),
     ];
     assert_eq!(described.len(), expected.len(), "{described:?}");
-    for ((name, volatility, parallel, result), (want_name, want_result)) in
-        described.iter().zip(expected)
-    {
+    for ((name, volatility, parallel, result), (want_name, want_result)) in described.iter().zip(expected) {
         assert_eq!((name.as_str(), result.as_str()), (want_name, want_result));
-        assert_eq!(
-            (volatility.as_str(), parallel.as_str()),
-            ("v", "u"),
-            "{name}"
-        );
+        assert_eq!((volatility.as_str(), parallel.as_str()), ("v", "u"), "{name}");
     }
 }

@@ -8,9 +8,7 @@ use uuid::Uuid;
 use wsusage_tests::*;
 
 fn stats(client: &mut Client) -> Row {
-    client
-        .query_one("SELECT * FROM wsusage_stats", &[])
-        .expect("read wsusage_stats")
+    client.query_one("SELECT * FROM wsusage_stats", &[]).expect("read wsusage_stats")
 }
 
 fn counter(row: &Row, column: &str) -> i64 {
@@ -26,29 +24,13 @@ fn stats_count_marks_flushes_and_what_each_flush_wrote() {
     let fresh = stats(&mut client);
     assert_eq!(counter(&fresh, "marks"), 0);
     assert_eq!(counter(&fresh, "capacity"), 65536);
-    assert!(fresh
-        .get::<_, Option<chrono::DateTime<chrono::Utc>>>("last_flush_at")
-        .is_none());
+    assert!(fresh.get::<_, Option<chrono::DateTime<chrono::Utc>>>("last_flush_at").is_none());
 
-    client
-        .execute("SELECT wsusage_mark($1)", &[&ids[0]])
-        .unwrap();
-    client
-        .execute("SELECT wsusage_mark($1)", &[&ids[0]])
-        .unwrap();
-    client
-        .execute(
-            "SELECT wsusage_mark_many($1)",
-            &[&vec![ids[1], ids[2], Uuid::new_v4()]],
-        )
-        .unwrap();
+    client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
+    client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
+    client.execute("SELECT wsusage_mark_many($1)", &[&vec![ids[1], ids[2], Uuid::new_v4()]]).unwrap();
     // A row that already holds a newer time is neither updated nor "without row".
-    client
-        .execute(
-            "UPDATE workspaces SET last_used_at = now() + interval '1 day' WHERE id = $1",
-            &[&ids[2]],
-        )
-        .unwrap();
+    client.execute("UPDATE workspaces SET last_used_at = now() + interval '1 day' WHERE id = $1", &[&ids[2]]).unwrap();
     assert_eq!(counter(&stats(&mut client), "pending"), 4);
 
     assert_eq!(flush(&mut client), 4);
@@ -62,25 +44,15 @@ fn stats_count_marks_flushes_and_what_each_flush_wrote() {
     assert_eq!(counter(&after, "failures"), 0);
     assert_eq!(counter(&after, "rejected"), 0);
     assert_eq!(after.get::<_, Option<i32>>("worker_pid"), Some(worker));
-    assert!(after
-        .get::<_, Option<chrono::DateTime<chrono::Utc>>>("last_flush_at")
-        .is_some());
-    let took: bool = client
-        .query_one(
-            "SELECT last_flush_duration >= interval '0' FROM wsusage_stats",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    assert!(after.get::<_, Option<chrono::DateTime<chrono::Utc>>>("last_flush_at").is_some());
+    let took: bool =
+        client.query_one("SELECT last_flush_duration >= interval '0' FROM wsusage_stats", &[]).unwrap().get(0);
     assert!(took);
     // The flush's writes reach the table statistics that autovacuum reads (PostgreSQL 14's
     // statistics collector delivers them a moment later).
     wait_until("the flush's updates in pg_stat_user_tables", || {
         let updated: i64 = client
-            .query_one(
-                "SELECT n_tup_upd FROM pg_stat_user_tables WHERE relname = 'workspaces'",
-                &[],
-            )
+            .query_one("SELECT n_tup_upd FROM pg_stat_user_tables WHERE relname = 'workspaces'", &[])
             .unwrap()
             .get(0);
         updated >= 2
@@ -91,12 +63,8 @@ fn stats_count_marks_flushes_and_what_each_flush_wrote() {
 fn a_failing_flush_shows_in_stats_while_it_lasts_and_recovery_clears_the_streak() {
     let cluster = Cluster::start(&[]);
     let (mut client, ids) = cluster.with_workspaces(2);
-    client
-        .batch_execute("ALTER TABLE workspaces RENAME TO parked")
-        .unwrap();
-    client
-        .execute("SELECT wsusage_mark($1)", &[&ids[0]])
-        .unwrap();
+    client.batch_execute("ALTER TABLE workspaces RENAME TO parked").unwrap();
+    client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
     for _ in 0..3 {
         client.execute("SELECT wsusage_flush()", &[]).unwrap_err();
     }
@@ -105,17 +73,10 @@ fn a_failing_flush_shows_in_stats_while_it_lasts_and_recovery_clears_the_streak(
     assert_eq!(counter(&failing, "consecutive_failures"), 3);
     assert_eq!(counter(&failing, "pending"), 1, "the id is kept");
     let error: String = failing.get("last_error");
-    assert!(
-        error.contains("relation \"workspaces\" does not exist"),
-        "{error}"
-    );
-    assert!(failing
-        .get::<_, Option<chrono::DateTime<chrono::Utc>>>("last_error_at")
-        .is_some());
+    assert!(error.contains("relation \"workspaces\" does not exist"), "{error}");
+    assert!(failing.get::<_, Option<chrono::DateTime<chrono::Utc>>>("last_error_at").is_some());
 
-    client
-        .batch_execute("ALTER TABLE parked RENAME TO workspaces")
-        .unwrap();
+    client.batch_execute("ALTER TABLE parked RENAME TO workspaces").unwrap();
     assert_eq!(flush(&mut client), 1);
     let recovered = stats(&mut client);
     assert_eq!(counter(&recovered, "consecutive_failures"), 0);
@@ -127,40 +88,20 @@ fn a_failing_flush_shows_in_stats_while_it_lasts_and_recovery_clears_the_streak(
 fn refused_marks_are_counted_and_stats_reset_zeroes_the_counters() {
     let cluster = Cluster::start(&[("wsusage.max_pending", "16")]);
     let (mut client, ids) = cluster.with_workspaces(20);
-    client
-        .batch_execute("ALTER TABLE workspaces RENAME TO parked")
-        .unwrap();
-    client
-        .execute("SELECT wsusage_mark_many($1)", &[&ids[..16].to_vec()])
-        .unwrap();
-    client
-        .execute("SELECT wsusage_mark_many($1)", &[&ids[16..19].to_vec()])
-        .unwrap_err();
+    client.batch_execute("ALTER TABLE workspaces RENAME TO parked").unwrap();
+    client.execute("SELECT wsusage_mark_many($1)", &[&ids[..16].to_vec()]).unwrap();
+    client.execute("SELECT wsusage_mark_many($1)", &[&ids[16..19].to_vec()]).unwrap_err();
     let full = stats(&mut client);
     assert_eq!(counter(&full, "rejected"), 3);
     assert_eq!(counter(&full, "marks"), 16);
 
     let reset_before: chrono::DateTime<chrono::Utc> = full.get("stats_reset");
-    client
-        .batch_execute("SELECT wsusage_stats_reset()")
-        .unwrap();
+    client.batch_execute("SELECT wsusage_stats_reset()").unwrap();
     let zeroed = stats(&mut client);
-    for column in [
-        "marks",
-        "rejected",
-        "flushes",
-        "ids_flushed",
-        "rows_updated",
-        "failures",
-        "consecutive_failures",
-    ] {
+    for column in ["marks", "rejected", "flushes", "ids_flushed", "rows_updated", "failures", "consecutive_failures"] {
         assert_eq!(counter(&zeroed, column), 0, "{column}");
     }
-    assert_eq!(
-        counter(&zeroed, "pending"),
-        16,
-        "a reset forgets counters, not marks"
-    );
+    assert_eq!(counter(&zeroed, "pending"), 16, "a reset forgets counters, not marks");
     assert!(zeroed.get::<_, chrono::DateTime<chrono::Utc>>("stats_reset") > reset_before);
 }
 
@@ -168,37 +109,19 @@ fn refused_marks_are_counted_and_stats_reset_zeroes_the_counters() {
 fn pending_shows_what_the_next_flush_will_write() {
     let cluster = Cluster::start(&[]);
     let (mut client, ids) = cluster.with_workspaces(3);
-    client
-        .execute("SELECT wsusage_mark_many($1)", &[&ids[..2].to_vec()])
-        .unwrap();
+    client.execute("SELECT wsusage_mark_many($1)", &[&ids[..2].to_vec()]).unwrap();
     let before_last = now_us();
-    client
-        .execute("SELECT wsusage_mark($1)", &[&ids[1]])
-        .unwrap();
+    client.execute("SELECT wsusage_mark($1)", &[&ids[1]]).unwrap();
 
-    let rows = client
-        .query(
-            "SELECT workspace_id, last_used_at FROM wsusage_pending() ORDER BY last_used_at",
-            &[],
-        )
-        .unwrap();
-    let pending: Vec<(Uuid, chrono::DateTime<chrono::Utc>)> =
-        rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let rows =
+        client.query("SELECT workspace_id, last_used_at FROM wsusage_pending() ORDER BY last_used_at", &[]).unwrap();
+    let pending: Vec<(Uuid, chrono::DateTime<chrono::Utc>)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     assert_eq!(pending.len(), 2);
     assert_eq!(pending[1].0, ids[1]);
-    assert!(
-        pending[1].1 >= before_last,
-        "the latest mark is what will be written"
-    );
+    assert!(pending[1].1 >= before_last, "the latest mark is what will be written");
 
     flush(&mut client);
-    assert_eq!(
-        client
-            .query("SELECT * FROM wsusage_pending()", &[])
-            .unwrap()
-            .len(),
-        0
-    );
+    assert_eq!(client.query("SELECT * FROM wsusage_pending()", &[]).unwrap().len(), 0);
     assert_eq!(last_used(&mut client, &ids[1]), Some(pending[1].1));
 }
 
@@ -216,9 +139,7 @@ fn stats_counters_are_exact_under_concurrent_marking() {
                 let mut client = cluster.connect();
                 let mark = client.prepare("SELECT wsusage_mark($1)").unwrap();
                 for i in 0..MARKS {
-                    client
-                        .execute(&mark, &[&ids[(t * 13 + i) % ids.len()]])
-                        .unwrap();
+                    client.execute(&mark, &[&ids[(t * 13 + i) % ids.len()]]).unwrap();
                 }
             })
         })
@@ -226,10 +147,7 @@ fn stats_counters_are_exact_under_concurrent_marking() {
     for t in threads {
         t.join().unwrap();
     }
-    assert_eq!(
-        counter(&stats(&mut client), "marks"),
-        (THREADS * MARKS) as i64
-    );
+    assert_eq!(counter(&stats(&mut client), "marks"), (THREADS * MARKS) as i64);
 }
 
 #[test]
@@ -237,17 +155,10 @@ fn nothing_is_callable_by_public_and_monitoring_roles_read_the_stats() {
     let cluster = Cluster::start(&[]);
     let (mut admin, ids) = cluster.with_workspaces(1);
     admin
-        .batch_execute(
-            "CREATE ROLE app LOGIN; CREATE ROLE watcher LOGIN IN ROLE pg_monitor; CREATE ROLE nobody LOGIN;",
-        )
+        .batch_execute("CREATE ROLE app LOGIN; CREATE ROLE watcher LOGIN IN ROLE pg_monitor; CREATE ROLE nobody LOGIN;")
         .unwrap();
-    let connect_as = |role: &str| {
-        Client::connect(
-            &format!("{} user={role}", cluster.conninfo("postgres")),
-            NoTls,
-        )
-        .unwrap()
-    };
+    let connect_as =
+        |role: &str| Client::connect(&format!("{} user={role}", cluster.conninfo("postgres")), NoTls).unwrap();
 
     let mut app = connect_as("app");
     for call in [
@@ -271,17 +182,11 @@ fn nothing_is_callable_by_public_and_monitoring_roles_read_the_stats() {
 
     let mut watcher = connect_as("watcher");
     assert_eq!(counter(&stats(&mut watcher), "marks"), 1);
-    watcher
-        .query("SELECT * FROM wsusage_pending()", &[])
-        .unwrap();
-    let err = watcher
-        .batch_execute("SELECT wsusage_stats_reset()")
-        .unwrap_err();
+    watcher.query("SELECT * FROM wsusage_pending()", &[]).unwrap();
+    let err = watcher.batch_execute("SELECT wsusage_stats_reset()").unwrap_err();
     assert_eq!(sqlstate(&err), "42501");
 
     let mut nobody = connect_as("nobody");
-    let err = nobody
-        .batch_execute("SELECT * FROM wsusage_stats")
-        .unwrap_err();
+    let err = nobody.batch_execute("SELECT * FROM wsusage_stats").unwrap_err();
     assert_eq!(sqlstate(&err), "42501");
 }

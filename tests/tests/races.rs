@@ -89,20 +89,12 @@ fn with_overlapping_marks_and_concurrent_flushes_every_id_ends_at_its_latest_mar
                 for call in 0..CALLS_PER_MARKER {
                     // A cheap deterministic spread over the ids, different per thread.
                     let pick = |k: usize| ids[(m * 7919 + call * 104_729 + k * 31) % IDS];
-                    let batch: Vec<Uuid> = if m % 2 == 0 {
-                        vec![pick(0)]
-                    } else {
-                        (0..5).map(pick).collect()
-                    };
+                    let batch: Vec<Uuid> = if m % 2 == 0 { vec![pick(0)] } else { (0..5).map(pick).collect() };
                     let before = now_us();
                     if batch.len() == 1 {
-                        client
-                            .execute("SELECT wsusage_mark($1)", &[&batch[0]])
-                            .unwrap();
+                        client.execute("SELECT wsusage_mark($1)", &[&batch[0]]).unwrap();
                     } else {
-                        client
-                            .execute("SELECT wsusage_mark_many($1)", &[&batch])
-                            .unwrap();
+                        client.execute("SELECT wsusage_mark_many($1)", &[&batch]).unwrap();
                     }
                     calls.push((batch, (before, now_us())));
                 }
@@ -129,11 +121,7 @@ fn with_overlapping_marks_and_concurrent_flushes_every_id_ends_at_its_latest_mar
 
     assert!(!latest.is_empty());
     for (id, (from, to)) in &latest {
-        let written =
-            last_used(&mut client, id).unwrap_or_else(|| panic!("{id} was never written"));
-        assert!(
-            *from <= written && written <= *to,
-            "{id}: {from} <= {written} <= {to}"
-        );
+        let written = last_used(&mut client, id).unwrap_or_else(|| panic!("{id} was never written"));
+        assert!(*from <= written && written <= *to, "{id}: {from} <= {written} <= {to}");
     }
 }

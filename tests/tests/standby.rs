@@ -11,34 +11,20 @@ fn a_standby_refuses_marks_runs_no_worker_and_starts_one_when_promoted() {
 
     let standby = Cluster::standby_of(&primary);
     let mut client = standby.connect();
-    let in_recovery: bool = client
-        .query_one("SELECT pg_is_in_recovery()", &[])
-        .unwrap()
-        .get(0);
+    let in_recovery: bool = client.query_one("SELECT pg_is_in_recovery()", &[]).unwrap().get(0);
     assert!(in_recovery);
 
-    let err = client
-        .execute("SELECT wsusage_mark($1)", &[&ids[0]])
-        .unwrap_err();
+    let err = client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap_err();
     let (code, message, _, hint) = report(&err);
-    assert_eq!(
-        (code.as_str(), message.as_str()),
-        ("25006", "cannot mark usage during recovery")
-    );
+    assert_eq!((code.as_str(), message.as_str()), ("25006", "cannot mark usage during recovery"));
     assert!(hint.contains("primary"), "{hint}");
-    let err = client
-        .execute("SELECT wsusage_mark_many($1)", &[&ids])
-        .unwrap_err();
+    let err = client.execute("SELECT wsusage_mark_many($1)", &[&ids]).unwrap_err();
     assert_eq!(sqlstate(&err), "25006");
     let err = client.execute("SELECT wsusage_flush()", &[]).unwrap_err();
     assert_eq!(sqlstate(&err), "25006");
 
     std::thread::sleep(std::time::Duration::from_secs(1));
-    assert_eq!(
-        standby.worker_pid(&mut client),
-        None,
-        "no worker on a hot standby"
-    );
+    assert_eq!(standby.worker_pid(&mut client), None, "no worker on a hot standby");
 
     // The old primary goes away, the standby is promoted, and the worker starts there.
     drop(on_primary);
@@ -47,9 +33,7 @@ fn a_standby_refuses_marks_runs_no_worker_and_starts_one_when_promoted() {
     assert!(promoted);
     standby.wait_for_worker(&mut client, None);
 
-    client
-        .execute("SELECT wsusage_mark($1)", &[&ids[1]])
-        .unwrap();
+    client.execute("SELECT wsusage_mark($1)", &[&ids[1]]).unwrap();
     assert_eq!(flush(&mut client), 1);
     assert!(last_used(&mut client, &ids[1]).is_some());
 }

@@ -7,14 +7,10 @@ use wsusage_tests::*;
 fn a_failed_flush_keeps_its_ids_and_they_are_applied_once_the_cause_is_fixed() {
     let cluster = Cluster::start(&[]);
     let (mut client, ids) = cluster.with_workspaces(5);
-    client
-        .batch_execute("ALTER TABLE workspaces RENAME TO parked")
-        .unwrap();
+    client.batch_execute("ALTER TABLE workspaces RENAME TO parked").unwrap();
 
     let before = now_us();
-    client
-        .execute("SELECT wsusage_mark_many($1)", &[&ids[..3].to_vec()])
-        .unwrap();
+    client.execute("SELECT wsusage_mark_many($1)", &[&ids[..3].to_vec()]).unwrap();
     let after = now_us();
 
     // The caller gets the flush's own error, with its SQLSTATE.
@@ -22,37 +18,26 @@ fn a_failed_flush_keeps_its_ids_and_they_are_applied_once_the_cause_is_fixed() {
         let err = client.execute("SELECT wsusage_flush()", &[]).unwrap_err();
         let (code, message, detail, _) = report(&err);
         assert_eq!(code, "42P01");
-        assert!(
-            message.contains("relation \"workspaces\" does not exist"),
-            "{message}"
-        );
+        assert!(message.contains("relation \"workspaces\" does not exist"), "{message}");
         assert!(detail.contains("stay pending"), "{detail}");
     }
     // Marks made while the flushes fail merge with the kept ones.
-    client
-        .execute("SELECT wsusage_mark($1)", &[&ids[3]])
-        .unwrap();
+    client.execute("SELECT wsusage_mark($1)", &[&ids[3]]).unwrap();
 
     // The DBA sees a WARNING with the SQL error and the count of failures in a row.
     let log = cluster.log();
-    assert!(log.contains("WARNING:  wsusage could not flush 3 pending ids: relation \"workspaces\" does not exist"), "{log}");
+    assert!(
+        log.contains("WARNING:  wsusage could not flush 3 pending ids: relation \"workspaces\" does not exist"),
+        "{log}"
+    );
     assert!(log.contains("Consecutive failed flushes: 2."), "{log}");
 
-    client
-        .batch_execute("ALTER TABLE parked RENAME TO workspaces")
-        .unwrap();
+    client.batch_execute("ALTER TABLE parked RENAME TO workspaces").unwrap();
     assert_eq!(flush(&mut client), 4);
     assert_eq!(count_used(&mut client), 4);
     let written = last_used(&mut client, &ids[0]).unwrap();
-    assert!(
-        before <= written && written <= after,
-        "the kept mark's own time is written"
-    );
-    wait_until("the recovery message", || {
-        cluster
-            .log()
-            .contains("wsusage flush succeeded after 2 failed attempts")
-    });
+    assert!(before <= written && written <= after, "the kept mark's own time is written");
+    wait_until("the recovery message", || cluster.log().contains("wsusage flush succeeded after 2 failed attempts"));
 }
 
 #[test]
@@ -63,23 +48,12 @@ fn the_worker_comes_back_after_pg_terminate_backend_and_pending_marks_survive() 
 
     // Parked table: the worker's final flush on SIGTERM fails, so the marks are still pending
     // when it exits; a later worker must apply them.
-    client
-        .batch_execute("ALTER TABLE workspaces RENAME TO parked")
-        .unwrap();
-    client
-        .execute("SELECT wsusage_mark_many($1)", &[&ids[..2].to_vec()])
-        .unwrap();
-    let terminated: bool = client
-        .query_one("SELECT pg_terminate_backend($1)", &[&first])
-        .unwrap()
-        .get(0);
+    client.batch_execute("ALTER TABLE workspaces RENAME TO parked").unwrap();
+    client.execute("SELECT wsusage_mark_many($1)", &[&ids[..2].to_vec()]).unwrap();
+    let terminated: bool = client.query_one("SELECT pg_terminate_backend($1)", &[&first]).unwrap().get(0);
     assert!(terminated);
-    client
-        .execute("SELECT wsusage_mark($1)", &[&ids[2]])
-        .unwrap();
-    client
-        .batch_execute("ALTER TABLE parked RENAME TO workspaces")
-        .unwrap();
+    client.execute("SELECT wsusage_mark($1)", &[&ids[2]]).unwrap();
+    client.batch_execute("ALTER TABLE parked RENAME TO workspaces").unwrap();
 
     let second = cluster.wait_for_worker(&mut client, Some(first));
     assert_ne!(first, second);
@@ -99,16 +73,8 @@ fn the_worker_is_visible_in_pg_stat_activity() {
             &[],
         )
         .unwrap();
-    let (backend_type, application, database): (String, String, String) =
-        (row.get(0), row.get(1), row.get(2));
-    assert_eq!(
-        (
-            backend_type.as_str(),
-            application.as_str(),
-            database.as_str()
-        ),
-        ("wsusage", "wsusage", "postgres")
-    );
+    let (backend_type, application, database): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!((backend_type.as_str(), application.as_str(), database.as_str()), ("wsusage", "wsusage", "postgres"));
 }
 
 #[test]
@@ -117,9 +83,7 @@ fn a_fast_shutdown_flushes_what_was_marked_just_before_it() {
     let (mut client, ids) = cluster.with_workspaces(3);
     cluster.wait_for_worker(&mut client, None);
     let before = now_us();
-    client
-        .execute("SELECT wsusage_mark_many($1)", &[&ids[..2].to_vec()])
-        .unwrap();
+    client.execute("SELECT wsusage_mark_many($1)", &[&ids[..2].to_vec()]).unwrap();
     drop(client);
 
     cluster.stop("fast");
@@ -128,9 +92,7 @@ fn a_fast_shutdown_flushes_what_was_marked_just_before_it() {
     let mut client = cluster.connect();
     assert_eq!(count_used(&mut client), 2);
     assert!(last_used(&mut client, &ids[1]).unwrap() >= before);
-    assert!(cluster
-        .log()
-        .contains("wsusage worker shutting down after its final flush"));
+    assert!(cluster.log().contains("wsusage worker shutting down after its final flush"));
 }
 
 #[test]
@@ -138,9 +100,7 @@ fn a_smart_shutdown_flushes_too() {
     let mut cluster = Cluster::start(&[]);
     let (mut client, ids) = cluster.with_workspaces(1);
     cluster.wait_for_worker(&mut client, None);
-    client
-        .execute("SELECT wsusage_mark($1)", &[&ids[0]])
-        .unwrap();
+    client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
     drop(client);
 
     cluster.stop("smart");
@@ -154,36 +114,23 @@ fn a_shorter_flush_interval_takes_effect_on_reload_without_waiting_out_the_old_o
     let cluster = Cluster::start(&[("wsusage.flush_interval", "'1h'")]);
     let (mut client, ids) = cluster.with_workspaces(2);
     cluster.wait_for_worker(&mut client, None);
-    client
-        .execute("SELECT wsusage_mark($1)", &[&ids[0]])
-        .unwrap();
+    client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
 
-    client
-        .batch_execute("ALTER SYSTEM SET wsusage.flush_interval = '200ms'")
-        .unwrap();
+    client.batch_execute("ALTER SYSTEM SET wsusage.flush_interval = '200ms'").unwrap();
     client.batch_execute("SELECT pg_reload_conf()").unwrap();
-    wait_until("the periodic flush after reload", || {
-        count_used(&mut client) == 1
-    });
+    wait_until("the periodic flush after reload", || count_used(&mut client) == 1);
 
     // And it keeps flushing on its own at the new interval.
-    client
-        .execute("SELECT wsusage_mark($1)", &[&ids[1]])
-        .unwrap();
+    client.execute("SELECT wsusage_mark($1)", &[&ids[1]]).unwrap();
     wait_until("the next periodic flush", || count_used(&mut client) == 2);
 }
 
 #[test]
 fn a_set_past_its_high_water_mark_wakes_the_worker_early() {
-    let cluster = Cluster::start(&[
-        ("wsusage.max_pending", "64"),
-        ("wsusage.flush_interval", "'1h'"),
-    ]);
+    let cluster = Cluster::start(&[("wsusage.max_pending", "64"), ("wsusage.flush_interval", "'1h'")]);
     let (mut client, ids) = cluster.with_workspaces(40);
     cluster.wait_for_worker(&mut client, None);
-    client
-        .execute("SELECT wsusage_mark_many($1)", &[&ids[..40].to_vec()])
-        .unwrap();
+    client.execute("SELECT wsusage_mark_many($1)", &[&ids[..40].to_vec()]).unwrap();
     wait_until("an early flush", || count_used(&mut client) == 40);
 }
 
@@ -196,19 +143,10 @@ fn flush_honours_statement_timeout_and_cancel_while_the_worker_is_blocked() {
     // An application transaction holds the row lock the worker's UPDATE needs.
     let mut holder = cluster.connect();
     holder.batch_execute("BEGIN").unwrap();
-    holder
-        .execute(
-            "SELECT 1 FROM workspaces WHERE id = $1 FOR UPDATE",
-            &[&ids[0]],
-        )
-        .unwrap();
+    holder.execute("SELECT 1 FROM workspaces WHERE id = $1 FOR UPDATE", &[&ids[0]]).unwrap();
 
-    client
-        .execute("SELECT wsusage_mark($1)", &[&ids[0]])
-        .unwrap();
-    client
-        .batch_execute("SET statement_timeout = '500ms'")
-        .unwrap();
+    client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
+    client.batch_execute("SET statement_timeout = '500ms'").unwrap();
     let err = client.execute("SELECT wsusage_flush()", &[]).unwrap_err();
     assert_eq!(sqlstate(&err), "57014");
 
@@ -225,9 +163,7 @@ fn flush_honours_statement_timeout_and_cancel_while_the_worker_is_blocked() {
 
     // Once the application commits, the blocked flush completes; nothing was lost.
     holder.batch_execute("COMMIT").unwrap();
-    wait_until("the blocked flush to finish", || {
-        count_used(&mut client) == 1
-    });
+    wait_until("the blocked flush to finish", || count_used(&mut client) == 1);
 }
 
 #[test]
@@ -246,14 +182,11 @@ fn the_worker_updates_the_database_named_by_wsusage_database_even_one_created_la
          INSERT INTO workspaces VALUES ('00000000-0000-0000-0000-000000000001');",
     )
     .unwrap();
-    app.batch_execute("SELECT wsusage_mark('00000000-0000-0000-0000-000000000001')")
-        .unwrap();
+    app.batch_execute("SELECT wsusage_mark('00000000-0000-0000-0000-000000000001')").unwrap();
     assert_eq!(flush(&mut app), 1);
     assert_eq!(count_used(&mut app), 1);
 
     // In the database the worker does not serve, marks are refused rather than lost.
-    let err = admin
-        .batch_execute("SELECT wsusage_mark(gen_random_uuid())")
-        .unwrap_err();
+    let err = admin.batch_execute("SELECT wsusage_mark(gen_random_uuid())").unwrap_err();
     assert_eq!(sqlstate(&err), "55000");
 }

@@ -1,6 +1,6 @@
 //! The SQL functions. All are VOLATILE and PARALLEL UNSAFE: they act on shared state, not data.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use pgrx::prelude::*;
@@ -112,13 +112,28 @@ fn check_active_here(function: &'static str, action: &'static str) {
     if !shmem::is_ready() {
         UsageError::NotPreloaded.raise(function);
     }
-    // SAFETY: a plain query of the server's state.
-    if unsafe { pg_sys::RecoveryInProgress() } {
+    if in_recovery() {
         UsageError::InRecovery { action }.raise(function);
     }
     if !in_worker_database() {
         UsageError::WrongDatabase { current: current_database() }.raise(function);
     }
+}
+
+/// Recovery ends once and never comes back for a running server, so once this backend has seen
+/// it over, the hot path skips the check.
+static RECOVERY_OVER: AtomicBool = AtomicBool::new(false);
+
+fn in_recovery() -> bool {
+    if RECOVERY_OVER.load(Ordering::Relaxed) {
+        return false;
+    }
+    // SAFETY: a plain query of the server's state.
+    let in_recovery = unsafe { pg_sys::RecoveryInProgress() };
+    if !in_recovery {
+        RECOVERY_OVER.store(true, Ordering::Relaxed);
+    }
+    in_recovery
 }
 
 const UNKNOWN: u8 = 0;

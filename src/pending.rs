@@ -34,14 +34,20 @@ pub enum MarkError {
 /// Record that each id was used at `now` (keeping each id's latest time).
 pub fn mark_all(ids: &[[u8; 16]], now: i64) -> Result<(), MarkError> {
     let result = shmem::with_lock(Mode::Exclusive, |locked| {
+        let mut added = false;
         for (i, id) in ids.iter().enumerate() {
-            if !insert(locked, id, now) {
-                stats::count_marks(locked, i, ids.len() - i);
-                return (Err(MarkError::Full { marked: i }), None);
+            match insert(locked, id, now) {
+                Inserted::New => added = true,
+                Inserted::Existing => {}
+                Inserted::Full => {
+                    stats::count_marks(locked, i, ids.len() - i);
+                    return (Err(MarkError::Full { marked: i }), None);
+                }
             }
         }
         stats::count_marks(locked, ids.len(), 0);
-        (Ok(()), take_high_water_wake(locked))
+        // Only a new id can take the set past its high-water mark.
+        (Ok(()), if added { take_high_water_wake(locked) } else { None })
     });
     let Some((result, wake)) = result else {
         return Err(MarkError::NotPreloaded);
@@ -54,9 +60,15 @@ pub fn mark_all(ids: &[[u8; 16]], now: i64) -> Result<(), MarkError> {
     result
 }
 
-/// Insert or refresh one id. Returns false when the set is full and `id` is new.
-/// Caller must hold the lock exclusively.
-fn insert(locked: &mut Locked<'_>, id: &[u8; 16], now: i64) -> bool {
+enum Inserted {
+    New,
+    Existing,
+    /// The set is full and the id is new: nothing was recorded.
+    Full,
+}
+
+/// Insert or refresh one id. Caller must hold the lock exclusively.
+fn insert(locked: &mut Locked<'_>, id: &[u8; 16], now: i64) -> Inserted {
     let mut found = false;
     // SAFETY: `pending` is our shared hash, keyed by 16 bytes, and we hold its lock exclusively.
     // HASH_ENTER_NULL returns NULL instead of raising when no entry is free.
@@ -70,7 +82,7 @@ fn insert(locked: &mut Locked<'_>, id: &[u8; 16], now: i64) -> bool {
         .cast::<PendingEntry>()
     };
     if entry.is_null() {
-        return false;
+        return Inserted::Full;
     }
     // SAFETY: dynahash returned a valid entry; a new one has its key set and the rest unset.
     unsafe {
@@ -78,7 +90,11 @@ fn insert(locked: &mut Locked<'_>, id: &[u8; 16], now: i64) -> bool {
             (*entry).marked_at = now;
         }
     }
-    true
+    if found {
+        Inserted::Existing
+    } else {
+        Inserted::New
+    }
 }
 
 /// The worker's latch when this mark is the one that passed the high-water mark.

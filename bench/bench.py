@@ -1,0 +1,411 @@
+#!/usr/bin/env python3
+"""wsusage benchmark: wsusage against the alternatives, on one throwaway cluster.
+
+Variants run interleaved (A B C ... A B C ...) at each client count, so that machine drift hits
+them alike; each is a pgbench script over the same 100k-row `workspaces` table:
+
+  floor          SELECT 1
+  floor_id       SELECT <the id expression the mark variants use>, without marking
+  mark           SELECT wsusage_mark(id), ids uniform over 100k
+  mark_hot       the same over 10k hot ids
+  mark_many      SELECT wsusage_mark_many(100 ids)            (reported as marks/s)
+  update         UPDATE workspaces SET last_used_at = now() WHERE id = ...   (per heartbeat)
+  staging        INSERT ... ON CONFLICT DO UPDATE into an UNLOGGED table, applied to workspaces by
+                 a periodic statement at the same interval as wsusage's flush
+
+Reported per variant and client count: marks/s, p50/p99 latency (sampled per-transaction logs),
+WAL bytes per 1M marks (including the flushes/applies), dead tuples created per 1M marks, server
+CPU seconds per 1M marks. Then the flush itself: applying 1k/10k/100k pending ids with
+wsusage_flush() against one hand-written UPDATE ... FROM unnest(...) of the same rows.
+
+Writes results/<stamp>.md, results/latest.md, results/latest.png (and .json).
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROWS = 100_000
+HOT = 10_000
+PER_CALL = 100
+UUID_OF = "('00000000-0000-4000-8000-' || lpad(({n})::text, 12, '0'))::uuid"
+
+SCRIPTS = {
+    "floor": "SELECT 1;",
+    # The same round trip computing the same id as the mark variants, without the mark: what the
+    # mark itself costs is the difference to this one.
+    "floor_id": "\\set n random(1, %d)\nSELECT %s;" % (ROWS, UUID_OF.format(n=":n")),
+    "mark": "\\set n random(1, %d)\nSELECT wsusage_mark(%s);" % (ROWS, UUID_OF.format(n=":n")),
+    "mark_hot": "\\set n random(1, %d)\nSELECT wsusage_mark(%s);" % (HOT, UUID_OF.format(n=":n")),
+    "mark_many": "\\set n random(0, %d)\nSELECT wsusage_mark_many(ARRAY(SELECT %s FROM generate_series(1, %d) AS g));"
+    % (ROWS - PER_CALL, UUID_OF.format(n=":n + g"), PER_CALL),
+    "update": "\\set n random(1, %d)\nUPDATE workspaces SET last_used_at = now() WHERE id = %s;"
+    % (ROWS, UUID_OF.format(n=":n")),
+    "staging": "\\set n random(1, %d)\nINSERT INTO usage_staging (id, ts) VALUES (%s, clock_timestamp()) "
+    "ON CONFLICT (id) DO UPDATE SET ts = GREATEST(usage_staging.ts, EXCLUDED.ts);" % (ROWS, UUID_OF.format(n=":n")),
+}
+MARKS_PER_TX = {"mark_many": PER_CALL}
+
+STAGING_APPLY = """
+WITH d AS (DELETE FROM usage_staging RETURNING id, ts)
+UPDATE workspaces AS w SET last_used_at = d.ts FROM d
+ WHERE w.id = d.id AND (w.last_used_at IS NULL OR w.last_used_at < d.ts)
+"""
+
+
+class Cluster:
+    def __init__(self, bin_dir: Path, flush_interval_ms: int):
+        self.bin = bin_dir
+        self.dir = Path(tempfile.mkdtemp(prefix="wsusage-bench-"))
+        self.root = os.geteuid() == 0
+        if self.root:
+            shutil.chown(self.dir, "postgres", "postgres")
+        self.data = self.dir / "data"
+        self.as_owner([str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync"])
+        with open(self.data / "postgresql.conf", "a") as conf:
+            conf.write(
+                f"""
+listen_addresses = ''
+port = 5432
+unix_socket_directories = '{self.dir}'
+max_connections = 200
+shared_buffers = '256MB'
+shared_preload_libraries = 'wsusage'
+wsusage.flush_interval = '{flush_interval_ms}ms'
+wsusage.max_pending = 262144
+"""
+            )
+        self.as_owner([str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.dir / "server.log"), "-w", "start"])
+
+    def as_owner(self, argv):
+        if self.root:
+            argv = ["runuser", "-u", "postgres", "--"] + argv
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RUST_")}
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, env=env)
+
+    def sql(self, query: str) -> str:
+        out = subprocess.run(
+            [str(self.bin / "psql"), "-h", str(self.dir), "-U", "postgres", "-X", "-q", "-t", "-A",
+             "-v", "ON_ERROR_STOP=1", "-c", query],
+            check=True, capture_output=True, text=True,
+        )
+        return out.stdout.strip()
+
+    def timed_sql(self, setup: str, query: str) -> float:
+        """Milliseconds the server took for `query` (psql's \\timing), after `setup`."""
+        script = f"{setup}\n\\timing on\n{query};\n"
+        out = subprocess.run(
+            [str(self.bin / "psql"), "-h", str(self.dir), "-U", "postgres", "-X", "-q", "-v", "ON_ERROR_STOP=1"],
+            input=script, check=True, capture_output=True, text=True,
+        )
+        times = re.findall(r"Time: ([0-9.]+) ms", out.stdout)
+        return float(times[-1])
+
+    def server_cpu_seconds(self) -> float:
+        """CPU of the postmaster and every server process, including those that have exited."""
+        tick = os.sysconf("SC_CLK_TCK")
+        pid = int((self.data / "postmaster.pid").read_text().split()[0])
+        total = 0
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            children = []
+        for child in children:
+            try:
+                f = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(f[11]) + int(f[12])
+            except FileNotFoundError:
+                pass
+        return total / tick
+
+    def stop(self):
+        self.as_owner([str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"])
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def prepare(cluster: Cluster):
+    cluster.sql("CREATE EXTENSION wsusage")
+    cluster.sql(
+        "CREATE TABLE workspaces (id uuid PRIMARY KEY, name text, last_used_at timestamptz) WITH (fillfactor = 90)"
+    )
+    cluster.sql(
+        f"INSERT INTO workspaces SELECT {UUID_OF.format(n='i')}, 'workspace ' || i, NULL FROM generate_series(1, {ROWS}) AS i"
+    )
+    cluster.sql("CREATE UNLOGGED TABLE usage_staging (id uuid PRIMARY KEY, ts timestamptz NOT NULL)")
+    cluster.sql("VACUUM ANALYZE workspaces")
+    cluster.sql("CHECKPOINT")
+
+
+def write_counters(cluster: Cluster) -> int:
+    return int(
+        cluster.sql(
+            "SELECT coalesce(sum(n_tup_upd + n_tup_del), 0) FROM pg_stat_user_tables "
+            "WHERE relname IN ('workspaces', 'usage_staging')"
+        )
+    )
+
+
+def settle(cluster: Cluster, variant: str, stop_apply=None):
+    """Apply what the variant left pending, so its WAL and dead tuples are counted in full."""
+    if variant.startswith("mark"):
+        cluster.sql("SELECT wsusage_flush()")
+    if variant == "staging":
+        if stop_apply:
+            stop_apply()
+        cluster.sql(STAGING_APPLY)
+    time.sleep(0.6)  # let backends' table statistics arrive (asynchronous before PostgreSQL 15)
+
+
+def run_variant(cluster: Cluster, variant: str, clients: int, seconds: float, interval_s: float, work: Path):
+    script = work / f"{variant}.sql"
+    script.write_text(SCRIPTS[variant] + "\n")
+    logdir = work / f"log-{variant}-{clients}"
+    logdir.mkdir(exist_ok=True)
+    stop = threading.Event()
+    applier = None
+    if variant == "staging":
+        def apply_loop():
+            while not stop.wait(interval_s):
+                cluster.sql(STAGING_APPLY)
+        applier = threading.Thread(target=apply_loop)
+        applier.start()
+
+    wal_before = cluster.sql("SELECT pg_current_wal_lsn()")
+    writes_before = write_counters(cluster)
+    cpu_before = cluster.server_cpu_seconds()
+    threads = min(clients, os.cpu_count() or 2)
+    out = subprocess.run(
+        [str(cluster.bin / "pgbench"), "-h", str(cluster.dir), "-U", "postgres", "-n", "-M", "prepared",
+         "-c", str(clients), "-j", str(threads), "-T", str(max(1, int(seconds))), "-f", str(script),
+         "--log", "--sampling-rate", "0.05", "--log-prefix", str(logdir / "tx"), "postgres"],
+        check=True, capture_output=True, text=True,
+    )
+    def stop_apply():
+        stop.set()
+        if applier:
+            applier.join()
+    settle(cluster, variant, stop_apply)
+    stop_apply()
+    cpu = cluster.server_cpu_seconds() - cpu_before
+    wal = int(cluster.sql(f"SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '{wal_before}')"))
+    writes = write_counters(cluster) - writes_before
+
+    tps = float(re.search(r"tps = ([0-9.]+) \(without initial connection time\)", out.stdout).group(1))
+    tx = int(re.search(r"number of transactions actually processed: (\d+)", out.stdout).group(1))
+    latencies = []
+    for f in logdir.iterdir():
+        for line in f.read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 3:
+                latencies.append(int(parts[2]) / 1000.0)  # microseconds -> ms
+        f.unlink()
+    latencies.sort()
+    def pct(p):
+        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] if latencies else float("nan")
+    marks = tx * MARKS_PER_TX.get(variant, 1)
+    per_million = 1_000_000 / marks if marks else 0
+    return {
+        "variant": variant, "clients": clients, "tps": tps, "marks_per_s": tps * MARKS_PER_TX.get(variant, 1),
+        "p50_ms": pct(0.50), "p99_ms": pct(0.99), "marks": marks,
+        "wal_bytes_per_1m": wal * per_million, "dead_tuples_per_1m": writes * per_million,
+        "cpu_s_per_1m": cpu * per_million,
+    }
+
+
+def flush_benchmark(cluster: Cluster, sizes, repeats):
+    # Only wsusage_flush() may flush now, or the worker's own tick would take the ids first.
+    cluster.sql("ALTER SYSTEM SET wsusage.flush_interval = '1h'")
+    cluster.sql("SELECT pg_reload_conf()")
+    time.sleep(0.5)
+    rows = []
+    for n in sizes:
+        ids_sql = f"SELECT {UUID_OF.format(n='i')} AS id FROM generate_series(1, {n}) AS i"
+        def reset():
+            for statement in ["UPDATE workspaces SET last_used_at = NULL WHERE last_used_at IS NOT NULL",
+                              "VACUUM workspaces", "CHECKPOINT"]:
+                cluster.sql(statement)
+        ours, theirs = [], []
+        for _ in range(repeats):
+            reset()
+            cluster.sql(f"SELECT wsusage_mark_many(ARRAY({ids_sql}))")
+            ours.append(cluster.timed_sql("", "SELECT wsusage_flush()"))
+            reset()
+            setup = (
+                f"CREATE TEMP TABLE batch AS SELECT array_agg(id) AS ids, array_agg(clock_timestamp()) AS ts FROM ({ids_sql}) s;"
+            )
+            theirs.append(cluster.timed_sql(
+                setup,
+                "UPDATE workspaces AS t SET last_used_at = v.ts FROM unnest((SELECT ids FROM batch), (SELECT ts FROM batch)) "
+                "AS v(id, ts) WHERE t.id = v.id AND (t.last_used_at IS NULL OR t.last_used_at < v.ts)",
+            ))
+        rows.append({"ids": n, "wsusage_ms": statistics.median(ours), "unnest_ms": statistics.median(theirs)})
+    return rows
+
+
+def summarise(results):
+    """Median over rounds of each (variant, clients)."""
+    groups = {}
+    for r in results:
+        groups.setdefault((r["variant"], r["clients"]), []).append(r)
+    out = []
+    for (variant, clients), rs in groups.items():
+        row = {"variant": variant, "clients": clients}
+        for key in ["marks_per_s", "p50_ms", "p99_ms", "wal_bytes_per_1m", "dead_tuples_per_1m", "cpu_s_per_1m"]:
+            row[key] = statistics.median(r[key] for r in rs)
+        out.append(row)
+    return out
+
+
+def targets(summary, flush_rows, clients_list):
+    def get(variant, clients, key="marks_per_s"):
+        for r in summary:
+            if r["variant"] == variant and r["clients"] == clients:
+                return r[key]
+        return None
+
+    checks = []
+    def check(name, ratio, bound, higher_is_better=True):
+        if ratio is None:
+            return
+        met = ratio >= bound if higher_is_better else ratio <= bound
+        checks.append((name, ratio, ("≥ " if higher_is_better else "≤ ") + f"{bound:g}", met))
+
+    for c in [8, 64]:
+        if c in clients_list:
+            check(f"mark / SELECT 1 floor at {c} clients", ratio(get("mark", c), get("floor", c)), 0.90)
+    if 8 in clients_list:
+        check("mark / per-heartbeat UPDATE at 8 clients", ratio(get("mark", 8), get("update", 8)), 10)
+        check("mark / staging-table upsert at 8 clients", ratio(get("mark", 8), get("staging", 8)), 2)
+        check("WAL per 1M marks, hot ids: mark_hot / UPDATE at 8 clients",
+              ratio(get("mark_hot", 8, "wal_bytes_per_1m"), get("update", 8, "wal_bytes_per_1m")), 0.01, False)
+    if 8 in clients_list and 64 in clients_list:
+        check("mark at 64 clients / at 8 clients", ratio(get("mark", 64), get("mark", 8)), 0.8)
+    big = [r for r in flush_rows if r["ids"] == max(x["ids"] for x in flush_rows)] if flush_rows else []
+    if big:
+        check(f"flush of {big[0]['ids']} ids / hand-written UPDATE ... FROM unnest", ratio(big[0]["wsusage_ms"], big[0]["unnest_ms"]), 1.2, False)
+    if len(flush_rows) >= 2:
+        small, large = flush_rows[0], flush_rows[-1]
+        per_small = small["wsusage_ms"] / small["ids"]
+        per_large = large["wsusage_ms"] / large["ids"]
+        check(f"flush time per id, {large['ids']} / {small['ids']} ids (linear: ≈ 1 or less)", ratio(per_large, per_small), 1.5, False)
+    return checks
+
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def markdown(summary, flush_rows, checks, meta):
+    lines = [f"# wsusage benchmark — {meta['stamp']}", "",
+             f"Machine: {meta['machine']}. PostgreSQL {meta['pg']}, wsusage {meta['build']} build, "
+             f"synchronous_commit on, {ROWS:,} workspaces, {meta['seconds']} s per run, {meta['rounds']} interleaved rounds "
+             f"(medians), flush interval {meta['interval_ms']} ms.", "",
+             "| variant | clients | marks/s | p50 ms | p99 ms | WAL bytes / 1M marks | dead tuples / 1M marks | server CPU s / 1M marks |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(summary, key=lambda r: (r["clients"], list(SCRIPTS).index(r["variant"]))):
+        lines.append(f"| {r['variant']} | {r['clients']} | {r['marks_per_s']:,.0f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | "
+                     f"{r['wal_bytes_per_1m']:,.0f} | {r['dead_tuples_per_1m']:,.0f} | {r['cpu_s_per_1m']:.1f} |")
+    if flush_rows:
+        lines += ["", "Flush of pending ids (median ms):", "", "| ids | wsusage_flush() | hand-written UPDATE … FROM unnest | ratio |", "|---:|---:|---:|---:|"]
+        for r in flush_rows:
+            lines.append(f"| {r['ids']:,} | {r['wsusage_ms']:.1f} | {r['unnest_ms']:.1f} | {r['wsusage_ms'] / r['unnest_ms']:.2f} |")
+    lines += ["", "Targets:", "", "| target | measured | bound | met |", "|---|---:|---:|---|"]
+    for name, value, bound, met in checks:
+        lines.append(f"| {name} | {value:.3g} | {bound} | {'yes' if met else '**no**'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = [v for v in SCRIPTS if any(r["variant"] == v for r in summary)]
+    clients = sorted({r["clients"] for r in summary})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    width = 0.8 / len(clients)
+    for i, c in enumerate(clients):
+        vals = [next((r["marks_per_s"] for r in summary if r["variant"] == v and r["clients"] == c), 0) for v in variants]
+        ax1.bar([x + i * width for x in range(len(variants))], vals, width, label=f"{c} clients")
+        wal = [max(1, next((r["wal_bytes_per_1m"] for r in summary if r["variant"] == v and r["clients"] == c), 1)) for v in variants]
+        ax2.bar([x + i * width for x in range(len(variants))], wal, width, label=f"{c} clients")
+    for ax in (ax1, ax2):
+        ax.set_xticks([x + width * (len(clients) - 1) / 2 for x in range(len(variants))], variants, rotation=20)
+        ax.legend()
+    ax1.set_ylabel("marks per second")
+    ax1.set_title("Throughput (higher is better)")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("WAL bytes per 1M marks (log)")
+    ax2.set_title("Write cost (lower is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bin", required=True, help="bin/ directory of the PostgreSQL build")
+    p.add_argument("--seconds", type=float, default=15)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--clients", default="1,8,64")
+    p.add_argument("--variants", default=",".join(SCRIPTS))
+    p.add_argument("--flush-sizes", default="1000,10000,100000")
+    p.add_argument("--flush-repeats", type=int, default=3)
+    p.add_argument("--interval-ms", type=int, default=60000, help="wsusage.flush_interval and the staging apply interval")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--build", default="release")
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args()
+
+    clients_list = [int(c) for c in args.clients.split(",")]
+    variants = args.variants.split(",")
+    cluster = Cluster(Path(args.bin), args.interval_ms)
+    try:
+        prepare(cluster)
+        pg = cluster.sql("SHOW server_version")
+        results = []
+        work = Path(tempfile.mkdtemp(prefix="wsusage-bench-work-"))
+        for rnd in range(args.rounds):
+            for c in clients_list:
+                for v in variants:
+                    r = run_variant(cluster, v, c, args.seconds, args.interval_ms / 1000, work)
+                    print(f"round {rnd + 1} {v:>9} {c:>3} clients: {r['marks_per_s']:>10,.0f} marks/s  p99 {r['p99_ms']:.3f} ms  "
+                          f"WAL/1M {r['wal_bytes_per_1m']:>14,.0f}  dead/1M {r['dead_tuples_per_1m']:>10,.0f}", flush=True)
+                    results.append(r)
+        shutil.rmtree(work, ignore_errors=True)
+        sizes = [int(s) for s in args.flush_sizes.split(",") if s]
+        flush_rows = flush_benchmark(cluster, sizes, args.flush_repeats)
+        for r in flush_rows:
+            print(f"flush {r['ids']:>7} ids: wsusage {r['wsusage_ms']:.1f} ms, hand-written {r['unnest_ms']:.1f} ms", flush=True)
+    finally:
+        cluster.stop()
+
+    summary = summarise(results)
+    checks = targets(summary, flush_rows, clients_list)
+    stamp = time.strftime("%Y-%m-%dT%H%M%SZ", time.gmtime())
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown CPU")
+    meta = {"stamp": stamp, "machine": f"{os.cpu_count()} cores ({cpu}), {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB",
+            "pg": pg, "build": args.build, "seconds": args.seconds, "rounds": args.rounds, "interval_ms": args.interval_ms}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = markdown(summary, flush_rows, checks, meta)
+    (out / f"{stamp}.md").write_text(md)
+    (out / "latest.md").write_text(md)
+    (out / "latest.json").write_text(json.dumps({"meta": meta, "runs": results, "summary": summary, "flush": flush_rows}, indent=1))
+    if not args.no_plot:
+        plot(summary, out / "latest.png")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -137,7 +137,7 @@ impl Flusher {
         let consecutive = stats::record_flush(failure.is_some(), started_at, now());
         let result = match failure {
             None => {
-                self.report_success(ids, consecutive);
+                self.report_success(ids);
                 rendezvous::Result::Applied { ids }
             }
             Some(failure) => {
@@ -161,7 +161,7 @@ impl Flusher {
         Failure { sqlstate: PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT as i32, message }
     }
 
-    fn report_success(&mut self, ids: u64, _consecutive: u64) {
+    fn report_success(&mut self, ids: u64) {
         if self.last_logged_failure.take().is_some() {
             log!(
                 "wsusage flush succeeded again: {ids} pending ids, carried over from the failed flushes, were applied"

@@ -224,13 +224,12 @@ fn after_a_backend_crash_the_cluster_and_worker_come_back_and_only_unflushed_mar
     drop(victim);
     drop(client);
 
-    // The postmaster reinitialises shared memory and restarts everything.
-    let mut client = None;
-    wait_until("the cluster to accept connections again", || {
-        client = Client::connect(&cluster.conninfo("postgres"), NoTls).ok();
-        client.is_some()
+    // The postmaster reinitialises shared memory, recovers and accepts connections again (a
+    // connection made before it noticed the crash would be cut by the reinitialisation).
+    wait_until("the cluster to recover from the crash", || {
+        cluster.log().matches("database system is ready to accept connections").count() >= 2
     });
-    let mut client = client.unwrap();
+    let mut client = cluster.connect();
     let after = cluster.wait_for_worker(&mut client, Some(worker));
     assert_ne!(after, worker);
     assert!(cluster.log().contains("terminated by signal 9"));

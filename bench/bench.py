@@ -343,7 +343,8 @@ def plot(summary, path: Path):
     for ax in (ax1, ax2):
         ax.set_xticks([x + width * (len(clients) - 1) / 2 for x in range(len(variants))], variants, rotation=20)
         ax.legend()
-    ax1.set_ylabel("marks per second")
+    ax1.set_yscale("log")
+    ax1.set_ylabel("marks per second (log)")
     ax1.set_title("Throughput (higher is better)")
     ax2.set_yscale("log")
     ax2.set_ylabel("WAL bytes per 1M marks (log)")
@@ -365,7 +366,12 @@ def main():
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--build", default="release")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--replot", metavar="JSON", help="only redraw the plot of a results JSON, next to it")
     args = p.parse_args()
+    if args.replot:
+        data = json.loads(Path(args.replot).read_text())
+        plot(data["summary"], Path(args.replot).with_suffix(".png"))
+        return
 
     clients_list = [int(c) for c in args.clients.split(",")]
     variants = args.variants.split(",")

@@ -95,6 +95,9 @@ fn refused_marks_are_counted_and_stats_reset_zeroes_the_counters() {
     assert_eq!(counter(&full, "rejected"), 3);
     assert_eq!(counter(&full, "marks"), 16);
 
+    // Filling the set woke the worker for an early flush (which failed on the parked table);
+    // let it happen before the reset, so that the reset is the last word.
+    wait_until("the early flush attempt", || counter(&stats(&mut client), "flushes") >= 1);
     let reset_before: chrono::DateTime<chrono::Utc> = full.get("stats_reset");
     client.batch_execute("SELECT wsusage_stats_reset()").unwrap();
     let zeroed = stats(&mut client);

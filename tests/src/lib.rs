@@ -223,9 +223,17 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("connect to {database}: {e}\nserver log:\n{}", self.log()))
     }
 
-    /// Create the extension and a `workspaces` table of `rows` rows with NULL `last_used_at`;
-    /// returns their ids.
+    /// Create the extension and a `workspaces` table of `rows` rows with NULL `last_used_at`,
+    /// and wait until the worker is idle (its start-up flush behind it, so that it cannot take
+    /// the test's first marks); returns a client and the ids.
     pub fn with_workspaces(&self, rows: usize) -> (Client, Vec<Uuid>) {
+        let (mut client, ids) = self.with_workspaces_and_no_worker(rows);
+        self.wait_for_worker(&mut client, None);
+        (client, ids)
+    }
+
+    /// As [`Cluster::with_workspaces`], for a cluster whose worker cannot run.
+    pub fn with_workspaces_and_no_worker(&self, rows: usize) -> (Client, Vec<Uuid>) {
         let mut client = self.connect();
         client
             .batch_execute(

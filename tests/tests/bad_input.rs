@@ -106,7 +106,7 @@ fn without_shared_preload_libraries_every_function_says_how_to_fix_it() {
 fn flush_gives_up_with_a_clear_error_when_no_worker_can_run() {
     // No background worker slot at all: the worker can never start.
     let cluster = Cluster::start(&[("max_worker_processes", "0")]);
-    let (mut client, ids) = cluster.with_workspaces(1);
+    let (mut client, ids) = cluster.with_workspaces_and_no_worker(1);
     client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
 
     let err = client.execute("SELECT wsusage_flush()", &[]).unwrap_err();

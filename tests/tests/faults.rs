@@ -253,7 +253,6 @@ fn under_load_every_id_ends_at_its_latest_mark_and_the_counters_add_up() {
         ("wsusage.flush_interval", "'100ms'"),
     ]));
     let (mut client, ids) = cluster.with_workspaces(IDS);
-    cluster.wait_for_worker(&mut client, None);
     let ids = Arc::new(ids);
 
     type Window = (DateTime<Utc>, DateTime<Utc>);

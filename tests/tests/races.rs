@@ -16,7 +16,6 @@ fn ids_marked_once_by_many_clients_while_flushes_run_are_each_flushed_exactly_on
     const N: usize = 2000;
     let cluster = Arc::new(Cluster::start(&[]));
     let (mut client, ids) = cluster.with_workspaces(N);
-    cluster.wait_for_worker(&mut client, None);
 
     let marking_done = Arc::new(AtomicBool::new(false));
     let start = Arc::new(Barrier::new(MARKERS + 1));
@@ -66,7 +65,6 @@ fn with_overlapping_marks_and_concurrent_flushes_every_id_ends_at_its_latest_mar
     const CALLS_PER_MARKER: usize = 400;
     let cluster = Arc::new(Cluster::start(&[("wsusage.flush_interval", "'50ms'")]));
     let (mut client, ids) = cluster.with_workspaces(IDS);
-    cluster.wait_for_worker(&mut client, None);
     let ids = Arc::new(ids);
 
     let marking_done = Arc::new(AtomicBool::new(false));

@@ -81,7 +81,6 @@ fn the_worker_is_visible_in_pg_stat_activity() {
 fn a_fast_shutdown_flushes_what_was_marked_just_before_it() {
     let mut cluster = Cluster::start(&[]);
     let (mut client, ids) = cluster.with_workspaces(3);
-    cluster.wait_for_worker(&mut client, None);
     let before = now_us();
     client.execute("SELECT wsusage_mark_many($1)", &[&ids[..2].to_vec()]).unwrap();
     drop(client);
@@ -99,7 +98,6 @@ fn a_fast_shutdown_flushes_what_was_marked_just_before_it() {
 fn a_smart_shutdown_flushes_too() {
     let mut cluster = Cluster::start(&[]);
     let (mut client, ids) = cluster.with_workspaces(1);
-    cluster.wait_for_worker(&mut client, None);
     client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
     drop(client);
 
@@ -113,7 +111,6 @@ fn a_smart_shutdown_flushes_too() {
 fn a_shorter_flush_interval_takes_effect_on_reload_without_waiting_out_the_old_one() {
     let cluster = Cluster::start(&[("wsusage.flush_interval", "'1h'")]);
     let (mut client, ids) = cluster.with_workspaces(2);
-    cluster.wait_for_worker(&mut client, None);
     client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
 
     client.batch_execute("ALTER SYSTEM SET wsusage.flush_interval = '200ms'").unwrap();
@@ -129,7 +126,6 @@ fn a_shorter_flush_interval_takes_effect_on_reload_without_waiting_out_the_old_o
 fn a_set_past_its_high_water_mark_wakes_the_worker_early() {
     let cluster = Cluster::start(&[("wsusage.max_pending", "64"), ("wsusage.flush_interval", "'1h'")]);
     let (mut client, ids) = cluster.with_workspaces(40);
-    cluster.wait_for_worker(&mut client, None);
     client.execute("SELECT wsusage_mark_many($1)", &[&ids[..40].to_vec()]).unwrap();
     wait_until("an early flush", || count_used(&mut client) == 40);
 }
@@ -138,7 +134,6 @@ fn a_set_past_its_high_water_mark_wakes_the_worker_early() {
 fn flush_honours_statement_timeout_and_cancel_while_the_worker_is_blocked() {
     let cluster = Cluster::start(&[]);
     let (mut client, ids) = cluster.with_workspaces(1);
-    cluster.wait_for_worker(&mut client, None);
 
     // An application transaction holds the row lock the worker's UPDATE needs.
     let mut holder = cluster.connect();

@@ -361,7 +361,7 @@ def main():
     p.add_argument("--clients", default="1,8,64")
     p.add_argument("--variants", default=",".join(SCRIPTS))
     p.add_argument("--flush-sizes", default="1000,10000,100000")
-    p.add_argument("--flush-repeats", type=int, default=3)
+    p.add_argument("--flush-repeats", type=int, default=5)
     p.add_argument("--interval-ms", type=int, default=60000, help="wsusage.flush_interval and the staging apply interval")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--build", default="release")

@@ -127,3 +127,14 @@ pub fn report_flush_failure(ids: u64, consecutive_failures: u64, failure: &Failu
     ))
     .report(PgLogLevel::WARNING);
 }
+
+/// Tell the DBA, once, that the configured table does not fit (found at start or on reload).
+pub fn report_target_problem(failure: &Failure) {
+    ErrorReport::new(
+        PgSqlErrorCode::from(failure.sqlstate),
+        format!("wsusage cannot write its target: {}", failure.message),
+        "wsusage worker",
+    )
+    .set_detail("Marks are kept until the table, or the wsusage.table, wsusage.id_column and wsusage.timestamp_column settings, are fixed.")
+    .report(PgLogLevel::WARNING);
+}

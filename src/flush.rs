@@ -16,8 +16,10 @@ use std::panic::AssertUnwindSafe;
 use std::ptr::null_mut;
 
 use pgrx::pg_sys::errcodes::PgSqlErrorCode;
+use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::pg_sys::{self, PgTryBuilder};
 use pgrx::prelude::*;
+use pgrx::PgLogLevel;
 
 use crate::errors;
 use crate::pending;
@@ -25,15 +27,7 @@ use crate::rendezvous;
 use crate::settings;
 use crate::shmem::PendingEntry;
 use crate::stats::{self, ChunkOutcome};
-
-const UPDATE_SQL: &CStr = c"UPDATE workspaces AS t SET last_used_at = v.marked_at \
-    FROM unnest($1::uuid[], $2::timestamptz[]) AS v(id, marked_at) \
-    WHERE t.id = v.id AND (t.last_used_at IS NULL OR t.last_used_at < v.marked_at)";
-
-/// Run only when a chunk updated fewer rows than it had ids, to tell missing rows from rows that
-/// already held a newer time.
-const WITHOUT_ROW_SQL: &CStr = c"SELECT count(*) FROM unnest($1::uuid[]) AS v(id) \
-    WHERE NOT EXISTS (SELECT FROM workspaces AS t WHERE t.id = v.id)";
+use crate::target::Target;
 
 /// A database error that ended a chunk, with what the DBA and the caller need to know.
 pub struct Failure {
@@ -70,22 +64,24 @@ enum Written {
 /// The worker's flush state: the statements, prepared once, and a buffer big enough for the
 /// whole set, allocated once so the snapshot never allocates under the pending lock.
 pub struct Flusher {
-    update: pg_sys::SPIPlanPtr,
-    without_row: pg_sys::SPIPlanPtr,
+    statements: Statements,
     batch: Vec<PendingEntry>,
     /// The last failure message logged, so a repeated failure is not logged every interval.
     last_logged_failure: Option<String>,
     extension_missing_logged: bool,
+    /// The target problem last logged by a start-up or reload check, so a reload that changes
+    /// nothing does not repeat it.
+    last_target_problem: Option<String>,
 }
 
 impl Flusher {
     pub fn new() -> Self {
         Flusher {
-            update: null_mut(),
-            without_row: null_mut(),
+            statements: Statements::default(),
             batch: Vec::with_capacity(settings::max_pending()),
             last_logged_failure: None,
             extension_missing_logged: false,
+            last_target_problem: None,
         }
     }
 
@@ -102,9 +98,24 @@ impl Flusher {
 
         let mut failure: Option<Failure> = None;
         let mut extension_missing = false;
-        for chunk in self.batch.chunks(settings::batch_size()) {
-            let (update, without_row) = (&mut self.update, &mut self.without_row);
-            match in_transaction(|| write_chunk(update, without_row, chunk)) {
+        let target = match settings::target() {
+            Ok(target) => target,
+            Err(detail) => {
+                // The check hooks keep invalid names out; this is a last line of defence.
+                let failure =
+                    Failure { sqlstate: PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE as i32, message: detail };
+                stats::record_chunk(&ChunkOutcome::Failed { message: &failure.message }, now());
+                let consecutive = stats::record_flush(true, started_at, now());
+                self.report_failure(ids, consecutive, &failure);
+                let result = rendezvous::Result::Failed { ids, sqlstate: failure.sqlstate, message: failure.message };
+                rendezvous::publish(up_to_request, &result);
+                return;
+            }
+        };
+        self.statements.use_target(&target);
+        for (n, chunk) in self.batch.chunks(settings::batch_size()).enumerate() {
+            let statements = &mut self.statements;
+            match in_transaction(|| write_chunk(statements, chunk, n == 0)) {
                 Ok(Written::Rows { updated, without_row }) => {
                     pending::forget(chunk);
                     let outcome = ChunkOutcome::Committed {
@@ -134,10 +145,11 @@ impl Flusher {
         } else {
             self.extension_missing_logged = false;
         }
+        let failed_before = stats::consecutive_failures();
         let consecutive = stats::record_flush(failure.is_some(), started_at, now());
         let result = match failure {
             None => {
-                self.report_success(ids);
+                self.report_success(ids, failed_before);
                 rendezvous::Result::Applied { ids }
             }
             Some(failure) => {
@@ -161,8 +173,9 @@ impl Flusher {
         Failure { sqlstate: PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT as i32, message }
     }
 
-    fn report_success(&mut self, ids: u64) {
-        if self.last_logged_failure.take().is_some() {
+    fn report_success(&mut self, ids: u64, failed_before: u64) {
+        self.last_logged_failure = None;
+        if failed_before > 0 {
             log!(
                 "wsusage flush succeeded again: {ids} pending ids, carried over from the failed flushes, were applied"
             );
@@ -173,7 +186,7 @@ impl Flusher {
     /// consecutive failure, so a lasting fault is visible without flooding the log.
     fn report_failure(&mut self, ids: u64, consecutive: u64, failure: &Failure) {
         let changed = self.last_logged_failure.as_deref() != Some(failure.message.as_str());
-        if changed || consecutive.is_power_of_two() {
+        if changed || (consecutive > 1 && consecutive.is_power_of_two()) {
             errors::report_flush_failure(ids, consecutive, failure);
             self.last_logged_failure = Some(failure.message.clone());
         }
@@ -185,34 +198,151 @@ fn now() -> i64 {
     unsafe { pg_sys::GetCurrentTimestamp() }
 }
 
-/// Prepare `sql` once for the worker's lifetime. A kept plan survives transactions, and the plan
-/// cache re-plans it if the table is altered, dropped, or renamed away and back.
+/// The worker's prepared statements, for the target they were built for.
+#[derive(Default)]
+struct Statements {
+    target: Option<Target>,
+    update_sql: CString,
+    without_row_sql: CString,
+    update: Plan,
+    without_row: Plan,
+    check: Plan,
+}
+
+/// A statement prepared once and kept for the worker's lifetime (or until the target changes).
+/// A kept plan survives transactions, and the plan cache re-plans it if the table is altered,
+/// dropped, or renamed away and back.
+struct Plan(pg_sys::SPIPlanPtr);
+
+impl Default for Plan {
+    fn default() -> Self {
+        Plan(null_mut())
+    }
+}
+
+impl Plan {
+    /// # Safety
+    /// Inside a transaction, connected to SPI.
+    unsafe fn get(&mut self, sql: &CStr, argtypes: &mut [pg_sys::Oid]) -> pg_sys::SPIPlanPtr {
+        if self.0.is_null() {
+            // SAFETY: the caller guarantees the SPI connection; errors raise and are caught by
+            // in_transaction.
+            unsafe {
+                let fresh = pg_sys::SPI_prepare(sql.as_ptr(), argtypes.len() as c_int, argtypes.as_mut_ptr());
+                if fresh.is_null() {
+                    let code = (&raw const pg_sys::SPI_result).read();
+                    error!("could not prepare a wsusage flush statement: SPI error {code}");
+                }
+                pg_sys::SPI_keepplan(fresh);
+                self.0 = fresh;
+            }
+        }
+        self.0
+    }
+
+    fn forget(&mut self) {
+        if !self.0.is_null() {
+            // SAFETY: a plan we prepared and kept; nothing else holds it.
+            unsafe { pg_sys::SPI_freeplan(self.0) };
+            self.0 = null_mut();
+        }
+    }
+}
+
+impl Statements {
+    /// Point the statements at `target`, dropping the plans made for another one.
+    fn use_target(&mut self, target: &Target) {
+        if self.target.as_ref() == Some(target) {
+            return;
+        }
+        self.update.forget();
+        self.without_row.forget();
+        self.update_sql = CString::new(target.update_sql()).unwrap_or_default();
+        self.without_row_sql = CString::new(target.without_row_sql()).unwrap_or_default();
+        self.target = Some(target.clone());
+    }
+}
+
+/// Build a text datum for SPI (palloc'd in the current memory context).
+///
+/// # Safety
+/// Inside a transaction.
+unsafe fn text_datum(value: &str) -> pg_sys::Datum {
+    // SAFETY: cstring_to_text_with_len copies `len` bytes into a fresh varlena.
+    unsafe { pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(value.as_ptr().cast(), value.len() as c_int)) }
+}
+
+/// Raise an ERROR when the target does not fit: missing table or column, or a wrong type.
 ///
 /// # Safety
 /// Inside a transaction, connected to SPI.
-unsafe fn prepared(plan: &mut pg_sys::SPIPlanPtr, sql: &CStr, argtypes: &mut [pg_sys::Oid]) -> pg_sys::SPIPlanPtr {
-    if plan.is_null() {
-        // SAFETY: the caller guarantees the SPI connection; errors raise and are caught by
-        // in_transaction.
-        unsafe {
-            let fresh = pg_sys::SPI_prepare(sql.as_ptr(), argtypes.len() as c_int, argtypes.as_mut_ptr());
-            if fresh.is_null() {
-                let code = (&raw const pg_sys::SPI_result).read();
-                error!("could not prepare a wsusage flush statement: SPI error {code}");
-            }
-            pg_sys::SPI_keepplan(fresh);
-            *plan = fresh;
+unsafe fn check_target(statements: &mut Statements) {
+    let Some(target) = statements.target.clone() else { return };
+    // SAFETY: as the caller guarantees; the datums live in the transaction's memory.
+    unsafe {
+        let plan = statements.check.get(Target::CHECK_SQL, &mut [pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::TEXTOID]);
+        let mut values = [
+            text_datum(&target.table.quoted()),
+            text_datum(target.id_column.last()),
+            text_datum(target.timestamp_column.last()),
+        ];
+        let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), std::ptr::null(), true, 1);
+        if rc == pg_sys::SPI_OK_SELECT as i32 && pg_sys::SPI_processed == 1 {
+            let table = *pg_sys::SPI_tuptable;
+            let column = |n| {
+                let value = pg_sys::SPI_getvalue(*table.vals, table.tupdesc, n);
+                if value.is_null() {
+                    String::new()
+                } else {
+                    CStr::from_ptr(value).to_string_lossy().into_owned()
+                }
+            };
+            let (sqlstate, message) = (column(1), column(2));
+            ErrorReport::new(PgSqlErrorCode::from(make_sqlstate(&sqlstate)), message, "wsusage worker")
+                .set_hint(
+                    "Fix the table, or set \"wsusage.table\", \"wsusage.id_column\" and \"wsusage.timestamp_column\" and reload.",
+                )
+                .report(PgLogLevel::ERROR);
         }
     }
-    *plan
 }
 
-/// Write one chunk. Raises a PostgreSQL ERROR on failure; call inside [`in_transaction`].
-fn write_chunk(
-    update: &mut pg_sys::SPIPlanPtr,
-    without_row: &mut pg_sys::SPIPlanPtr,
-    chunk: &[PendingEntry],
-) -> Written {
+/// PostgreSQL's MAKE_SQLSTATE: five characters packed six bits each.
+fn make_sqlstate(code: &str) -> i32 {
+    code.bytes()
+        .take(5)
+        .enumerate()
+        .fold(0, |packed, (i, b)| packed | ((i32::from(b.wrapping_sub(b'0')) & 0x3F) << (6 * i)))
+}
+
+/// Check the configured target in a transaction of its own (at start and after a reload), so a
+/// misconfiguration is reported before any mark waits on it.
+pub fn validate_target(flusher: &mut Flusher) {
+    let Ok(target) = settings::target() else { return };
+    flusher.statements.use_target(&target);
+    let statements = &mut flusher.statements;
+    // SAFETY: check_target runs inside in_transaction, connected to SPI there.
+    let checked = in_transaction(|| unsafe {
+        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
+            error!("could not connect to SPI");
+        }
+        check_target(statements);
+        pg_sys::SPI_finish();
+    });
+    if let Err(failure) = checked {
+        stats::record_problem(&failure.message, now());
+        if flusher.last_target_problem.as_deref() != Some(failure.message.as_str()) {
+            errors::report_target_problem(&failure);
+            flusher.last_target_problem = Some(failure.message);
+        }
+    } else {
+        flusher.last_target_problem = None;
+    }
+}
+
+/// Write one chunk (checking the target first when `first`). Raises a PostgreSQL ERROR on
+/// failure; call inside [`in_transaction`].
+fn write_chunk(statements: &mut Statements, chunk: &[PendingEntry], first: bool) -> Written {
     // SAFETY: in a transaction with an active snapshot (in_transaction); SPI calls raise ERROR on
     // failure, which in_transaction catches and rolls back. The datums handed to
     // construct_array point into `chunk`, alive across the calls; construct_array copies them.
@@ -223,6 +353,9 @@ fn write_chunk(
         let restore_user = become_configured_role();
         if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
             error!("could not connect to SPI");
+        }
+        if first {
+            check_target(statements);
         }
         let nelems = c_int::try_from(chunk.len()).unwrap_or(c_int::MAX);
         let mut ids: Vec<pg_sys::Datum> = chunk.iter().map(|e| pg_sys::Datum::from(e.id.as_ptr())).collect();
@@ -238,7 +371,8 @@ fn write_chunk(
             pg_sys::TYPALIGN_DOUBLE as _,
         );
 
-        let plan = prepared(update, UPDATE_SQL, &mut [pg_sys::UUIDARRAYOID, pg_sys::TIMESTAMPTZARRAYOID]);
+        let plan =
+            statements.update.get(&statements.update_sql, &mut [pg_sys::UUIDARRAYOID, pg_sys::TIMESTAMPTZARRAYOID]);
         let mut values = [pg_sys::Datum::from(id_array), pg_sys::Datum::from(time_array)];
         let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), std::ptr::null(), false, 0);
         if rc != pg_sys::SPI_OK_UPDATE as i32 {
@@ -248,7 +382,7 @@ fn write_chunk(
 
         let mut missing = 0;
         if updated < chunk.len() as u64 {
-            let plan = prepared(without_row, WITHOUT_ROW_SQL, &mut [pg_sys::UUIDARRAYOID]);
+            let plan = statements.without_row.get(&statements.without_row_sql, &mut [pg_sys::UUIDARRAYOID]);
             let mut values = [pg_sys::Datum::from(id_array)];
             let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), std::ptr::null(), true, 1);
             if rc == pg_sys::SPI_OK_SELECT as i32 && pg_sys::SPI_processed == 1 {
@@ -348,7 +482,7 @@ fn in_transaction<R>(body: impl FnOnce() -> R) -> Result<R, Failure> {
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-        pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, UPDATE_SQL.as_ptr());
+        pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, c"wsusage: flush pending marks".as_ptr());
         if statement_timeout > 0 {
             enable_timeout_after(STATEMENT_TIMEOUT, statement_timeout);
         }

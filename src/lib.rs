@@ -20,6 +20,7 @@ mod rendezvous;
 mod settings;
 mod shmem;
 mod stats;
+mod target;
 mod worker;
 
 ::pgrx::pg_module_magic!(name, version);

@@ -3,13 +3,15 @@
 //! The prefix is reserved, so a misspelt `wsusage.*` name in postgresql.conf is reported instead of
 //! silently becoming a placeholder.
 
-use std::ffi::{c_char, CStr};
+use std::ffi::{c_char, CStr, CString};
 use std::ptr::null_mut;
 use std::time::Duration;
 
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
+
+use crate::target::{self, Target};
 
 pub const FLUSH_INTERVAL_MS_DEFAULT: i32 = 60_000;
 pub const FLUSH_INTERVAL_MS_MIN: i32 = 10;
@@ -51,6 +53,11 @@ static STATEMENT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(STATEMENT_
 
 /// The role whose privileges the worker's UPDATEs run with; empty: the bootstrap superuser.
 static mut ROLE: *mut c_char = null_mut();
+
+/// The table the worker writes, and its two columns, in SQL identifier syntax (see `target`).
+static mut TABLE: *mut c_char = null_mut();
+static mut ID_COLUMN: *mut c_char = null_mut();
+static mut TIMESTAMP_COLUMN: *mut c_char = null_mut();
 
 pub fn init() {
     GucRegistry::define_int_guc(
@@ -134,7 +141,54 @@ pub fn init() {
             None,
         );
     }
+    define_target_name(
+        c"wsusage.table",
+        c"Table the worker writes last-used times to; may be schema-qualified.",
+        &raw mut TABLE,
+        c"workspaces",
+        Some(check_table),
+    );
+    define_target_name(
+        c"wsusage.id_column",
+        c"Column of wsusage.table that holds the id (type uuid).",
+        &raw mut ID_COLUMN,
+        c"id",
+        Some(check_column),
+    );
+    define_target_name(
+        c"wsusage.timestamp_column",
+        c"Column of wsusage.table that holds the last-used time (timestamptz or timestamp).",
+        &raw mut TIMESTAMP_COLUMN,
+        c"last_used_at",
+        Some(check_column),
+    );
     reserve_prefix();
+}
+
+fn define_target_name(
+    name: &'static CStr,
+    description: &'static CStr,
+    variable: *mut *mut c_char,
+    boot: &'static CStr,
+    check: pg_sys::GucStringCheckHook,
+) {
+    // SAFETY: _PG_init, single-threaded; the variable is a static that lives forever, and the
+    // boot value a static string GUC code copies.
+    unsafe {
+        pg_sys::DefineCustomStringVariable(
+            name.as_ptr(),
+            description.as_ptr(),
+            c"SQL identifier syntax: unquoted names are folded to lower case, double-quoted ones kept as written."
+                .as_ptr(),
+            variable,
+            boot.as_ptr(),
+            pg_sys::GucContext::PGC_SIGHUP,
+            0,
+            check,
+            None,
+            None,
+        );
+    }
 }
 
 /// Refuse `value` (a name) if it is empty or longer than PostgreSQL's identifiers allow.
@@ -164,6 +218,42 @@ unsafe fn check_name(newval: *mut *mut c_char, allow_empty: bool) -> bool {
             false
         }
     }
+}
+
+/// # Safety
+/// Called by PostgreSQL's GUC code with a valid (possibly NULL) string.
+unsafe fn check_target_name(newval: *mut *mut c_char, max_parts: usize) -> bool {
+    // SAFETY: GUC code passes a pointer to the candidate value, a NUL-terminated string or NULL.
+    let value = unsafe { (*newval).as_ref().map(|v| CStr::from_ptr(v)) }.unwrap_or(c"");
+    match target::parse(&value.to_string_lossy(), max_parts) {
+        Ok(_) => true,
+        Err(detail) => {
+            let detail = CString::new(detail).unwrap_or_default();
+            // SAFETY: as in check_name.
+            unsafe { pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(detail.as_ptr()) };
+            false
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_table(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut std::ffi::c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: called by GUC code, as check_target_name requires.
+    unsafe { check_target_name(newval, 2) }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_column(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut std::ffi::c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: called by GUC code, as check_target_name requires.
+    unsafe { check_target_name(newval, 1) }
 }
 
 #[pg_guard]
@@ -228,6 +318,15 @@ pub fn statement_timeout_ms() -> i32 {
 /// The role the worker connects as, if one is set.
 pub fn role() -> Option<String> {
     Some(string_setting(&raw const ROLE)).filter(|r| !r.is_empty())
+}
+
+/// The table and columns the worker writes, parsed; the detail of the problem otherwise.
+pub fn target() -> Result<Target, String> {
+    Ok(Target {
+        table: target::parse(&string_setting(&raw const TABLE), 2)?,
+        id_column: target::parse(&string_setting(&raw const ID_COLUMN), 1)?,
+        timestamp_column: target::parse(&string_setting(&raw const TIMESTAMP_COLUMN), 1)?,
+    })
 }
 
 pub fn max_pending() -> usize {

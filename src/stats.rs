@@ -63,6 +63,16 @@ pub fn record_chunk(outcome: &ChunkOutcome<'_>, now: i64) {
     });
 }
 
+/// Record a problem found outside a flush (the target checked at start or on reload): it shows
+/// as `last_error` without counting as a failed flush.
+pub fn record_problem(message: &str, now: i64) {
+    shmem::with_lock(Mode::Exclusive, |locked| {
+        let stats = &mut locked.shared.stats;
+        stats.last_error_at = now;
+        shmem::write_message(&mut stats.last_error, message);
+    });
+}
+
 /// Record the end of a flush round; returns the consecutive failed rounds so far.
 pub fn record_flush(failed: bool, started_at: i64, now: i64) -> u64 {
     shmem::with_lock(Mode::Exclusive, |locked| {

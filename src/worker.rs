@@ -41,17 +41,26 @@ fn shutdown_requested() -> bool {
     unsafe { (&raw const pg_sys::ShutdownRequestPending).read_volatile() != 0 }
 }
 
-fn reload_settings_if_asked() {
+/// Returns whether the settings were reloaded.
+fn reload_settings_if_asked() -> bool {
     // SAFETY: ConfigReloadPending is a sig_atomic_t set by the SIGHUP handler; we clear it
     // before reloading, as PostgreSQL's own processes do, so a signal arriving during the
     // reload triggers another one.
     unsafe {
-        if (&raw const pg_sys::ConfigReloadPending).read_volatile() != 0 {
-            (&raw mut pg_sys::ConfigReloadPending).write_volatile(0);
-            pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
-            flush::apply_session_settings();
+        if (&raw const pg_sys::ConfigReloadPending).read_volatile() == 0 {
+            return false;
         }
+        (&raw mut pg_sys::ConfigReloadPending).write_volatile(0);
+        pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
     }
+    true
+}
+
+/// Make the session follow the settings, and say at once if the target does not fit: at start
+/// and after every reload.
+fn apply_settings(flusher: &mut Flusher) {
+    flush::apply_session_settings();
+    flush::validate_target(flusher);
 }
 
 #[pg_guard]
@@ -76,12 +85,14 @@ pub extern "C-unwind" fn wsusage_worker_main(_arg: pg_sys::Datum) {
         settings::flush_interval().as_millis()
     );
 
-    flush::apply_session_settings();
     let mut flusher = Flusher::new();
+    apply_settings(&mut flusher);
     // Marks carried over from a previous worker (or made before this one started) go out at once.
     let mut last_flush: Option<Instant> = None;
     while !shutdown_requested() {
-        reload_settings_if_asked();
+        if reload_settings_if_asked() {
+            apply_settings(&mut flusher);
+        }
         let interval = settings::flush_interval();
         let next_flush = last_flush.map_or_else(Instant::now, |at| at + interval);
         let past_high_water =

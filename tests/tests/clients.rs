@@ -1,0 +1,63 @@
+//! The client examples in examples/ run against a real cluster and their marks arrive.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use uuid::Uuid;
+use wsusage_tests::*;
+
+fn ids_env(ids: &[Uuid]) -> String {
+    ids.iter().map(Uuid::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn run_example(mut command: Command, cluster: &Cluster, ids: &[Uuid]) {
+    let out = command
+        .env("WSUSAGE_DSN", cluster.conninfo("postgres"))
+        .env("WORKSPACE_IDS", ids_env(ids))
+        .output()
+        .expect("start the example");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(&format!("marked {} workspaces", ids.len())), "{stdout}");
+}
+
+#[test]
+fn the_rust_pooled_heartbeat_example_marks_every_workspace() {
+    let cluster = Cluster::start(&[]);
+    let (mut client, ids) = cluster.with_workspaces(250);
+    run_example(Command::new(env!("CARGO_BIN_EXE_heartbeat-example")), &cluster, &ids);
+    assert_eq!(flush(&mut client), 250);
+    assert_eq!(count_used(&mut client), 250);
+}
+
+/// A Python with psycopg from PyPI, in a virtual environment made once under target/.
+fn python_with_psycopg() -> &'static Path {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON.get_or_init(|| {
+        let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("examples-venv");
+        let python = venv.join("bin/python");
+        let ready = Command::new(&python).args(["-c", "import psycopg"]).status().is_ok_and(|s| s.success());
+        if !ready {
+            let made = Command::new("python3").arg("-m").arg("venv").arg(&venv).status().expect("python3 -m venv");
+            assert!(made.success(), "python3 -m venv failed (Debian: apt-get install python3-venv)");
+            let installed = Command::new(&python)
+                .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "psycopg[binary]"])
+                .status()
+                .expect("pip install psycopg");
+            assert!(installed.success(), "pip install psycopg[binary] failed");
+        }
+        python
+    })
+}
+
+#[test]
+fn the_python_psycopg_heartbeat_example_marks_every_workspace() {
+    let cluster = Cluster::start(&[]);
+    let (mut client, ids) = cluster.with_workspaces(150);
+    let mut python = Command::new(python_with_psycopg());
+    python.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/python/heartbeat.py"));
+    run_example(python, &cluster, &ids);
+    assert_eq!(flush(&mut client), 150);
+    assert_eq!(count_used(&mut client), 150);
+}

@@ -114,6 +114,10 @@ pub extern "C-unwind" fn wsusage_worker_main(_arg: pg_sys::Datum) {
                 pg_sys::PG_WAIT_EXTENSION,
             );
             pg_sys::ResetLatch(pg_sys::MyLatch);
+            // A cancel (pg_cancel_backend, or a statement timeout that fired just after a chunk
+            // ended) has no statement to cancel while idle: drop it instead of raising an ERROR
+            // that would end the worker.
+            (&raw mut pg_sys::QueryCancelPending).write_volatile(0);
         }
         check_for_interrupts!();
     }

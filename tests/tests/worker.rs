@@ -185,3 +185,15 @@ fn the_worker_updates_the_database_named_by_wsusage_database_even_one_created_la
     let err = admin.batch_execute("SELECT wsusage_mark(gen_random_uuid())").unwrap_err();
     assert_eq!(sqlstate(&err), "55000");
 }
+
+#[test]
+fn pg_cancel_backend_on_the_idle_worker_does_not_end_it() {
+    let cluster = Cluster::start(&[]);
+    let (mut client, ids) = cluster.with_workspaces(1);
+    let worker = cluster.wait_for_worker(&mut client, None);
+    let cancelled: bool = client.query_one("SELECT pg_cancel_backend($1)", &[&worker]).unwrap().get(0);
+    assert!(cancelled);
+    client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
+    assert_eq!(flush(&mut client), 1);
+    assert_eq!(cluster.worker_pid(&mut client), Some(worker), "the same worker served the flush");
+}

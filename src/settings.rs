@@ -191,27 +191,30 @@ fn define_target_name(
     }
 }
 
-/// Refuse `value` (a name) if it is empty or longer than PostgreSQL's identifiers allow.
-/// Returns the detail for the error, or `None` when the value is acceptable.
-fn name_problem(value: &CStr, allow_empty: bool) -> Option<&'static CStr> {
-    let len = value.to_bytes().len();
-    if len == 0 && !allow_empty {
-        Some(c"An empty name names no database.")
-    } else if len >= pg_sys::NAMEDATALEN as usize {
-        Some(c"Names are at most 63 bytes long.")
+/// Refuse a database or role name that is empty (unless `allow_empty`) or longer than PostgreSQL's
+/// identifiers allow; the error is the detail for the user.
+fn check_plain_name(value: &str, allow_empty: bool) -> Result<(), String> {
+    if value.is_empty() && !allow_empty {
+        Err("An empty name names no database.".into())
+    } else if value.len() >= pg_sys::NAMEDATALEN as usize {
+        Err("Names are at most 63 bytes long.".into())
     } else {
-        None
+        Ok(())
     }
 }
 
+/// Run `validate` on the candidate value of a string setting; on refusal, hand its reason to GUC
+/// code as the error's detail.
+///
 /// # Safety
 /// Called by PostgreSQL's GUC code with a valid (possibly NULL) string.
-unsafe fn check_name(newval: *mut *mut c_char, allow_empty: bool) -> bool {
+unsafe fn check_string(newval: *mut *mut c_char, validate: fn(&str) -> Result<(), String>) -> bool {
     // SAFETY: GUC code passes a pointer to the candidate value, a NUL-terminated string or NULL.
     let value = unsafe { (*newval).as_ref().map(|v| CStr::from_ptr(v)) }.unwrap_or(c"");
-    match name_problem(value, allow_empty) {
-        None => true,
-        Some(detail) => {
+    match validate(&value.to_string_lossy()) {
+        Ok(()) => true,
+        Err(detail) => {
+            let detail = CString::new(detail).unwrap_or_default();
             // SAFETY: the documented way for a check hook to explain a refusal: GUC code reads
             // this string (palloc'd in the current context) when it reports the error.
             unsafe { pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(detail.as_ptr()) };
@@ -220,61 +223,25 @@ unsafe fn check_name(newval: *mut *mut c_char, allow_empty: bool) -> bool {
     }
 }
 
-/// # Safety
-/// Called by PostgreSQL's GUC code with a valid (possibly NULL) string.
-unsafe fn check_target_name(newval: *mut *mut c_char, max_parts: usize) -> bool {
-    // SAFETY: GUC code passes a pointer to the candidate value, a NUL-terminated string or NULL.
-    let value = unsafe { (*newval).as_ref().map(|v| CStr::from_ptr(v)) }.unwrap_or(c"");
-    match target::parse(&value.to_string_lossy(), max_parts) {
-        Ok(_) => true,
-        Err(detail) => {
-            let detail = CString::new(detail).unwrap_or_default();
-            // SAFETY: as in check_name.
-            unsafe { pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(detail.as_ptr()) };
-            false
+/// A GUC check hook (a C function pointer) that applies a validation to the candidate value.
+macro_rules! string_check_hook {
+    ($name:ident, $validate:expr) => {
+        #[pg_guard]
+        unsafe extern "C-unwind" fn $name(
+            newval: *mut *mut c_char,
+            _extra: *mut *mut std::ffi::c_void,
+            _source: pg_sys::GucSource::Type,
+        ) -> bool {
+            // SAFETY: called by GUC code with its candidate value, as check_string requires.
+            unsafe { check_string(newval, $validate) }
         }
-    }
+    };
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn check_table(
-    newval: *mut *mut c_char,
-    _extra: *mut *mut std::ffi::c_void,
-    _source: pg_sys::GucSource::Type,
-) -> bool {
-    // SAFETY: called by GUC code, as check_target_name requires.
-    unsafe { check_target_name(newval, 2) }
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn check_column(
-    newval: *mut *mut c_char,
-    _extra: *mut *mut std::ffi::c_void,
-    _source: pg_sys::GucSource::Type,
-) -> bool {
-    // SAFETY: called by GUC code, as check_target_name requires.
-    unsafe { check_target_name(newval, 1) }
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn check_database(
-    newval: *mut *mut c_char,
-    _extra: *mut *mut std::ffi::c_void,
-    _source: pg_sys::GucSource::Type,
-) -> bool {
-    // SAFETY: called by GUC code, as check_name requires.
-    unsafe { check_name(newval, false) }
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn check_role(
-    newval: *mut *mut c_char,
-    _extra: *mut *mut std::ffi::c_void,
-    _source: pg_sys::GucSource::Type,
-) -> bool {
-    // SAFETY: called by GUC code, as check_name requires.
-    unsafe { check_name(newval, true) }
-}
+string_check_hook!(check_database, |value| check_plain_name(value, false));
+string_check_hook!(check_role, |value| check_plain_name(value, true));
+string_check_hook!(check_table, |value| target::parse(value, 2).map(drop));
+string_check_hook!(check_column, |value| target::parse(value, 1).map(drop));
 
 /// The current value of a string setting defined above.
 fn string_setting(variable: *const *mut c_char) -> String {

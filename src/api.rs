@@ -21,7 +21,7 @@ const WORKER_ATTACH_WAIT: Duration = Duration::from_secs(15);
 #[pg_extern(volatile, parallel_unsafe)]
 fn wsusage_mark(workspace_id: Option<Uuid>) {
     const FUNCTION: &str = "wsusage_mark";
-    check_can_mark(FUNCTION);
+    check_active_here(FUNCTION, "mark usage");
     let Some(id) = workspace_id else { UsageError::NullId { element: None }.raise(FUNCTION) };
     mark(&[*id.as_bytes()], FUNCTION);
 }
@@ -31,7 +31,7 @@ fn wsusage_mark(workspace_id: Option<Uuid>) {
 #[pg_extern(volatile, parallel_unsafe)]
 fn wsusage_mark_many(workspace_ids: Option<Array<Uuid>>) {
     const FUNCTION: &str = "wsusage_mark_many";
-    check_can_mark(FUNCTION);
+    check_active_here(FUNCTION, "mark usage");
     let Some(array) = workspace_ids else { UsageError::NullId { element: None }.raise(FUNCTION) };
     let mut ids = Vec::with_capacity(array.len());
     for (i, element) in array.iter().enumerate() {
@@ -100,10 +100,6 @@ fn mark(ids: &[[u8; 16]], function: &'static str) {
             UsageError::SetFull { capacity: settings::max_pending(), marked, requested: ids.len() }.raise(function)
         }
     }
-}
-
-fn check_can_mark(function: &'static str) {
-    check_active_here(function, "mark usage");
 }
 
 /// Raise unless marks made here can be flushed: the library is preloaded, the server is not

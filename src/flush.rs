@@ -98,43 +98,39 @@ impl Flusher {
 
         let mut failure: Option<Failure> = None;
         let mut extension_missing = false;
-        let target = match settings::target() {
-            Ok(target) => target,
+        match settings::target() {
+            // The check hooks keep invalid names out; this is a last line of defence.
             Err(detail) => {
-                // The check hooks keep invalid names out; this is a last line of defence.
-                let failure =
-                    Failure { sqlstate: PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE as i32, message: detail };
-                stats::record_chunk(&ChunkOutcome::Failed { message: &failure.message }, now());
-                let consecutive = stats::record_flush(true, started_at, now());
-                self.report_failure(ids, consecutive, &failure);
-                let result = rendezvous::Result::Failed { ids, sqlstate: failure.sqlstate, message: failure.message };
-                rendezvous::publish(up_to_request, &result);
-                return;
+                stats::record_chunk(&ChunkOutcome::Failed { message: &detail }, now());
+                failure =
+                    Some(Failure { sqlstate: PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE as i32, message: detail });
             }
-        };
-        self.statements.use_target(&target);
-        for (n, chunk) in self.batch.chunks(settings::batch_size()).enumerate() {
-            let statements = &mut self.statements;
-            match in_transaction(|| write_chunk(statements, chunk, n == 0)) {
-                Ok(Written::Rows { updated, without_row }) => {
-                    pending::forget(chunk);
-                    let outcome = ChunkOutcome::Committed {
-                        ids: chunk.len() as u64,
-                        rows_updated: updated,
-                        ids_without_row: without_row,
-                    };
-                    stats::record_chunk(&outcome, now());
-                }
-                Ok(Written::ExtensionMissing) => {
-                    extension_missing = true;
-                    break;
-                }
-                Err(chunk_failure) => {
-                    stats::record_chunk(&ChunkOutcome::Failed { message: &chunk_failure.message }, now());
-                    let local = chunk_failure.is_local_to_chunk();
-                    failure.get_or_insert(chunk_failure);
-                    if !local {
-                        break;
+            Ok(target) => {
+                self.statements.use_target(&target);
+                for (n, chunk) in self.batch.chunks(settings::batch_size()).enumerate() {
+                    let statements = &mut self.statements;
+                    match in_transaction(|| write_chunk(statements, chunk, n == 0)) {
+                        Ok(Written::Rows { updated, without_row }) => {
+                            pending::forget(chunk);
+                            let outcome = ChunkOutcome::Committed {
+                                ids: chunk.len() as u64,
+                                rows_updated: updated,
+                                ids_without_row: without_row,
+                            };
+                            stats::record_chunk(&outcome, now());
+                        }
+                        Ok(Written::ExtensionMissing) => {
+                            extension_missing = true;
+                            break;
+                        }
+                        Err(chunk_failure) => {
+                            stats::record_chunk(&ChunkOutcome::Failed { message: &chunk_failure.message }, now());
+                            let local = chunk_failure.is_local_to_chunk();
+                            failure.get_or_insert(chunk_failure);
+                            if !local {
+                                break;
+                            }
+                        }
                     }
                 }
             }

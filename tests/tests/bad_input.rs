@@ -57,7 +57,11 @@ fn a_full_set_refuses_new_ids_with_53400_but_accepts_pending_ones() {
     assert_eq!(code, "53400");
     assert!(detail.contains("1 of the 2 ids were marked"), "{detail}");
 
-    // A flush makes room again; nothing accepted was lost.
+    // A flush makes room again; nothing accepted was lost. (First let the early flush that the
+    // filling set triggered fail on the parked table, so that it cannot take the ids later.)
+    wait_until("the early flush attempt", || {
+        client.query_one("SELECT flushes FROM wsusage_stats", &[]).unwrap().get::<_, i64>(0) >= 1
+    });
     client.batch_execute("ALTER TABLE parked RENAME TO workspaces").unwrap();
     assert_eq!(flush(&mut client), 16);
     assert_eq!(count_used(&mut client), 16);

@@ -317,3 +317,27 @@ fn under_load_every_id_ends_at_its_latest_mark_and_the_counters_add_up() {
     assert_eq!((rejected, pending, without_row, failures), (0, 0, 0, 0));
     assert!(ids_flushed >= latest.len() as i64 && rows_updated <= ids_flushed);
 }
+
+#[test]
+fn a_chunk_slower_than_statement_timeout_is_cancelled_and_retried_later() {
+    let cluster = Cluster::start(&[("wsusage.statement_timeout", "'300ms'"), ("wsusage.lock_timeout", "0")]);
+    let (mut client, ids) = cluster.with_workspaces(3);
+    client
+        .batch_execute(
+            "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN PERFORM pg_sleep(2); RETURN NEW; END $$;
+             CREATE TRIGGER slow BEFORE UPDATE ON workspaces FOR EACH ROW EXECUTE FUNCTION slow();",
+        )
+        .unwrap();
+    let worker = cluster.wait_for_worker(&mut client, None);
+    client.execute("SELECT wsusage_mark_many($1)", &[&ids]).unwrap();
+    let err = client.execute("SELECT wsusage_flush()", &[]).unwrap_err();
+    let (code, message, _, _) = report(&err);
+    assert_eq!(code, "57014");
+    assert!(message.contains("statement timeout"), "{message}");
+
+    client.batch_execute("DROP TRIGGER slow ON workspaces").unwrap();
+    assert_eq!(flush(&mut client), 3);
+    assert_eq!(cluster.worker_pid(&mut client), Some(worker), "the timeout ended the chunk, not the worker");
+    nothing_lost(&mut client, "a chunk slower than wsusage.statement_timeout", 3);
+}

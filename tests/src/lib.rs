@@ -6,6 +6,7 @@
 //! by `initdb`, listens only on a Unix socket inside that directory, and runs as the `postgres`
 //! user when the tests run as root (PostgreSQL refuses to run as root).
 
+use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -302,6 +303,11 @@ pub fn sqlstate(error: &PgError) -> String {
     error.code().map(|c| c.code().to_owned()).unwrap_or_else(|| format!("no SQLSTATE: {error}"))
 }
 
+/// `wsusage_flush()` must fail: its error report (SQLSTATE, message, detail, hint).
+pub fn flush_error(client: &mut Client) -> (String, String, String, String) {
+    report(&client.execute("SELECT wsusage_flush()", &[]).expect_err("wsusage_flush() should fail"))
+}
+
 /// The server's error report: (SQLSTATE, message, detail, hint).
 pub fn report(error: &PgError) -> (String, String, String, String) {
     let db = error.as_db_error().unwrap_or_else(|| panic!("not a server error: {error}"));
@@ -311,6 +317,17 @@ pub fn report(error: &PgError) -> (String, String, String, String) {
         db.detail().unwrap_or_default().to_owned(),
         db.hint().unwrap_or_default().to_owned(),
     )
+}
+
+/// The client's clock readings around one mark call: its mark time lies between them.
+pub type Window = (DateTime<Utc>, DateTime<Utc>);
+
+/// Widen `latest[key]` to the window of an id's latest mark: no earlier than the latest call's
+/// start, no later than the latest call's end, whatever order the calls are recorded in.
+pub fn record_latest<K: std::hash::Hash + Eq>(latest: &mut HashMap<K, Window>, key: K, (before, after): Window) {
+    let window = latest.entry(key).or_insert((before, after));
+    window.0 = window.0.max(before);
+    window.1 = window.1.max(after);
 }
 
 /// Wall-clock now, truncated to PostgreSQL's microsecond precision.

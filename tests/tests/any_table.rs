@@ -81,16 +81,14 @@ fn a_missing_column_or_a_wrong_type_is_reported_and_marks_wait_for_the_fix() {
     let (mut client, ids) = cluster.with_workspaces(2);
     client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
 
-    let err = client.execute("SELECT wsusage_flush()", &[]).unwrap_err();
-    let (code, message, _, _) = report(&err);
+    let (code, message, _, _) = flush_error(&mut client);
     assert_eq!(code, "42703");
     assert!(message.contains(r#"column "seen" of relation "workspaces" does not exist"#), "{message}");
     let last_error: String = client.query_one("SELECT last_error FROM wsusage_stats", &[]).unwrap().get(0);
     assert!(last_error.contains(r#"column "seen""#), "{last_error}");
 
     client.batch_execute("ALTER TABLE workspaces ADD COLUMN seen text").unwrap();
-    let err = client.execute("SELECT wsusage_flush()", &[]).unwrap_err();
-    let (code, message, _, _) = report(&err);
+    let (code, message, _, _) = flush_error(&mut client);
     assert_eq!(code, "42804");
     assert!(message.contains("has type text, but wsusage needs timestamptz or timestamp"), "{message}");
 

@@ -113,8 +113,7 @@ fn flush_gives_up_with_a_clear_error_when_no_worker_can_run() {
     let (mut client, ids) = cluster.with_workspaces_and_no_worker(1);
     client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
 
-    let err = client.execute("SELECT wsusage_flush()", &[]).unwrap_err();
-    let (code, message, detail, hint) = report(&err);
+    let (code, message, detail, hint) = flush_error(&mut client);
     assert_eq!(code, "55000");
     assert_eq!(message, "wsusage background worker is not running");
     assert!(detail.contains("stay pending"), "{detail}");

@@ -39,8 +39,7 @@ fn a_row_locked_by_an_application_delays_only_its_own_chunk() {
     app.execute("SELECT FROM workspaces WHERE id = $1 FOR UPDATE", &[&ids[42]]).unwrap();
 
     client.execute("SELECT wsusage_mark_many($1)", &[&ids]).unwrap();
-    let err = client.execute("SELECT wsusage_flush()", &[]).unwrap_err();
-    let (code, message, _, _) = report(&err);
+    let (code, message, _, _) = flush_error(&mut client);
     assert_eq!(code, "55P03", "{message}");
     assert_eq!(count_used(&mut client), 90, "the nine other chunks committed");
     assert_eq!(stat(&mut client, "pending"), 10, "the blocked chunk stays pending");
@@ -77,8 +76,7 @@ fn the_worker_writes_as_wsusage_role_and_a_revoked_privilege_keeps_the_marks() {
     // The role does not exist yet: a clear error, the worker stays up, nothing is lost.
     let worker = cluster.wait_for_worker(&mut client, None);
     client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
-    let err = client.execute("SELECT wsusage_flush()", &[]).unwrap_err();
-    let (code, message, _, _) = report(&err);
+    let (code, message, _, _) = flush_error(&mut client);
     assert_eq!(code, "42704");
     assert!(message.contains("role \"usage_writer\""), "{message}");
 
@@ -137,8 +135,7 @@ fn a_trigger_that_fails_for_one_row_keeps_the_marks_until_it_is_fixed() {
         ))
         .unwrap();
     client.execute("SELECT wsusage_mark_many($1)", &[&ids]).unwrap();
-    let err = client.execute("SELECT wsusage_flush()", &[]).unwrap_err();
-    let (code, message, _, _) = report(&err);
+    let (code, message, _, _) = flush_error(&mut client);
     assert_eq!(code, "P0001");
     assert!(message.contains("workspace is frozen"), "{message}");
     assert_eq!(stat(&mut client, "pending"), 20);
@@ -255,7 +252,6 @@ fn under_load_every_id_ends_at_its_latest_mark_and_the_counters_add_up() {
     let (mut client, ids) = cluster.with_workspaces(IDS);
     let ids = Arc::new(ids);
 
-    type Window = (DateTime<Utc>, DateTime<Utc>);
     let clients: Vec<_> = (0..CLIENTS)
         .map(|c| {
             let (cluster, ids) = (cluster.clone(), ids.clone());
@@ -279,9 +275,7 @@ fn under_load_every_id_ends_at_its_latest_mark_and_the_counters_add_up() {
     for handle in clients {
         for (start, (before, after)) in handle.join().unwrap() {
             for k in 0..PER_CALL {
-                let w = latest.entry((start + k) % IDS).or_insert((before, after));
-                w.0 = w.0.max(before);
-                w.1 = w.1.max(after);
+                record_latest(&mut latest, (start + k) % IDS, (before, after));
             }
         }
     }
@@ -331,8 +325,7 @@ fn a_chunk_slower_than_statement_timeout_is_cancelled_and_retried_later() {
         .unwrap();
     let worker = cluster.wait_for_worker(&mut client, None);
     client.execute("SELECT wsusage_mark_many($1)", &[&ids]).unwrap();
-    let err = client.execute("SELECT wsusage_flush()", &[]).unwrap_err();
-    let (code, message, _, _) = report(&err);
+    let (code, message, _, _) = flush_error(&mut client);
     assert_eq!(code, "57014");
     assert!(message.contains("statement timeout"), "{message}");
 

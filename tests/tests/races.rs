@@ -5,7 +5,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
 
-use chrono::{DateTime, Utc};
 use uuid::Uuid;
 use wsusage_tests::*;
 
@@ -77,7 +76,6 @@ fn with_overlapping_marks_and_concurrent_flushes_every_id_ends_at_its_latest_mar
             }
         })
     };
-    type Window = (DateTime<Utc>, DateTime<Utc>);
     let markers: Vec<_> = (0..MARKERS)
         .map(|m| {
             let (cluster, ids) = (cluster.clone(), ids.clone());
@@ -107,9 +105,7 @@ fn with_overlapping_marks_and_concurrent_flushes_every_id_ends_at_its_latest_mar
     for marker in markers {
         for (batch, (before, after)) in marker.join().unwrap() {
             for id in batch {
-                let window = latest.entry(id).or_insert((before, after));
-                window.0 = window.0.max(before);
-                window.1 = window.1.max(after);
+                record_latest(&mut latest, id, (before, after));
             }
         }
     }

@@ -15,8 +15,7 @@ fn a_failed_flush_keeps_its_ids_and_they_are_applied_once_the_cause_is_fixed() {
 
     // The caller gets the flush's own error, with its SQLSTATE.
     for _ in 0..2 {
-        let err = client.execute("SELECT wsusage_flush()", &[]).unwrap_err();
-        let (code, message, detail, _) = report(&err);
+        let (code, message, detail, _) = flush_error(&mut client);
         assert_eq!(code, "42P01");
         assert!(message.contains("relation \"workspaces\" does not exist"), "{message}");
         assert!(detail.contains("stay pending"), "{detail}");

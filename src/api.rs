@@ -8,13 +8,13 @@ use pgrx::{Array, Uuid};
 
 use crate::errors::UsageError;
 use crate::pending::{self, MarkError};
-use crate::rendezvous::{self, Lookup};
+use crate::rendezvous::{self, Lookup, Request};
 use crate::settings;
 use crate::shmem;
 
-/// How long `wsusage_flush()` waits for a worker to attach before giving up. Longer than the
-/// worker's restart delay, so a worker that was just terminated comes back within it.
-const WORKER_ATTACH_WAIT: Duration = Duration::from_secs(15);
+/// How long `wsusage_flush()` waits for the launcher to attach before giving up. Longer than the
+/// launcher's restart delay, so a launcher that was just terminated comes back within it.
+const LAUNCHER_ATTACH_WAIT: Duration = Duration::from_secs(15);
 
 /// Record that a workspace was used now. Not transactional: the mark stands even if the
 /// caller's transaction rolls back.
@@ -45,29 +45,35 @@ fn wsusage_mark_many(workspace_ids: Option<Array<Uuid>>) {
     }
 }
 
-/// Wake the worker, wait until a flush holding every mark made before this call has committed,
-/// and return the number of distinct ids that flush took from the pending set.
+/// Wake this database's worker, wait until a flush holding every mark made here before this
+/// call has committed, and return the number of distinct ids that flush took from the pending
+/// set (0 at once when nothing of this database is pending).
 #[pg_extern(volatile, parallel_unsafe)]
 fn wsusage_flush() -> i64 {
     const FUNCTION: &str = "wsusage_flush";
     check_active_here(FUNCTION, "flush usage");
-    let Some(request) = rendezvous::request() else { UsageError::NotPreloaded.raise(FUNCTION) };
+    let database = this_database();
+    let request = match rendezvous::request(database) {
+        Request::Made(request) => request,
+        Request::NothingPending => return 0,
+        Request::NotPreloaded => UsageError::NotPreloaded.raise(FUNCTION),
+    };
     let Some(cv) = shmem::flushed_cv() else { UsageError::NotPreloaded.raise(FUNCTION) };
-    let mut worker_absent_since: Option<Instant> = None;
+    let mut launcher_absent_since: Option<Instant> = None;
     // SAFETY: our condition variable in shared memory; every exit path below cancels the sleep
     // (and an ERROR from check_for_interrupts! is cleaned up by transaction abort).
     unsafe { pg_sys::ConditionVariablePrepareToSleep(cv) };
     let outcome = loop {
-        let failure = match rendezvous::lookup(request) {
+        let failure = match rendezvous::lookup(database, request) {
             Lookup::Done(outcome) => break outcome,
-            Lookup::Waiting { worker_attached: true } => {
-                worker_absent_since = None;
+            Lookup::Waiting { launcher_attached: true } => {
+                launcher_absent_since = None;
                 None
             }
-            Lookup::Waiting { worker_attached: false } => {
-                let since = *worker_absent_since.get_or_insert_with(Instant::now);
-                (since.elapsed() >= WORKER_ATTACH_WAIT)
-                    .then_some(UsageError::WorkerNotRunning { waited: WORKER_ATTACH_WAIT })
+            Lookup::Waiting { launcher_attached: false } => {
+                let since = *launcher_absent_since.get_or_insert_with(Instant::now);
+                (since.elapsed() >= LAUNCHER_ATTACH_WAIT)
+                    .then_some(UsageError::LauncherNotRunning { waited: LAUNCHER_ATTACH_WAIT })
             }
             Lookup::Forgotten => Some(UsageError::FlushOutcomeLost),
             Lookup::NotPreloaded => Some(UsageError::NotPreloaded),
@@ -93,9 +99,10 @@ fn wsusage_flush() -> i64 {
 fn mark(ids: &[[u8; 16]], function: &'static str) {
     // SAFETY: reads the clock; clock_timestamp() semantics, not the transaction's start.
     let now = unsafe { pg_sys::GetCurrentTimestamp() };
-    match pending::mark_all(ids, now) {
+    match pending::mark_all(this_database(), ids, now) {
         Ok(()) => {}
         Err(MarkError::NotPreloaded) => UsageError::NotPreloaded.raise(function),
+        Err(MarkError::NoSlot) => UsageError::TooManyDatabases { capacity: settings::max_databases() }.raise(function),
         Err(MarkError::Full { marked }) => {
             UsageError::SetFull { capacity: settings::max_pending(), marked, requested: ids.len() }.raise(function)
         }
@@ -103,7 +110,7 @@ fn mark(ids: &[[u8; 16]], function: &'static str) {
 }
 
 /// Raise unless marks made here can be flushed: the library is preloaded, the server is not
-/// in recovery, and this is the database the worker updates.
+/// in recovery, and `wsusage.database` does not restrict wsusage to another database.
 fn check_active_here(function: &'static str, action: &'static str) {
     if !shmem::is_ready() {
         UsageError::NotPreloaded.raise(function);
@@ -111,7 +118,7 @@ fn check_active_here(function: &'static str, action: &'static str) {
     if in_recovery() {
         UsageError::InRecovery { action }.raise(function);
     }
-    if !in_worker_database() {
+    if !in_allowed_database() {
         UsageError::WrongDatabase { current: current_database() }.raise(function);
     }
 }
@@ -135,20 +142,27 @@ fn in_recovery() -> bool {
 const UNKNOWN: u8 = 0;
 const YES: u8 = 1;
 const NO: u8 = 2;
-/// Whether this backend's database is `wsusage.database`; both are fixed for the backend's
+/// Whether `wsusage.database` allows this backend's database; both are fixed for the backend's
 /// life, so the answer is computed once.
-static IN_WORKER_DATABASE: AtomicU8 = AtomicU8::new(UNKNOWN);
+static IN_ALLOWED_DATABASE: AtomicU8 = AtomicU8::new(UNKNOWN);
 
-fn in_worker_database() -> bool {
-    match IN_WORKER_DATABASE.load(Ordering::Relaxed) {
+fn in_allowed_database() -> bool {
+    match IN_ALLOWED_DATABASE.load(Ordering::Relaxed) {
         YES => true,
         NO => false,
         _ => {
-            let here = current_database() == settings::database();
-            IN_WORKER_DATABASE.store(if here { YES } else { NO }, Ordering::Relaxed);
-            here
+            let allowed = settings::database().is_none_or(|only| only == current_database());
+            IN_ALLOWED_DATABASE.store(if allowed { YES } else { NO }, Ordering::Relaxed);
+            allowed
         }
     }
+}
+
+/// This backend's database: marks made here are flushed here.
+pub fn this_database() -> pg_sys::Oid {
+    // SAFETY: a plain read of a global set once the backend is connected, as every caller of
+    // our SQL functions is.
+    unsafe { pg_sys::MyDatabaseId }
 }
 
 fn current_database() -> String {

@@ -21,13 +21,16 @@ pub enum UsageError {
         marked: usize,
         requested: usize,
     },
+    TooManyDatabases {
+        capacity: usize,
+    },
     WrongDatabase {
         current: String,
     },
     InRecovery {
         action: &'static str,
     },
-    WorkerNotRunning {
+    LauncherNotRunning {
         waited: Duration,
     },
     FlushFailed {
@@ -61,18 +64,23 @@ impl UsageError {
                     .set_detail(detail)
                     .set_hint("Increase \"wsusage.max_pending\" (needs a restart) or shorten \"wsusage.flush_interval\".")
             }
+            UsageError::TooManyDatabases { capacity } => {
+                ErrorReport::new(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED, "wsusage cannot track marks in more databases", function)
+                    .set_detail(format!("Marks are pending in {capacity} other databases, the maximum (\"wsusage.max_databases\")."))
+                    .set_hint("Increase \"wsusage.max_databases\" (needs a restart), or shorten \"wsusage.flush_interval\" so that databases free their places sooner.")
+            }
             UsageError::WrongDatabase { current } => {
-                let configured = settings::database();
+                let configured = settings::database().unwrap_or_default();
                 ErrorReport::new(
                     ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                     format!("wsusage is not active in database \"{current}\""),
                     function,
                 )
                 .set_detail(format!(
-                    "The wsusage background worker updates database \"{configured}\" (\"wsusage.database\"), so marks are accepted only there."
+                    "\"wsusage.database\" restricts wsusage to database \"{configured}\", so marks are accepted only there."
                 ))
                 .set_hint(format!(
-                    "Connect to database \"{configured}\", or set \"wsusage.database\" to \"{current}\" and restart the server."
+                    "Connect to database \"{configured}\", or set \"wsusage.database\" to \"{current}\" or to an empty string (every database) and restart the server."
                 ))
             }
             UsageError::InRecovery { action } => ErrorReport::new(
@@ -81,16 +89,16 @@ impl UsageError {
                 function,
             )
             .set_hint("Run it on the primary server; the worker starts on a standby once it is promoted."),
-            UsageError::WorkerNotRunning { waited } => ErrorReport::new(
+            UsageError::LauncherNotRunning { waited } => ErrorReport::new(
                 ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                "wsusage background worker is not running",
+                "wsusage launcher is not running",
                 function,
             )
             .set_detail(format!(
-                "No wsusage worker was attached during {} seconds; the marks stay pending.",
+                "No wsusage launcher was attached during {} seconds; the marks stay pending.",
                 waited.as_secs()
             ))
-            .set_hint("Check the server log for messages from the \"wsusage\" worker, and that \"max_worker_processes\" leaves room for it."),
+            .set_hint("Check the server log for messages from the \"wsusage launcher\", and that \"max_worker_processes\" leaves room for it and \"wsusage.max_workers\" flush workers."),
             UsageError::FlushFailed { sqlstate, message } => ErrorReport::new(
                 PgSqlErrorCode::from(*sqlstate),
                 format!("wsusage flush failed: {message}"),

@@ -61,9 +61,12 @@ enum Written {
     ExtensionMissing,
 }
 
-/// The worker's flush state: the statements, prepared once, and a buffer big enough for the
-/// whole set, allocated once so the snapshot never allocates under the pending lock.
+/// The worker's flush state: its database, the statements, prepared once, and a buffer big
+/// enough for the whole set, allocated once so the snapshot never allocates under the pending
+/// lock.
 pub struct Flusher {
+    database: pg_sys::Oid,
+    database_name: String,
     statements: Statements,
     batch: Vec<PendingEntry>,
     /// The last failure message logged, so a repeated failure is not logged every interval.
@@ -75,8 +78,11 @@ pub struct Flusher {
 }
 
 impl Flusher {
-    pub fn new() -> Self {
+    /// Call once connected to `database`.
+    pub fn new(database: pg_sys::Oid) -> Self {
         Flusher {
+            database,
+            database_name: database_name(database),
             statements: Statements::default(),
             batch: Vec::with_capacity(settings::max_pending()),
             last_logged_failure: None,
@@ -85,23 +91,29 @@ impl Flusher {
         }
     }
 
-    /// Flush whatever is pending and publish the outcome to `wsusage_flush()` callers.
-    pub fn flush(&mut self) {
-        let up_to_request = pending::snapshot(&mut self.batch);
+    pub fn database_name(&self) -> &str {
+        &self.database_name
+    }
+
+    /// Flush whatever of the database is pending and publish the outcome to `wsusage_flush()`
+    /// callers; returns the number of ids taken from the set.
+    pub fn flush(&mut self) -> u64 {
+        let database = self.database;
+        let up_to_request = pending::snapshot(database, &mut self.batch);
         if self.batch.is_empty() {
-            rendezvous::publish(up_to_request, &rendezvous::Result::Applied { ids: 0 });
-            return;
+            rendezvous::publish(database, up_to_request, &rendezvous::Result::Applied { ids: 0 });
+            return 0;
         }
         let started_at = now();
         let ids = self.batch.len() as u64;
-        self.batch.sort_unstable_by_key(|entry| entry.id);
+        self.batch.sort_unstable_by_key(|entry| entry.key.id);
 
         let mut failure: Option<Failure> = None;
         let mut extension_missing = false;
         match settings::target() {
             // The check hooks keep invalid names out; this is a last line of defence.
             Err(detail) => {
-                stats::record_chunk(&ChunkOutcome::Failed { message: &detail }, now());
+                stats::record_chunk(database, &ChunkOutcome::Failed { message: &detail }, now());
                 failure =
                     Some(Failure { sqlstate: PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE as i32, message: detail });
             }
@@ -111,20 +123,21 @@ impl Flusher {
                     let statements = &mut self.statements;
                     match in_transaction(|| write_chunk(statements, chunk, n == 0)) {
                         Ok(Written::Rows { updated, without_row }) => {
-                            pending::forget(chunk);
+                            pending::forget(database, chunk);
                             let outcome = ChunkOutcome::Committed {
                                 ids: chunk.len() as u64,
                                 rows_updated: updated,
                                 ids_without_row: without_row,
                             };
-                            stats::record_chunk(&outcome, now());
+                            stats::record_chunk(database, &outcome, now());
                         }
                         Ok(Written::ExtensionMissing) => {
                             extension_missing = true;
                             break;
                         }
                         Err(chunk_failure) => {
-                            stats::record_chunk(&ChunkOutcome::Failed { message: &chunk_failure.message }, now());
+                            let failed = ChunkOutcome::Failed { message: &chunk_failure.message };
+                            stats::record_chunk(database, &failed, now());
                             let local = chunk_failure.is_local_to_chunk();
                             failure.get_or_insert(chunk_failure);
                             if !local {
@@ -141,8 +154,8 @@ impl Flusher {
         } else {
             self.extension_missing_logged = false;
         }
-        let failed_before = stats::consecutive_failures();
-        let consecutive = stats::record_flush(failure.is_some(), started_at, now());
+        let failed_before = stats::consecutive_failures(database);
+        let consecutive = stats::record_flush(database, failure.is_some(), started_at, now());
         let result = match failure {
             None => {
                 self.report_success(ids, failed_before);
@@ -155,17 +168,17 @@ impl Flusher {
                 rendezvous::Result::Failed { ids, sqlstate: failure.sqlstate, message: failure.message }
             }
         };
-        rendezvous::publish(up_to_request, &result);
+        rendezvous::publish(database, up_to_request, &result);
+        ids
     }
 
     fn extension_missing(&mut self) -> Failure {
-        let database = settings::database();
-        let message = format!("extension \"wsusage\" does not exist in database \"{database}\"");
+        let message = format!("extension \"wsusage\" does not exist in database \"{}\"", self.database_name);
         if !self.extension_missing_logged {
             log!("wsusage worker is idle: {message}; pending marks are kept until CREATE EXTENSION wsusage");
             self.extension_missing_logged = true;
         }
-        stats::record_chunk(&ChunkOutcome::Failed { message: &message }, now());
+        stats::record_chunk(self.database, &ChunkOutcome::Failed { message: &message }, now());
         Failure { sqlstate: PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT as i32, message }
     }
 
@@ -186,6 +199,23 @@ impl Flusher {
             errors::report_flush_failure(ids, consecutive, failure);
             self.last_logged_failure = Some(failure.message.clone());
         }
+    }
+}
+
+/// The name of `database`, for messages; its OID if it has none (being dropped).
+fn database_name(database: pg_sys::Oid) -> String {
+    // SAFETY: a catalog lookup in a transaction of its own; get_database_name returns a palloc'd
+    // copy, or NULL for a database that does not exist.
+    unsafe {
+        pg_sys::StartTransactionCommand();
+        let name = pg_sys::get_database_name(database);
+        let name = if name.is_null() {
+            database.to_u32().to_string()
+        } else {
+            CStr::from_ptr(name).to_string_lossy().into_owned()
+        };
+        pg_sys::CommitTransactionCommand();
+        name
     }
 }
 
@@ -326,7 +356,7 @@ pub fn validate_target(flusher: &mut Flusher) {
         pg_sys::SPI_finish();
     });
     if let Err(failure) = checked {
-        stats::record_problem(&failure.message, now());
+        stats::record_problem(flusher.database, &failure.message, now());
         if flusher.last_target_problem.as_deref() != Some(failure.message.as_str()) {
             errors::report_target_problem(&failure);
             flusher.last_target_problem = Some(failure.message);
@@ -354,7 +384,7 @@ fn write_chunk(statements: &mut Statements, chunk: &[PendingEntry], first: bool)
             check_target(statements);
         }
         let nelems = c_int::try_from(chunk.len()).unwrap_or(c_int::MAX);
-        let mut ids: Vec<pg_sys::Datum> = chunk.iter().map(|e| pg_sys::Datum::from(e.id.as_ptr())).collect();
+        let mut ids: Vec<pg_sys::Datum> = chunk.iter().map(|e| pg_sys::Datum::from(e.key.id.as_ptr())).collect();
         let mut times: Vec<pg_sys::Datum> = chunk.iter().map(|e| pg_sys::Datum::from(e.marked_at)).collect();
         let id_array =
             pg_sys::construct_array(ids.as_mut_ptr(), nelems, pg_sys::UUIDOID, 16, false, pg_sys::TYPALIGN_CHAR as _);

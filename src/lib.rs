@@ -3,7 +3,8 @@
 //! Vocabulary used throughout the crate:
 //! - a **mark** is one call saying "this id was used now";
 //! - the **pending** set holds, per id, the latest time it was marked and not yet written;
-//! - a **flush** writes the pending set to the table in one statement and forgets what it wrote.
+//! - a **flush** writes the pending set to the table in one statement and forgets what it wrote;
+//! - the **launcher** starts a flush **worker** per database with marks due for a flush.
 //!
 //! This file is wiring only; each concept lives in the module named for it.
 
@@ -12,8 +13,10 @@
 use pgrx::prelude::*;
 
 mod api;
+mod databases;
 mod errors;
 mod flush;
+mod launcher;
 mod monitor;
 mod pending;
 mod rendezvous;
@@ -36,5 +39,5 @@ pub extern "C-unwind" fn _PG_init() {
     }
     settings::init();
     shmem::init();
-    worker::register();
+    launcher::register();
 }

@@ -1,4 +1,5 @@
-//! The pending set: insert a mark, snapshot the set for a flush, forget what a flush wrote.
+//! The pending set: insert a mark, snapshot a database's entries for a flush, forget what a
+//! flush wrote, discard what a dropped database left.
 //!
 //! A flush does not remove ids when it copies them out. It forgets an id only after its UPDATE
 //! committed, and only if the id was not marked again meanwhile. So a failed flush has nothing
@@ -10,11 +11,13 @@ use std::ptr::null_mut;
 
 use pgrx::pg_sys;
 
+use crate::databases;
+use crate::rendezvous;
 use crate::settings;
-use crate::shmem::{self, Locked, Mode, PendingEntry};
+use crate::shmem::{self, Locked, Mode, PendingEntry, PendingKey};
 use crate::stats;
 
-/// Fraction of `wsusage.max_pending` at which a mark wakes the worker to flush early.
+/// Fraction of `wsusage.max_pending` at which a mark wakes the launcher to flush early.
 const HIGH_WATER_NUMERATOR: usize = 1;
 const HIGH_WATER_DENOMINATOR: usize = 2;
 
@@ -29,25 +32,37 @@ pub enum MarkError {
     Full {
         marked: usize,
     },
+    /// Every database slot serves another database that still has marks pending.
+    NoSlot,
 }
 
-/// Record that each id was used at `now` (keeping each id's latest time).
-pub fn mark_all(ids: &[[u8; 16]], now: i64) -> Result<(), MarkError> {
+/// Record that each id was used at `now` in `database` (keeping each id's latest time).
+pub fn mark_all(database: pg_sys::Oid, ids: &[[u8; 16]], now: i64) -> Result<(), MarkError> {
     let result = shmem::with_lock(Mode::Exclusive, |locked| {
-        let mut added = false;
+        let Some(slot) = databases::claim(locked, database, now) else {
+            stats::count_marks(locked, None, 0, ids.len());
+            return (Err(MarkError::NoSlot), None);
+        };
+        let mut added = 0;
+        let mut outcome = Ok(());
         for (i, id) in ids.iter().enumerate() {
-            match insert(locked, id, now) {
-                Inserted::New => added = true,
+            match insert(locked, &PendingKey { database, id: *id }, now) {
+                Inserted::New => added += 1,
                 Inserted::Existing => {}
                 Inserted::Full => {
-                    stats::count_marks(locked, i, ids.len() - i);
-                    return (Err(MarkError::Full { marked: i }), None);
+                    outcome = Err(MarkError::Full { marked: i });
+                    break;
                 }
             }
         }
-        stats::count_marks(locked, ids.len(), 0);
+        locked.slots[slot].pending += added;
+        let accepted = match outcome {
+            Err(MarkError::Full { marked }) => marked,
+            _ => ids.len(),
+        };
+        stats::count_marks(locked, Some(slot), accepted, ids.len() - accepted);
         // Only a new id can take the set past its high-water mark.
-        (Ok(()), if added { take_high_water_wake(locked) } else { None })
+        (outcome, if added > 0 { take_high_water_wake(locked) } else { None })
     });
     let Some((result, wake)) = result else {
         return Err(MarkError::NotPreloaded);
@@ -68,14 +83,14 @@ enum Inserted {
 }
 
 /// Insert or refresh one id. Caller must hold the lock exclusively.
-fn insert(locked: &mut Locked<'_>, id: &[u8; 16], now: i64) -> Inserted {
+fn insert(locked: &mut Locked<'_>, key: &PendingKey, now: i64) -> Inserted {
     let mut found = false;
-    // SAFETY: `pending` is our shared hash, keyed by 16 bytes, and we hold its lock exclusively.
-    // HASH_ENTER_NULL returns NULL instead of raising when no entry is free.
+    // SAFETY: `pending` is our shared hash, keyed by a PendingKey (no padding bytes), and we hold
+    // its lock exclusively. HASH_ENTER_NULL returns NULL instead of raising when no entry is free.
     let entry = unsafe {
         pg_sys::hash_search(
             locked.pending,
-            id.as_ptr().cast::<c_void>(),
+            (key as *const PendingKey).cast::<c_void>(),
             pg_sys::HASHACTION::HASH_ENTER_NULL,
             &mut found,
         )
@@ -97,13 +112,13 @@ fn insert(locked: &mut Locked<'_>, id: &[u8; 16], now: i64) -> Inserted {
     }
 }
 
-/// The worker's latch when this mark is the one that passed the high-water mark.
+/// The launcher's latch when this mark is the one that passed the high-water mark.
 /// Caller must hold the lock exclusively.
 fn take_high_water_wake(locked: &mut Locked<'_>) -> Option<*mut pg_sys::Latch> {
     if locked.shared.high_water_wake_sent || len_locked(locked) < high_water_mark() {
         return None;
     }
-    let latch = locked.shared.worker_latch;
+    let latch = locked.shared.launcher_latch;
     if latch.is_null() {
         return None;
     }
@@ -117,19 +132,26 @@ fn len_locked(locked: &Locked<'_>) -> usize {
     usize::try_from(unsafe { pg_sys::hash_get_num_entries(locked.pending) }).unwrap_or(0)
 }
 
-/// Number of ids pending, or `None` when not preloaded.
+/// Number of ids pending in all databases, or `None` when not preloaded.
 pub fn len() -> Option<usize> {
     shmem::with_lock(Mode::Shared, |locked| len_locked(locked))
 }
 
-/// Copy every pending entry into `out` (cleared first). Returns false, with `out` left empty,
-/// when `out` has not the capacity for all of them: the copy never allocates under the lock.
-/// Caller must hold the lock (either mode).
-fn copy_locked(locked: &Locked<'_>, out: &mut Vec<PendingEntry>) -> bool {
-    out.clear();
-    if out.capacity() < len_locked(locked) {
-        return false;
-    }
+/// Whether the set has passed its high-water mark.
+pub fn past_high_water() -> bool {
+    len().unwrap_or(0) >= high_water_mark()
+}
+
+/// Number of ids of `database` pending.
+pub fn len_of(database: pg_sys::Oid) -> usize {
+    shmem::with_lock(Mode::Shared, |locked| {
+        databases::find(locked, database).map_or(0, |index| locked.slots[index].pending as usize)
+    })
+    .unwrap_or(0)
+}
+
+/// Visit every entry of the set. Caller must hold the lock (either mode).
+fn scan_locked(locked: &Locked<'_>, mut visit: impl FnMut(&PendingEntry)) {
     // SAFETY: HASH_SEQ_STATUS is plain data that hash_seq_init fills in.
     let mut scan: pg_sys::HASH_SEQ_STATUS = unsafe { std::mem::zeroed() };
     // SAFETY: a full scan of our shared hash under its lock; the scan runs to its end
@@ -139,65 +161,131 @@ fn copy_locked(locked: &Locked<'_>, out: &mut Vec<PendingEntry>) -> bool {
         // SAFETY: as above.
         let entry = unsafe { pg_sys::hash_seq_search(&mut scan) }.cast::<PendingEntry>();
         if entry.is_null() {
-            return true;
+            return;
         }
-        // SAFETY: dynahash hands out valid entries of our type; the capacity check above
-        // guarantees the push does not allocate.
-        out.push(unsafe { *entry });
+        // SAFETY: dynahash hands out valid entries of our type.
+        visit(unsafe { &*entry });
     }
 }
 
-/// Copy every pending entry into `out`, whose capacity must be `max_pending` (the worker's
-/// buffer), and return the newest `wsusage_flush()` request the copy covers.
-pub fn snapshot(out: &mut Vec<PendingEntry>) -> u64 {
+/// Copy the entries of `database` (every database: `None`) into `out` (cleared first). Returns
+/// false, with `out` left empty, when `out` has not the capacity for all of them: the copy never
+/// allocates under the lock. Caller must hold the lock (either mode).
+fn copy_locked(locked: &Locked<'_>, database: Option<pg_sys::Oid>, out: &mut Vec<PendingEntry>) -> bool {
+    out.clear();
+    if out.capacity() < len_locked(locked) {
+        return false;
+    }
+    // The capacity check above guarantees no push allocates.
+    scan_locked(locked, |entry| {
+        if database.is_none_or(|database| entry.key.database == database) {
+            out.push(*entry);
+        }
+    });
+    true
+}
+
+/// Copy the entries of `database` into `out`, whose capacity must be `max_pending` (the
+/// worker's buffer), and return the newest `wsusage_flush()` request the copy covers.
+pub fn snapshot(database: pg_sys::Oid, out: &mut Vec<PendingEntry>) -> u64 {
     shmem::with_lock(Mode::Exclusive, |locked| {
-        let copied = copy_locked(locked, out);
+        let copied = copy_locked(locked, Some(database), out);
         debug_assert!(copied, "the worker's buffer holds max_pending entries");
         locked.shared.high_water_wake_sent = false;
-        locked.shared.requests
+        rendezvous::newest_request(locked, database)
     })
     .unwrap_or(0)
 }
 
-/// A copy of the pending set, for inspection; `None` when not preloaded.
-pub fn entries() -> Option<Vec<PendingEntry>> {
+/// A copy of the pending entries of `database`, for inspection; `None` when not preloaded.
+pub fn entries(database: pg_sys::Oid) -> Option<Vec<PendingEntry>> {
     let mut out = Vec::new();
     loop {
         // Sized outside the lock, with room for the marks that may arrive meanwhile.
         out.reserve(len()? + 1024);
-        if shmem::with_lock(Mode::Shared, |locked| copy_locked(locked, &mut out))? {
+        if shmem::with_lock(Mode::Shared, |locked| copy_locked(locked, Some(database), &mut out))? {
             return Some(out);
         }
     }
 }
 
-/// Forget the entries a committed flush wrote, except those marked again since the snapshot.
-pub fn forget(written: &[PendingEntry]) {
+/// Remove one entry; returns whether it was there. Caller must hold the lock exclusively.
+fn remove(locked: &mut Locked<'_>, key: &PendingKey) -> bool {
+    // SAFETY: removing a key from our shared hash under its exclusive lock; HASH_REMOVE returns
+    // the removed entry or NULL, and never raises.
+    let removed = unsafe {
+        pg_sys::hash_search(
+            locked.pending,
+            (key as *const PendingKey).cast::<c_void>(),
+            pg_sys::HASHACTION::HASH_REMOVE,
+            null_mut(),
+        )
+    };
+    !removed.is_null()
+}
+
+/// Forget the entries a committed flush of `database` wrote, except those marked again since
+/// the snapshot.
+pub fn forget(database: pg_sys::Oid, written: &[PendingEntry]) {
     shmem::with_lock(Mode::Exclusive, |locked| {
+        let mut forgotten = 0;
         for entry in written {
             let mut found = false;
             // SAFETY: lookup in our shared hash under its exclusive lock.
             let current = unsafe {
                 pg_sys::hash_search(
                     locked.pending,
-                    entry.id.as_ptr().cast::<c_void>(),
+                    (&raw const entry.key).cast::<c_void>(),
                     pg_sys::HASHACTION::HASH_FIND,
                     &mut found,
                 )
                 .cast::<PendingEntry>()
             };
-            // SAFETY: a found entry is valid until removed, which only we do, below.
-            if !current.is_null() && unsafe { (*current).marked_at } <= entry.marked_at {
-                // SAFETY: removing an existing key under the exclusive lock.
-                unsafe {
-                    pg_sys::hash_search(
-                        locked.pending,
-                        entry.id.as_ptr().cast::<c_void>(),
-                        pg_sys::HASHACTION::HASH_REMOVE,
-                        null_mut(),
-                    )
-                };
+            // SAFETY: a found entry is valid until removed, which only this lock holder does.
+            if !current.is_null() && unsafe { (*current).marked_at } <= entry.marked_at && remove(locked, &entry.key) {
+                forgotten += 1;
             }
         }
+        if let Some(index) = databases::find(locked, database) {
+            let slot = &mut locked.slots[index];
+            slot.pending = slot.pending.saturating_sub(forgotten);
+        }
     });
+}
+
+/// Remove every entry for which `keep` is false; returns how many were removed. Caller must
+/// hold the lock exclusively.
+fn retain_locked(locked: &mut Locked<'_>, mut keep: impl FnMut(&PendingEntry) -> bool) -> u64 {
+    let mut removed = 0;
+    // SAFETY: HASH_SEQ_STATUS is plain data that hash_seq_init fills in.
+    let mut scan: pg_sys::HASH_SEQ_STATUS = unsafe { std::mem::zeroed() };
+    // SAFETY: a full scan of our shared hash under its exclusive lock, run to its end; dynahash
+    // allows removing the entry a scan has just returned, and only that one is removed.
+    unsafe {
+        pg_sys::hash_seq_init(&mut scan, locked.pending);
+        loop {
+            let entry = pg_sys::hash_seq_search(&mut scan).cast::<PendingEntry>();
+            if entry.is_null() {
+                return removed;
+            }
+            if !keep(&*entry) {
+                let key = (*entry).key;
+                removed += u64::from(remove(locked, &key));
+            }
+        }
+    }
+}
+
+/// Discard every entry of a database that no longer exists, and free its slot; returns how many
+/// ids were discarded. Launcher only.
+pub fn discard(database: pg_sys::Oid) -> u64 {
+    shmem::with_lock(Mode::Exclusive, |locked| {
+        let discarded = retain_locked(locked, |entry| entry.key.database != database);
+        if let Some(index) = databases::find(locked, database) {
+            stats::count_discarded(locked, discarded);
+            databases::free(locked, index);
+        }
+        discarded
+    })
+    .unwrap_or(0)
 }

@@ -23,6 +23,15 @@ pub const MAX_PENDING_MIN: i32 = 16;
 /// 16M ids is about 1 GiB of shared memory; beyond that a shorter flush interval is the answer.
 pub const MAX_PENDING_MAX: i32 = 16 * 1024 * 1024;
 
+pub const MAX_DATABASES_DEFAULT: i32 = 64;
+pub const MAX_DATABASES_MIN: i32 = 1;
+pub const MAX_DATABASES_MAX: i32 = 4_096;
+
+pub const MAX_WORKERS_DEFAULT: i32 = 4;
+pub const MAX_WORKERS_MIN: i32 = 1;
+/// PostgreSQL's own ceiling for max_worker_processes.
+pub const MAX_WORKERS_MAX: i32 = 262_143;
+
 pub const BATCH_SIZE_DEFAULT: i32 = 5_000;
 pub const BATCH_SIZE_MIN: i32 = 1;
 pub const BATCH_SIZE_MAX: i32 = 1_000_000;
@@ -35,12 +44,19 @@ pub const TIMEOUT_MS_MAX: i32 = 3_600_000;
 /// Time between flushes of the pending set.
 static FLUSH_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(FLUSH_INTERVAL_MS_DEFAULT);
 
-/// The database the worker connects to; marks are accepted only there. A raw GUC variable
-/// rather than a `GucSetting`, because it needs a check hook (an empty name is refused).
+/// If set, the only database where marks are accepted; empty: every database. A raw GUC
+/// variable rather than a `GucSetting`, because it needs a check hook (an over-long name is
+/// refused).
 static mut DATABASE: *mut c_char = null_mut();
 
 /// Capacity of the pending set, in distinct ids; sizes the shared memory at server start.
 static MAX_PENDING: GucSetting<i32> = GucSetting::<i32>::new(MAX_PENDING_DEFAULT);
+
+/// Databases that can have marks pending at once; sizes the shared memory at server start.
+static MAX_DATABASES: GucSetting<i32> = GucSetting::<i32>::new(MAX_DATABASES_DEFAULT);
+
+/// Flush workers (one per database) running at once.
+static MAX_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(MAX_WORKERS_DEFAULT);
 
 /// Ids written per transaction.
 static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(BATCH_SIZE_DEFAULT);
@@ -75,10 +91,10 @@ pub fn init() {
     unsafe {
         pg_sys::DefineCustomStringVariable(
             c"wsusage.database".as_ptr(),
-            c"Database whose workspaces table the background worker updates.".as_ptr(),
-            c"Marks are accepted only in this database.".as_ptr(),
+            c"Restricts wsusage to one database; empty: every database where the extension is installed.".as_ptr(),
+            c"When set, marks are accepted only in this database.".as_ptr(),
             &raw mut DATABASE,
-            c"postgres".as_ptr(),
+            c"".as_ptr(),
             pg_sys::GucContext::PGC_POSTMASTER,
             0,
             Some(check_database),
@@ -93,6 +109,26 @@ pub fn init() {
         &MAX_PENDING,
         MAX_PENDING_MIN,
         MAX_PENDING_MAX,
+        GucContext::Postmaster,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
+        c"wsusage.max_databases",
+        c"Maximum number of databases that can have marks pending at once.",
+        c"Sizes the shared memory reserved at server start; a database with no marks pending gives its place up.",
+        &MAX_DATABASES,
+        MAX_DATABASES_MIN,
+        MAX_DATABASES_MAX,
+        GucContext::Postmaster,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
+        c"wsusage.max_workers",
+        c"Maximum number of flush workers running at once, each serving one database.",
+        c"Beyond it, databases take turns. Each worker takes a max_worker_processes slot, as does the launcher.",
+        &MAX_WORKERS,
+        MAX_WORKERS_MIN,
+        MAX_WORKERS_MAX,
         GucContext::Postmaster,
         GucFlags::empty(),
     );
@@ -191,12 +227,10 @@ fn define_target_name(
     }
 }
 
-/// Refuse a database or role name that is empty (unless `allow_empty`) or longer than PostgreSQL's
-/// identifiers allow; the error is the detail for the user.
-fn check_plain_name(value: &str, allow_empty: bool) -> Result<(), String> {
-    if value.is_empty() && !allow_empty {
-        Err("An empty name names no database.".into())
-    } else if value.len() >= pg_sys::NAMEDATALEN as usize {
+/// Refuse a database or role name longer than PostgreSQL's identifiers allow (empty means
+/// "none"); the error is the detail for the user.
+fn check_plain_name(value: &str) -> Result<(), String> {
+    if value.len() >= pg_sys::NAMEDATALEN as usize {
         Err("Names are at most 63 bytes long.".into())
     } else {
         Ok(())
@@ -238,8 +272,8 @@ macro_rules! string_check_hook {
     };
 }
 
-string_check_hook!(check_database, |value| check_plain_name(value, false));
-string_check_hook!(check_role, |value| check_plain_name(value, true));
+string_check_hook!(check_database, check_plain_name);
+string_check_hook!(check_role, check_plain_name);
 string_check_hook!(check_table, |value| target::parse(value, 2).map(drop));
 string_check_hook!(check_column, |value| target::parse(value, 1).map(drop));
 
@@ -266,8 +300,17 @@ pub fn flush_interval() -> Duration {
     Duration::from_millis(u64::try_from(FLUSH_INTERVAL_MS.get()).unwrap_or(FLUSH_INTERVAL_MS_DEFAULT as u64))
 }
 
-pub fn database() -> String {
-    string_setting(&raw const DATABASE)
+/// The one database wsusage is restricted to, if any.
+pub fn database() -> Option<String> {
+    Some(string_setting(&raw const DATABASE)).filter(|d| !d.is_empty())
+}
+
+pub fn max_databases() -> usize {
+    usize::try_from(MAX_DATABASES.get()).unwrap_or(MAX_DATABASES_DEFAULT as usize)
+}
+
+pub fn max_workers() -> usize {
+    usize::try_from(MAX_WORKERS.get()).unwrap_or(MAX_WORKERS_DEFAULT as usize)
 }
 
 pub fn batch_size() -> usize {

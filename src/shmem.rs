@@ -1,30 +1,35 @@
 //! wsusage's shared memory: what lives there, how big it is, and who may touch it.
 //!
-//! Two allocations, both made at server start and sized by `wsusage.max_pending`:
+//! Two allocations, both made at server start:
 //!
-//! - **"wsusage pending"**, a PostgreSQL shared hash (dynahash) from workspace id (16 bytes) to the
-//!   latest time it was marked ([`PendingEntry`], 24 bytes). It is created with
-//!   `HASH_FIXED_SIZE` and initial size = maximum size, so every entry is allocated up front and
-//!   an insert returns NULL exactly when the set holds `max_pending` ids: the set never borrows
-//!   from the server's spare shared memory, and a full set is a clean, reportable condition. A hash
-//!   of our own over a raw segment would save little and re-implement what dynahash already gets
-//!   right; `hash_estimate_size` tells the postmaster exactly how much to reserve.
-//! - **"wsusage"**, one [`Shared`] struct: the worker's identity and latch, the `wsusage_flush()`
-//!   rendezvous (request counter, the outcomes of recent flushes) and a condition variable that
-//!   the worker broadcasts on after every flush.
+//! - **"wsusage pending"**, a PostgreSQL shared hash (dynahash) from (database OID, workspace id)
+//!   ([`PendingKey`], 20 bytes) to the latest time that id was marked in that database
+//!   ([`PendingEntry`], 32 bytes). It is created with `HASH_FIXED_SIZE` and initial size =
+//!   maximum size = `wsusage.max_pending`, so every entry is allocated up front and an insert
+//!   returns NULL exactly when the set is full: the set never borrows from the server's spare
+//!   shared memory, and a full set is a clean, reportable condition. All databases share it, so
+//!   one busy database can use what quiet ones do not.
+//! - **"wsusage"**, one [`Shared`] struct followed by `wsusage.max_databases`
+//!   [`DatabaseSlot`]s. `Shared` holds the launcher's identity and latch, the cluster-wide
+//!   counters and a condition variable broadcast after every flush; a slot holds what is per
+//!   database: how many of its ids are pending, its flush worker's identity and latch, its
+//!   `wsusage_flush()` rendezvous and its counters. A slot is claimed by the first mark made in
+//!   a database and recycled only when idle (nothing pending, no worker, no waiting caller).
 //!
-//! Locking. One LWLock (named tranche "wsusage") guards the hash and every field of [`Shared`]
-//! except `flushed`, the condition variable, which synchronises itself. The lock is taken in
-//! exclusive mode by every writer: a mark (one hash insert), the worker's snapshot of the set
-//! (a copy into a buffer it allocated beforehand), the worker forgetting what it wrote, and the
-//! rendezvous bookkeeping. Readers that change nothing take it shared. Nothing done under the lock
-//! can raise an error, allocate, log or wait on the database: the flush's UPDATE runs with the
-//! lock released, so a mark never waits on a table lock, an fsync or a slow query. Use
+//! Locking. One LWLock (named tranche "wsusage") guards the hash, every field of [`Shared`]
+//! except `flushed`, the condition variable, which synchronises itself, and every slot. The
+//! lock is taken in exclusive mode by every writer: a mark (one hash insert per id), a worker's
+//! snapshot of its database's entries (a copy into a buffer it allocated beforehand), a worker
+//! forgetting what it wrote, the launcher discarding a dropped database's entries, and the
+//! rendezvous bookkeeping. Readers that change nothing take it shared. Nothing done under the
+//! lock can raise an error, allocate, log or wait on the database: a flush's UPDATE runs with
+//! the lock released, so a mark never waits on a table lock, an fsync or a slow query. Use
 //! [`with_lock`]; helpers taking a [`Locked`] are "caller must hold the lock" by construction.
 //!
-//! What survives what: the set lives as long as the postmaster's shared memory. A worker exit or
-//! restart loses nothing; a crash of any backend makes the postmaster reinitialise shared memory,
-//! which loses the marks made since the last flush (at most one interval's worth).
+//! What survives what: the set lives as long as the postmaster's shared memory. A worker or
+//! launcher exit or restart loses nothing; a crash of any backend makes the postmaster
+//! reinitialise shared memory, which loses the marks made since the last flush (at most one
+//! interval's worth).
 
 use std::ffi::CStr;
 use std::mem::size_of;
@@ -34,6 +39,7 @@ use std::sync::atomic::{AtomicPtr, Ordering};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
+use crate::databases::DatabaseSlot;
 use crate::settings;
 use crate::stats::Stats;
 
@@ -41,62 +47,52 @@ const SHARED_NAME: &CStr = c"wsusage";
 const PENDING_NAME: &CStr = c"wsusage pending";
 const TRANCHE_NAME: &CStr = c"wsusage";
 
-/// How many flush outcomes `Shared` remembers for `wsusage_flush()` callers that have not yet
-/// woken up to read theirs. A caller misses its outcome only if this many flushes complete
-/// between the worker's broadcast and the caller being scheduled.
-pub const RECENT_FLUSHES: usize = 64;
+/// How many flush outcomes a database slot remembers for `wsusage_flush()` callers that have
+/// not yet woken up to read theirs. A caller misses its outcome only if this many flushes of its
+/// database complete between the worker's broadcast and the caller being scheduled.
+pub const RECENT_FLUSHES: usize = 16;
 
 /// Longest error message kept for `wsusage_flush()` callers (bytes, including the terminator).
 pub const MESSAGE_LEN: usize = 256;
+
+/// The hash key: an id is pending per database, and flushed only in the database it was marked in.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct PendingKey {
+    pub database: pg_sys::Oid,
+    pub id: [u8; 16],
+}
 
 /// One pending id: the key must come first (dynahash compares the first `keysize` bytes).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct PendingEntry {
-    pub id: [u8; 16],
+    pub key: PendingKey,
     /// Latest mark time, microseconds since 2000-01-01 (PostgreSQL's `TimestampTz`).
     pub marked_at: i64,
-}
-
-/// What one flush did, as `wsusage_flush()` callers see it.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct FlushOutcome {
-    /// The flush covers the requests numbered `(after_request, up_to_request]`.
-    pub after_request: u64,
-    pub up_to_request: u64,
-    /// Distinct ids the flush took from the set.
-    pub ids: u64,
-    pub failed: bool,
-    /// SQLSTATE of the failure, as PostgreSQL packs it (`MAKE_SQLSTATE`).
-    pub sqlstate: i32,
-    /// NUL-terminated error message of the failure.
-    pub message: [u8; MESSAGE_LEN],
 }
 
 #[repr(C)]
 pub struct Shared {
     lock: *mut pg_sys::LWLock,
-    /// Broadcast after every flush (success or failure). Not guarded by `lock`.
+    /// Broadcast after every flush (success or failure) of any database. Not guarded by `lock`.
     pub flushed: pg_sys::ConditionVariable,
-    /// Pid of the running worker, 0 when none is attached.
-    pub worker_pid: i32,
-    /// The running worker's latch (in its PGPROC), null when none is attached.
-    pub worker_latch: *mut pg_sys::Latch,
-    /// A mark already woke the worker because the set passed its high-water mark; cleared when
-    /// the worker takes its next snapshot, so a busy set wakes it once per flush, not per mark.
+    /// Pid of the running launcher, 0 when none is attached.
+    pub launcher_pid: i32,
+    /// The running launcher's latch (in its PGPROC), null when none is attached.
+    pub launcher_latch: *mut pg_sys::Latch,
+    /// A mark already woke the launcher because the set passed its high-water mark; cleared when
+    /// a worker takes its next snapshot, so a busy set wakes it once per flush, not per mark.
     pub high_water_wake_sent: bool,
-    /// Number of `wsusage_flush()` requests ever made; request n is the n-th.
-    pub requests: u64,
-    /// Every request numbered up to this was covered by a flush that has completed.
-    pub served: u64,
-    /// Number of flushes completed since server start; `recent[completed % RECENT_FLUSHES]` is
-    /// the next slot written.
-    pub completed: u64,
-    pub recent: [FlushOutcome; RECENT_FLUSHES],
+    /// Databases due for a flush that found every worker place (`wsusage.max_workers`) taken; a
+    /// worker that finishes a flush while this is positive decrements it and exits, so that
+    /// databases take turns.
+    pub workers_wanted: u32,
+    /// Cluster-wide counters (every database, including dropped ones).
     pub stats: Stats,
+    /// Number of [`DatabaseSlot`]s following this struct.
+    slot_count: usize,
 }
-
 // Set in the postmaster by the shmem startup hook and inherited by every child on fork.
 static SHARED: AtomicPtr<Shared> = AtomicPtr::new(null_mut());
 static PENDING: AtomicPtr<pg_sys::HTAB> = AtomicPtr::new(null_mut());
@@ -140,9 +136,14 @@ fn pending_hash_size() -> usize {
     unsafe { pg_sys::hash_estimate_size(max, size_of::<PendingEntry>()) }
 }
 
-/// Bytes of shared memory the extension reserves for `wsusage.max_pending` ids.
+fn shared_size() -> usize {
+    size_of::<Shared>() + settings::max_databases() * size_of::<DatabaseSlot>()
+}
+
+/// Bytes of shared memory the extension reserves for `wsusage.max_pending` ids and
+/// `wsusage.max_databases` databases.
 pub fn total_size() -> usize {
-    size_of::<Shared>() + pending_hash_size()
+    shared_size() + pending_hash_size()
 }
 
 fn request_shmem() {
@@ -170,10 +171,12 @@ unsafe extern "C-unwind" fn shmem_startup() {
         pg_sys::LWLockAcquire(addin_shmem_init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
 
         let mut found = false;
-        let shared = pg_sys::ShmemInitStruct(SHARED_NAME.as_ptr(), size_of::<Shared>(), &mut found).cast::<Shared>();
+        let shared = pg_sys::ShmemInitStruct(SHARED_NAME.as_ptr(), shared_size(), &mut found).cast::<Shared>();
         if !found {
-            // All-zero is the valid empty state of every field but the two set below.
-            std::ptr::write_bytes(shared, 0, 1);
+            // All-zero is the valid empty state of every field but those set below, and of every
+            // slot (database InvalidOid: free).
+            std::ptr::write_bytes(shared.cast::<u8>(), 0, shared_size());
+            (*shared).slot_count = settings::max_databases();
             (*shared).lock = &raw mut (*pg_sys::GetNamedLWLockTranche(TRANCHE_NAME.as_ptr())).lock;
             pg_sys::ConditionVariableInit(addr_of_mut!((*shared).flushed));
             (*shared).stats.stats_reset = pg_sys::GetCurrentTimestamp();
@@ -181,7 +184,7 @@ unsafe extern "C-unwind" fn shmem_startup() {
 
         let max = settings::max_pending() as std::ffi::c_long;
         let mut info: pg_sys::HASHCTL = std::mem::zeroed();
-        info.keysize = 16;
+        info.keysize = size_of::<PendingKey>();
         info.entrysize = size_of::<PendingEntry>();
         let pending = pg_sys::ShmemInitHash(
             PENDING_NAME.as_ptr(),
@@ -222,6 +225,7 @@ pub fn read_message(buffer: &[u8; MESSAGE_LEN]) -> String {
 /// The shared state while the lock is held; only [`with_lock`] makes one.
 pub struct Locked<'a> {
     pub shared: &'a mut Shared,
+    pub slots: &'a mut [DatabaseSlot],
     pub pending: *mut pg_sys::HTAB,
 }
 
@@ -261,8 +265,12 @@ pub fn with_lock<R>(mode: Mode, f: impl FnOnce(&mut Locked<'_>) -> R) -> Option<
     // SAFETY: holding the lock gives us the access the module header promises; a shared-mode
     // holder must only read, which every Mode::Shared caller does. Other processes' references
     // live in other address spaces; in this one, no other Locked exists while the lock is held.
-    let shared = unsafe { &mut *shared };
-    let mut locked = Locked { shared, pending: PENDING.load(Ordering::Acquire) };
+    // The slots follow the struct in the same allocation, `slot_count` of them (shared_size).
+    let (shared, slots) = unsafe {
+        let slots = std::slice::from_raw_parts_mut(shared.add(1).cast::<DatabaseSlot>(), (*shared).slot_count);
+        (&mut *shared, slots)
+    };
+    let mut locked = Locked { shared, slots, pending: PENDING.load(Ordering::Acquire) };
     Some(f(&mut locked))
 }
 

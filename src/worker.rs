@@ -1,48 +1,59 @@
-//! The background worker: registration, and a main loop in autoprewarm's order.
+//! A flush worker: one per database with marks pending, started by the launcher, connected to
+//! that database by OID. Its main loop follows autoprewarm's order:
 //!
 //! 1. install signal handlers (SIGHUP: reload settings; SIGTERM: final flush, then exit);
-//! 2. connect to `wsusage.database` and announce itself in shared memory (marks can now wake it);
+//! 2. connect to its database and announce itself in the database's slot (requests now wake it);
 //! 3. loop until SIGTERM: reload settings if asked, flush when the interval has passed, a
 //!    `wsusage_flush()` caller is waiting, or the set passed its high-water mark; otherwise sleep
 //!    on the latch until the next deadline;
-//! 4. one final flush, so a clean shutdown loses nothing, then exit with code 1 so that the
-//!    postmaster restarts it after `pg_terminate_backend` (exit code 0 would unregister it).
+//! 4. one final flush, so a clean shutdown loses nothing, then exit.
+//!
+//! A worker also leaves, without a final flush, when the database is being dropped, renamed or
+//! copied (so `DROP DATABASE` never waits for it), after a flush that found nothing marked for a
+//! whole interval (a quiet database gives its place back), and after a flush while other
+//! databases wait for a place (so that, with more databases than `wsusage.max_workers`, they
+//! take turns). The launcher starts a new one when the database is due again.
 
 use std::time::{Duration, Instant};
 
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, DynamicBackgroundWorker, SignalWakeFlags,
+};
 use pgrx::prelude::*;
 
 use crate::flush::{self, Flusher};
 use crate::pending;
 use crate::rendezvous;
 use crate::settings;
+use crate::shmem::{self, Mode};
 use crate::stats;
 
-/// Seconds the postmaster waits before restarting the worker after it exits or fails. Short,
-/// because marks wait in memory while no worker runs; long enough that a worker failing at once
-/// (its database dropped, say) does not flood the log.
-const RESTART_DELAY: Duration = Duration::from_secs(5);
+/// Longest a worker sleeps without checking whether its database is being dropped: well inside
+/// the 5 seconds `DROP DATABASE` waits for other sessions to leave.
+const DATABASE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
-pub fn register() {
-    BackgroundWorkerBuilder::new("wsusage flush worker")
+/// Start a flush worker for `database`; the launcher (`notify_pid`) is told when it stops.
+pub fn start(database: pg_sys::Oid, notify_pid: i32) -> Option<DynamicBackgroundWorker> {
+    BackgroundWorkerBuilder::new(&format!("wsusage flush worker for database {}", database.to_u32()))
         .set_type("wsusage")
         .set_library("wsusage")
         .set_function("wsusage_worker_main")
         .enable_spi_access()
-        // Never on a hot standby (it could not write); it starts when the standby is promoted.
         .set_start_time(BgWorkerStartTime::RecoveryFinished)
-        .set_restart_time(Some(RESTART_DELAY))
-        .load();
+        .set_restart_time(None)
+        .set_argument(Some(pg_sys::Datum::from(database.to_u32())))
+        .set_notify_pid(notify_pid)
+        .load_dynamic()
+        .ok()
 }
 
-fn shutdown_requested() -> bool {
+pub(crate) fn shutdown_requested() -> bool {
     // SAFETY: a sig_atomic_t set by the SIGTERM handler pgrx installs; a plain volatile read.
     unsafe { (&raw const pg_sys::ShutdownRequestPending).read_volatile() != 0 }
 }
 
 /// Returns whether the settings were reloaded.
-fn reload_settings_if_asked() -> bool {
+pub(crate) fn reload_settings_if_asked() -> bool {
     // SAFETY: ConfigReloadPending is a sig_atomic_t set by the SIGHUP handler; we clear it
     // before reloading, as PostgreSQL's own processes do, so a signal arriving during the
     // reload triggers another one.
@@ -56,6 +67,29 @@ fn reload_settings_if_asked() -> bool {
     true
 }
 
+/// Sleep on this process's latch for at most `timeout`; exits the process should the
+/// postmaster die.
+pub(crate) fn wait(timeout: Duration) {
+    let timeout_ms = std::ffi::c_long::try_from(timeout.as_millis().max(1)).unwrap_or(std::ffi::c_long::MAX);
+    // SAFETY: waiting on our own latch; WL_EXIT_ON_PM_DEATH ends the process should the
+    // postmaster die. The latch is reset before the caller re-checks every condition, so no
+    // wake-up is lost.
+    unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            timeout_ms,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+        // A cancel (pg_cancel_backend, or a statement timeout that fired just after a chunk
+        // ended) has no statement to cancel while idle: drop it instead of raising an ERROR
+        // that would end the process.
+        (&raw mut pg_sys::QueryCancelPending).write_volatile(0);
+    }
+    check_for_interrupts!();
+}
+
 /// Make the session follow the settings, and say at once if the target does not fit: at start
 /// and after every reload.
 fn apply_settings(flusher: &mut Flusher) {
@@ -63,69 +97,121 @@ fn apply_settings(flusher: &mut Flusher) {
     flush::validate_target(flusher);
 }
 
+/// Whether DROP DATABASE, ALTER DATABASE (RENAME, SET TABLESPACE) or CREATE DATABASE … TEMPLATE
+/// is waiting for the sessions of `database` to leave. Each holds a lock on the database that
+/// conflicts with the one every session takes when it connects (RowExclusiveLock), then waits
+/// a few seconds for the others to go; probing for that lock, without waiting, tells us.
+fn database_is_being_changed(database: pg_sys::Oid) -> bool {
+    // SET_LOCKTAG_OBJECT for a shared object, as LockSharedObject builds it.
+    let tag = pg_sys::LOCKTAG {
+        locktag_field1: pg_sys::InvalidOid.to_u32(),
+        locktag_field2: pg_sys::DatabaseRelationId.to_u32(),
+        locktag_field3: database.to_u32(),
+        locktag_field4: 0,
+        locktag_type: pg_sys::LockTagType::LOCKTAG_OBJECT as u8,
+        locktag_lockmethodid: pg_sys::DEFAULT_LOCKMETHOD as u8,
+    };
+    let mode = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
+    // SAFETY: a session-level lock (no transaction needed), taken without waiting and released
+    // at once when granted.
+    unsafe {
+        if pg_sys::LockAcquire(&tag, mode, true, true) == pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL {
+            return true;
+        }
+        pg_sys::LockRelease(&tag, mode, true);
+    }
+    false
+}
+
+/// Give this worker's place to a database waiting for one, if any does.
+fn give_way() -> bool {
+    shmem::with_lock(Mode::Exclusive, |locked| {
+        let wanted = locked.shared.workers_wanted > 0;
+        if wanted {
+            locked.shared.workers_wanted -= 1;
+        }
+        wanted
+    })
+    .unwrap_or(false)
+}
+
 #[pg_guard]
-unsafe extern "C-unwind" fn detach_on_exit(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
-    rendezvous::detach_worker();
+unsafe extern "C-unwind" fn detach_on_exit(_code: std::ffi::c_int, arg: pg_sys::Datum) {
+    rendezvous::detach_worker(pg_sys::Oid::from(arg.value() as u32));
+}
+
+/// Why the main loop ended.
+enum Exit {
+    Shutdown,
+    DatabaseChanging,
+    Idle,
+    GaveWay,
 }
 
 #[pg_guard]
 #[unsafe(no_mangle)]
-pub extern "C-unwind" fn wsusage_worker_main(_arg: pg_sys::Datum) {
+pub extern "C-unwind" fn wsusage_worker_main(arg: pg_sys::Datum) {
+    let database = pg_sys::Oid::from(arg.value() as u32);
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let database = settings::database();
-    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    // A database dropped meanwhile ends this process here (FATAL); the launcher sees it stop.
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(database), None);
+    if !rendezvous::attach_worker(database) {
+        // Another worker serves the database, or nothing of it is pending any more.
+        // SAFETY: ends this process; a dynamic worker is never restarted by the postmaster.
+        unsafe { pg_sys::proc_exit(0) }
+    }
     // SAFETY: plain calls on this process's own state; the exit callback is registered once.
     unsafe {
         pg_sys::pgstat_report_appname(c"wsusage".as_ptr());
-        rendezvous::attach_worker();
-        pg_sys::before_shmem_exit(Some(detach_on_exit), pg_sys::Datum::from(0));
+        pg_sys::before_shmem_exit(Some(detach_on_exit), pg_sys::Datum::from(database.to_u32()));
     }
-    log!(
-        "wsusage worker started: flushing pending marks to database \"{database}\" every {} ms",
-        settings::flush_interval().as_millis()
-    );
-
-    let mut flusher = Flusher::new();
+    let mut flusher = Flusher::new(database);
+    debug1!("wsusage flush worker started in database \"{}\"", flusher.database_name());
     apply_settings(&mut flusher);
-    // Marks carried over from a previous worker (or made before this one started) go out at once.
+
+    // The launcher started this worker because the database is due: flush at once.
     let mut last_flush: Option<Instant> = None;
-    while !shutdown_requested() {
+    let exit = loop {
+        if shutdown_requested() {
+            break Exit::Shutdown;
+        }
         if reload_settings_if_asked() {
             apply_settings(&mut flusher);
         }
+        if database_is_being_changed(database) {
+            break Exit::DatabaseChanging;
+        }
         let interval = settings::flush_interval();
         let next_flush = last_flush.map_or_else(Instant::now, |at| at + interval);
-        let past_high_water =
-            stats::consecutive_failures() == 0 && pending::len().unwrap_or(0) >= pending::high_water_mark();
-        if Instant::now() >= next_flush || rendezvous::flush_requested() || past_high_water {
-            flusher.flush();
+        let past_high_water = stats::consecutive_failures(database) == 0 && pending::past_high_water();
+        if Instant::now() >= next_flush || rendezvous::flush_requested(database) || past_high_water {
+            let taken = flusher.flush();
             last_flush = Some(Instant::now());
+            if taken == 0 && pending::len_of(database) == 0 {
+                break Exit::Idle;
+            }
+            if give_way() {
+                break Exit::GaveWay;
+            }
             continue;
         }
-        let timeout_ms = next_flush.saturating_duration_since(Instant::now()).as_millis().max(1);
-        // SAFETY: waiting on our own latch; WL_EXIT_ON_PM_DEATH ends the process should the
-        // postmaster die. The latch is reset before the loop re-checks every condition, so no
-        // wake-up is lost.
-        unsafe {
-            pg_sys::WaitLatch(
-                pg_sys::MyLatch,
-                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-                std::ffi::c_long::try_from(timeout_ms).unwrap_or(std::ffi::c_long::MAX),
-                pg_sys::PG_WAIT_EXTENSION,
-            );
-            pg_sys::ResetLatch(pg_sys::MyLatch);
-            // A cancel (pg_cancel_backend, or a statement timeout that fired just after a chunk
-            // ended) has no statement to cancel while idle: drop it instead of raising an ERROR
-            // that would end the worker.
-            (&raw mut pg_sys::QueryCancelPending).write_volatile(0);
-        }
-        check_for_interrupts!();
-    }
+        wait(next_flush.saturating_duration_since(Instant::now()).min(DATABASE_CHECK_INTERVAL));
+    };
 
-    // Whatever was marked up to now must not wait for the next server start (or be lost).
-    flusher.flush();
-    log!("wsusage worker shutting down after its final flush");
-    // SAFETY: ends this process; exit code 1 asks the postmaster to restart the worker unless
-    // the server is shutting down.
-    unsafe { pg_sys::proc_exit(1) }
+    match exit {
+        Exit::Shutdown if !database_is_being_changed(database) => {
+            // Whatever was marked up to now must not wait for the next server start (or be lost).
+            flusher.flush();
+            debug1!("wsusage flush worker shutting down after its final flush");
+        }
+        Exit::Shutdown | Exit::DatabaseChanging => log!(
+            "wsusage flush worker is leaving database \"{}\": the database is being dropped, renamed or copied",
+            flusher.database_name()
+        ),
+        Exit::Idle => debug1!("wsusage flush worker exiting: nothing was marked for a whole interval"),
+        Exit::GaveWay => debug1!("wsusage flush worker exiting: another database waits for a worker"),
+    }
+    // SAFETY: ends this process; a dynamic worker is never restarted by the postmaster, the
+    // launcher starts a new one when the database is due again.
+    unsafe { pg_sys::proc_exit(0) }
 }

@@ -224,18 +224,34 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("connect to {database}: {e}\nserver log:\n{}", self.log()))
     }
 
-    /// Create the extension and a `workspaces` table of `rows` rows with NULL `last_used_at`,
-    /// and wait until the worker is idle (its start-up flush behind it, so that it cannot take
-    /// the test's first marks); returns a client and the ids.
+    /// Create the extension and a `workspaces` table of `rows` rows with NULL `last_used_at`
+    /// in database `postgres`, and wait until the launcher runs (so `wsusage_flush()` is served
+    /// at once); returns a client and the ids.
     pub fn with_workspaces(&self, rows: usize) -> (Client, Vec<Uuid>) {
-        let (mut client, ids) = self.with_workspaces_and_no_worker(rows);
-        self.wait_for_worker(&mut client, None);
+        self.with_workspaces_in("postgres", rows)
+    }
+
+    /// As [`Cluster::with_workspaces`], in `database` (created if it does not exist).
+    pub fn with_workspaces_in(&self, database: &str, rows: usize) -> (Client, Vec<Uuid>) {
+        let (mut client, ids) = self.with_workspaces_and_no_worker_in(database, rows);
+        self.wait_for_launcher(&mut client);
         (client, ids)
     }
 
-    /// As [`Cluster::with_workspaces`], for a cluster whose worker cannot run.
+    /// As [`Cluster::with_workspaces`], for a cluster whose launcher cannot run.
     pub fn with_workspaces_and_no_worker(&self, rows: usize) -> (Client, Vec<Uuid>) {
-        let mut client = self.connect();
+        self.with_workspaces_and_no_worker_in("postgres", rows)
+    }
+
+    fn with_workspaces_and_no_worker_in(&self, database: &str, rows: usize) -> (Client, Vec<Uuid>) {
+        if database != "postgres" {
+            let mut admin = self.connect();
+            let exists = admin.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&database]).unwrap();
+            if exists.is_none() {
+                admin.batch_execute(&format!("CREATE DATABASE {database}")).expect("create database");
+            }
+        }
+        let mut client = self.connect_to(database);
         client
             .batch_execute(
                 "CREATE EXTENSION wsusage;
@@ -247,23 +263,41 @@ impl Cluster {
         (client, ids)
     }
 
-    /// Pid of the wsusage worker as pg_stat_activity shows it.
+    /// Pid of the flush worker of the client's database as pg_stat_activity shows it.
     pub fn worker_pid(&self, client: &mut Client) -> Option<i32> {
         client
-            .query_opt("SELECT pid FROM pg_stat_activity WHERE backend_type = 'wsusage'", &[])
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'wsusage' AND datname = current_database()",
+                &[],
+            )
             .expect("query pg_stat_activity")
             .map(|row| row.get(0))
     }
 
-    /// Wait until a worker other than `not` is running and idle on its latch (so its start-up
-    /// flush is behind it); returns its pid.
+    /// Wait until a flush worker other than `not` runs in the client's database, idle on its
+    /// latch (its flush behind it); returns its pid. A worker starts when its database has a
+    /// flush due, for instance after a mark and `wsusage_flush()`.
     pub fn wait_for_worker(&self, client: &mut Client, not: Option<i32>) -> i32 {
+        self.wait_for_backend(client, "wsusage", not)
+    }
+
+    /// Wait until the launcher other than `not` runs, idle on its latch; returns its pid.
+    pub fn wait_for_launcher_other_than(&self, client: &mut Client, not: Option<i32>) -> i32 {
+        self.wait_for_backend(client, "wsusage launcher", not)
+    }
+
+    pub fn wait_for_launcher(&self, client: &mut Client) -> i32 {
+        self.wait_for_launcher_other_than(client, None)
+    }
+
+    fn wait_for_backend(&self, client: &mut Client, backend_type: &str, not: Option<i32>) -> i32 {
         let mut pid = None;
-        wait_until("the wsusage worker to run", || {
+        wait_until(&format!("a {backend_type} process to run"), || {
             pid = client
                 .query_opt(
-                    "SELECT pid FROM pg_stat_activity WHERE backend_type = 'wsusage' AND wait_event = 'Extension'",
-                    &[],
+                    "SELECT pid FROM pg_stat_activity WHERE backend_type = $1 AND wait_event = 'Extension'
+                        AND (datname IS NULL OR datname = current_database())",
+                    &[&backend_type],
                 )
                 .expect("query pg_stat_activity")
                 .map(|row| row.get::<_, i32>(0))

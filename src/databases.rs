@@ -1,0 +1,82 @@
+//! Per-database state: one [`DatabaseSlot`] in shared memory for each database with marks.
+//!
+//! A slot is claimed by the first mark made in a database (or its first `wsusage_flush()`),
+//! holds that database's pending count, flush worker, rendezvous and counters, and is recycled
+//! when idle and another database needs one, or freed by the launcher once the database is
+//! dropped. Every function here runs under the wsusage lock (see `shmem`).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use pgrx::pg_sys;
+
+use crate::rendezvous::Requests;
+use crate::shmem::Locked;
+use crate::stats::Stats;
+
+#[repr(C)]
+pub struct DatabaseSlot {
+    /// The database this slot serves; `InvalidOid` when free.
+    pub database: pg_sys::Oid,
+    /// Ids of this database in the pending set.
+    pub pending: u64,
+    /// When the slot was claimed (`TimestampTz`): a database's first flush is due one interval
+    /// after its first mark, as every later one is due one interval after the previous flush.
+    pub claimed_at: i64,
+    /// Pid of the flush worker connected to this database, 0 when none is attached.
+    pub worker_pid: i32,
+    /// That worker's latch, null when none is attached.
+    pub worker_latch: *mut pg_sys::Latch,
+    /// Incremented by every worker that attaches, so the launcher can tell a worker that ran from
+    /// one that never got connected.
+    pub worker_starts: u64,
+    pub requests: Requests,
+    pub stats: Stats,
+}
+
+impl DatabaseSlot {
+    /// Nothing depends on this slot: it may be given to another database.
+    fn is_idle(&self) -> bool {
+        self.pending == 0 && self.worker_pid == 0 && !self.requests.waiting()
+    }
+}
+
+/// Index of this backend's slot, as last found: a backend's database never changes, so a mark
+/// usually checks one slot instead of searching them all.
+static LAST_FOUND: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+/// Index of `database`'s slot. Caller must hold the lock (either mode).
+pub fn find(locked: &Locked<'_>, database: pg_sys::Oid) -> Option<usize> {
+    let cached = LAST_FOUND.load(Ordering::Relaxed);
+    if locked.slots.get(cached).is_some_and(|slot| slot.database == database) {
+        return Some(cached);
+    }
+    let found = locked.slots.iter().position(|slot| slot.database == database)?;
+    LAST_FOUND.store(found, Ordering::Relaxed);
+    Some(found)
+}
+
+/// Index of `database`'s slot, claiming a free or idle one if it has none; `None` when every
+/// slot serves another database that still needs it. Caller must hold the lock exclusively.
+pub fn claim(locked: &mut Locked<'_>, database: pg_sys::Oid, now: i64) -> Option<usize> {
+    if let Some(index) = find(locked, database) {
+        return Some(index);
+    }
+    let free = locked.slots.iter().position(|slot| slot.database == pg_sys::InvalidOid);
+    let index = free.or_else(|| locked.slots.iter().position(DatabaseSlot::is_idle))?;
+    let slot = &mut locked.slots[index];
+    slot.database = database;
+    slot.pending = 0;
+    slot.claimed_at = now;
+    slot.worker_pid = 0;
+    slot.worker_latch = std::ptr::null_mut();
+    slot.worker_starts = 0;
+    slot.requests = Requests::new();
+    slot.stats = Stats { stats_reset: now, ..crate::stats::zeroed() };
+    LAST_FOUND.store(index, Ordering::Relaxed);
+    Some(index)
+}
+
+/// Give the slot back. Caller must hold the lock exclusively.
+pub fn free(locked: &mut Locked<'_>, index: usize) {
+    locked.slots[index].database = pg_sys::InvalidOid;
+}

@@ -1,0 +1,284 @@
+//! The launcher: a background worker, started with the server, that connects to no database and
+//! starts one flush worker per database that is due for a flush (dynamic background workers,
+//! connected by OID), at most `wsusage.max_workers` at once.
+//!
+//! A database is due when it has ids pending and an interval has passed since its last flush
+//! (or its first mark), when a `wsusage_flush()` caller waits, or when the set passed its
+//! high-water mark. Each round the launcher also reads `pg_database` (a shared catalog, so no
+//! database connection is needed, as for PostgreSQL's own logical replication launcher): the
+//! marks of a database that no longer exists are discarded and counted (`ids_discarded`), never
+//! applied elsewhere. A database whose worker cannot start or connect is retried after a delay,
+//! and its `wsusage_flush()` callers are told why; it never holds up another database, since
+//! each has its own worker.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, BgWorkerStartTime};
+use pgrx::bgworkers::{DynamicBackgroundWorker, SignalWakeFlags};
+use pgrx::pg_sys::errcodes::PgSqlErrorCode;
+use pgrx::prelude::*;
+
+use crate::pending;
+use crate::rendezvous;
+use crate::settings;
+use crate::shmem::{self, Mode};
+use crate::stats;
+use crate::worker;
+
+/// Seconds the postmaster waits before restarting the launcher after it exits or fails.
+const RESTART_DELAY: Duration = Duration::from_secs(5);
+
+/// Longest the launcher sleeps: it notices due databases, dropped ones and stopped workers at
+/// least this often (a stopped worker or a mark past the high-water mark wakes it at once).
+const ROUND_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long a database whose worker could not start or connect waits before the next attempt.
+const RETRY_DELAY: Duration = Duration::from_secs(5);
+
+/// `datconnlimit` of a database left invalid by an interrupted DROP DATABASE.
+const DATCONNLIMIT_INVALID_DB: i32 = -2;
+
+pub fn register() {
+    BackgroundWorkerBuilder::new("wsusage launcher")
+        .set_type("wsusage launcher")
+        .set_library("wsusage")
+        .set_function("wsusage_launcher_main")
+        .enable_spi_access()
+        // Never on a hot standby (nothing could be written); it starts when the standby is
+        // promoted.
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(Some(RESTART_DELAY))
+        .load();
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn detach_on_exit(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
+    rendezvous::detach_launcher();
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn wsusage_launcher_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    // No database: the launcher reads only the shared catalog pg_database.
+    BackgroundWorker::connect_worker_to_spi(None, None);
+    rendezvous::attach_launcher();
+    // SAFETY: registers our exit callback once, in this process.
+    unsafe { pg_sys::before_shmem_exit(Some(detach_on_exit), pg_sys::Datum::from(0)) };
+    log!(
+        "wsusage launcher started: flushing pending marks every {} ms with up to {} workers",
+        settings::flush_interval().as_millis(),
+        settings::max_workers()
+    );
+    let mut launcher = Launcher::default();
+    while !worker::shutdown_requested() {
+        worker::reload_settings_if_asked();
+        launcher.round();
+        worker::wait(ROUND_INTERVAL);
+    }
+    // Running workers get the shutdown signal from the postmaster themselves and make their
+    // final flushes; no new worker can start during a shutdown.
+    // SAFETY: ends this process; exit code 1 asks the postmaster to restart the launcher unless
+    // the server is shutting down.
+    unsafe { pg_sys::proc_exit(1) }
+}
+
+struct Started {
+    handle: DynamicBackgroundWorker,
+    /// The slot's `worker_starts` when this worker was launched: unchanged after it stopped
+    /// means it never got connected.
+    starts_before: u64,
+}
+
+#[derive(Default)]
+struct Launcher {
+    /// Workers this launcher started and has not yet seen stop.
+    started: HashMap<pg_sys::Oid, Started>,
+    /// Databases whose worker could not start or connect, and when to try again.
+    retry_at: HashMap<pg_sys::Oid, Instant>,
+    /// Whether the last failure to register a worker was logged, so a lasting shortage of
+    /// background worker slots is said once.
+    register_failure_logged: bool,
+}
+
+/// A slot as the launcher sees it in one round.
+struct SlotView {
+    database: pg_sys::Oid,
+    pending: u64,
+    waiting: bool,
+    worker_pid: i32,
+    worker_latch: *mut pg_sys::Latch,
+    worker_starts: u64,
+    /// Last flush, or when the slot was claimed (`TimestampTz`).
+    last_flush_at: i64,
+}
+
+fn slots() -> Vec<SlotView> {
+    let mut out = Vec::with_capacity(settings::max_databases());
+    shmem::with_lock(Mode::Shared, |locked| {
+        for slot in locked.slots.iter().filter(|slot| slot.database != pg_sys::InvalidOid) {
+            // The buffer has a place per slot: no push allocates under the lock.
+            out.push(SlotView {
+                database: slot.database,
+                pending: slot.pending,
+                waiting: slot.requests.waiting(),
+                worker_pid: slot.worker_pid,
+                worker_latch: slot.worker_latch,
+                worker_starts: slot.worker_starts,
+                last_flush_at: slot.stats.last_flush_at.max(slot.claimed_at),
+            });
+        }
+    });
+    out
+}
+
+fn now() -> i64 {
+    // SAFETY: reads the clock.
+    unsafe { pg_sys::GetCurrentTimestamp() }
+}
+
+impl Launcher {
+    fn round(&mut self) {
+        let mut views = slots();
+        let failed = self.reap(&views);
+        self.forget_dropped(&mut views);
+        for database in failed {
+            if views.iter().any(|view| view.database == database) {
+                let message = format!("wsusage flush worker could not connect to database {}", database.to_u32());
+                self.worker_unavailable(database, PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE, &message);
+            }
+        }
+        self.start_due(&views);
+    }
+
+    /// Forget the workers that stopped; returns the databases whose worker stopped without ever
+    /// attaching (it could not connect).
+    fn reap(&mut self, views: &[SlotView]) -> Vec<pg_sys::Oid> {
+        let mut failed = Vec::new();
+        self.started.retain(|database, started| match started.handle.pid() {
+            Err(BackgroundWorkerStatus::Stopped | BackgroundWorkerStatus::PostmasterDied) => {
+                let starts = views.iter().find(|view| view.database == *database).map(|view| view.worker_starts);
+                if starts.is_some_and(|starts| starts == started.starts_before) {
+                    failed.push(*database);
+                }
+                false
+            }
+            _ => true,
+        });
+        failed
+    }
+
+    /// Discard the marks of databases that no longer exist.
+    fn forget_dropped(&mut self, views: &mut Vec<SlotView>) {
+        if views.is_empty() {
+            return;
+        }
+        let existing = existing_databases();
+        views.retain(|view| {
+            // A worker still attached is connected to its database: it exists, or is being
+            // dropped and the worker is on its way out.
+            if existing.contains(&view.database) || view.worker_pid != 0 {
+                return true;
+            }
+            let discarded = pending::discard(view.database);
+            log!(
+                "wsusage discarded {discarded} pending ids of database {}, which no longer exists",
+                view.database.to_u32()
+            );
+            self.retry_at.remove(&view.database);
+            false
+        });
+    }
+
+    /// Tell the database's callers and the DBA that no worker could serve it, and wait a while
+    /// before the next attempt.
+    fn worker_unavailable(&mut self, database: pg_sys::Oid, code: PgSqlErrorCode, message: &str) {
+        stats::record_problem(database, message, now());
+        rendezvous::fail_waiting(database, code as i32, message);
+        self.retry_at.insert(database, Instant::now() + RETRY_DELAY);
+    }
+
+    fn start_due(&mut self, views: &[SlotView]) {
+        let interval_us = i64::try_from(settings::flush_interval().as_micros()).unwrap_or(i64::MAX);
+        let now = now();
+        let past_high_water = pending::past_high_water();
+        let mut running =
+            views.iter().filter(|view| view.worker_pid != 0 || self.started.contains_key(&view.database)).count();
+        // The longest-waiting databases first.
+        let mut due: Vec<&SlotView> = views
+            .iter()
+            .filter(|view| view.worker_pid == 0 && !self.started.contains_key(&view.database))
+            .filter(|view| self.retry_at.get(&view.database).is_none_or(|at| Instant::now() >= *at))
+            .filter(|view| {
+                view.waiting
+                    || (view.pending > 0 && (past_high_water || now.saturating_sub(view.last_flush_at) >= interval_us))
+            })
+            .collect();
+        due.sort_by_key(|view| view.last_flush_at);
+
+        let mut wanted = 0u32;
+        for view in due {
+            if running >= settings::max_workers() {
+                wanted += 1;
+                continue;
+            }
+            // SAFETY: a plain read of this process's pid.
+            let launcher_pid = unsafe { pg_sys::MyProcPid };
+            match worker::start(view.database, launcher_pid) {
+                Some(handle) => {
+                    self.started.insert(view.database, Started { handle, starts_before: view.worker_starts });
+                    self.retry_at.remove(&view.database);
+                    self.register_failure_logged = false;
+                    running += 1;
+                }
+                None => {
+                    let message = "could not start a wsusage flush worker: no background worker slot is free";
+                    if !self.register_failure_logged {
+                        warning!("{message}; raise \"max_worker_processes\" (the marks stay pending)");
+                        self.register_failure_logged = true;
+                    }
+                    self.worker_unavailable(view.database, PgSqlErrorCode::ERRCODE_INSUFFICIENT_RESOURCES, message);
+                }
+            }
+        }
+        shmem::with_lock(Mode::Exclusive, |locked| locked.shared.workers_wanted = wanted);
+
+        // Running workers flush early too when the set is past its high-water mark.
+        if past_high_water {
+            for view in views.iter().filter(|view| !view.worker_latch.is_null()) {
+                // SAFETY: a latch in a PGPROC, in shared memory for the server's lifetime.
+                unsafe { pg_sys::SetLatch(view.worker_latch) };
+            }
+        }
+    }
+}
+
+/// OIDs of the databases that exist and are valid, read from the shared catalog pg_database.
+fn existing_databases() -> HashSet<pg_sys::Oid> {
+    let mut existing = HashSet::new();
+    // SAFETY: a catalog scan in a transaction of its own, as autovacuum's launcher reads the
+    // database list; pg_database is a shared catalog, readable without a database connection.
+    // GETSTRUCT points at the tuple's fixed-size columns, which FormData_pg_database describes.
+    unsafe {
+        pg_sys::StartTransactionCommand();
+        let _ = pg_sys::GetTransactionSnapshot();
+        let lockmode = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
+        let relation = pg_sys::table_open(pg_sys::DatabaseRelationId, lockmode);
+        let scan = pg_sys::table_beginscan_catalog(relation, 0, std::ptr::null_mut());
+        loop {
+            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+            if tuple.is_null() {
+                break;
+            }
+            let form = pg_sys::GETSTRUCT(tuple).cast::<pg_sys::FormData_pg_database>();
+            if (*form).datconnlimit != DATCONNLIMIT_INVALID_DB {
+                existing.insert((*form).oid);
+            }
+        }
+        pg_sys::table_endscan(scan);
+        pg_sys::table_close(relation, lockmode);
+        pg_sys::CommitTransactionCommand();
+    }
+    existing
+}

@@ -19,9 +19,9 @@ pub struct DatabaseSlot {
     pub database: pg_sys::Oid,
     /// Ids of this database in the pending set.
     pub pending: u64,
-    /// When the slot was claimed (`TimestampTz`): a database's first flush is due one interval
-    /// after its first mark, as every later one is due one interval after the previous flush.
-    pub claimed_at: i64,
+    /// Start of the database's current interval (`TimestampTz`): when the slot was claimed, then
+    /// when each flush took its snapshot. The next flush is due one interval later.
+    pub interval_start: i64,
     /// Pid of the flush worker connected to this database, 0 when none is attached.
     pub worker_pid: i32,
     /// That worker's latch, null when none is attached.
@@ -66,7 +66,7 @@ pub fn claim(locked: &mut Locked<'_>, database: pg_sys::Oid, now: i64) -> Option
     let slot = &mut locked.slots[index];
     slot.database = database;
     slot.pending = 0;
-    slot.claimed_at = now;
+    slot.interval_start = now;
     slot.worker_pid = 0;
     slot.worker_latch = std::ptr::null_mut();
     slot.worker_starts = 0;

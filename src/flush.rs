@@ -99,12 +99,12 @@ impl Flusher {
     /// callers; returns the number of ids taken from the set.
     pub fn flush(&mut self) -> u64 {
         let database = self.database;
-        let up_to_request = pending::snapshot(database, &mut self.batch);
+        let started_at = now();
+        let up_to_request = pending::snapshot(database, &mut self.batch, started_at);
         if self.batch.is_empty() {
             rendezvous::publish(database, up_to_request, &rendezvous::Result::Applied { ids: 0 });
             return 0;
         }
-        let started_at = now();
         let ids = self.batch.len() as u64;
         self.batch.sort_unstable_by_key(|entry| entry.key.id);
 
@@ -219,7 +219,7 @@ fn database_name(database: pg_sys::Oid) -> String {
     }
 }
 
-fn now() -> i64 {
+pub fn now() -> i64 {
     // SAFETY: reads the clock.
     unsafe { pg_sys::GetCurrentTimestamp() }
 }

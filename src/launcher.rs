@@ -1,10 +1,11 @@
 //! The launcher: a background worker, started with the server, that connects to no database and
-//! starts one flush worker per database that is due for a flush (dynamic background workers,
-//! connected by OID), at most `wsusage.max_workers` at once.
+//! starts one flush worker per database with marks pending (dynamic background workers,
+//! connected by OID), at most `wsusage.max_workers` at once. The first mark of a database wakes
+//! it, so a worker is there for the final flush at shutdown, when no worker can start any more;
+//! the worker itself times its flushes. Beyond the cap, the databases that have waited longest
+//! go first, and workers give way after a flush (see `worker`).
 //!
-//! A database is due when it has ids pending and an interval has passed since its last flush
-//! (or its first mark), when a `wsusage_flush()` caller waits, or when the set passed its
-//! high-water mark. Each round the launcher also reads `pg_database` (a shared catalog, so no
+//! Each round the launcher also reads `pg_database` (a shared catalog, so no
 //! database connection is needed, as for PostgreSQL's own logical replication launcher): the
 //! marks of a database that no longer exists are discarded and counted (`ids_discarded`), never
 //! applied elsewhere. A database whose worker cannot start or connect is retried after a delay,
@@ -110,8 +111,7 @@ struct SlotView {
     worker_pid: i32,
     worker_latch: *mut pg_sys::Latch,
     worker_starts: u64,
-    /// Last flush, or when the slot was claimed (`TimestampTz`).
-    last_flush_at: i64,
+    interval_start: i64,
 }
 
 fn slots() -> Vec<SlotView> {
@@ -126,7 +126,7 @@ fn slots() -> Vec<SlotView> {
                 worker_pid: slot.worker_pid,
                 worker_latch: slot.worker_latch,
                 worker_starts: slot.worker_starts,
-                last_flush_at: slot.stats.last_flush_at.max(slot.claimed_at),
+                interval_start: slot.interval_start,
             });
         }
     });
@@ -200,8 +200,6 @@ impl Launcher {
     }
 
     fn start_due(&mut self, views: &[SlotView]) {
-        let interval_us = i64::try_from(settings::flush_interval().as_micros()).unwrap_or(i64::MAX);
-        let now = now();
         let past_high_water = pending::past_high_water();
         let mut running =
             views.iter().filter(|view| view.worker_pid != 0 || self.started.contains_key(&view.database)).count();
@@ -210,12 +208,9 @@ impl Launcher {
             .iter()
             .filter(|view| view.worker_pid == 0 && !self.started.contains_key(&view.database))
             .filter(|view| self.retry_at.get(&view.database).is_none_or(|at| Instant::now() >= *at))
-            .filter(|view| {
-                view.waiting
-                    || (view.pending > 0 && (past_high_water || now.saturating_sub(view.last_flush_at) >= interval_us))
-            })
+            .filter(|view| view.waiting || view.pending > 0)
             .collect();
-        due.sort_by_key(|view| view.last_flush_at);
+        due.sort_by_key(|view| view.interval_start);
 
         let mut wanted = 0u32;
         for view in due {

@@ -55,14 +55,23 @@ pub fn mark_all(database: pg_sys::Oid, ids: &[[u8; 16]], now: i64) -> Result<(),
                 }
             }
         }
+        let was_empty = locked.slots[slot].pending == 0;
         locked.slots[slot].pending += added;
         let accepted = match outcome {
             Err(MarkError::Full { marked }) => marked,
             _ => ids.len(),
         };
         stats::count_marks(locked, Some(slot), accepted, ids.len() - accepted);
-        // Only a new id can take the set past its high-water mark.
-        (outcome, if added > 0 { take_high_water_wake(locked) } else { None })
+        // Only a new id can take the set past its high-water mark, or give a database without a
+        // worker its first pending id, for which the launcher starts one.
+        let wake = if added == 0 {
+            None
+        } else if was_empty && locked.slots[slot].worker_pid == 0 {
+            Some(locked.shared.launcher_latch).filter(|latch| !latch.is_null())
+        } else {
+            take_high_water_wake(locked)
+        };
+        (outcome, wake)
     });
     let Some((result, wake)) = result else {
         return Err(MarkError::NotPreloaded);
@@ -142,6 +151,14 @@ pub fn past_high_water() -> bool {
     len().unwrap_or(0) >= high_water_mark()
 }
 
+/// When the current interval of `database` started (`TimestampTz`), if it has a slot.
+pub fn interval_start(database: pg_sys::Oid) -> Option<i64> {
+    shmem::with_lock(Mode::Shared, |locked| {
+        databases::find(locked, database).map(|index| locked.slots[index].interval_start)
+    })
+    .flatten()
+}
+
 /// Number of ids of `database` pending.
 pub fn len_of(database: pg_sys::Oid) -> usize {
     shmem::with_lock(Mode::Shared, |locked| {
@@ -186,12 +203,16 @@ fn copy_locked(locked: &Locked<'_>, database: Option<pg_sys::Oid>, out: &mut Vec
 }
 
 /// Copy the entries of `database` into `out`, whose capacity must be `max_pending` (the
-/// worker's buffer), and return the newest `wsusage_flush()` request the copy covers.
-pub fn snapshot(database: pg_sys::Oid, out: &mut Vec<PendingEntry>) -> u64 {
+/// worker's buffer), start the database's next interval at `now`, and return the newest
+/// `wsusage_flush()` request the copy covers.
+pub fn snapshot(database: pg_sys::Oid, out: &mut Vec<PendingEntry>, now: i64) -> u64 {
     shmem::with_lock(Mode::Exclusive, |locked| {
         let copied = copy_locked(locked, Some(database), out);
         debug_assert!(copied, "the worker's buffer holds max_pending entries");
         locked.shared.high_water_wake_sent = false;
+        if let Some(index) = databases::find(locked, database) {
+            locked.slots[index].interval_start = now;
+        }
         rendezvous::newest_request(locked, database)
     })
     .unwrap_or(0)

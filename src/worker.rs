@@ -1,5 +1,6 @@
-//! A flush worker: one per database with marks pending, started by the launcher, connected to
-//! that database by OID. Its main loop follows autoprewarm's order:
+//! A flush worker: one per database with marks pending, started by the launcher as soon as the
+//! database has some, connected to that database by OID. Being there before it is needed, it
+//! makes the final flush of its database when the server shuts down. Its main loop follows autoprewarm's order:
 //!
 //! 1. install signal handlers (SIGHUP: reload settings; SIGTERM: final flush, then exit);
 //! 2. connect to its database and announce itself in the database's slot (requests now wake it);
@@ -12,9 +13,9 @@
 //! copied (so `DROP DATABASE` never waits for it), after a flush that found nothing marked for a
 //! whole interval (a quiet database gives its place back), and after a flush while other
 //! databases wait for a place (so that, with more databases than `wsusage.max_workers`, they
-//! take turns). The launcher starts a new one when the database is due again.
+//! take turns). The launcher starts a new one when the database has marks again.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, DynamicBackgroundWorker, SignalWakeFlags,
@@ -169,8 +170,6 @@ pub extern "C-unwind" fn wsusage_worker_main(arg: pg_sys::Datum) {
     debug1!("wsusage flush worker started in database \"{}\"", flusher.database_name());
     apply_settings(&mut flusher);
 
-    // The launcher started this worker because the database is due: flush at once.
-    let mut last_flush: Option<Instant> = None;
     let exit = loop {
         if shutdown_requested() {
             break Exit::Shutdown;
@@ -181,12 +180,13 @@ pub extern "C-unwind" fn wsusage_worker_main(arg: pg_sys::Datum) {
         if database_is_being_changed(database) {
             break Exit::DatabaseChanging;
         }
-        let interval = settings::flush_interval();
-        let next_flush = last_flush.map_or_else(Instant::now, |at| at + interval);
+        // The interval runs from the database's first mark or last flush, whichever worker made it.
+        let interval_us = i64::try_from(settings::flush_interval().as_micros()).unwrap_or(i64::MAX);
+        let until_due = pending::interval_start(database)
+            .map_or(0, |start| start.saturating_add(interval_us).saturating_sub(flush::now()));
         let past_high_water = stats::consecutive_failures(database) == 0 && pending::past_high_water();
-        if Instant::now() >= next_flush || rendezvous::flush_requested(database) || past_high_water {
+        if until_due <= 0 || rendezvous::flush_requested(database) || past_high_water {
             let taken = flusher.flush();
-            last_flush = Some(Instant::now());
             if taken == 0 && pending::len_of(database) == 0 {
                 break Exit::Idle;
             }
@@ -195,14 +195,17 @@ pub extern "C-unwind" fn wsusage_worker_main(arg: pg_sys::Datum) {
             }
             continue;
         }
-        wait(next_flush.saturating_duration_since(Instant::now()).min(DATABASE_CHECK_INTERVAL));
+        wait(Duration::from_micros(until_due.unsigned_abs()).min(DATABASE_CHECK_INTERVAL));
     };
 
     match exit {
         Exit::Shutdown if !database_is_being_changed(database) => {
             // Whatever was marked up to now must not wait for the next server start (or be lost).
             flusher.flush();
-            debug1!("wsusage flush worker shutting down after its final flush");
+            log!(
+                "wsusage flush worker for database \"{}\" shutting down after its final flush",
+                flusher.database_name()
+            );
         }
         Exit::Shutdown | Exit::DatabaseChanging => log!(
             "wsusage flush worker is leaving database \"{}\": the database is being dropped, renamed or copied",

@@ -281,6 +281,14 @@ impl Cluster {
         self.wait_for_backend(client, "wsusage", not)
     }
 
+    /// Mark `id` and flush, so that the flush worker of the client's database runs (it stays
+    /// while the database has marks within an interval); returns its pid.
+    pub fn start_worker(&self, client: &mut Client, id: &Uuid) -> i32 {
+        client.execute("SELECT wsusage_mark($1)", &[id]).expect("mark");
+        flush(client);
+        self.wait_for_worker(client, None)
+    }
+
     /// Wait until the launcher other than `not` runs, idle on its latch; returns its pid.
     pub fn wait_for_launcher_other_than(&self, client: &mut Client, not: Option<i32>) -> i32 {
         self.wait_for_backend(client, "wsusage launcher", not)

@@ -42,6 +42,7 @@ fn hostile_setting_values_are_refused_or_name_nothing_and_change_nothing() {
     let cluster = Cluster::start(&[]);
     let (mut client, ids) = cluster.with_workspaces(2);
     client.batch_execute("CREATE TABLE x (i int); INSERT INTO x VALUES (1)").unwrap();
+    cluster.start_worker(&mut client, &ids[1]);
 
     // Unquoted SQL after a name is a syntax error in the setting: refused with a reason.
     for value in ["'workspaces; DROP TABLE x'", "'workspaces WHERE true'", "'a.b.c'", "'\"unclosed'", "''"] {
@@ -71,7 +72,7 @@ fn hostile_setting_values_are_refused_or_name_nothing_and_change_nothing() {
     client.batch_execute(r#"ALTER SYSTEM RESET wsusage."table""#).unwrap();
     client.batch_execute("SELECT pg_reload_conf()").unwrap();
     wait_until("the kept mark to be applied once the setting is fixed", || {
-        client.execute("SELECT wsusage_flush()", &[]).is_ok() && count_used(&mut client) == 1
+        client.execute("SELECT wsusage_flush()", &[]).is_ok() && count_used(&mut client) == 2
     });
 }
 
@@ -102,7 +103,8 @@ fn a_missing_column_or_a_wrong_type_is_reported_and_marks_wait_for_the_fix() {
 #[test]
 fn the_worker_checks_the_target_at_start_and_on_reload() {
     let cluster = Cluster::start(&[]);
-    let (mut client, ids) = cluster.with_workspaces(1);
+    let (mut client, ids) = cluster.with_workspaces(2);
+    cluster.start_worker(&mut client, &ids[1]);
     client.batch_execute("ALTER TABLE workspaces RENAME id TO workspace_id").unwrap();
     client.batch_execute("ALTER SYSTEM SET wsusage.id_column = 'uuid_of_nothing'").unwrap();
     client.batch_execute("SELECT pg_reload_conf()").unwrap();
@@ -113,7 +115,7 @@ fn the_worker_checks_the_target_at_start_and_on_reload() {
     client.batch_execute("SELECT pg_reload_conf()").unwrap();
     client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
     wait_until("a flush into the renamed column", || {
-        client.execute("SELECT wsusage_flush()", &[]).is_ok() && count_used(&mut client) == 1
+        client.execute("SELECT wsusage_flush()", &[]).is_ok() && count_used(&mut client) == 2
     });
     assert_eq!(cluster.log().matches(problem).count(), 1, "said once");
 }

@@ -74,11 +74,11 @@ fn the_worker_writes_as_wsusage_role_and_a_revoked_privilege_keeps_the_marks() {
     let (mut client, ids) = cluster.with_workspaces(5);
 
     // The role does not exist yet: a clear error, the worker stays up, nothing is lost.
-    let worker = cluster.wait_for_worker(&mut client, None);
     client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
     let (code, message, _, _) = flush_error(&mut client);
     assert_eq!(code, "42704");
     assert!(message.contains("role \"usage_writer\""), "{message}");
+    let worker = cluster.wait_for_worker(&mut client, None);
 
     client.batch_execute("CREATE ROLE usage_writer NOLOGIN").unwrap();
     let err = client.execute("SELECT wsusage_flush()", &[]).unwrap_err();
@@ -169,7 +169,6 @@ fn after_drop_extension_the_worker_idles_and_resumes_after_create_extension() {
 fn a_worker_terminated_during_a_flush_finishes_it_and_loses_nothing() {
     let cluster = Cluster::start(&[("wsusage.lock_timeout", "0")]);
     let (mut client, ids) = cluster.with_workspaces(10);
-    let worker = cluster.wait_for_worker(&mut client, None);
     let mut app = cluster.connect();
     app.batch_execute("BEGIN").unwrap();
     app.execute("SELECT FROM workspaces WHERE id = $1 FOR UPDATE", &[&ids[0]]).unwrap();
@@ -179,18 +178,22 @@ fn a_worker_terminated_during_a_flush_finishes_it_and_loses_nothing() {
     client.batch_execute("SET statement_timeout = '100ms'").unwrap();
     client.execute("SELECT wsusage_flush()", &[]).unwrap_err();
     client.batch_execute("RESET statement_timeout").unwrap();
+    let mut worker = None;
     wait_until("the flush to wait on the row lock", || {
-        client
-            .query_opt("SELECT FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'", &[&worker])
+        worker = client
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'wsusage' AND wait_event_type = 'Lock'",
+                &[],
+            )
             .unwrap()
-            .is_some()
+            .map(|row| row.get::<_, i32>(0));
+        worker.is_some()
     });
 
     let terminated: bool = client.query_one("SELECT pg_terminate_backend($1)", &[&worker]).unwrap().get(0);
     assert!(terminated);
     app.batch_execute("COMMIT").unwrap();
-    let second = cluster.wait_for_worker(&mut client, Some(worker));
-    assert_ne!(second, worker);
+    wait_until("the terminated worker to finish its flush and exit", || cluster.worker_pid(&mut client).is_none());
     flush(&mut client);
     nothing_lost(&mut client, "worker terminated during a flush", 10);
 }
@@ -199,7 +202,7 @@ fn a_worker_terminated_during_a_flush_finishes_it_and_loses_nothing() {
 fn after_a_backend_crash_the_cluster_and_worker_come_back_and_only_unflushed_marks_are_lost() {
     let cluster = Cluster::start(&[]);
     let (mut client, ids) = cluster.with_workspaces(20);
-    let worker = cluster.wait_for_worker(&mut client, None);
+    let launcher = cluster.wait_for_launcher(&mut client);
     client.execute("SELECT wsusage_mark_many($1)", &[&ids[..10].to_vec()]).unwrap();
     assert_eq!(flush(&mut client), 10);
     client.execute("SELECT wsusage_mark_many($1)", &[&ids[10..].to_vec()]).unwrap();
@@ -224,8 +227,8 @@ fn after_a_backend_crash_the_cluster_and_worker_come_back_and_only_unflushed_mar
         cluster.log().matches("database system is ready to accept connections").count() >= 2
     });
     let mut client = cluster.connect();
-    let after = cluster.wait_for_worker(&mut client, Some(worker));
-    assert_ne!(after, worker);
+    let after = cluster.wait_for_launcher_other_than(&mut client, Some(launcher));
+    assert_ne!(after, launcher);
     assert!(cluster.log().contains("terminated by signal 9"));
 
     let applied = count_used(&mut client);
@@ -323,11 +326,11 @@ fn a_chunk_slower_than_statement_timeout_is_cancelled_and_retried_later() {
              CREATE TRIGGER slow BEFORE UPDATE ON workspaces FOR EACH ROW EXECUTE FUNCTION slow();",
         )
         .unwrap();
-    let worker = cluster.wait_for_worker(&mut client, None);
     client.execute("SELECT wsusage_mark_many($1)", &[&ids]).unwrap();
     let (code, message, _, _) = flush_error(&mut client);
     assert_eq!(code, "57014");
     assert!(message.contains("statement timeout"), "{message}");
+    let worker = cluster.wait_for_worker(&mut client, None);
 
     client.batch_execute("DROP TRIGGER slow ON workspaces").unwrap();
     assert_eq!(flush(&mut client), 3);

@@ -149,6 +149,14 @@ fn the_functions_are_volatile_and_parallel_unsafe() {
         (
             "wsusage_stats",
             "TABLE(pending bigint, capacity bigint, marks bigint, flushes bigint, ids_flushed bigint, \
+             rows_updated bigint, ids_without_row bigint, ids_discarded bigint, failures bigint, \
+             consecutive_failures bigint, rejected bigint, last_flush_at timestamp with time zone, \
+             last_flush_duration interval, last_error text, last_error_at timestamp with time zone, \
+             databases bigint, workers bigint, launcher_pid integer, stats_reset timestamp with time zone)",
+        ),
+        (
+            "wsusage_stats_by_database",
+            "TABLE(datid oid, datname text, pending bigint, marks bigint, flushes bigint, ids_flushed bigint, \
              rows_updated bigint, ids_without_row bigint, failures bigint, consecutive_failures bigint, \
              rejected bigint, last_flush_at timestamp with time zone, last_flush_duration interval, \
              last_error text, last_error_at timestamp with time zone, worker_pid integer, \

@@ -19,7 +19,7 @@ fn counter(row: &Row, column: &str) -> i64 {
 fn stats_count_marks_flushes_and_what_each_flush_wrote() {
     let cluster = Cluster::start(&[]);
     let (mut client, ids) = cluster.with_workspaces(10);
-    let worker = cluster.wait_for_worker(&mut client, None);
+    let launcher = cluster.wait_for_launcher(&mut client);
 
     let fresh = stats(&mut client);
     assert_eq!(counter(&fresh, "marks"), 0);
@@ -43,7 +43,15 @@ fn stats_count_marks_flushes_and_what_each_flush_wrote() {
     assert_eq!(counter(&after, "ids_without_row"), 1);
     assert_eq!(counter(&after, "failures"), 0);
     assert_eq!(counter(&after, "rejected"), 0);
-    assert_eq!(after.get::<_, Option<i32>>("worker_pid"), Some(worker));
+    assert_eq!(after.get::<_, Option<i32>>("launcher_pid"), Some(launcher));
+    assert_eq!((counter(&after, "databases"), counter(&after, "workers")), (1, 1));
+    let worker = cluster.wait_for_worker(&mut client, None);
+    let by_database = client.query_one("SELECT * FROM wsusage_stats_by_database", &[]).unwrap();
+    assert_eq!(by_database.get::<_, Option<String>>("datname").as_deref(), Some("postgres"));
+    assert_eq!(by_database.get::<_, Option<i32>>("worker_pid"), Some(worker));
+    for column in ["marks", "flushes", "ids_flushed", "rows_updated", "ids_without_row", "failures", "rejected"] {
+        assert_eq!(counter(&by_database, column), counter(&after, column), "{column}: one database, same counts");
+    }
     assert!(after.get::<_, Option<chrono::DateTime<chrono::Utc>>>("last_flush_at").is_some());
     let took: bool =
         client.query_one("SELECT last_flush_duration >= interval '0' FROM wsusage_stats", &[]).unwrap().get(0);

@@ -1,5 +1,5 @@
-//! On a hot standby nothing can be written: marks are refused and no worker runs, until the
-//! standby is promoted.
+//! On a hot standby nothing can be written: marks are refused and neither launcher nor worker
+//! runs, until the standby is promoted.
 
 use wsusage_tests::*;
 
@@ -24,14 +24,18 @@ fn a_standby_refuses_marks_runs_no_worker_and_starts_one_when_promoted() {
     assert_eq!(sqlstate(&err), "25006");
 
     std::thread::sleep(std::time::Duration::from_secs(1));
-    assert_eq!(standby.worker_pid(&mut client), None, "no worker on a hot standby");
+    let ours: i64 = client
+        .query_one("SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'wsusage%'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(ours, 0, "no launcher or worker on a hot standby");
 
     // The old primary goes away, the standby is promoted, and the worker starts there.
     drop(on_primary);
     drop(primary);
     let promoted: bool = client.query_one("SELECT pg_promote()", &[]).unwrap().get(0);
     assert!(promoted);
-    standby.wait_for_worker(&mut client, None);
+    standby.wait_for_launcher(&mut client);
 
     client.execute("SELECT wsusage_mark($1)", &[&ids[1]]).unwrap();
     assert_eq!(flush(&mut client), 1);

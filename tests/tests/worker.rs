@@ -43,12 +43,12 @@ fn a_failed_flush_keeps_its_ids_and_they_are_applied_once_the_cause_is_fixed() {
 fn the_worker_comes_back_after_pg_terminate_backend_and_pending_marks_survive() {
     let cluster = Cluster::start(&[]);
     let (mut client, ids) = cluster.with_workspaces(4);
-    let first = cluster.wait_for_worker(&mut client, None);
 
     // Parked table: the worker's final flush on SIGTERM fails, so the marks are still pending
     // when it exits; a later worker must apply them.
     client.batch_execute("ALTER TABLE workspaces RENAME TO parked").unwrap();
     client.execute("SELECT wsusage_mark_many($1)", &[&ids[..2].to_vec()]).unwrap();
+    let first = cluster.wait_for_worker(&mut client, None);
     let terminated: bool = client.query_one("SELECT pg_terminate_backend($1)", &[&first]).unwrap().get(0);
     assert!(terminated);
     client.execute("SELECT wsusage_mark($1)", &[&ids[2]]).unwrap();
@@ -56,24 +56,26 @@ fn the_worker_comes_back_after_pg_terminate_backend_and_pending_marks_survive() 
 
     let second = cluster.wait_for_worker(&mut client, Some(first));
     assert_ne!(first, second);
-    // The new worker flushes what it finds at start; a flush call waits for whatever is left.
-    let _ = flush(&mut client);
+    assert_eq!(flush(&mut client), 3);
     assert_eq!(count_used(&mut client), 3);
 }
 
 #[test]
-fn the_worker_is_visible_in_pg_stat_activity() {
+fn the_launcher_and_the_worker_of_a_database_with_marks_are_visible_in_pg_stat_activity() {
     let cluster = Cluster::start(&[]);
-    let mut client = cluster.connect();
+    let (mut client, ids) = cluster.with_workspaces(1);
+    let workers = "SELECT backend_type, application_name, datname FROM pg_stat_activity
+                    WHERE backend_type LIKE 'wsusage%' ORDER BY backend_type";
+    let seen = |client: &mut Client| -> Vec<(String, String, Option<String>)> {
+        client.query(workers, &[]).unwrap().iter().map(|row| (row.get(0), row.get(1), row.get(2))).collect()
+    };
+    let launcher = ("wsusage launcher".to_owned(), String::new(), None);
+    assert_eq!(seen(&mut client), std::slice::from_ref(&launcher), "no marks: no flush worker");
+
+    client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
     cluster.wait_for_worker(&mut client, None);
-    let row = client
-        .query_one(
-            "SELECT backend_type, application_name, datname FROM pg_stat_activity WHERE backend_type = 'wsusage'",
-            &[],
-        )
-        .unwrap();
-    let (backend_type, application, database): (String, String, String) = (row.get(0), row.get(1), row.get(2));
-    assert_eq!((backend_type.as_str(), application.as_str(), database.as_str()), ("wsusage", "wsusage", "postgres"));
+    let worker = ("wsusage".to_owned(), "wsusage".to_owned(), Some("postgres".to_owned()));
+    assert_eq!(seen(&mut client), [worker, launcher], "the first mark starts the database's worker");
 }
 
 #[test]
@@ -82,6 +84,7 @@ fn a_fast_shutdown_flushes_what_was_marked_just_before_it() {
     let (mut client, ids) = cluster.with_workspaces(3);
     let before = now_us();
     client.execute("SELECT wsusage_mark_many($1)", &[&ids[..2].to_vec()]).unwrap();
+    cluster.wait_for_worker(&mut client, None);
     drop(client);
 
     cluster.stop("fast");
@@ -90,7 +93,9 @@ fn a_fast_shutdown_flushes_what_was_marked_just_before_it() {
     let mut client = cluster.connect();
     assert_eq!(count_used(&mut client), 2);
     assert!(last_used(&mut client, &ids[1]).unwrap() >= before);
-    assert!(cluster.log().contains("wsusage worker shutting down after its final flush"));
+    assert!(cluster
+        .log()
+        .contains("wsusage flush worker for database \"postgres\" shutting down after its final flush"));
 }
 
 #[test]
@@ -98,6 +103,7 @@ fn a_smart_shutdown_flushes_too() {
     let mut cluster = Cluster::start(&[]);
     let (mut client, ids) = cluster.with_workspaces(1);
     client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
+    cluster.wait_for_worker(&mut client, None);
     drop(client);
 
     cluster.stop("smart");
@@ -161,9 +167,9 @@ fn flush_honours_statement_timeout_and_cancel_while_the_worker_is_blocked() {
 }
 
 #[test]
-fn the_worker_updates_the_database_named_by_wsusage_database_even_one_created_later() {
-    // The database does not exist when the server starts: the worker fails to connect, and the
-    // postmaster restarts it until it can.
+fn wsusage_database_may_name_a_database_created_later() {
+    // The database does not exist when the server starts; marks made there once it does are
+    // flushed there.
     let cluster = Cluster::start(&[("wsusage.database", "'app'")]);
     let mut admin = cluster.connect();
     admin.batch_execute("CREATE EXTENSION wsusage").unwrap();
@@ -180,7 +186,7 @@ fn the_worker_updates_the_database_named_by_wsusage_database_even_one_created_la
     assert_eq!(flush(&mut app), 1);
     assert_eq!(count_used(&mut app), 1);
 
-    // In the database the worker does not serve, marks are refused rather than lost.
+    // In the other databases, marks are refused rather than lost.
     let err = admin.batch_execute("SELECT wsusage_mark(gen_random_uuid())").unwrap_err();
     assert_eq!(sqlstate(&err), "55000");
 }
@@ -189,7 +195,7 @@ fn the_worker_updates_the_database_named_by_wsusage_database_even_one_created_la
 fn pg_cancel_backend_on_the_idle_worker_does_not_end_it() {
     let cluster = Cluster::start(&[]);
     let (mut client, ids) = cluster.with_workspaces(1);
-    let worker = cluster.wait_for_worker(&mut client, None);
+    let worker = cluster.start_worker(&mut client, &ids[0]);
     let cancelled: bool = client.query_one("SELECT pg_cancel_backend($1)", &[&worker]).unwrap().get(0);
     assert!(cancelled);
     client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();

@@ -1,0 +1,233 @@
+//! Every database: marks are flushed in the database they were made in, by that database's own
+//! worker, so one database's trouble never holds up another's.
+
+use std::thread;
+use std::time::Duration;
+
+use uuid::Uuid;
+use wsusage_tests::*;
+
+/// Create `name` with the extension and a workspaces table holding `ids`; a client to it.
+fn database_with(cluster: &Cluster, name: &str, ids: &[Uuid]) -> Client {
+    cluster.connect().batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+    let mut client = cluster.connect_to(name);
+    client
+        .batch_execute(
+            "CREATE EXTENSION wsusage;
+             CREATE TABLE workspaces (id uuid PRIMARY KEY, last_used_at timestamptz);",
+        )
+        .unwrap();
+    client.execute("INSERT INTO workspaces (id) SELECT unnest($1::uuid[])", &[&ids]).unwrap();
+    client
+}
+
+fn used_ids(client: &mut Client) -> Vec<Uuid> {
+    client
+        .query("SELECT id FROM workspaces WHERE last_used_at IS NOT NULL ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+fn sorted(ids: &[Uuid]) -> Vec<Uuid> {
+    let mut ids = ids.to_vec();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn three_databases_marking_concurrently_each_see_only_their_own_marks() {
+    let cluster = Cluster::start(&[]);
+    // The same ids in every database: a mark applied in the wrong one would show.
+    let ids: Vec<Uuid> = (0..300).map(|_| Uuid::new_v4()).collect();
+    let names = ["app_a", "app_b", "app_c"];
+    for name in names {
+        database_with(&cluster, name, &ids);
+    }
+    let marked: Vec<Vec<Uuid>> = ids.chunks(100).map(<[Uuid]>::to_vec).collect();
+
+    thread::scope(|scope| {
+        for (name, mine) in names.iter().zip(&marked) {
+            let cluster = &cluster;
+            scope.spawn(move || {
+                let mut client = cluster.connect_to(name);
+                for id in mine {
+                    client.execute("SELECT wsusage_mark($1)", &[id]).unwrap();
+                }
+                assert_eq!(flush(&mut client), 100, "{name}: its own 100 ids, no other database's");
+            });
+        }
+    });
+
+    for (name, mine) in names.iter().zip(&marked) {
+        let mut client = cluster.connect_to(name);
+        assert_eq!(used_ids(&mut client), sorted(mine), "{name}: only its own marks applied");
+    }
+    let mut admin = cluster.connect();
+    let rows = admin
+        .query(
+            "SELECT datname, marks, ids_flushed, rows_updated, worker_pid FROM wsusage_stats_by_database ORDER BY datname",
+            &[],
+        )
+        .unwrap();
+    let seen: Vec<(String, i64, i64, i64)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
+    let expected: Vec<(String, i64, i64, i64)> = names.iter().map(|n| (n.to_string(), 100, 100, 100)).collect();
+    assert_eq!(seen, expected);
+    let mut workers: Vec<i32> = rows.iter().filter_map(|r| r.get::<_, Option<i32>>(4)).collect();
+    workers.dedup();
+    assert_eq!(workers.len(), 3, "one worker per database");
+    let (marks, databases): (i64, i64) =
+        admin.query_one("SELECT marks, databases FROM wsusage_stats", &[]).map(|r| (r.get(0), r.get(1))).unwrap();
+    assert_eq!((marks, databases), (300, 3));
+}
+
+#[test]
+fn a_table_locked_in_one_database_does_not_delay_another_databases_flush() {
+    let cluster = Cluster::start(&[("wsusage.lock_timeout", "0")]);
+    let ids: Vec<Uuid> = (0..10).map(|_| Uuid::new_v4()).collect();
+    let mut stuck = database_with(&cluster, "stuck", &ids);
+    let mut fine = database_with(&cluster, "fine", &ids);
+
+    let mut holder = cluster.connect_to("stuck");
+    holder.batch_execute("BEGIN; LOCK TABLE workspaces IN ACCESS EXCLUSIVE MODE").unwrap();
+    stuck.execute("SELECT wsusage_mark_many($1)", &[&ids]).unwrap();
+    stuck.batch_execute("SET statement_timeout = '200ms'").unwrap();
+    assert_eq!(sqlstate(&stuck.execute("SELECT wsusage_flush()", &[]).unwrap_err()), "57014");
+    wait_until("the stuck database's worker to wait on the table lock", || {
+        stuck
+            .query_opt("SELECT FROM pg_stat_activity WHERE backend_type = 'wsusage' AND datname = 'stuck' AND wait_event_type = 'Lock'", &[])
+            .unwrap()
+            .is_some()
+    });
+
+    // While that worker waits, the other database flushes as usual.
+    fine.execute("SELECT wsusage_mark_many($1)", &[&ids]).unwrap();
+    assert_eq!(flush(&mut fine), 10);
+    assert_eq!(count_used(&mut fine), 10);
+    assert_eq!(count_used(&mut holder), 0, "the stuck database is still waiting");
+
+    holder.batch_execute("COMMIT").unwrap();
+    stuck.batch_execute("RESET statement_timeout").unwrap();
+    wait_until("the stuck database's flush once the lock is gone", || count_used(&mut stuck) == 10);
+}
+
+#[test]
+fn drop_database_with_pending_marks_succeeds_and_discards_them() {
+    let cluster = Cluster::start(&[]);
+    let ids: Vec<Uuid> = (0..25).map(|_| Uuid::new_v4()).collect();
+    let mut doomed = database_with(&cluster, "doomed", &ids);
+    doomed.execute("SELECT wsusage_mark_many($1)", &[&ids]).unwrap();
+    cluster.wait_for_worker(&mut doomed, None);
+    drop(doomed);
+
+    // The worker connected to it leaves: no FORCE needed, no "being accessed by other users".
+    let mut admin = cluster.connect();
+    admin.batch_execute("DROP DATABASE doomed").unwrap();
+    wait_until("the dropped database's marks to be discarded", || {
+        let (discarded, databases, pending): (i64, i64, i64) = admin
+            .query_one("SELECT ids_discarded, databases, pending FROM wsusage_stats", &[])
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .unwrap();
+        (discarded, databases, pending) == (25, 0, 0)
+    });
+    let log = cluster.log();
+    assert!(log.contains("wsusage flush worker is leaving database \"doomed\""), "{log}");
+    assert!(log.contains("wsusage discarded 25 pending ids of database"), "{log}");
+    thread::sleep(Duration::from_secs(2));
+    let workers: i64 =
+        admin.query_one("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'wsusage'", &[]).unwrap().get(0);
+    assert_eq!(workers, 0, "no worker keeps trying to reach the dropped database");
+
+    // The rest of the cluster carries on.
+    let (mut client, ids) = cluster.with_workspaces(2);
+    client.execute("SELECT wsusage_mark_many($1)", &[&ids]).unwrap();
+    assert_eq!(flush(&mut client), 2);
+}
+
+#[test]
+fn with_fewer_workers_than_databases_every_database_is_drained_in_turn() {
+    let cluster = Cluster::start(&[("wsusage.max_workers", "1"), ("wsusage.flush_interval", "'200ms'")]);
+    let ids: Vec<Uuid> = (0..50).map(|_| Uuid::new_v4()).collect();
+    let names = ["turn_a", "turn_b", "turn_c", "turn_d"];
+    let mut clients: Vec<Client> = names.iter().map(|name| database_with(&cluster, name, &ids)).collect();
+    for client in &mut clients {
+        client.execute("SELECT wsusage_mark_many($1)", &[&ids]).unwrap();
+    }
+    let mut admin = cluster.connect();
+    let mut most_workers = 0;
+    wait_until("every database to be drained", || {
+        let workers: i64 = admin
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'wsusage'", &[])
+            .unwrap()
+            .get(0);
+        most_workers = most_workers.max(workers);
+        clients.iter_mut().all(|client| count_used(client) == 50)
+    });
+    assert!(most_workers <= 1, "wsusage.max_workers = 1, saw {most_workers} workers");
+
+    // wsusage_flush() is served in every database too, in turn.
+    for client in &mut clients {
+        client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
+    }
+    for client in &mut clients {
+        client.query_one("SELECT wsusage_flush()", &[]).unwrap();
+    }
+    let pending: i64 = admin.query_one("SELECT pending FROM wsusage_stats", &[]).unwrap().get(0);
+    assert_eq!(pending, 0);
+}
+
+#[test]
+fn marks_in_a_database_without_the_table_are_kept_and_reported_there_only() {
+    let cluster = Cluster::start(&[]);
+    let (mut with_table, ids) = cluster.with_workspaces(1);
+    cluster.connect().batch_execute("CREATE DATABASE no_table").unwrap();
+    let mut without = cluster.connect_to("no_table");
+    without.batch_execute("CREATE EXTENSION wsusage").unwrap();
+
+    without.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
+    let (code, message, _, _) = flush_error(&mut without);
+    assert_eq!(code, "42P01");
+    assert!(message.contains("relation \"workspaces\" does not exist"), "{message}");
+
+    with_table.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
+    assert_eq!(flush(&mut with_table), 1, "only this database's mark");
+    let rows = with_table
+        .query("SELECT datname, pending, last_error FROM wsusage_stats_by_database ORDER BY datname", &[])
+        .unwrap();
+    let seen: Vec<(String, i64, Option<String>)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    assert_eq!(seen[0].0, "no_table");
+    assert_eq!(seen[0].1, 1, "kept");
+    assert!(seen[0].2.as_deref().unwrap_or_default().contains("does not exist"), "{seen:?}");
+    assert_eq!((seen[1].0.as_str(), seen[1].1, seen[1].2.as_deref()), ("postgres", 0, None));
+
+    without.batch_execute("CREATE TABLE workspaces (id uuid PRIMARY KEY, last_used_at timestamptz)").unwrap();
+    without.execute("INSERT INTO workspaces (id) VALUES ($1)", &[&ids[0]]).unwrap();
+    wait_until("the kept mark to be applied once the table exists", || {
+        without.execute("SELECT wsusage_flush()", &[]).is_ok() && count_used(&mut without) == 1
+    });
+}
+
+#[test]
+fn more_databases_than_wsusage_max_databases_get_a_clear_error_until_one_is_idle() {
+    let cluster = Cluster::start(&[("wsusage.max_databases", "1"), ("wsusage.flush_interval", "'200ms'")]);
+    let (mut first, ids) = cluster.with_workspaces(1);
+    let mut second = database_with(&cluster, "second", &ids);
+    first.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
+
+    let err = second.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap_err();
+    let (code, message, detail, hint) = report(&err);
+    assert_eq!(code, "54000");
+    assert_eq!(message, "wsusage cannot track marks in more databases");
+    assert!(detail.contains("wsusage.max_databases"), "{detail}");
+    assert!(hint.contains("wsusage.max_databases"), "{hint}");
+    let rejected: i64 = first.query_one("SELECT rejected FROM wsusage_stats", &[]).unwrap().get(0);
+    assert_eq!(rejected, 1, "counted");
+
+    // Once the first database's marks are flushed and its worker has gone, the place is free.
+    wait_until("the second database to get the place", || {
+        second.execute("SELECT wsusage_mark($1)", &[&ids[0]]).is_ok()
+    });
+    wait_until("the second database's mark to be applied", || count_used(&mut second) == 1);
+    assert_eq!(count_used(&mut first), 1);
+}

@@ -154,6 +154,11 @@ enum Exit {
 pub extern "C-unwind" fn wsusage_worker_main(arg: pg_sys::Datum) {
     let database = pg_sys::Oid::from(arg.value() as u32);
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    // Read the configuration once more: a reload signalled while the postmaster was forking
+    // this process reached neither the postmaster's copy of the settings that this process
+    // inherited nor a handler of its own.
+    // SAFETY: sets the flag our SIGHUP handler would set; the loop below reloads on it.
+    unsafe { (&raw mut pg_sys::ConfigReloadPending).write_volatile(1) };
     // A database dropped meanwhile ends this process here (FATAL); the launcher sees it stop.
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(database), None);
     if !rendezvous::attach_worker(database) {

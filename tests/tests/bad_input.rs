@@ -122,8 +122,9 @@ fn flush_gives_up_with_a_clear_error_when_no_launcher_can_run() {
 
 #[test]
 fn flush_fails_with_a_clear_error_when_no_flush_worker_can_start_and_the_marks_wait() {
-    // One background worker slot: the launcher takes it, no flush worker can start.
-    let cluster = Cluster::start(&[("max_worker_processes", "1")]);
+    // One background worker slot: the launcher takes it, no flush worker can start (and no
+    // logical replication launcher competes for it).
+    let cluster = Cluster::start(&[("max_worker_processes", "1"), ("max_logical_replication_workers", "0")]);
     let (mut client, ids) = cluster.with_workspaces(1);
     client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
 

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use pgrx::pg_sys;
 
 use crate::rendezvous::Requests;
-use crate::shmem::Locked;
+use crate::shmem::{self, Locked, Mode};
 use crate::stats::Stats;
 
 #[repr(C)]
@@ -29,6 +29,8 @@ pub struct DatabaseSlot {
     /// Incremented by every worker that attaches, so the launcher can tell a worker that ran from
     /// one that never got connected.
     pub worker_starts: u64,
+    /// The launcher asks this database's worker to give its place to a database that is due.
+    pub yield_requested: bool,
     pub requests: Requests,
     pub stats: Stats,
 }
@@ -70,6 +72,7 @@ pub fn claim(locked: &mut Locked<'_>, database: pg_sys::Oid, now: i64) -> Option
     slot.worker_pid = 0;
     slot.worker_latch = std::ptr::null_mut();
     slot.worker_starts = 0;
+    slot.yield_requested = false;
     slot.requests = Requests::new();
     slot.stats = Stats { stats_reset: now, ..crate::stats::zeroed() };
     LAST_FOUND.store(index, Ordering::Relaxed);
@@ -79,4 +82,27 @@ pub fn claim(locked: &mut Locked<'_>, database: pg_sys::Oid, now: i64) -> Option
 /// Give the slot back. Caller must hold the lock exclusively.
 pub fn free(locked: &mut Locked<'_>, index: usize) {
     locked.slots[index].database = pg_sys::InvalidOid;
+}
+
+/// Ask the worker of `database` to give its place up (launcher only); it leaves unless its own
+/// flush is due.
+pub fn request_yield(database: pg_sys::Oid) {
+    let latch = shmem::with_lock(Mode::Exclusive, |locked| {
+        let index = find(locked, database)?;
+        let slot = &mut locked.slots[index];
+        slot.yield_requested = true;
+        Some(slot.worker_latch).filter(|latch| !latch.is_null())
+    });
+    if let Some(Some(latch)) = latch {
+        // SAFETY: a latch in a PGPROC, in shared memory for the server's lifetime.
+        unsafe { pg_sys::SetLatch(latch) };
+    }
+}
+
+/// Whether the launcher asked the worker of `database` to give its place up.
+pub fn yield_requested(database: pg_sys::Oid) -> bool {
+    shmem::with_lock(Mode::Shared, |locked| {
+        find(locked, database).is_some_and(|index| locked.slots[index].yield_requested)
+    })
+    .unwrap_or(false)
 }

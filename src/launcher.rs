@@ -2,8 +2,9 @@
 //! starts one flush worker per database with marks pending (dynamic background workers,
 //! connected by OID), at most `wsusage.max_workers` at once. The first mark of a database wakes
 //! it, so a worker is there for the final flush at shutdown, when no worker can start any more;
-//! the worker itself times its flushes. Beyond the cap, the databases that have waited longest
-//! go first, and workers give way after a flush (see `worker`).
+//! the worker itself times its flushes. Beyond the cap, a database whose flush is due (its
+//! interval has passed, a `wsusage_flush()` caller waits, or the set is past its high-water
+//! mark) gets a place from a worker whose database is not due, which leaves without flushing.
 //!
 //! Each round the launcher also reads `pg_database` (a shared catalog, so no
 //! database connection is needed, as for PostgreSQL's own logical replication launcher): the
@@ -20,6 +21,7 @@ use pgrx::bgworkers::{DynamicBackgroundWorker, SignalWakeFlags};
 use pgrx::pg_sys::errcodes::PgSqlErrorCode;
 use pgrx::prelude::*;
 
+use crate::databases;
 use crate::pending;
 use crate::rendezvous;
 use crate::settings;
@@ -111,6 +113,7 @@ struct SlotView {
     worker_pid: i32,
     worker_latch: *mut pg_sys::Latch,
     worker_starts: u64,
+    yield_requested: bool,
     interval_start: i64,
 }
 
@@ -126,6 +129,7 @@ fn slots() -> Vec<SlotView> {
                 worker_pid: slot.worker_pid,
                 worker_latch: slot.worker_latch,
                 worker_starts: slot.worker_starts,
+                yield_requested: slot.yield_requested,
                 interval_start: slot.interval_start,
             });
         }
@@ -200,50 +204,65 @@ impl Launcher {
     }
 
     fn start_due(&mut self, views: &[SlotView]) {
+        let now = now();
+        let interval_us = i64::try_from(settings::flush_interval().as_micros()).unwrap_or(i64::MAX);
         let past_high_water = pending::past_high_water();
-        let mut running =
-            views.iter().filter(|view| view.worker_pid != 0 || self.started.contains_key(&view.database)).count();
-        // The longest-waiting databases first.
-        let mut due: Vec<&SlotView> = views
+        let is_due =
+            |view: &SlotView| view.waiting || past_high_water || view.interval_start.saturating_add(interval_us) <= now;
+        let has_place = |view: &&SlotView| view.worker_pid != 0 || self.started.contains_key(&view.database);
+        let mut running = views.iter().filter(has_place).count();
+        let mut wanting: Vec<&SlotView> = views
             .iter()
-            .filter(|view| view.worker_pid == 0 && !self.started.contains_key(&view.database))
+            .filter(|view| !has_place(view) && (view.waiting || view.pending > 0))
             .filter(|view| self.retry_at.get(&view.database).is_none_or(|at| Instant::now() >= *at))
-            .filter(|view| view.waiting || view.pending > 0)
             .collect();
-        due.sort_by_key(|view| view.interval_start);
+        // Due databases first, the longest waiting first among them.
+        wanting.sort_by_key(|view| (!is_due(view), view.interval_start));
+        // Places already being given up, and the workers that could give theirs: attached, not
+        // due, the most recently flushed last (popped first).
+        let mut being_freed = views.iter().filter(|view| view.worker_pid != 0 && view.yield_requested).count();
+        let mut could_yield: Vec<&SlotView> =
+            views.iter().filter(|view| view.worker_pid != 0 && !view.yield_requested && !is_due(view)).collect();
+        could_yield.sort_by_key(|view| view.interval_start);
 
-        let mut wanted = 0u32;
-        for view in due {
-            if running >= settings::max_workers() {
-                wanted += 1;
-                continue;
-            }
-            // SAFETY: a plain read of this process's pid.
-            let launcher_pid = unsafe { pg_sys::MyProcPid };
-            match worker::start(view.database, launcher_pid) {
-                Some(handle) => {
-                    self.started.insert(view.database, Started { handle, starts_before: view.worker_starts });
-                    self.retry_at.remove(&view.database);
-                    self.register_failure_logged = false;
-                    running += 1;
-                }
-                None => {
-                    let message = "could not start a wsusage flush worker: no background worker slot is free";
-                    if !self.register_failure_logged {
-                        warning!("{message}; raise \"max_worker_processes\" (the marks stay pending)");
-                        self.register_failure_logged = true;
-                    }
-                    self.worker_unavailable(view.database, PgSqlErrorCode::ERRCODE_INSUFFICIENT_RESOURCES, message);
+        for view in wanting {
+            if running < settings::max_workers() {
+                self.start(view);
+                running += 1;
+            } else if is_due(view) {
+                if being_freed > 0 {
+                    being_freed -= 1;
+                } else if let Some(yielding) = could_yield.pop() {
+                    databases::request_yield(yielding.database);
                 }
             }
         }
-        shmem::with_lock(Mode::Exclusive, |locked| locked.shared.workers_wanted = wanted);
 
         // Running workers flush early too when the set is past its high-water mark.
         if past_high_water {
             for view in views.iter().filter(|view| !view.worker_latch.is_null()) {
                 // SAFETY: a latch in a PGPROC, in shared memory for the server's lifetime.
                 unsafe { pg_sys::SetLatch(view.worker_latch) };
+            }
+        }
+    }
+
+    fn start(&mut self, view: &SlotView) {
+        // SAFETY: a plain read of this process's pid.
+        let launcher_pid = unsafe { pg_sys::MyProcPid };
+        match worker::start(view.database, launcher_pid) {
+            Some(handle) => {
+                self.started.insert(view.database, Started { handle, starts_before: view.worker_starts });
+                self.retry_at.remove(&view.database);
+                self.register_failure_logged = false;
+            }
+            None => {
+                let message = "could not start a wsusage flush worker: no background worker slot is free";
+                if !self.register_failure_logged {
+                    warning!("{message}; raise \"max_worker_processes\" (the marks stay pending)");
+                    self.register_failure_logged = true;
+                }
+                self.worker_unavailable(view.database, PgSqlErrorCode::ERRCODE_INSUFFICIENT_RESOURCES, message);
             }
         }
     }

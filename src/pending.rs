@@ -230,6 +230,38 @@ pub fn entries(database: pg_sys::Oid) -> Option<Vec<PendingEntry>> {
     }
 }
 
+/// Every pending entry, of every database. Postmaster only (see `persist`): the copy allocates,
+/// and nothing else runs. At most `max_pending` entries are read, should the set be damaged.
+pub fn all_entries(locked: &Locked<'_>) -> Vec<PendingEntry> {
+    let mut out = Vec::with_capacity(len_locked(locked).min(settings::max_pending()));
+    let mut budget = settings::max_pending();
+    scan_locked(locked, |entry| {
+        if budget > 0 {
+            budget -= 1;
+            out.push(*entry);
+        }
+    });
+    out
+}
+
+/// Put saved entries back into the set, claiming their databases' slots; returns how many could
+/// not be (set or slots full). Postmaster only (see `persist`).
+pub fn restore(locked: &mut Locked<'_>, entries: &[PendingEntry], now: i64) -> usize {
+    let mut refused = 0;
+    for entry in entries {
+        let Some(slot) = databases::claim(locked, entry.key.database, now) else {
+            refused += 1;
+            continue;
+        };
+        match insert(locked, &entry.key, entry.marked_at) {
+            Inserted::New => locked.slots[slot].pending += 1,
+            Inserted::Existing => {}
+            Inserted::Full => refused += 1,
+        }
+    }
+    refused
+}
+
 /// Remove one entry; returns whether it was there. Caller must hold the lock exclusively.
 fn remove(locked: &mut Locked<'_>, key: &PendingKey) -> bool {
     // SAFETY: removing a key from our shared hash under its exclusive lock; HASH_REMOVE returns

@@ -197,6 +197,7 @@ pub fn attach_worker(database: pg_sys::Oid) -> bool {
         if slot.worker_pid != 0 {
             return false;
         }
+        slot.yield_requested = false;
         // SAFETY: plain reads of this process's globals, set before any extension code runs.
         unsafe {
             slot.worker_pid = pg_sys::MyProcPid;

@@ -40,6 +40,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::databases::DatabaseSlot;
+use crate::persist;
 use crate::settings;
 use crate::stats::Stats;
 
@@ -84,10 +85,6 @@ pub struct Shared {
     /// A mark already woke the launcher because the set passed its high-water mark; cleared when
     /// a worker takes its next snapshot, so a busy set wakes it once per flush, not per mark.
     pub high_water_wake_sent: bool,
-    /// Databases due for a flush that found every worker place (`wsusage.max_workers`) taken; a
-    /// worker that finishes a flush while this is positive decrements it and exits, so that
-    /// databases take turns.
-    pub workers_wanted: u32,
     /// Cluster-wide counters (every database, including dropped ones).
     pub stats: Stats,
     /// Number of [`DatabaseSlot`]s following this struct.
@@ -198,6 +195,50 @@ unsafe extern "C-unwind" fn shmem_startup() {
 
         SHARED.store(shared, Ordering::Release);
         PENDING.store(pending, Ordering::Release);
+
+        // The postmaster, alone at this point, brings back what the last clean shutdown saved,
+        // and saves what is pending when it exits.
+        if !pg_sys::IsUnderPostmaster {
+            if !found {
+                postmaster_access(|locked| persist::load(locked, pg_sys::GetCurrentTimestamp()));
+            }
+            pg_sys::on_shmem_exit(Some(save_at_exit), pg_sys::Datum::from(0));
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn save_at_exit(code: std::ffi::c_int, _arg: pg_sys::Datum) {
+    // After a crash (non-zero code) shared memory is suspect, and reinitialised.
+    if code == 0 {
+        postmaster_access(|locked| persist::save(locked));
+    }
+}
+
+/// Run `f` on the shared state without the lock: only for the postmaster, at start before any
+/// other process exists and at exit after every other process has gone. (The postmaster never
+/// takes LWLocks.)
+fn postmaster_access<R>(f: impl FnOnce(&mut Locked<'_>) -> R) -> Option<R> {
+    let shared = SHARED.load(Ordering::Acquire);
+    if shared.is_null() {
+        return None;
+    }
+    // SAFETY: no other process can touch the memory meanwhile: the caller is the postmaster
+    // with no children.
+    Some(f(&mut unsafe { locked_view(shared) }))
+}
+
+/// The shared state, its slots and the hash, as one borrow.
+///
+/// # Safety
+/// `shared` is the struct made in shmem_startup, and the caller has the access the lock gives
+/// (or the postmaster's solitude), for as long as the result lives.
+unsafe fn locked_view<'a>(shared: *mut Shared) -> Locked<'a> {
+    // SAFETY: the slots follow the struct in the same allocation, `slot_count` of them
+    // (shared_size); exclusivity is the caller's promise.
+    unsafe {
+        let slots = std::slice::from_raw_parts_mut(shared.add(1).cast::<DatabaseSlot>(), (*shared).slot_count);
+        Locked { shared: &mut *shared, slots, pending: PENDING.load(Ordering::Acquire) }
     }
 }
 
@@ -265,13 +306,7 @@ pub fn with_lock<R>(mode: Mode, f: impl FnOnce(&mut Locked<'_>) -> R) -> Option<
     // SAFETY: holding the lock gives us the access the module header promises; a shared-mode
     // holder must only read, which every Mode::Shared caller does. Other processes' references
     // live in other address spaces; in this one, no other Locked exists while the lock is held.
-    // The slots follow the struct in the same allocation, `slot_count` of them (shared_size).
-    let (shared, slots) = unsafe {
-        let slots = std::slice::from_raw_parts_mut(shared.add(1).cast::<DatabaseSlot>(), (*shared).slot_count);
-        (&mut *shared, slots)
-    };
-    let mut locked = Locked { shared, slots, pending: PENDING.load(Ordering::Acquire) };
-    Some(f(&mut locked))
+    Some(f(&mut unsafe { locked_view(shared) }))
 }
 
 /// The condition variable broadcast after every flush, or `None` when not preloaded.

@@ -11,9 +11,10 @@
 //!
 //! A worker also leaves, without a final flush, when the database is being dropped, renamed or
 //! copied (so `DROP DATABASE` never waits for it), after a flush that found nothing marked for a
-//! whole interval (a quiet database gives its place back), and after a flush while other
-//! databases wait for a place (so that, with more databases than `wsusage.max_workers`, they
-//! take turns). The launcher starts a new one when the database has marks again.
+//! whole interval (a quiet database gives its place back), and when the launcher asks it to give
+//! its place to a database whose flush is due while its own is not (so that, with more databases
+//! than `wsusage.max_workers`, they take turns). The launcher starts a new one when the database
+//! has marks again.
 
 use std::time::Duration;
 
@@ -22,11 +23,11 @@ use pgrx::bgworkers::{
 };
 use pgrx::prelude::*;
 
+use crate::databases;
 use crate::flush::{self, Flusher};
 use crate::pending;
 use crate::rendezvous;
 use crate::settings;
-use crate::shmem::{self, Mode};
 use crate::stats;
 
 /// Longest a worker sleeps without checking whether its database is being dropped: well inside
@@ -124,18 +125,6 @@ fn database_is_being_changed(database: pg_sys::Oid) -> bool {
     false
 }
 
-/// Give this worker's place to a database waiting for one, if any does.
-fn give_way() -> bool {
-    shmem::with_lock(Mode::Exclusive, |locked| {
-        let wanted = locked.shared.workers_wanted > 0;
-        if wanted {
-            locked.shared.workers_wanted -= 1;
-        }
-        wanted
-    })
-    .unwrap_or(false)
-}
-
 #[pg_guard]
 unsafe extern "C-unwind" fn detach_on_exit(_code: std::ffi::c_int, arg: pg_sys::Datum) {
     rendezvous::detach_worker(pg_sys::Oid::from(arg.value() as u32));
@@ -195,10 +184,11 @@ pub extern "C-unwind" fn wsusage_worker_main(arg: pg_sys::Datum) {
             if taken == 0 && pending::len_of(database) == 0 {
                 break Exit::Idle;
             }
-            if give_way() {
-                break Exit::GaveWay;
-            }
             continue;
+        }
+        // Not due: a database that is may have this place.
+        if databases::yield_requested(database) {
+            break Exit::GaveWay;
         }
         wait(Duration::from_micros(until_due.unsigned_abs()).min(DATABASE_CHECK_INTERVAL));
     };
@@ -217,7 +207,7 @@ pub extern "C-unwind" fn wsusage_worker_main(arg: pg_sys::Datum) {
             flusher.database_name()
         ),
         Exit::Idle => debug1!("wsusage flush worker exiting: nothing was marked for a whole interval"),
-        Exit::GaveWay => debug1!("wsusage flush worker exiting: another database waits for a worker"),
+        Exit::GaveWay => debug1!("wsusage flush worker giving its place to a database whose flush is due"),
     }
     // SAFETY: ends this process; a dynamic worker is never restarted by the postmaster, the
     // launcher starts a new one when the database is due again.

@@ -235,3 +235,51 @@ fn more_databases_than_wsusage_max_databases_get_a_clear_error_until_one_is_idle
     wait_until("the second database's mark to be applied", || count_used(&mut second) == 1);
     assert_eq!(count_used(&mut first), 1);
 }
+
+#[test]
+fn renaming_a_database_its_worker_is_connected_to_succeeds_and_its_marks_follow() {
+    let cluster = Cluster::start(&[]);
+    let ids: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
+    let mut old = database_with(&cluster, "old_name", &ids);
+    old.execute("SELECT wsusage_mark_many($1)", &[&ids]).unwrap();
+    cluster.wait_for_worker(&mut old, None);
+    drop(old);
+
+    let mut admin = cluster.connect();
+    admin.batch_execute("ALTER DATABASE old_name RENAME TO new_name").unwrap();
+    let mut renamed = cluster.connect_to("new_name");
+    assert_eq!(flush(&mut renamed), 5, "the marks stayed with the database");
+    assert_eq!(count_used(&mut renamed), 5);
+}
+
+#[test]
+fn a_clean_shutdown_keeps_the_marks_of_databases_that_had_no_worker() {
+    // One worker place: at shutdown only one of the three databases has a worker to make a
+    // final flush; the others' marks are saved and flushed after the restart.
+    let mut cluster = Cluster::start(&[("wsusage.max_workers", "1")]);
+    let ids: Vec<Uuid> = (0..4).map(|_| Uuid::new_v4()).collect();
+    let names = ["kept_a", "kept_b", "kept_c"];
+    for name in names {
+        let mut client = database_with(&cluster, name, &ids);
+        client.execute("SELECT wsusage_mark_many($1)", &[&ids]).unwrap();
+    }
+    let mut admin = cluster.connect();
+    wait_until("one worker to run", || {
+        let workers: i64 = admin
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'wsusage'", &[])
+            .unwrap()
+            .get(0);
+        workers == 1
+    });
+    drop(admin);
+
+    cluster.stop("fast");
+    assert!(cluster.log().contains("wsusage saved 8 pending ids"), "{}", cluster.log());
+    cluster.start_again();
+    assert!(cluster.log().contains("wsusage restored 8 pending ids saved at the last shutdown"), "{}", cluster.log());
+    for name in names {
+        let mut client = cluster.connect_to(name);
+        client.query_one("SELECT wsusage_flush()", &[]).unwrap();
+        assert_eq!(count_used(&mut client), 4, "{name}: nothing lost");
+    }
+}

@@ -51,7 +51,9 @@ fn the_worker_comes_back_after_pg_terminate_backend_and_pending_marks_survive() 
     let first = cluster.wait_for_worker(&mut client, None);
     let terminated: bool = client.query_one("SELECT pg_terminate_backend($1)", &[&first]).unwrap().get(0);
     assert!(terminated);
-    wait_until("the terminated worker to exit", || cluster.worker_pid(&mut client).is_none());
+    wait_until("the terminated worker to exit", || {
+        client.query_opt("SELECT FROM pg_stat_activity WHERE pid = $1", &[&first]).unwrap().is_none()
+    });
     client.execute("SELECT wsusage_mark($1)", &[&ids[2]]).unwrap();
     client.batch_execute("ALTER TABLE parked RENAME TO workspaces").unwrap();
 

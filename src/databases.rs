@@ -3,7 +3,9 @@
 //! A slot is claimed by the first mark made in a database (or its first `wsusage_flush()`),
 //! holds that database's pending count, flush worker, rendezvous and counters, and is recycled
 //! when idle and another database needs one, or freed by the launcher once the database is
-//! dropped. Every function here runs under the wsusage lock (see `shmem`).
+//! dropped. Functions taking a `Locked` run under the wsusage lock (see `shmem`); the others take
+//! it themselves. [`is_being_changed`] tells a worker when a DDL command waits for it to leave
+//! its database.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -105,4 +107,30 @@ pub fn yield_requested(database: pg_sys::Oid) -> bool {
         find(locked, database).is_some_and(|index| locked.slots[index].yield_requested)
     })
     .unwrap_or(false)
+}
+
+/// Whether DROP DATABASE, ALTER DATABASE (RENAME, SET TABLESPACE) or CREATE DATABASE … TEMPLATE
+/// is waiting for the sessions of `database` to leave. Each holds a lock on the database that
+/// conflicts with the one every session takes when it connects (RowExclusiveLock), then waits
+/// a few seconds for the others to go; probing for that lock, without waiting, tells us.
+pub fn is_being_changed(database: pg_sys::Oid) -> bool {
+    // SET_LOCKTAG_OBJECT for a shared object, as LockSharedObject builds it.
+    let tag = pg_sys::LOCKTAG {
+        locktag_field1: pg_sys::InvalidOid.to_u32(),
+        locktag_field2: pg_sys::DatabaseRelationId.to_u32(),
+        locktag_field3: database.to_u32(),
+        locktag_field4: 0,
+        locktag_type: pg_sys::LockTagType::LOCKTAG_OBJECT as u8,
+        locktag_lockmethodid: pg_sys::DEFAULT_LOCKMETHOD as u8,
+    };
+    let mode = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
+    // SAFETY: a session-level lock (no transaction needed), taken without waiting and released
+    // at once when granted.
+    unsafe {
+        if pg_sys::LockAcquire(&tag, mode, true, true) == pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL {
+            return true;
+        }
+        pg_sys::LockRelease(&tag, mode, true);
+    }
+    false
 }

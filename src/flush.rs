@@ -21,6 +21,7 @@ use pgrx::pg_sys::{self, PgTryBuilder};
 use pgrx::prelude::*;
 use pgrx::PgLogLevel;
 
+use crate::databases;
 use crate::errors;
 use crate::pending;
 use crate::rendezvous;
@@ -120,6 +121,15 @@ impl Flusher {
             Ok(target) => {
                 self.statements.use_target(&target);
                 for (n, chunk) in self.batch.chunks(settings::batch_size()).enumerate() {
+                    // A DROP DATABASE (or RENAME) waits for this process to leave: do not make it
+                    // wait for the remaining chunks, which stay pending.
+                    if n > 0 && databases::is_being_changed(database) {
+                        failure.get_or_insert(Failure {
+                            sqlstate: PgSqlErrorCode::ERRCODE_OBJECT_IN_USE as i32,
+                            message: "the database is being dropped, renamed or copied".into(),
+                        });
+                        break;
+                    }
                     let statements = &mut self.statements;
                     match in_transaction(|| write_chunk(statements, chunk, n == 0)) {
                         Ok(Written::Rows { updated, without_row }) => {

@@ -99,32 +99,6 @@ fn apply_settings(flusher: &mut Flusher) {
     flush::validate_target(flusher);
 }
 
-/// Whether DROP DATABASE, ALTER DATABASE (RENAME, SET TABLESPACE) or CREATE DATABASE … TEMPLATE
-/// is waiting for the sessions of `database` to leave. Each holds a lock on the database that
-/// conflicts with the one every session takes when it connects (RowExclusiveLock), then waits
-/// a few seconds for the others to go; probing for that lock, without waiting, tells us.
-fn database_is_being_changed(database: pg_sys::Oid) -> bool {
-    // SET_LOCKTAG_OBJECT for a shared object, as LockSharedObject builds it.
-    let tag = pg_sys::LOCKTAG {
-        locktag_field1: pg_sys::InvalidOid.to_u32(),
-        locktag_field2: pg_sys::DatabaseRelationId.to_u32(),
-        locktag_field3: database.to_u32(),
-        locktag_field4: 0,
-        locktag_type: pg_sys::LockTagType::LOCKTAG_OBJECT as u8,
-        locktag_lockmethodid: pg_sys::DEFAULT_LOCKMETHOD as u8,
-    };
-    let mode = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
-    // SAFETY: a session-level lock (no transaction needed), taken without waiting and released
-    // at once when granted.
-    unsafe {
-        if pg_sys::LockAcquire(&tag, mode, true, true) == pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL {
-            return true;
-        }
-        pg_sys::LockRelease(&tag, mode, true);
-    }
-    false
-}
-
 #[pg_guard]
 unsafe extern "C-unwind" fn detach_on_exit(_code: std::ffi::c_int, arg: pg_sys::Datum) {
     rendezvous::detach_worker(pg_sys::Oid::from(arg.value() as u32));
@@ -171,7 +145,7 @@ pub extern "C-unwind" fn wsusage_worker_main(arg: pg_sys::Datum) {
         if reload_settings_if_asked() {
             apply_settings(&mut flusher);
         }
-        if database_is_being_changed(database) {
+        if databases::is_being_changed(database) {
             break Exit::DatabaseChanging;
         }
         // The interval runs from the database's first mark or last flush, whichever worker made it.
@@ -194,7 +168,7 @@ pub extern "C-unwind" fn wsusage_worker_main(arg: pg_sys::Datum) {
     };
 
     match exit {
-        Exit::Shutdown if !database_is_being_changed(database) => {
+        Exit::Shutdown if !databases::is_being_changed(database) => {
             // Whatever was marked up to now must not wait for the next server start (or be lost).
             flusher.flush();
             log!(

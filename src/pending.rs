@@ -8,6 +8,7 @@
 
 use std::ffi::c_void;
 use std::ptr::null_mut;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use pgrx::pg_sys;
 
@@ -38,6 +39,11 @@ pub enum MarkError {
 
 /// Record that each id was used at `now` in `database` (keeping each id's latest time).
 pub fn mark_all(database: pg_sys::Oid, ids: &[[u8; 16]], now: i64) -> Result<(), MarkError> {
+    // Most marks are of ids already pending, which needs the lock in shared mode only: markers
+    // then never wait for one another, nor for one descheduled while holding the lock.
+    if shmem::with_lock(Mode::Shared, |locked| remark_all(locked, database, ids, now)) == Some(true) {
+        return Ok(());
+    }
     let result = shmem::with_lock(Mode::Exclusive, |locked| {
         let Some(slot) = databases::claim(locked, database, now) else {
             stats::count_marks(locked, None, 0, ids.len());
@@ -82,6 +88,37 @@ pub fn mark_all(database: pg_sys::Oid, ids: &[[u8; 16]], now: i64) -> Result<(),
         unsafe { pg_sys::SetLatch(latch) };
     }
     result
+}
+
+/// Raise the mark time of ids already pending to `now`. Returns false, having counted nothing,
+/// as soon as one id is not pending: the caller then marks them all with the lock held
+/// exclusively (raising a time twice is harmless). Caller must hold the lock, in shared mode
+/// being enough: the times and counters are raised atomically (see `shmem`).
+fn remark_all(locked: &mut Locked<'_>, database: pg_sys::Oid, ids: &[[u8; 16]], now: i64) -> bool {
+    let Some(slot) = databases::find(locked, database) else { return false };
+    for id in ids {
+        let key = PendingKey { database, id: *id };
+        // SAFETY: a lookup in our shared hash under its lock; HASH_FIND changes nothing, so any
+        // number of holders may search at once, as pg_stat_statements does.
+        let entry = unsafe {
+            pg_sys::hash_search(
+                locked.pending,
+                (&raw const key).cast::<c_void>(),
+                pg_sys::HASHACTION::HASH_FIND,
+                null_mut(),
+            )
+        }
+        .cast::<PendingEntry>();
+        if entry.is_null() {
+            return false;
+        }
+        // SAFETY: a valid, 8-byte aligned entry that stays in the set while we hold the lock;
+        // other shared holders raise the same field only atomically, and exclusive holders
+        // (snapshot, forget) cannot run meanwhile.
+        unsafe { AtomicI64::from_ptr(&raw mut (*entry).marked_at).fetch_max(now, Ordering::Relaxed) };
+    }
+    stats::count_remarks(locked, slot, ids.len());
+    true
 }
 
 enum Inserted {

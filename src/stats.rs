@@ -13,6 +13,8 @@
 //!   `ids_without_row` had no row (the rest had a newer time already);
 //! - `ids_discarded`: pending ids of databases dropped before they were flushed.
 
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+
 use pgrx::pg_sys;
 
 use crate::databases;
@@ -67,6 +69,16 @@ pub fn count_marks(locked: &mut Locked<'_>, slot: Option<usize>, accepted: usize
         stats.marks += accepted as u64;
         stats.rejected += refused as u64;
     });
+}
+
+/// Count the marks of a call that only re-marked pending ids. Caller must hold the lock, in
+/// shared mode being enough: other shared holders count at the same time, atomically.
+pub fn count_remarks(locked: &mut Locked<'_>, slot: usize, marks: usize) {
+    for counter in [&raw mut locked.shared.stats.marks, &raw mut locked.slots[slot].stats.marks] {
+        // SAFETY: an 8-byte aligned counter in shared memory; holders in shared mode change it
+        // only atomically, and an exclusive holder (who writes it plainly) excludes them.
+        unsafe { AtomicU64::from_ptr(counter).fetch_add(marks as u64, AtomicOrdering::Relaxed) };
+    }
 }
 
 /// Count ids discarded with their dropped database. Caller must hold the lock exclusively.

@@ -16,8 +16,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, BgWorkerStartTime};
-use pgrx::bgworkers::{DynamicBackgroundWorker, SignalWakeFlags};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::pg_sys::errcodes::PgSqlErrorCode;
 use pgrx::prelude::*;
 
@@ -88,7 +87,7 @@ pub extern "C-unwind" fn wsusage_launcher_main(_arg: pg_sys::Datum) {
 }
 
 struct Started {
-    handle: DynamicBackgroundWorker,
+    handle: worker::Handle,
     /// The slot's `worker_starts` when this worker was launched: unchanged after it stopped
     /// means it never got connected.
     starts_before: u64,
@@ -160,15 +159,15 @@ impl Launcher {
     /// attaching (it could not connect).
     fn reap(&mut self, views: &[SlotView]) -> Vec<pg_sys::Oid> {
         let mut failed = Vec::new();
-        self.started.retain(|database, started| match started.handle.pid() {
-            Err(BackgroundWorkerStatus::Stopped | BackgroundWorkerStatus::PostmasterDied) => {
-                let starts = views.iter().find(|view| view.database == *database).map(|view| view.worker_starts);
-                if starts.is_some_and(|starts| starts == started.starts_before) {
-                    failed.push(*database);
-                }
-                false
+        self.started.retain(|database, started| {
+            if !started.handle.stopped() {
+                return true;
             }
-            _ => true,
+            let starts = views.iter().find(|view| view.database == *database).map(|view| view.worker_starts);
+            if starts.is_some_and(|starts| starts == started.starts_before) {
+                failed.push(*database);
+            }
+            false
         });
         failed
     }
@@ -206,9 +205,16 @@ impl Launcher {
     fn start_due(&mut self, views: &[SlotView]) {
         let now = now();
         let interval_us = i64::try_from(settings::flush_interval().as_micros()).unwrap_or(i64::MAX);
-        let past_high_water = pending::past_high_water();
-        let is_due =
-            |view: &SlotView| view.waiting || past_high_water || view.interval_start.saturating_add(interval_us) <= now;
+        // Past the high-water mark, the databases holding an even share of the set or more are
+        // due at once (see pending::past_high_water_for).
+        let total: u64 = views.iter().map(|view| view.pending).sum();
+        let busy = views.iter().filter(|view| view.pending > 0).count().max(1) as u64;
+        let past_high_water = total as usize >= pending::high_water_mark();
+        let is_due = |view: &SlotView| {
+            view.waiting
+                || (past_high_water && view.pending * busy >= total)
+                || view.interval_start.saturating_add(interval_us) <= now
+        };
         let has_place = |view: &&SlotView| view.worker_pid != 0 || self.started.contains_key(&view.database);
         let mut running = views.iter().filter(has_place).count();
         let mut wanting: Vec<&SlotView> = views

@@ -183,9 +183,21 @@ pub fn len() -> Option<usize> {
     shmem::with_lock(Mode::Shared, |locked| len_locked(locked))
 }
 
-/// Whether the set has passed its high-water mark.
-pub fn past_high_water() -> bool {
-    len().unwrap_or(0) >= high_water_mark()
+/// Whether the set has passed its high-water mark and `database` holds at least an even share
+/// of it (its pending ids times the databases with ids pending reach the set's size): flushing
+/// it early then frees a fair part of the set, while a database with few ids does not flush in a
+/// loop because another database's ids (failing to flush, say) keep the set full.
+pub fn past_high_water_for(database: pg_sys::Oid) -> bool {
+    shmem::with_lock(Mode::Shared, |locked| {
+        let total = len_locked(locked);
+        if total < high_water_mark() {
+            return false;
+        }
+        let busy = locked.slots.iter().filter(|slot| slot.database != pg_sys::InvalidOid && slot.pending > 0).count();
+        databases::find(locked, database)
+            .is_some_and(|index| locked.slots[index].pending as usize * busy.max(1) >= total)
+    })
+    .unwrap_or(false)
 }
 
 /// When the current interval of `database` started (`TimestampTz`), if it has a slot.

@@ -18,9 +18,7 @@
 
 use std::time::Duration;
 
-use pgrx::bgworkers::{
-    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, DynamicBackgroundWorker, SignalWakeFlags,
-};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::prelude::*;
 
 use crate::databases;
@@ -34,9 +32,31 @@ use crate::stats;
 /// the 5 seconds `DROP DATABASE` waits for other sessions to leave.
 const DATABASE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
+/// A started flush worker, as the launcher that started it sees it.
+pub struct Handle(*mut pg_sys::BackgroundWorkerHandle);
+
+impl Handle {
+    /// Whether the worker has stopped (or the postmaster died).
+    pub fn stopped(&self) -> bool {
+        let mut pid = 0;
+        // SAFETY: a handle RegisterDynamicBackgroundWorker gave us, not yet freed.
+        let status = unsafe { pg_sys::GetBackgroundWorkerPid(self.0, &mut pid) };
+        matches!(status, pg_sys::BgwHandleStatus::BGWH_STOPPED | pg_sys::BgwHandleStatus::BGWH_POSTMASTER_DIED)
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // The launcher starts workers for as long as the server runs: give each handle back.
+        // SAFETY: palloc'd by RegisterDynamicBackgroundWorker, freed once, here.
+        unsafe { pg_sys::pfree(self.0.cast()) }
+    }
+}
+
 /// Start a flush worker for `database`; the launcher (`notify_pid`) is told when it stops.
-pub fn start(database: pg_sys::Oid, notify_pid: i32) -> Option<DynamicBackgroundWorker> {
-    BackgroundWorkerBuilder::new(&format!("wsusage flush worker for database {}", database.to_u32()))
+/// `None` when no background worker slot is free.
+pub fn start(database: pg_sys::Oid, notify_pid: i32) -> Option<Handle> {
+    let builder = BackgroundWorkerBuilder::new(&format!("wsusage flush worker for database {}", database.to_u32()))
         .set_type("wsusage")
         .set_library("wsusage")
         .set_function("wsusage_worker_main")
@@ -44,9 +64,12 @@ pub fn start(database: pg_sys::Oid, notify_pid: i32) -> Option<DynamicBackground
         .set_start_time(BgWorkerStartTime::RecoveryFinished)
         .set_restart_time(None)
         .set_argument(Some(pg_sys::Datum::from(database.to_u32())))
-        .set_notify_pid(notify_pid)
-        .load_dynamic()
-        .ok()
+        .set_notify_pid(notify_pid);
+    let mut worker = pg_sys::BackgroundWorker::from(&builder);
+    let mut handle = std::ptr::null_mut();
+    // SAFETY: a fully built registration; on success PostgreSQL sets `handle` to a palloc'd
+    // handle, which Handle frees.
+    unsafe { pg_sys::RegisterDynamicBackgroundWorker(&mut worker, &mut handle) }.then(|| Handle(handle))
 }
 
 pub(crate) fn shutdown_requested() -> bool {
@@ -117,9 +140,9 @@ enum Exit {
 pub extern "C-unwind" fn wsusage_worker_main(arg: pg_sys::Datum) {
     let database = pg_sys::Oid::from(arg.value() as u32);
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    // Read the configuration once more: a reload signalled while the postmaster was forking
-    // this process reached neither the postmaster's copy of the settings that this process
-    // inherited nor a handler of its own.
+    // Read the configuration once more, at the loop's first turn (which also applies it): a
+    // reload signalled while the postmaster was forking this process reached neither the
+    // postmaster's copy of the settings that this process inherited nor a handler of its own.
     // SAFETY: sets the flag our SIGHUP handler would set; the loop below reloads on it.
     unsafe { (&raw mut pg_sys::ConfigReloadPending).write_volatile(1) };
     // A database dropped meanwhile ends this process here (FATAL); the launcher sees it stop.
@@ -136,7 +159,6 @@ pub extern "C-unwind" fn wsusage_worker_main(arg: pg_sys::Datum) {
     }
     let mut flusher = Flusher::new(database);
     debug1!("wsusage flush worker started in database \"{}\"", flusher.database_name());
-    apply_settings(&mut flusher);
 
     let exit = loop {
         if shutdown_requested() {
@@ -152,7 +174,7 @@ pub extern "C-unwind" fn wsusage_worker_main(arg: pg_sys::Datum) {
         let interval_us = i64::try_from(settings::flush_interval().as_micros()).unwrap_or(i64::MAX);
         let until_due = pending::interval_start(database)
             .map_or(0, |start| start.saturating_add(interval_us).saturating_sub(flush::now()));
-        let past_high_water = stats::consecutive_failures(database) == 0 && pending::past_high_water();
+        let past_high_water = stats::consecutive_failures(database) == 0 && pending::past_high_water_for(database);
         if until_due <= 0 || rendezvous::flush_requested(database) || past_high_water {
             let taken = flusher.flush();
             if taken == 0 && pending::len_of(database) == 0 {

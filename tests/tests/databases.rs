@@ -283,3 +283,26 @@ fn a_clean_shutdown_keeps_the_marks_of_databases_that_had_no_worker() {
         assert_eq!(count_used(&mut client), 4, "{name}: nothing lost");
     }
 }
+
+#[test]
+fn a_set_kept_full_by_one_failing_database_does_not_make_another_flush_in_a_loop() {
+    let cluster = Cluster::start(&[("wsusage.max_pending", "64")]);
+    let ids: Vec<Uuid> = (0..40).map(|_| Uuid::new_v4()).collect();
+    // 40 of the set's 64 places (past its high-water mark of 32) held by a database whose table
+    // is missing, so its flushes fail and its ids stay.
+    let mut failing = database_with(&cluster, "failing", &ids);
+    failing.batch_execute("ALTER TABLE workspaces RENAME TO parked").unwrap();
+    failing.execute("SELECT wsusage_mark_many($1)", &[&ids]).unwrap();
+    assert_eq!(flush_error(&mut failing).0, "42P01");
+
+    // Another database marks steadily: it flushes at its interval, not at every mark.
+    let mut busy = database_with(&cluster, "busy", &ids);
+    for id in ids[..10].iter().cycle().take(100) {
+        busy.execute("SELECT wsusage_mark($1)", &[id]).unwrap();
+        thread::sleep(Duration::from_millis(20));
+    }
+    let flushes: i64 =
+        busy.query_one("SELECT flushes FROM wsusage_stats_by_database WHERE datname = 'busy'", &[]).unwrap().get(0);
+    assert!(flushes <= 1, "{flushes} flushes of the busy database within its interval");
+    assert_eq!(flush(&mut busy), 10, "its own ids, once asked");
+}

@@ -38,6 +38,12 @@ const ROUND_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a database whose worker could not start or connect waits before the next attempt.
 const RETRY_DELAY: Duration = Duration::from_secs(5);
 
+/// Attempts to connect, a second apart, before a database's `wsusage_flush()` callers are told
+/// its worker cannot connect: a worker that starts while ALTER DATABASE … RENAME runs is turned
+/// away once ("it seems to have just been dropped or renamed") and connects at the next try.
+const CONNECT_ATTEMPTS: u32 = 3;
+const RECONNECT_DELAY: Duration = Duration::from_secs(1);
+
 /// `datconnlimit` of a database left invalid by an interrupted DROP DATABASE.
 const DATCONNLIMIT_INVALID_DB: i32 = -2;
 
@@ -99,6 +105,8 @@ struct Launcher {
     started: HashMap<pg_sys::Oid, Started>,
     /// Databases whose worker could not start or connect, and when to try again.
     retry_at: HashMap<pg_sys::Oid, Instant>,
+    /// Databases whose last workers could not connect, and how many in a row.
+    connect_failures: HashMap<pg_sys::Oid, u32>,
     /// Whether the last failure to register a worker was logged, so a lasting shortage of
     /// background worker slots is said once.
     register_failure_logged: bool,
@@ -147,7 +155,14 @@ impl Launcher {
         let failed = self.reap(&views);
         self.forget_dropped(&mut views);
         for database in failed {
-            if views.iter().any(|view| view.database == database) {
+            if !views.iter().any(|view| view.database == database) {
+                continue;
+            }
+            let failures = self.connect_failures.entry(database).or_default();
+            *failures += 1;
+            if *failures < CONNECT_ATTEMPTS {
+                self.retry_at.insert(database, Instant::now() + RECONNECT_DELAY);
+            } else {
                 let message = format!("wsusage flush worker could not connect to database {}", database.to_u32());
                 self.worker_unavailable(database, PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE, &message);
             }
@@ -166,6 +181,8 @@ impl Launcher {
             let starts = views.iter().find(|view| view.database == *database).map(|view| view.worker_starts);
             if starts.is_some_and(|starts| starts == started.starts_before) {
                 failed.push(*database);
+            } else {
+                self.connect_failures.remove(database);
             }
             false
         });
@@ -190,6 +207,7 @@ impl Launcher {
                 view.database.to_u32()
             );
             self.retry_at.remove(&view.database);
+            self.connect_failures.remove(&view.database);
             false
         });
     }

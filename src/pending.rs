@@ -280,16 +280,30 @@ pub fn entries(database: pg_sys::Oid) -> Option<Vec<PendingEntry>> {
 }
 
 /// Every pending entry, of every database. Postmaster only (see `persist`): the copy allocates,
-/// and nothing else runs. At most `max_pending` entries are read, should the set be damaged.
+/// and nothing else runs. The scan stops after `max_pending` entries, so that a set damaged by a
+/// process killed in the middle of an insert (an immediate shutdown) cannot keep the postmaster
+/// from exiting.
 pub fn all_entries(locked: &Locked<'_>) -> Vec<PendingEntry> {
-    let mut out = Vec::with_capacity(len_locked(locked).min(settings::max_pending()));
-    let mut budget = settings::max_pending();
-    scan_locked(locked, |entry| {
-        if budget > 0 {
-            budget -= 1;
+    let max = settings::max_pending();
+    let mut out = Vec::with_capacity(len_locked(locked).min(max));
+    // SAFETY: HASH_SEQ_STATUS is plain data that hash_seq_init fills in.
+    let mut scan: pg_sys::HASH_SEQ_STATUS = unsafe { std::mem::zeroed() };
+    // SAFETY: a scan of our shared hash while no other process runs; a scan left before its end
+    // is ended by hash_seq_term.
+    unsafe {
+        pg_sys::hash_seq_init(&mut scan, locked.pending);
+        loop {
+            let entry = pg_sys::hash_seq_search(&mut scan).cast::<PendingEntry>();
+            if entry.is_null() {
+                break;
+            }
             out.push(*entry);
+            if out.len() >= max {
+                pg_sys::hash_seq_term(&mut scan);
+                break;
+            }
         }
-    });
+    }
     out
 }
 

@@ -30,9 +30,10 @@
 //! [`with_lock`]; helpers taking a [`Locked`] are "caller must hold the lock" by construction.
 //!
 //! What survives what: the set lives as long as the postmaster's shared memory. A worker or
-//! launcher exit or restart loses nothing; a crash of any backend makes the postmaster
-//! reinitialise shared memory, which loses the marks made since the last flush (at most one
-//! interval's worth).
+//! launcher exit or restart loses nothing; at a shutdown, what the workers' final flushes leave is
+//! saved to a file by the postmaster and restored at the next start (see `persist`); a crash of
+//! any backend makes the postmaster reinitialise shared memory, which loses the marks made since
+//! the last flush (at most one interval's worth).
 
 use std::ffi::CStr;
 use std::mem::size_of;

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use pgrx::prelude::*;
 use pgrx::{Array, Uuid};
 
+use crate::databases;
 use crate::errors::UsageError;
 use crate::pending::{self, MarkError};
 use crate::rendezvous::{self, Lookup, Request};
@@ -166,13 +167,5 @@ pub fn this_database() -> pg_sys::Oid {
 }
 
 fn current_database() -> String {
-    // SAFETY: MyDatabaseId is set for every backend that can call SQL functions, and
-    // get_database_name returns a palloc'd copy (or NULL for a database dropped meanwhile).
-    unsafe {
-        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
-        if name.is_null() {
-            return String::new();
-        }
-        std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
-    }
+    databases::name(this_database()).unwrap_or_default()
 }

@@ -44,6 +44,16 @@ impl DatabaseSlot {
     }
 }
 
+/// The name of `database`, or `None` when it does not exist (any more). Inside a transaction.
+pub fn name(database: pg_sys::Oid) -> Option<String> {
+    // SAFETY: a catalog lookup in the caller's transaction; get_database_name returns a palloc'd
+    // copy, or NULL for a database that does not exist.
+    unsafe {
+        let name = pg_sys::get_database_name(database);
+        (!name.is_null()).then(|| std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned())
+    }
+}
+
 /// Index of this backend's slot, as last found: a backend's database never changes, so a mark
 /// usually checks one slot instead of searching them all.
 static LAST_FOUND: AtomicUsize = AtomicUsize::new(usize::MAX);

@@ -214,19 +214,12 @@ impl Flusher {
 
 /// The name of `database`, for messages; its OID if it has none (being dropped).
 fn database_name(database: pg_sys::Oid) -> String {
-    // SAFETY: a catalog lookup in a transaction of its own; get_database_name returns a palloc'd
-    // copy, or NULL for a database that does not exist.
-    unsafe {
-        pg_sys::StartTransactionCommand();
-        let name = pg_sys::get_database_name(database);
-        let name = if name.is_null() {
-            database.to_u32().to_string()
-        } else {
-            CStr::from_ptr(name).to_string_lossy().into_owned()
-        };
-        pg_sys::CommitTransactionCommand();
-        name
-    }
+    // SAFETY: a transaction of its own around the catalog lookup, outside any other.
+    unsafe { pg_sys::StartTransactionCommand() };
+    let name = databases::name(database).unwrap_or_else(|| database.to_u32().to_string());
+    // SAFETY: ends the transaction started above.
+    unsafe { pg_sys::CommitTransactionCommand() };
+    name
 }
 
 pub fn now() -> i64 {

@@ -21,6 +21,7 @@ use pgrx::pg_sys::errcodes::PgSqlErrorCode;
 use pgrx::prelude::*;
 
 use crate::databases;
+use crate::flush::now;
 use crate::pending;
 use crate::rendezvous;
 use crate::settings;
@@ -144,11 +145,6 @@ fn slots() -> Vec<SlotView> {
     out
 }
 
-fn now() -> i64 {
-    // SAFETY: reads the clock.
-    unsafe { pg_sys::GetCurrentTimestamp() }
-}
-
 impl Launcher {
     fn round(&mut self) {
         let mut views = slots();
@@ -226,11 +222,11 @@ impl Launcher {
         // Past the high-water mark, the databases holding an even share of the set or more are
         // due at once (see pending::past_high_water_for).
         let total: u64 = views.iter().map(|view| view.pending).sum();
-        let busy = views.iter().filter(|view| view.pending > 0).count().max(1) as u64;
+        let busy = views.iter().filter(|view| view.pending > 0).count() as u64;
         let past_high_water = total as usize >= pending::high_water_mark();
         let is_due = |view: &SlotView| {
             view.waiting
-                || (past_high_water && view.pending * busy >= total)
+                || (past_high_water && pending::holds_even_share(view.pending, busy, total))
                 || view.interval_start.saturating_add(interval_us) <= now
         };
         let has_place = |view: &&SlotView| view.worker_pid != 0 || self.started.contains_key(&view.database);

@@ -8,6 +8,7 @@ use pgrx::prelude::*;
 use pgrx::Uuid;
 
 use crate::api::this_database;
+use crate::databases;
 use crate::errors::UsageError;
 use crate::pending;
 use crate::settings;
@@ -117,7 +118,7 @@ fn wsusage_stats_by_database() -> TableIterator<
         let s = &row.stats;
         (
             row.database,
-            database_name(row.database),
+            databases::name(row.database),
             count(row.pending),
             count(s.marks),
             count(s.flushes),
@@ -135,16 +136,6 @@ fn wsusage_stats_by_database() -> TableIterator<
             timestamp(s.stats_reset),
         )
     }))
-}
-
-/// The name of a database, or NULL once it is dropped.
-fn database_name(database: pg_sys::Oid) -> Option<String> {
-    // SAFETY: a syscache lookup inside the caller's transaction; the result is a palloc'd copy
-    // or NULL.
-    unsafe {
-        let name = pg_sys::get_database_name(database);
-        (!name.is_null()).then(|| std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned())
-    }
 }
 
 /// Zero the counters of `wsusage_stats` and `wsusage_stats_by_database`; what is pending stays

@@ -7,6 +7,7 @@
 //! cannot refuse the re-queue of a failed batch, because there is no re-queue.
 
 use std::ffi::c_void;
+use std::ops::ControlFlow;
 use std::ptr::null_mut;
 use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -195,7 +196,7 @@ pub fn past_high_water_for(database: pg_sys::Oid) -> bool {
         }
         let busy = locked.slots.iter().filter(|slot| slot.database != pg_sys::InvalidOid && slot.pending > 0).count();
         databases::find(locked, database)
-            .is_some_and(|index| locked.slots[index].pending as usize * busy.max(1) >= total)
+            .is_some_and(|index| holds_even_share(locked.slots[index].pending, busy as u64, total as u64))
     })
     .unwrap_or(false)
 }
@@ -208,6 +209,12 @@ pub fn interval_start(database: pg_sys::Oid) -> Option<i64> {
     .flatten()
 }
 
+/// Whether a database with `own` ids pending holds at least an even share of a set of `total`
+/// ids spread over `busy` databases: the rule for flushing early past the high-water mark.
+pub fn holds_even_share(own: u64, busy: u64, total: u64) -> bool {
+    own.saturating_mul(busy.max(1)) >= total
+}
+
 /// Number of ids of `database` pending.
 pub fn len_of(database: pg_sys::Oid) -> usize {
     shmem::with_lock(Mode::Shared, |locked| {
@@ -216,21 +223,29 @@ pub fn len_of(database: pg_sys::Oid) -> usize {
     .unwrap_or(0)
 }
 
-/// Visit every entry of the set. Caller must hold the lock (either mode).
-fn scan_locked(locked: &Locked<'_>, mut visit: impl FnMut(&PendingEntry)) {
-    // SAFETY: HASH_SEQ_STATUS is plain data that hash_seq_init fills in.
-    let mut scan: pg_sys::HASH_SEQ_STATUS = unsafe { std::mem::zeroed() };
-    // SAFETY: a full scan of our shared hash under its lock; the scan runs to its end
-    // (hash_seq_search returning NULL), which releases the scan's registration.
-    unsafe { pg_sys::hash_seq_init(&mut scan, locked.pending) };
-    loop {
-        // SAFETY: as above.
-        let entry = unsafe { pg_sys::hash_seq_search(&mut scan) }.cast::<PendingEntry>();
-        if entry.is_null() {
-            return;
+/// Visit the set's entries until `visit` breaks; a scan left before its end is ended with
+/// `hash_seq_term`. Every walk over the set goes through here.
+///
+/// # Safety
+/// The caller holds the lock (or is the postmaster with no other process running), exclusively
+/// if `visit` removes anything; `visit` may remove only the entry it is given (dynahash allows
+/// that during a scan), and must not use it afterwards.
+unsafe fn each_entry(pending: *mut pg_sys::HTAB, mut visit: impl FnMut(&PendingEntry) -> ControlFlow<()>) {
+    // SAFETY: HASH_SEQ_STATUS is plain data that hash_seq_init fills in; the rest is the
+    // caller's promise.
+    unsafe {
+        let mut scan: pg_sys::HASH_SEQ_STATUS = std::mem::zeroed();
+        pg_sys::hash_seq_init(&mut scan, pending);
+        loop {
+            let entry = pg_sys::hash_seq_search(&mut scan).cast::<PendingEntry>();
+            if entry.is_null() {
+                return;
+            }
+            if visit(&*entry).is_break() {
+                pg_sys::hash_seq_term(&mut scan);
+                return;
+            }
         }
-        // SAFETY: dynahash hands out valid entries of our type.
-        visit(unsafe { &*entry });
     }
 }
 
@@ -242,12 +257,16 @@ fn copy_locked(locked: &Locked<'_>, database: Option<pg_sys::Oid>, out: &mut Vec
     if out.capacity() < len_locked(locked) {
         return false;
     }
-    // The capacity check above guarantees no push allocates.
-    scan_locked(locked, |entry| {
-        if database.is_none_or(|database| entry.key.database == database) {
-            out.push(*entry);
-        }
-    });
+    // SAFETY: the caller holds the lock; nothing is removed. The capacity check above
+    // guarantees no push allocates.
+    unsafe {
+        each_entry(locked.pending, |entry| {
+            if database.is_none_or(|database| entry.key.database == database) {
+                out.push(*entry);
+            }
+            ControlFlow::Continue(())
+        })
+    };
     true
 }
 
@@ -286,24 +305,17 @@ pub fn entries(database: pg_sys::Oid) -> Option<Vec<PendingEntry>> {
 pub fn all_entries(locked: &Locked<'_>) -> Vec<PendingEntry> {
     let max = settings::max_pending();
     let mut out = Vec::with_capacity(len_locked(locked).min(max));
-    // SAFETY: HASH_SEQ_STATUS is plain data that hash_seq_init fills in.
-    let mut scan: pg_sys::HASH_SEQ_STATUS = unsafe { std::mem::zeroed() };
-    // SAFETY: a scan of our shared hash while no other process runs; a scan left before its end
-    // is ended by hash_seq_term.
+    // SAFETY: the postmaster alone; nothing is removed.
     unsafe {
-        pg_sys::hash_seq_init(&mut scan, locked.pending);
-        loop {
-            let entry = pg_sys::hash_seq_search(&mut scan).cast::<PendingEntry>();
-            if entry.is_null() {
-                break;
-            }
+        each_entry(locked.pending, |entry| {
             out.push(*entry);
             if out.len() >= max {
-                pg_sys::hash_seq_term(&mut scan);
-                break;
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
             }
-        }
-    }
+        })
+    };
     out
 }
 
@@ -373,23 +385,19 @@ pub fn forget(database: pg_sys::Oid, written: &[PendingEntry]) {
 /// hold the lock exclusively.
 fn retain_locked(locked: &mut Locked<'_>, mut keep: impl FnMut(&PendingEntry) -> bool) -> u64 {
     let mut removed = 0;
-    // SAFETY: HASH_SEQ_STATUS is plain data that hash_seq_init fills in.
-    let mut scan: pg_sys::HASH_SEQ_STATUS = unsafe { std::mem::zeroed() };
-    // SAFETY: a full scan of our shared hash under its exclusive lock, run to its end; dynahash
-    // allows removing the entry a scan has just returned, and only that one is removed.
+    let pending = locked.pending;
+    // SAFETY: the caller holds the lock exclusively; only the entry just visited is removed, and
+    // its key is copied out first.
     unsafe {
-        pg_sys::hash_seq_init(&mut scan, locked.pending);
-        loop {
-            let entry = pg_sys::hash_seq_search(&mut scan).cast::<PendingEntry>();
-            if entry.is_null() {
-                return removed;
-            }
-            if !keep(&*entry) {
-                let key = (*entry).key;
+        each_entry(pending, |entry| {
+            if !keep(entry) {
+                let key = entry.key;
                 removed += u64::from(remove(locked, &key));
             }
-        }
-    }
+            ControlFlow::Continue(())
+        })
+    };
+    removed
 }
 
 /// Discard every entry of a database that no longer exists, and free its slot; returns how many

@@ -2,20 +2,22 @@
 """wsusage benchmark: wsusage against the alternatives, on one throwaway cluster.
 
 Variants run interleaved (A B C ... A B C ...) at each client count, so that machine drift hits
-them alike; each is a pgbench script over the same 100k-row `workspaces` table:
+them alike; each is one statement over the same 100k-row `workspaces` table, prepared once per
+connection and called with its id bound in binary by the benchmark's own client driver
+(bench/driver), as an application's client library does it:
 
   floor          SELECT 1
-  floor_id       SELECT <the id expression the mark variants use>, without marking
-  mark           SELECT wsusage_mark(id), ids uniform over 100k
+  floor_id       SELECT $1 (the bound id), without marking
+  mark           SELECT wsusage_mark($1), ids uniform over 100k
   mark_hot       the same over 10k hot ids
-  mark_many      SELECT wsusage_mark_many(100 ids)            (reported as marks/s)
-  update         UPDATE workspaces SET last_used_at = now() WHERE id = ...   (per heartbeat)
+  mark_many      SELECT wsusage_mark_many($1), 100 ids per call     (reported as marks/s)
+  update         UPDATE workspaces SET last_used_at = now() WHERE id = $1   (per heartbeat)
   staging        INSERT ... ON CONFLICT DO UPDATE into an UNLOGGED table, applied to workspaces by
                  a periodic statement at the same interval as wsusage's flush
 
-Reported per variant and client count: marks/s, p50/p99 latency (sampled per-transaction logs),
-WAL bytes per 1M marks (including the flushes/applies), dead tuples created per 1M marks, server
-CPU seconds per 1M marks. Then the flush itself: applying 1k/10k/100k pending ids with
+Reported per variant and client count: marks/s, p50/p99 latency, WAL bytes per 1M marks
+(including the flushes/applies and the VACUUM after each run), dead tuples created per 1M marks,
+server CPU seconds per 1M marks. Then the flush itself: applying 1k/10k/100k pending ids with
 wsusage_flush() against one hand-written UPDATE ... FROM unnest(...) of the same rows.
 
 Writes results/<stamp>.md, results/latest.md, results/latest.png (and .json).
@@ -37,23 +39,9 @@ from pathlib import Path
 ROWS = 100_000
 HOT = 10_000
 PER_CALL = 100
-UUID_OF = "('00000000-0000-4000-8000-' || lpad(({n})::text, 12, '0'))::uuid"
-
-SCRIPTS = {
-    "floor": "SELECT 1;",
-    # The same round trip computing the same id as the mark variants, without the mark: what the
-    # mark itself costs is the difference to this one.
-    "floor_id": "\\set n random(1, %d)\nSELECT %s;" % (ROWS, UUID_OF.format(n=":n")),
-    "mark": "\\set n random(1, %d)\nSELECT wsusage_mark(%s);" % (ROWS, UUID_OF.format(n=":n")),
-    "mark_hot": "\\set n random(1, %d)\nSELECT wsusage_mark(%s);" % (HOT, UUID_OF.format(n=":n")),
-    "mark_many": "\\set n random(0, %d)\nSELECT wsusage_mark_many(ARRAY(SELECT %s FROM generate_series(1, %d) AS g));"
-    % (ROWS - PER_CALL, UUID_OF.format(n=":n + g"), PER_CALL),
-    "update": "\\set n random(1, %d)\nUPDATE workspaces SET last_used_at = now() WHERE id = %s;"
-    % (ROWS, UUID_OF.format(n=":n")),
-    "staging": "\\set n random(1, %d)\nINSERT INTO usage_staging (id, ts) VALUES (%s, clock_timestamp()) "
-    "ON CONFLICT (id) DO UPDATE SET ts = GREATEST(usage_staging.ts, EXCLUDED.ts);" % (ROWS, UUID_OF.format(n=":n")),
-}
-MARKS_PER_TX = {"mark_many": PER_CALL}
+# Workspace n's id; bench/driver/src/workload.rs binds the same (n in 12 hex digits at the end).
+UUID_OF = "('00000000-0000-4000-8000-' || lpad(to_hex({n}), 12, '0'))::uuid"
+VARIANTS = ["floor", "floor_id", "mark", "mark_hot", "mark_many", "update", "staging"]
 
 STAGING_APPLY = """
 WITH d AS (DELETE FROM usage_staging RETURNING id, ts)
@@ -156,22 +144,19 @@ def write_counters(cluster: Cluster) -> int:
     )
 
 
-def settle(cluster: Cluster, variant: str, stop_apply=None):
-    """Apply what the variant left pending, so its WAL and dead tuples are counted in full."""
+def settle(cluster: Cluster, variant: str):
+    """Apply what the variant left pending and vacuum the dead tuples it made, so its WAL, dead
+    tuples and CPU are counted in full, and the next variant does not pay for its autovacuum."""
     if variant.startswith("mark"):
         cluster.sql("SELECT wsusage_flush()")
     if variant == "staging":
-        if stop_apply:
-            stop_apply()
         cluster.sql(STAGING_APPLY)
+    if variant.startswith("mark") or variant in ("update", "staging"):
+        cluster.sql("VACUUM workspaces, usage_staging")
     time.sleep(0.6)  # let backends' table statistics arrive (asynchronous before PostgreSQL 15)
 
 
-def run_variant(cluster: Cluster, variant: str, clients: int, seconds: float, interval_s: float, work: Path):
-    script = work / f"{variant}.sql"
-    script.write_text(SCRIPTS[variant] + "\n")
-    logdir = work / f"log-{variant}-{clients}"
-    logdir.mkdir(exist_ok=True)
+def run_variant(cluster: Cluster, driver: Path, variant: str, clients: int, seconds: float, interval_s: float):
     stop = threading.Event()
     applier = None
     if variant == "staging":
@@ -184,40 +169,30 @@ def run_variant(cluster: Cluster, variant: str, clients: int, seconds: float, in
     wal_before = cluster.sql("SELECT pg_current_wal_lsn()")
     writes_before = write_counters(cluster)
     cpu_before = cluster.server_cpu_seconds()
-    threads = min(clients, os.cpu_count() or 2)
-    out = subprocess.run(
-        [str(cluster.bin / "pgbench"), "-h", str(cluster.dir), "-U", "postgres", "-n", "-M", "prepared",
-         "-c", str(clients), "-j", str(threads), "-T", str(max(1, int(seconds))), "-f", str(script),
-         "--log", "--sampling-rate", "0.05", "--log-prefix", str(logdir / "tx"), "postgres"],
-        check=True, capture_output=True, text=True,
-    )
-    def stop_apply():
+    try:
+        out = subprocess.run(
+            [str(driver), "--socket", str(cluster.dir / ".s.PGSQL.5432"), "--variant", variant,
+             "--clients", str(clients), "--seconds", str(seconds),
+             "--rows", str(ROWS), "--hot", str(HOT), "--per-call", str(PER_CALL)],
+            check=True, capture_output=True, text=True,
+        )
+    except subprocess.CalledProcessError as e:
+        sys.exit(f"the driver failed on {variant} at {clients} clients: {e.stderr.strip()}")
+    finally:
         stop.set()
         if applier:
             applier.join()
-    settle(cluster, variant, stop_apply)
-    stop_apply()
+    settle(cluster, variant)
     cpu = cluster.server_cpu_seconds() - cpu_before
     wal = int(cluster.sql(f"SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '{wal_before}')"))
     writes = write_counters(cluster) - writes_before
 
-    tps = float(re.search(r"tps = ([0-9.]+) \(without initial connection time\)", out.stdout).group(1))
-    tx = int(re.search(r"number of transactions actually processed: (\d+)", out.stdout).group(1))
-    latencies = []
-    for f in logdir.iterdir():
-        for line in f.read_text().splitlines():
-            parts = line.split()
-            if len(parts) >= 3:
-                latencies.append(int(parts[2]) / 1000.0)  # microseconds -> ms
-        f.unlink()
-    latencies.sort()
-    def pct(p):
-        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] if latencies else float("nan")
-    marks = tx * MARKS_PER_TX.get(variant, 1)
+    measured = json.loads(out.stdout)
+    marks = measured["marks"]
     per_million = 1_000_000 / marks if marks else 0
     return {
-        "variant": variant, "clients": clients, "tps": tps, "marks_per_s": tps * MARKS_PER_TX.get(variant, 1),
-        "p50_ms": pct(0.50), "p99_ms": pct(0.99), "marks": marks,
+        "variant": variant, "clients": clients, "tps": measured["calls_per_s"], "marks_per_s": measured["marks_per_s"],
+        "p50_ms": measured["p50_ms"], "p99_ms": measured["p99_ms"], "marks": marks,
         "wal_bytes_per_1m": wal * per_million, "dead_tuples_per_1m": writes * per_million,
         "cpu_s_per_1m": cpu * per_million,
     }
@@ -267,12 +242,15 @@ def summarise(results):
     return out
 
 
-def targets(summary, flush_rows, clients_list):
+def targets(results, flush_rows, clients_list):
     def get(variant, clients, key="marks_per_s"):
-        for r in summary:
-            if r["variant"] == variant and r["clients"] == clients:
-                return r[key]
-        return None
+        return {r["round"]: r[key] for r in results if r["variant"] == variant and r["clients"] == clients}
+
+    def ratio_of(a, b):
+        """Median over rounds of a's value / b's value in the same round: the two ran minutes
+        apart at most, so the machine's drift over the whole run cancels out."""
+        per_round = [a[n] / b[n] for n in a if n in b and b[n]]
+        return statistics.median(per_round) if per_round else None
 
     checks = []
     def check(name, ratio, bound, higher_is_better=True):
@@ -283,14 +261,14 @@ def targets(summary, flush_rows, clients_list):
 
     for c in [8, 64]:
         if c in clients_list:
-            check(f"mark / SELECT 1 floor at {c} clients", ratio(get("mark", c), get("floor", c)), 0.90)
+            check(f"mark / SELECT 1 floor at {c} clients", ratio_of(get("mark", c), get("floor", c)), 0.90)
     if 8 in clients_list:
-        check("mark / per-heartbeat UPDATE at 8 clients", ratio(get("mark", 8), get("update", 8)), 10)
-        check("mark / staging-table upsert at 8 clients", ratio(get("mark", 8), get("staging", 8)), 2)
+        check("mark / per-heartbeat UPDATE at 8 clients", ratio_of(get("mark", 8), get("update", 8)), 10)
+        check("mark / staging-table upsert at 8 clients", ratio_of(get("mark", 8), get("staging", 8)), 2)
         check("WAL per 1M marks, hot ids: mark_hot / UPDATE at 8 clients",
-              ratio(get("mark_hot", 8, "wal_bytes_per_1m"), get("update", 8, "wal_bytes_per_1m")), 0.01, False)
+              ratio_of(get("mark_hot", 8, "wal_bytes_per_1m"), get("update", 8, "wal_bytes_per_1m")), 0.01, False)
     if 8 in clients_list and 64 in clients_list:
-        check("mark at 64 clients / at 8 clients", ratio(get("mark", 64), get("mark", 8)), 0.8)
+        check("mark at 64 clients / at 8 clients", ratio_of(get("mark", 64), get("mark", 8)), 0.8)
     big = [r for r in flush_rows if r["ids"] == max(x["ids"] for x in flush_rows)] if flush_rows else []
     if big:
         check(f"flush of {big[0]['ids']} ids / hand-written UPDATE ... FROM unnest", ratio(big[0]["wsusage_ms"], big[0]["unnest_ms"]), 1.2, False)
@@ -313,14 +291,15 @@ def markdown(summary, flush_rows, checks, meta):
              f"(medians), flush interval {meta['interval_ms']} ms.", "",
              "| variant | clients | marks/s | p50 ms | p99 ms | WAL bytes / 1M marks | dead tuples / 1M marks | server CPU s / 1M marks |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted(summary, key=lambda r: (r["clients"], list(SCRIPTS).index(r["variant"]))):
+    for r in sorted(summary, key=lambda r: (r["clients"], VARIANTS.index(r["variant"]))):
         lines.append(f"| {r['variant']} | {r['clients']} | {r['marks_per_s']:,.0f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | "
                      f"{r['wal_bytes_per_1m']:,.0f} | {r['dead_tuples_per_1m']:,.0f} | {r['cpu_s_per_1m']:.1f} |")
     if flush_rows:
         lines += ["", "Flush of pending ids (median ms):", "", "| ids | wsusage_flush() | hand-written UPDATE … FROM unnest | ratio |", "|---:|---:|---:|---:|"]
         for r in flush_rows:
             lines.append(f"| {r['ids']:,} | {r['wsusage_ms']:.1f} | {r['unnest_ms']:.1f} | {r['wsusage_ms'] / r['unnest_ms']:.2f} |")
-    lines += ["", "Targets:", "", "| target | measured | bound | met |", "|---|---:|---:|---|"]
+    lines += ["", "Targets:", "", "A ratio of two variants is the median over rounds of their ratio within each round.", "",
+              "| target | measured | bound | met |", "|---|---:|---:|---|"]
     for name, value, bound, met in checks:
         lines.append(f"| {name} | {value:.3g} | {bound} | {'yes' if met else '**no**'} |")
     return "\n".join(lines) + "\n"
@@ -331,7 +310,7 @@ def plot(summary, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    variants = [v for v in SCRIPTS if any(r["variant"] == v for r in summary)]
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in summary)]
     clients = sorted({r["clients"] for r in summary})
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     width = 0.8 / len(clients)
@@ -356,10 +335,11 @@ def plot(summary, path: Path):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bin", required=True, help="bin/ directory of the PostgreSQL build")
-    p.add_argument("--seconds", type=float, default=15)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--driver", required=True, help="the built bench/driver binary (wsusage-bench-driver)")
+    p.add_argument("--seconds", type=float, default=12)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--clients", default="1,8,64")
-    p.add_argument("--variants", default=",".join(SCRIPTS))
+    p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--flush-sizes", default="1000,10000,100000")
     p.add_argument("--flush-repeats", type=int, default=5)
     p.add_argument("--interval-ms", type=int, default=60000, help="wsusage.flush_interval and the staging apply interval")
@@ -375,20 +355,22 @@ def main():
 
     clients_list = [int(c) for c in args.clients.split(",")]
     variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     cluster = Cluster(Path(args.bin), args.interval_ms)
     try:
         prepare(cluster)
         pg = cluster.sql("SHOW server_version")
         results = []
-        work = Path(tempfile.mkdtemp(prefix="wsusage-bench-work-"))
         for rnd in range(args.rounds):
             for c in clients_list:
                 for v in variants:
-                    r = run_variant(cluster, v, c, args.seconds, args.interval_ms / 1000, work)
+                    r = run_variant(cluster, Path(args.driver), v, c, args.seconds, args.interval_ms / 1000)
+                    r["round"] = rnd + 1
                     print(f"round {rnd + 1} {v:>9} {c:>3} clients: {r['marks_per_s']:>10,.0f} marks/s  p99 {r['p99_ms']:.3f} ms  "
                           f"WAL/1M {r['wal_bytes_per_1m']:>14,.0f}  dead/1M {r['dead_tuples_per_1m']:>10,.0f}", flush=True)
                     results.append(r)
-        shutil.rmtree(work, ignore_errors=True)
         sizes = [int(s) for s in args.flush_sizes.split(",") if s]
         flush_rows = flush_benchmark(cluster, sizes, args.flush_repeats)
         for r in flush_rows:
@@ -397,7 +379,7 @@ def main():
         cluster.stop()
 
     summary = summarise(results)
-    checks = targets(summary, flush_rows, clients_list)
+    checks = targets(results, flush_rows, clients_list)
     stamp = time.strftime("%Y-%m-%dT%H%M%SZ", time.gmtime())
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown CPU")
     meta = {"stamp": stamp, "machine": f"{os.cpu_count()} cores ({cpu}), {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB",

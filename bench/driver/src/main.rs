@@ -1,0 +1,235 @@
+//! The benchmark's client driver: `clients` connections run one variant's statement for
+//! `seconds`, each call bound with its own random workspace id in binary, as an application's
+//! client library (pgx, tokio-postgres, JDBC) sends `SELECT wsusage_mark($1)`. pgbench cannot
+//! bind a uuid: its variables are numbers, so the id had to be computed by SQL in the statement,
+//! a cost the `SELECT 1` floor does not pay and applications do not either.
+//!
+//! Like pgbench, a few threads (one per core by default) each drive their share of the
+//! connections with poll(2); every connection has one call in flight. Prints one JSON object:
+//! calls, marks, elapsed seconds, calls/s, marks/s and p50/p99 latency in milliseconds, timed
+//! from the moment every connection is ready.
+//!
+//! ```text
+//! wsusage-bench-driver --socket DIR/.s.PGSQL.5432 --variant mark --clients 8 --seconds 15
+//! ```
+
+mod protocol;
+mod workload;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use protocol::{Connection, Progress};
+use workload::{Random, Variant, Workload};
+
+struct Args {
+    socket: PathBuf,
+    user: String,
+    database: String,
+    workload: Workload,
+    clients: usize,
+    threads: usize,
+    seconds: f64,
+}
+
+/// What one thread measured.
+struct Tally {
+    calls: u64,
+    started: Instant,
+    finished: Instant,
+    latencies_ns: Vec<u64>,
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(args) => args,
+        Err(message) => {
+            eprintln!("wsusage-bench-driver: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("wsusage-bench-driver: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    let threads = args.threads.clamp(1, args.clients);
+    let ready = Arc::new(Barrier::new(threads));
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            // Spread the connections as evenly as pgbench does.
+            let share = args.clients / threads + usize::from(t < args.clients % threads);
+            let (socket, user, database) = (args.socket.clone(), args.user.clone(), args.database.clone());
+            let (workload, seconds, ready) = (args.workload, args.seconds, Arc::clone(&ready));
+            std::thread::spawn(move || {
+                let connected = connect_all(&socket, &user, &database, &workload, share);
+                // Every thread reaches the barrier, connected or not, so none waits forever.
+                ready.wait();
+                drive(connected?, &workload, seconds, t as u64)
+            })
+        })
+        .collect();
+    let mut tallies = Vec::new();
+    for handle in handles {
+        tallies.push(handle.join().map_err(|_| "a client thread panicked".to_string())??);
+    }
+    report(args, tallies);
+    Ok(())
+}
+
+fn connect_all(
+    socket: &std::path::Path,
+    user: &str,
+    database: &str,
+    workload: &Workload,
+    count: usize,
+) -> Result<Vec<Connection>, String> {
+    let (sql, types) = workload.statement();
+    (0..count)
+        .map(|_| {
+            let mut conn = Connection::connect(socket, user, database)
+                .map_err(|e| format!("cannot connect to {}: {e}", socket.display()))?;
+            conn.prepare(sql, types).map_err(|e| format!("cannot prepare \"{sql}\": {e}"))?;
+            Ok(conn)
+        })
+        .collect()
+}
+
+/// Keep one call in flight on each connection until `seconds` have passed, then let the calls
+/// in flight finish (they count) and stop.
+fn drive(mut conns: Vec<Connection>, workload: &Workload, seconds: f64, seed: u64) -> Result<Tally, String> {
+    let mut random = Random::new(seed + 1);
+    let mut param = Vec::new();
+    let mut fds: Vec<libc::pollfd> =
+        conns.iter().map(|c| libc::pollfd { fd: c.raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+    let mut sent_at = Vec::with_capacity(conns.len());
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(seconds);
+    for conn in &mut conns {
+        workload.next_param(&mut random, &mut param);
+        conn.send_call(&params_of(&param)).map_err(|e| format!("cannot send: {e}"))?;
+        sent_at.push(Instant::now());
+    }
+    let mut tally = Tally { calls: 0, started, finished: started, latencies_ns: Vec::with_capacity(1 << 20) };
+    let mut in_flight = conns.len();
+    while in_flight > 0 {
+        let nfds = libc::nfds_t::try_from(fds.len()).map_err(|_| "too many connections".to_string())?;
+        // SAFETY: `fds` is a live, correctly sized array of pollfd for the duration of the call.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), nfds, 1000) };
+        if ready < 0 {
+            let error = std::io::Error::last_os_error();
+            if error.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(format!("poll failed: {error}"));
+        }
+        for (i, conn) in conns.iter_mut().enumerate() {
+            if fds[i].fd < 0 || fds[i].revents == 0 {
+                continue;
+            }
+            match conn.read_some().map_err(|e| format!("call failed: {e}"))? {
+                Progress::Pending => continue,
+                Progress::Ready => {}
+            }
+            let now = Instant::now();
+            tally.calls += 1;
+            tally.latencies_ns.push(u64::try_from((now - sent_at[i]).as_nanos()).unwrap_or(u64::MAX));
+            tally.finished = now;
+            if now < deadline {
+                workload.next_param(&mut random, &mut param);
+                conn.send_call(&params_of(&param)).map_err(|e| format!("cannot send: {e}"))?;
+                sent_at[i] = Instant::now();
+            } else {
+                fds[i].fd = -1; // poll ignores it from now on
+                in_flight -= 1;
+            }
+        }
+    }
+    Ok(tally)
+}
+
+fn params_of(param: &[u8]) -> Vec<&[u8]> {
+    if param.is_empty() {
+        Vec::new()
+    } else {
+        vec![param]
+    }
+}
+
+fn report(args: &Args, tallies: Vec<Tally>) {
+    let calls: u64 = tallies.iter().map(|t| t.calls).sum();
+    let started = tallies.iter().map(|t| t.started).min();
+    let finished = tallies.iter().map(|t| t.finished).max();
+    let elapsed = match (started, finished) {
+        (Some(s), Some(f)) => (f - s).as_secs_f64().max(1e-9),
+        _ => args.seconds,
+    };
+    let mut latencies: Vec<u64> = tallies.into_iter().flat_map(|t| t.latencies_ns).collect();
+    latencies.sort_unstable();
+    let percentile = |p: f64| -> f64 {
+        if latencies.is_empty() {
+            return f64::NAN;
+        }
+        let at = ((p * latencies.len() as f64) as usize).min(latencies.len() - 1);
+        latencies[at] as f64 / 1e6
+    };
+    let marks = calls * args.workload.marks_per_call();
+    println!(
+        "{{\"calls\": {calls}, \"marks\": {marks}, \"seconds\": {elapsed:.6}, \"calls_per_s\": {:.3}, \
+         \"marks_per_s\": {:.3}, \"p50_ms\": {:.6}, \"p99_ms\": {:.6}}}",
+        calls as f64 / elapsed,
+        marks as f64 / elapsed,
+        percentile(0.50),
+        percentile(0.99),
+    );
+}
+
+fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
+    let mut socket = None;
+    let mut user = "postgres".to_string();
+    let mut database = "postgres".to_string();
+    let mut variant = None;
+    let mut clients = 1usize;
+    let mut threads = std::thread::available_parallelism().map_or(2, usize::from);
+    let mut seconds = 10.0f64;
+    let (mut rows, mut hot, mut per_call) = (100_000u64, 10_000u64, 100u64);
+    while let Some(flag) = argv.next() {
+        let mut value = || argv.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--socket" => socket = Some(PathBuf::from(value()?)),
+            "--user" => user = value()?,
+            "--database" => database = value()?,
+            "--variant" => {
+                let name = value()?;
+                variant = Some(Variant::parse(&name).ok_or_else(|| format!("unknown variant \"{name}\""))?);
+            }
+            "--clients" => clients = number(&flag, &value()?)?,
+            "--threads" => threads = number(&flag, &value()?)?,
+            "--seconds" => seconds = value()?.parse().map_err(|_| format!("{flag} needs a number of seconds"))?,
+            "--rows" => rows = number(&flag, &value()?)?,
+            "--hot" => hot = number(&flag, &value()?)?,
+            "--per-call" => per_call = number(&flag, &value()?)?,
+            _ => return Err(format!("unknown argument \"{flag}\"")),
+        }
+    }
+    let socket = socket.ok_or("--socket is required (the server's Unix socket file)")?;
+    let variant = variant.ok_or("--variant is required")?;
+    if clients == 0 || !seconds.is_finite() || seconds <= 0.0 {
+        return Err("--clients and --seconds must be positive".into());
+    }
+    if rows == 0 || hot == 0 || hot > rows || per_call == 0 || per_call > rows {
+        return Err("need 1 <= --hot <= --rows and 1 <= --per-call <= --rows".into());
+    }
+    Ok(Args { socket, user, database, workload: Workload { variant, rows, hot, per_call }, clients, threads, seconds })
+}
+
+fn number<T: std::str::FromStr>(flag: &str, text: &str) -> Result<T, String> {
+    text.parse().map_err(|_| format!("{flag} needs a positive whole number, not \"{text}\""))
+}

@@ -149,6 +149,11 @@ def settle(cluster: Cluster, variant: str):
     tuples and CPU are counted in full, and the next variant does not pay for its autovacuum."""
     if variant.startswith("mark"):
         cluster.sql("SELECT wsusage_flush()")
+        # The driver computes the ids it binds; every one must be a row of the table, or the
+        # marks would measure nothing that lands.
+        missing = int(cluster.sql("SELECT ids_without_row FROM wsusage_stats"))
+        if missing:
+            sys.exit(f"{missing} ids the driver marked have no row in workspaces: bench/driver and UUID_OF disagree")
     if variant == "staging":
         cluster.sql(STAGING_APPLY)
     if variant.startswith("mark") or variant in ("update", "staging"):

@@ -8,6 +8,8 @@ connection and called with its id bound in binary by the benchmark's own client 
 
   floor          SELECT 1
   floor_id       SELECT $1 (the bound id), without marking
+  floor_fn       SELECT isn_weak(): a trivial C function of another extension (contrib's isn), what
+                 PostgreSQL spends on calling any extension function
   mark           SELECT wsusage_mark($1), ids uniform over 100k
   mark_hot       the same over 10k hot ids
   mark_many      SELECT wsusage_mark_many($1), 100 ids per call     (reported as marks/s)
@@ -41,7 +43,7 @@ HOT = 10_000
 PER_CALL = 100
 # Workspace n's id; bench/driver/src/workload.rs binds the same (n in 12 hex digits at the end).
 UUID_OF = "('00000000-0000-4000-8000-' || lpad(to_hex({n}), 12, '0'))::uuid"
-VARIANTS = ["floor", "floor_id", "mark", "mark_hot", "mark_many", "update", "staging"]
+VARIANTS = ["floor", "floor_id", "floor_fn", "mark", "mark_hot", "mark_many", "update", "staging"]
 
 STAGING_APPLY = """
 WITH d AS (DELETE FROM usage_staging RETURNING id, ts)
@@ -84,8 +86,10 @@ wsusage.max_pending = 262144
         out = subprocess.run(
             [str(self.bin / "psql"), "-h", str(self.dir), "-U", "postgres", "-X", "-q", "-t", "-A",
              "-v", "ON_ERROR_STOP=1", "-c", query],
-            check=True, capture_output=True, text=True,
+            capture_output=True, text=True,
         )
+        if out.returncode != 0:
+            raise RuntimeError(f"psql failed on {query!r}: {out.stderr.strip()}")
         return out.stdout.strip()
 
     def timed_sql(self, setup: str, query: str) -> float:
@@ -124,6 +128,7 @@ wsusage.max_pending = 262144
 
 def prepare(cluster: Cluster):
     cluster.sql("CREATE EXTENSION wsusage")
+    cluster.sql("CREATE EXTENSION isn")  # for floor_fn
     cluster.sql(
         "CREATE TABLE workspaces (id uuid PRIMARY KEY, name text, last_used_at timestamptz) WITH (fillfactor = 90)"
     )
@@ -247,15 +252,20 @@ def summarise(results):
     return out
 
 
-def targets(results, flush_rows, clients_list):
-    def get(variant, clients, key="marks_per_s"):
+def paired_ratio(results, a, b, key="marks_per_s"):
+    """Median over rounds of variant a's value / variant b's value in the same round, a and b
+    being (variant, clients): the two ran minutes apart at most, so the machine's drift over the
+    whole run cancels out."""
+    def per_round(variant, clients):
         return {r["round"]: r[key] for r in results if r["variant"] == variant and r["clients"] == clients}
+    va, vb = per_round(*a), per_round(*b)
+    ratios = [va[n] / vb[n] for n in va if n in vb and vb[n]]
+    return statistics.median(ratios) if ratios else None
 
-    def ratio_of(a, b):
-        """Median over rounds of a's value / b's value in the same round: the two ran minutes
-        apart at most, so the machine's drift over the whole run cancels out."""
-        per_round = [a[n] / b[n] for n in a if n in b and b[n]]
-        return statistics.median(per_round) if per_round else None
+
+def targets(results, flush_rows, clients_list):
+    def ratio_of(a, b, key="marks_per_s"):
+        return paired_ratio(results, a, b, key)
 
     checks = []
     def check(name, ratio, bound, higher_is_better=True):
@@ -266,14 +276,14 @@ def targets(results, flush_rows, clients_list):
 
     for c in [8, 64]:
         if c in clients_list:
-            check(f"mark / SELECT 1 floor at {c} clients", ratio_of(get("mark", c), get("floor", c)), 0.90)
+            check(f"mark / SELECT 1 floor at {c} clients", ratio_of(("mark", c), ("floor", c)), 0.90)
     if 8 in clients_list:
-        check("mark / per-heartbeat UPDATE at 8 clients", ratio_of(get("mark", 8), get("update", 8)), 10)
-        check("mark / staging-table upsert at 8 clients", ratio_of(get("mark", 8), get("staging", 8)), 2)
+        check("mark / per-heartbeat UPDATE at 8 clients", ratio_of(("mark", 8), ("update", 8)), 10)
+        check("mark / staging-table upsert at 8 clients", ratio_of(("mark", 8), ("staging", 8)), 2)
         check("WAL per 1M marks, hot ids: mark_hot / UPDATE at 8 clients",
-              ratio_of(get("mark_hot", 8, "wal_bytes_per_1m"), get("update", 8, "wal_bytes_per_1m")), 0.01, False)
+              ratio_of(("mark_hot", 8), ("update", 8), "wal_bytes_per_1m"), 0.01, False)
     if 8 in clients_list and 64 in clients_list:
-        check("mark at 64 clients / at 8 clients", ratio_of(get("mark", 64), get("mark", 8)), 0.8)
+        check("mark at 64 clients / at 8 clients", ratio_of(("mark", 64), ("mark", 8)), 0.8)
     big = [r for r in flush_rows if r["ids"] == max(x["ids"] for x in flush_rows)] if flush_rows else []
     if big:
         check(f"flush of {big[0]['ids']} ids / hand-written UPDATE ... FROM unnest", ratio(big[0]["wsusage_ms"], big[0]["unnest_ms"]), 1.2, False)
@@ -289,7 +299,21 @@ def ratio(a, b):
     return a / b if a is not None and b else None
 
 
-def markdown(summary, flush_rows, checks, meta):
+def context(results, clients_list):
+    """Ratios that are no targets but say what the targets' ratios are made of."""
+    rows = []
+    for c in clients_list:
+        rows.append((f"floor_fn / SELECT 1 at {c} clients: PostgreSQL's cost of calling any extension function",
+                     paired_ratio(results, ("floor_fn", c), ("floor", c))))
+        rows.append((f"mark / floor_fn at {c} clients: what wsusage itself costs",
+                     paired_ratio(results, ("mark", c), ("floor_fn", c))))
+    if 8 in clients_list and 64 in clients_list:
+        rows.append(("SELECT 1 at 64 clients / at 8 clients: how this machine itself scales",
+                     paired_ratio(results, ("floor", 64), ("floor", 8))))
+    return [(name, value) for name, value in rows if value is not None]
+
+
+def markdown(summary, flush_rows, checks, notes, meta):
     lines = [f"# wsusage benchmark — {meta['stamp']}", "",
              f"Machine: {meta['machine']}. PostgreSQL {meta['pg']}, wsusage {meta['build']} build, "
              f"synchronous_commit on, {ROWS:,} workspaces, {meta['seconds']} s per run, {meta['rounds']} interleaved rounds "
@@ -307,6 +331,9 @@ def markdown(summary, flush_rows, checks, meta):
               "| target | measured | bound | met |", "|---|---:|---:|---|"]
     for name, value, bound, met in checks:
         lines.append(f"| {name} | {value:.3g} | {bound} | {'yes' if met else '**no**'} |")
+    if notes:
+        lines += ["", "What the ratios are made of (no targets):", "", "| ratio | measured |", "|---|---:|"]
+        lines += [f"| {name} | {value:.3g} |" for name, value in notes]
     return "\n".join(lines) + "\n"
 
 
@@ -391,7 +418,7 @@ def main():
             "pg": pg, "build": args.build, "seconds": args.seconds, "rounds": args.rounds, "interval_ms": args.interval_ms}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    md = markdown(summary, flush_rows, checks, meta)
+    md = markdown(summary, flush_rows, checks, context(results, clients_list), meta)
     (out / f"{stamp}.md").write_text(md)
     (out / "latest.md").write_text(md)
     (out / "latest.json").write_text(json.dumps({"meta": meta, "runs": results, "summary": summary, "flush": flush_rows}, indent=1))

@@ -22,6 +22,7 @@ pub struct Workload {
 pub enum Variant {
     Floor,
     FloorId,
+    FloorFn,
     Mark,
     MarkHot,
     MarkMany,
@@ -34,6 +35,7 @@ impl Variant {
         Some(match name {
             "floor" => Variant::Floor,
             "floor_id" => Variant::FloorId,
+            "floor_fn" => Variant::FloorFn,
             "mark" => Variant::Mark,
             "mark_hot" => Variant::MarkHot,
             "mark_many" => Variant::MarkMany,
@@ -51,6 +53,10 @@ impl Workload {
             // The same round trip carrying the same bound id as the mark, without the mark: what
             // the mark itself costs is the difference to this one.
             Variant::FloorId => ("SELECT $1", &[UUID]),
+            // A trivial C function of another extension (contrib's isn, returning a flag): what
+            // PostgreSQL itself spends on calling any extension's function (looking it up,
+            // checking the EXECUTE privilege, setting up the call), which a mark pays too.
+            Variant::FloorFn => ("SELECT isn_weak()", &[]),
             Variant::Mark | Variant::MarkHot => ("SELECT wsusage_mark($1)", &[UUID]),
             Variant::MarkMany => ("SELECT wsusage_mark_many($1)", &[UUID_ARRAY]),
             Variant::Update => ("UPDATE workspaces SET last_used_at = now() WHERE id = $1", &[UUID]),
@@ -75,7 +81,7 @@ impl Workload {
     pub fn next_param(&self, random: &mut Random, out: &mut Vec<u8>) {
         out.clear();
         match self.variant {
-            Variant::Floor => {}
+            Variant::Floor | Variant::FloorFn => {}
             Variant::MarkHot => out.extend_from_slice(&uuid_of(1 + random.below(self.hot))),
             Variant::MarkMany => {
                 let first = 1 + random.below(self.rows - self.per_call + 1);

@@ -38,10 +38,19 @@ pub struct DatabaseSlot {
 }
 
 impl DatabaseSlot {
+    fn in_use(&self) -> bool {
+        self.database != pg_sys::InvalidOid
+    }
+
     /// Nothing depends on this slot: it may be given to another database.
     fn is_idle(&self) -> bool {
         self.pending == 0 && self.worker_pid == 0 && !self.requests.waiting()
     }
+}
+
+/// The slots serving a database. Caller must hold the lock (either mode).
+pub fn in_use<'a>(locked: &'a Locked<'_>) -> impl Iterator<Item = &'a DatabaseSlot> {
+    locked.slots.iter().filter(|slot| slot.in_use())
 }
 
 /// The name of `database`, or `None` when it does not exist (any more). Inside a transaction.
@@ -75,7 +84,7 @@ pub fn claim(locked: &mut Locked<'_>, database: pg_sys::Oid, now: i64) -> Option
     if let Some(index) = find(locked, database) {
         return Some(index);
     }
-    let free = locked.slots.iter().position(|slot| slot.database == pg_sys::InvalidOid);
+    let free = locked.slots.iter().position(|slot| !slot.in_use());
     let index = free.or_else(|| locked.slots.iter().position(DatabaseSlot::is_idle))?;
     let slot = &mut locked.slots[index];
     slot.database = database;
@@ -86,7 +95,7 @@ pub fn claim(locked: &mut Locked<'_>, database: pg_sys::Oid, now: i64) -> Option
     slot.worker_starts = 0;
     slot.yield_requested = false;
     slot.requests = Requests::new();
-    slot.stats = Stats { stats_reset: now, ..crate::stats::zeroed() };
+    slot.stats = Stats::since(now);
     LAST_FOUND.store(index, Ordering::Relaxed);
     Some(index)
 }

@@ -128,7 +128,7 @@ struct SlotView {
 fn slots() -> Vec<SlotView> {
     let mut out = Vec::with_capacity(settings::max_databases());
     shmem::with_lock(Mode::Shared, |locked| {
-        for slot in locked.slots.iter().filter(|slot| slot.database != pg_sys::InvalidOid) {
+        for slot in databases::in_use(locked) {
             // The buffer has a place per slot: no push allocates under the lock.
             out.push(SlotView {
                 database: slot.database,
@@ -218,7 +218,7 @@ impl Launcher {
 
     fn start_due(&mut self, views: &[SlotView]) {
         let now = now();
-        let interval_us = i64::try_from(settings::flush_interval().as_micros()).unwrap_or(i64::MAX);
+        let interval_us = settings::flush_interval_us();
         // Past the high-water mark, the databases holding an even share of the set or more are
         // due at once (see pending::past_high_water_for).
         let total: u64 = views.iter().map(|view| view.pending).sum();

@@ -194,7 +194,7 @@ pub fn past_high_water_for(database: pg_sys::Oid) -> bool {
         if total < high_water_mark() {
             return false;
         }
-        let busy = locked.slots.iter().filter(|slot| slot.database != pg_sys::InvalidOid && slot.pending > 0).count();
+        let busy = databases::in_use(locked).filter(|slot| slot.pending > 0).count();
         databases::find(locked, database)
             .is_some_and(|index| holds_even_share(locked.slots[index].pending, busy as u64, total as u64))
     })

@@ -300,6 +300,11 @@ pub fn flush_interval() -> Duration {
     Duration::from_millis(u64::try_from(FLUSH_INTERVAL_MS.get()).unwrap_or(FLUSH_INTERVAL_MS_DEFAULT as u64))
 }
 
+/// `flush_interval` in microseconds, the unit of `TimestampTz`, to compare with mark times.
+pub fn flush_interval_us() -> i64 {
+    i64::try_from(flush_interval().as_micros()).unwrap_or(i64::MAX)
+}
+
 /// The one database wsusage is restricted to, if any.
 pub fn database() -> Option<String> {
     Some(string_setting(&raw const DATABASE)).filter(|d| !d.is_empty())

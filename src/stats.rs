@@ -144,7 +144,7 @@ pub struct Totals {
 
 pub fn totals() -> Option<Totals> {
     shmem::with_lock(Mode::Shared, |locked| {
-        let in_use = || locked.slots.iter().filter(|slot| slot.database != pg_sys::InvalidOid);
+        let in_use = || databases::in_use(locked);
         let mut stats = locked.shared.stats;
         // Across databases, "in a row" means the longest current run of any database.
         stats.consecutive_failures = in_use().map(|slot| slot.stats.consecutive_failures).max().unwrap_or(0);
@@ -169,7 +169,7 @@ pub fn by_database() -> Option<Vec<DatabaseStats>> {
     // Collected under the lock into a buffer sized beforehand: nothing allocates under it.
     let mut out = Vec::with_capacity(crate::settings::max_databases());
     shmem::with_lock(Mode::Shared, |locked| {
-        for slot in locked.slots.iter().filter(|slot| slot.database != pg_sys::InvalidOid) {
+        for slot in databases::in_use(locked) {
             out.push(DatabaseStats {
                 database: slot.database,
                 pending: slot.pending,
@@ -184,29 +184,32 @@ pub fn by_database() -> Option<Vec<DatabaseStats>> {
 /// Zero every counter, cluster-wide and per database; `stats_reset` becomes `now`.
 pub fn reset(now: i64) -> bool {
     shmem::with_lock(Mode::Exclusive, |locked| {
-        locked.shared.stats = Stats { stats_reset: now, ..zeroed() };
+        locked.shared.stats = Stats::since(now);
         for slot in locked.slots.iter_mut() {
-            slot.stats = Stats { stats_reset: now, ..zeroed() };
+            slot.stats = Stats::since(now);
         }
     })
     .is_some()
 }
 
-pub const fn zeroed() -> Stats {
-    Stats {
-        marks: 0,
-        rejected: 0,
-        flushes: 0,
-        ids_flushed: 0,
-        rows_updated: 0,
-        ids_without_row: 0,
-        ids_discarded: 0,
-        failures: 0,
-        consecutive_failures: 0,
-        last_flush_at: 0,
-        last_flush_duration_us: 0,
-        last_error_at: 0,
-        last_error: [0; MESSAGE_LEN],
-        stats_reset: 0,
+impl Stats {
+    /// Every counter at zero, counting from `now` (`stats_reset`).
+    pub const fn since(now: i64) -> Stats {
+        Stats {
+            marks: 0,
+            rejected: 0,
+            flushes: 0,
+            ids_flushed: 0,
+            rows_updated: 0,
+            ids_without_row: 0,
+            ids_discarded: 0,
+            failures: 0,
+            consecutive_failures: 0,
+            last_flush_at: 0,
+            last_flush_duration_us: 0,
+            last_error_at: 0,
+            last_error: [0; MESSAGE_LEN],
+            stats_reset: now,
+        }
     }
 }

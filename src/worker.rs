@@ -171,7 +171,7 @@ pub extern "C-unwind" fn wsusage_worker_main(arg: pg_sys::Datum) {
             break Exit::DatabaseChanging;
         }
         // The interval runs from the database's first mark or last flush, whichever worker made it.
-        let interval_us = i64::try_from(settings::flush_interval().as_micros()).unwrap_or(i64::MAX);
+        let interval_us = settings::flush_interval_us();
         let until_due = pending::interval_start(database)
             .map_or(0, |start| start.saturating_add(interval_us).saturating_sub(flush::now()));
         let past_high_water = stats::consecutive_failures(database) == 0 && pending::past_high_water_for(database);

@@ -8,6 +8,7 @@ use pgrx::{Array, Uuid};
 
 use crate::databases;
 use crate::errors::UsageError;
+use crate::flush;
 use crate::pending::{self, MarkError};
 use crate::rendezvous::{self, Lookup, Request};
 use crate::settings;
@@ -98,8 +99,8 @@ fn wsusage_flush() -> i64 {
 }
 
 fn mark(ids: &[[u8; 16]], function: &'static str) {
-    // SAFETY: reads the clock; clock_timestamp() semantics, not the transaction's start.
-    let now = unsafe { pg_sys::GetCurrentTimestamp() };
+    // The time of the call (clock_timestamp()), not the transaction's start.
+    let now = flush::now();
     match pending::mark_all(this_database(), ids, now) {
         Ok(()) => {}
         Err(MarkError::NotPreloaded) => UsageError::NotPreloaded.raise(function),

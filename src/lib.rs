@@ -19,6 +19,7 @@ mod flush;
 mod launcher;
 mod monitor;
 mod pending;
+mod pending_table;
 mod persist;
 mod rendezvous;
 mod settings;

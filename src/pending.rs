@@ -6,14 +6,12 @@
 //! to put back (its ids never left, and newer marks merged into them as usual), and a full set
 //! cannot refuse the re-queue of a failed batch, because there is no re-queue.
 
-use std::ffi::c_void;
 use std::ops::ControlFlow;
-use std::ptr::null_mut;
-use std::sync::atomic::{AtomicI64, Ordering};
 
 use pgrx::pg_sys;
 
 use crate::databases;
+use crate::pending_table::Inserted;
 use crate::rendezvous;
 use crate::settings;
 use crate::shmem::{self, Locked, Mode, PendingEntry, PendingKey};
@@ -53,7 +51,7 @@ pub fn mark_all(database: pg_sys::Oid, ids: &[[u8; 16]], now: i64) -> Result<(),
         let mut added = 0;
         let mut outcome = Ok(());
         for (i, id) in ids.iter().enumerate() {
-            match insert(locked, &PendingKey { database, id: *id }, now) {
+            match locked.pending.insert(&PendingKey { database, id: *id }, now) {
                 Inserted::New => added += 1,
                 Inserted::Existing => {}
                 Inserted::Full => {
@@ -98,65 +96,11 @@ pub fn mark_all(database: pg_sys::Oid, ids: &[[u8; 16]], now: i64) -> Result<(),
 fn remark_all(locked: &mut Locked<'_>, database: pg_sys::Oid, ids: &[[u8; 16]], now: i64) -> bool {
     let Some(slot) = databases::find(locked, database) else { return false };
     for id in ids {
-        let key = PendingKey { database, id: *id };
-        // SAFETY: a lookup in our shared hash under its lock; HASH_FIND changes nothing, so any
-        // number of holders may search at once, as pg_stat_statements does.
-        let entry = unsafe {
-            pg_sys::hash_search(
-                locked.pending,
-                (&raw const key).cast::<c_void>(),
-                pg_sys::HASHACTION::HASH_FIND,
-                null_mut(),
-            )
-        }
-        .cast::<PendingEntry>();
-        if entry.is_null() {
-            return false;
-        }
-        // SAFETY: a valid, 8-byte aligned entry that stays in the set while we hold the lock;
-        // other shared holders raise the same field only atomically, and exclusive holders
-        // (snapshot, forget) cannot run meanwhile.
-        unsafe { AtomicI64::from_ptr(&raw mut (*entry).marked_at).fetch_max(now, Ordering::Relaxed) };
+        let Some(index) = locked.pending.find(&PendingKey { database, id: *id }) else { return false };
+        locked.pending.raise(index, now);
     }
     stats::count_remarks(locked, slot, ids.len());
     true
-}
-
-enum Inserted {
-    New,
-    Existing,
-    /// The set is full and the id is new: nothing was recorded.
-    Full,
-}
-
-/// Insert or refresh one id. Caller must hold the lock exclusively.
-fn insert(locked: &mut Locked<'_>, key: &PendingKey, now: i64) -> Inserted {
-    let mut found = false;
-    // SAFETY: `pending` is our shared hash, keyed by a PendingKey (no padding bytes), and we hold
-    // its lock exclusively. HASH_ENTER_NULL returns NULL instead of raising when no entry is free.
-    let entry = unsafe {
-        pg_sys::hash_search(
-            locked.pending,
-            (key as *const PendingKey).cast::<c_void>(),
-            pg_sys::HASHACTION::HASH_ENTER_NULL,
-            &mut found,
-        )
-        .cast::<PendingEntry>()
-    };
-    if entry.is_null() {
-        return Inserted::Full;
-    }
-    // SAFETY: dynahash returned a valid entry; a new one has its key set and the rest unset.
-    unsafe {
-        if !found || (*entry).marked_at < now {
-            (*entry).marked_at = now;
-        }
-    }
-    if found {
-        Inserted::Existing
-    } else {
-        Inserted::New
-    }
 }
 
 /// The launcher's latch when this mark is the one that passed the high-water mark.
@@ -175,8 +119,7 @@ fn take_high_water_wake(locked: &mut Locked<'_>) -> Option<*mut pg_sys::Latch> {
 
 /// Caller must hold the lock (either mode).
 fn len_locked(locked: &Locked<'_>) -> usize {
-    // SAFETY: our shared hash, read under its lock.
-    usize::try_from(unsafe { pg_sys::hash_get_num_entries(locked.pending) }).unwrap_or(0)
+    locked.pending.len()
 }
 
 /// Number of ids pending in all databases, or `None` when not preloaded.
@@ -223,32 +166,6 @@ pub fn len_of(database: pg_sys::Oid) -> usize {
     .unwrap_or(0)
 }
 
-/// Visit the set's entries until `visit` breaks; a scan left before its end is ended with
-/// `hash_seq_term`. Every walk over the set goes through here.
-///
-/// # Safety
-/// The caller holds the lock (or is the postmaster with no other process running), exclusively
-/// if `visit` removes anything; `visit` may remove only the entry it is given (dynahash allows
-/// that during a scan), and must not use it afterwards.
-unsafe fn each_entry(pending: *mut pg_sys::HTAB, mut visit: impl FnMut(&PendingEntry) -> ControlFlow<()>) {
-    // SAFETY: HASH_SEQ_STATUS is plain data that hash_seq_init fills in; the rest is the
-    // caller's promise.
-    unsafe {
-        let mut scan: pg_sys::HASH_SEQ_STATUS = std::mem::zeroed();
-        pg_sys::hash_seq_init(&mut scan, pending);
-        loop {
-            let entry = pg_sys::hash_seq_search(&mut scan).cast::<PendingEntry>();
-            if entry.is_null() {
-                return;
-            }
-            if visit(&*entry).is_break() {
-                pg_sys::hash_seq_term(&mut scan);
-                return;
-            }
-        }
-    }
-}
-
 /// Copy the entries of `database` (every database: `None`) into `out` (cleared first). Returns
 /// false, with `out` left empty, when `out` has not the capacity for all of them: the copy never
 /// allocates under the lock. Caller must hold the lock (either mode).
@@ -257,16 +174,13 @@ fn copy_locked(locked: &Locked<'_>, database: Option<pg_sys::Oid>, out: &mut Vec
     if out.capacity() < len_locked(locked) {
         return false;
     }
-    // SAFETY: the caller holds the lock; nothing is removed. The capacity check above
-    // guarantees no push allocates.
-    unsafe {
-        each_entry(locked.pending, |entry| {
-            if database.is_none_or(|database| entry.key.database == database) {
-                out.push(*entry);
-            }
-            ControlFlow::Continue(())
-        })
-    };
+    // The capacity check above guarantees no push allocates.
+    locked.pending.each(|entry| {
+        if database.is_none_or(|database| entry.key.database == database) {
+            out.push(entry);
+        }
+        ControlFlow::Continue(())
+    });
     true
 }
 
@@ -299,23 +213,15 @@ pub fn entries(database: pg_sys::Oid) -> Option<Vec<PendingEntry>> {
 }
 
 /// Every pending entry, of every database. Postmaster only (see `persist`): the copy allocates,
-/// and nothing else runs. The scan stops after `max_pending` entries, so that a set damaged by a
-/// process killed in the middle of an insert (an immediate shutdown) cannot keep the postmaster
-/// from exiting.
+/// and nothing else runs. The walk is bounded by the table (at most `max_pending` entries), so a
+/// set damaged by a process killed in the middle of an insert (an immediate shutdown) cannot
+/// keep the postmaster from exiting.
 pub fn all_entries(locked: &Locked<'_>) -> Vec<PendingEntry> {
-    let max = settings::max_pending();
-    let mut out = Vec::with_capacity(len_locked(locked).min(max));
-    // SAFETY: the postmaster alone; nothing is removed.
-    unsafe {
-        each_entry(locked.pending, |entry| {
-            out.push(*entry);
-            if out.len() >= max {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
-        })
-    };
+    let mut out = Vec::with_capacity(len_locked(locked).min(settings::max_pending()));
+    locked.pending.each(|entry| {
+        out.push(entry);
+        ControlFlow::Continue(())
+    });
     out
 }
 
@@ -324,11 +230,17 @@ pub fn all_entries(locked: &Locked<'_>) -> Vec<PendingEntry> {
 pub fn restore(locked: &mut Locked<'_>, entries: &[PendingEntry], now: i64) -> usize {
     let mut refused = 0;
     for entry in entries {
-        let Some(slot) = databases::claim(locked, entry.key.database, now) else {
+        // No mark is made outside a database: such an entry could only come from a damaged file.
+        let claimed = if entry.key.database == pg_sys::InvalidOid {
+            None
+        } else {
+            databases::claim(locked, entry.key.database, now)
+        };
+        let Some(slot) = claimed else {
             refused += 1;
             continue;
         };
-        match insert(locked, &entry.key, entry.marked_at) {
+        match locked.pending.insert(&entry.key, entry.marked_at) {
             Inserted::New => locked.slots[slot].pending += 1,
             Inserted::Existing => {}
             Inserted::Full => refused += 1,
@@ -337,41 +249,17 @@ pub fn restore(locked: &mut Locked<'_>, entries: &[PendingEntry], now: i64) -> u
     refused
 }
 
-/// Remove one entry; returns whether it was there. Caller must hold the lock exclusively.
-fn remove(locked: &mut Locked<'_>, key: &PendingKey) -> bool {
-    // SAFETY: removing a key from our shared hash under its exclusive lock; HASH_REMOVE returns
-    // the removed entry or NULL, and never raises.
-    let removed = unsafe {
-        pg_sys::hash_search(
-            locked.pending,
-            (key as *const PendingKey).cast::<c_void>(),
-            pg_sys::HASHACTION::HASH_REMOVE,
-            null_mut(),
-        )
-    };
-    !removed.is_null()
-}
-
 /// Forget the entries a committed flush of `database` wrote, except those marked again since
 /// the snapshot.
 pub fn forget(database: pg_sys::Oid, written: &[PendingEntry]) {
     shmem::with_lock(Mode::Exclusive, |locked| {
         let mut forgotten = 0;
         for entry in written {
-            let mut found = false;
-            // SAFETY: lookup in our shared hash under its exclusive lock.
-            let current = unsafe {
-                pg_sys::hash_search(
-                    locked.pending,
-                    (&raw const entry.key).cast::<c_void>(),
-                    pg_sys::HASHACTION::HASH_FIND,
-                    &mut found,
-                )
-                .cast::<PendingEntry>()
-            };
-            // SAFETY: a found entry is valid until removed, which only this lock holder does.
-            if !current.is_null() && unsafe { (*current).marked_at } <= entry.marked_at && remove(locked, &entry.key) {
-                forgotten += 1;
+            if let Some(index) = locked.pending.find(&entry.key) {
+                if locked.pending.entry(index).marked_at <= entry.marked_at {
+                    locked.pending.remove_at(index);
+                    forgotten += 1;
+                }
             }
         }
         if let Some(index) = databases::find(locked, database) {
@@ -381,30 +269,11 @@ pub fn forget(database: pg_sys::Oid, written: &[PendingEntry]) {
     });
 }
 
-/// Remove every entry for which `keep` is false; returns how many were removed. Caller must
-/// hold the lock exclusively.
-fn retain_locked(locked: &mut Locked<'_>, mut keep: impl FnMut(&PendingEntry) -> bool) -> u64 {
-    let mut removed = 0;
-    let pending = locked.pending;
-    // SAFETY: the caller holds the lock exclusively; only the entry just visited is removed, and
-    // its key is copied out first.
-    unsafe {
-        each_entry(pending, |entry| {
-            if !keep(entry) {
-                let key = entry.key;
-                removed += u64::from(remove(locked, &key));
-            }
-            ControlFlow::Continue(())
-        })
-    };
-    removed
-}
-
 /// Discard every entry of a database that no longer exists, and free its slot; returns how many
 /// ids were discarded. Launcher only.
 pub fn discard(database: pg_sys::Oid) -> u64 {
     shmem::with_lock(Mode::Exclusive, |locked| {
-        let discarded = retain_locked(locked, |entry| entry.key.database != database);
+        let discarded = locked.pending.retain(|entry| entry.key.database != database);
         if let Some(index) = databases::find(locked, database) {
             stats::count_discarded(locked, discarded);
             databases::free(locked, index);

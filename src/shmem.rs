@@ -2,13 +2,12 @@
 //!
 //! Two allocations, both made at server start:
 //!
-//! - **"wsusage pending"**, a PostgreSQL shared hash (dynahash) from (database OID, workspace id)
-//!   ([`PendingKey`], 20 bytes) to the latest time that id was marked in that database
-//!   ([`PendingEntry`], 32 bytes). It is created with `HASH_FIXED_SIZE` and initial size =
-//!   maximum size = `wsusage.max_pending`, so every entry is allocated up front and an insert
-//!   returns NULL exactly when the set is full: the set never borrows from the server's spare
-//!   shared memory, and a full set is a clean, reportable condition. All databases share it, so
-//!   one busy database can use what quiet ones do not.
+//! - **"wsusage pending"**, a hash table of our own (see `pending_table`) from (database OID,
+//!   workspace id) ([`PendingKey`], 20 bytes) to the latest time that id was marked in that
+//!   database (32 bytes a place), with `1.5 × wsusage.max_pending` places allocated up front. It
+//!   refuses a new id exactly when `max_pending` are held: the set never borrows from the
+//!   server's spare shared memory, and a full set is a clean, reportable condition. All
+//!   databases share it, so one busy database can use what quiet ones do not.
 //! - **"wsusage"**, one [`Shared`] struct followed by `wsusage.max_databases`
 //!   [`DatabaseSlot`]s. `Shared` holds the launcher's identity and latch, the cluster-wide
 //!   counters and a condition variable broadcast after every flush; a slot holds what is per
@@ -16,9 +15,9 @@
 //!   `wsusage_flush()` rendezvous and its counters. A slot is claimed by the first mark made in
 //!   a database and recycled only when idle (nothing pending, no worker, no waiting caller).
 //!
-//! Locking. One LWLock (named tranche "wsusage") guards the hash, every field of [`Shared`]
+//! Locking. One LWLock (named tranche "wsusage") guards the table, every field of [`Shared`]
 //! except `flushed`, the condition variable, which synchronises itself, and every slot. The
-//! lock is taken in exclusive mode by every writer: a mark (one hash insert per id), a worker's
+//! lock is taken in exclusive mode by every writer: a mark (one table insert per id), a worker's
 //! snapshot of its database's entries (a copy into a buffer it allocated beforehand), a worker
 //! forgetting what it wrote, the launcher discarding a dropped database's entries, and the
 //! rendezvous bookkeeping. Readers that change nothing take it shared, and so does a mark whose
@@ -44,6 +43,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::databases::DatabaseSlot;
+use crate::pending_table::{self, PendingTable, TableHeader};
 use crate::persist;
 use crate::settings;
 use crate::stats::Stats;
@@ -60,7 +60,7 @@ pub const RECENT_FLUSHES: usize = 16;
 /// Longest error message kept for `wsusage_flush()` callers (bytes, including the terminator).
 pub const MESSAGE_LEN: usize = 256;
 
-/// The hash key: an id is pending per database, and flushed only in the database it was marked in.
+/// The table's key: an id is pending per database, and flushed only in the database it was marked in.
 #[repr(C)]
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct PendingKey {
@@ -68,7 +68,7 @@ pub struct PendingKey {
     pub id: [u8; 16],
 }
 
-/// One pending id: the key must come first (dynahash compares the first `keysize` bytes).
+/// One pending id, as copied out of the table: for a flush, a look at the set, the saved file.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct PendingEntry {
@@ -96,7 +96,7 @@ pub struct Shared {
 }
 // Set in the postmaster by the shmem startup hook and inherited by every child on fork.
 static SHARED: AtomicPtr<Shared> = AtomicPtr::new(null_mut());
-static PENDING: AtomicPtr<pg_sys::HTAB> = AtomicPtr::new(null_mut());
+static PENDING: AtomicPtr<TableHeader> = AtomicPtr::new(null_mut());
 
 static mut PREV_SHMEM_STARTUP_HOOK: pg_sys::shmem_startup_hook_type = None;
 #[cfg(not(feature = "pg14"))]
@@ -131,10 +131,8 @@ unsafe extern "C-unwind" fn shmem_request() {
     request_shmem();
 }
 
-fn pending_hash_size() -> usize {
-    let max = settings::max_pending() as std::ffi::c_long;
-    // SAFETY: a pure size computation.
-    unsafe { pg_sys::hash_estimate_size(max, size_of::<PendingEntry>()) }
+fn pending_table_size() -> usize {
+    pending_table::size(settings::max_pending())
 }
 
 fn shared_size() -> usize {
@@ -144,7 +142,7 @@ fn shared_size() -> usize {
 /// Bytes of shared memory the extension reserves for `wsusage.max_pending` ids and
 /// `wsusage.max_databases` databases.
 pub fn total_size() -> usize {
-    shared_size() + pending_hash_size()
+    shared_size() + pending_table_size()
 }
 
 fn request_shmem() {
@@ -183,17 +181,12 @@ unsafe extern "C-unwind" fn shmem_startup() {
             (*shared).stats.stats_reset = pg_sys::GetCurrentTimestamp();
         }
 
-        let max = settings::max_pending() as std::ffi::c_long;
-        let mut info: pg_sys::HASHCTL = std::mem::zeroed();
-        info.keysize = size_of::<PendingKey>();
-        info.entrysize = size_of::<PendingEntry>();
-        let pending = pg_sys::ShmemInitHash(
-            PENDING_NAME.as_ptr(),
-            max,
-            max,
-            &mut info,
-            (pg_sys::HASH_ELEM | pg_sys::HASH_BLOBS | pg_sys::HASH_FIXED_SIZE) as i32,
-        );
+        let mut table_found = false;
+        let pending = pg_sys::ShmemInitStruct(PENDING_NAME.as_ptr(), pending_table_size(), &mut table_found)
+            .cast::<TableHeader>();
+        if !table_found {
+            pending_table::create(pending, settings::max_pending(), random_seed());
+        }
 
         pg_sys::LWLockRelease(addin_shmem_init_lock);
 
@@ -209,6 +202,19 @@ unsafe extern "C-unwind" fn shmem_startup() {
             pg_sys::on_shmem_exit(Some(save_at_exit), pg_sys::Datum::from(0));
         }
     }
+}
+
+/// A key for the pending table's hash, new at every start of shared memory.
+fn random_seed() -> [u64; 2] {
+    let mut bytes = [0u8; 16];
+    // SAFETY: fills the buffer we pass, of the length we pass.
+    if !unsafe { pg_sys::pg_strong_random(bytes.as_mut_ptr().cast(), bytes.len()) } {
+        // Without a strong source the clock still differs from one start to the next.
+        // SAFETY: reads the clock.
+        bytes[..8].copy_from_slice(&unsafe { pg_sys::GetCurrentTimestamp() }.to_le_bytes());
+    }
+    let seed = u128::from_le_bytes(bytes);
+    [seed as u64, (seed >> 64) as u64]
 }
 
 #[pg_guard]
@@ -232,7 +238,7 @@ fn postmaster_access<R>(f: impl FnOnce(&mut Locked<'_>) -> R) -> Option<R> {
     Some(f(&mut unsafe { locked_view(shared) }))
 }
 
-/// The shared state, its slots and the hash, as one borrow.
+/// The shared state, its slots and the pending table, as one borrow.
 ///
 /// # Safety
 /// `shared` is the struct made in shmem_startup, and the caller has the access the lock gives
@@ -242,7 +248,7 @@ unsafe fn locked_view<'a>(shared: *mut Shared) -> Locked<'a> {
     // (shared_size); exclusivity is the caller's promise.
     unsafe {
         let slots = std::slice::from_raw_parts_mut(shared.add(1).cast::<DatabaseSlot>(), (*shared).slot_count);
-        Locked { shared: &mut *shared, slots, pending: PENDING.load(Ordering::Acquire) }
+        Locked { shared: &mut *shared, slots, pending: PendingTable::attach(PENDING.load(Ordering::Acquire)) }
     }
 }
 
@@ -271,7 +277,7 @@ pub fn read_message(buffer: &[u8; MESSAGE_LEN]) -> String {
 pub struct Locked<'a> {
     pub shared: &'a mut Shared,
     pub slots: &'a mut [DatabaseSlot],
-    pub pending: *mut pg_sys::HTAB,
+    pub pending: PendingTable<'a>,
 }
 
 struct ReleaseOnDrop(*mut pg_sys::LWLock);

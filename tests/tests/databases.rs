@@ -306,3 +306,33 @@ fn a_set_kept_full_by_one_failing_database_does_not_make_another_flush_in_a_loop
     assert!(flushes <= 1, "{flushes} flushes of the busy database within its interval");
     assert_eq!(flush(&mut busy), 10, "its own ids, once asked");
 }
+
+#[test]
+fn dropping_a_database_discards_only_its_ids_from_the_set_it_shares_with_another() {
+    let cluster = Cluster::start(&[]);
+    // The same ids in both databases: their entries sit side by side in the shared set, so
+    // discarding one database's entries moves the other's within it.
+    let ids: Vec<Uuid> = (0..3000).map(|_| Uuid::new_v4()).collect();
+    let mut survivor = database_with(&cluster, "survivor", &ids);
+    let mut doomed = database_with(&cluster, "doomed", &ids);
+    for chunk in ids.chunks(100) {
+        let chunk = chunk.to_vec();
+        survivor.execute("SELECT wsusage_mark_many($1)", &[&chunk]).unwrap();
+        doomed.execute("SELECT wsusage_mark_many($1)", &[&chunk]).unwrap();
+    }
+    cluster.wait_for_worker(&mut doomed, None);
+    drop(doomed);
+
+    survivor.batch_execute("DROP DATABASE doomed").unwrap();
+    wait_until("the dropped database's marks to be discarded", || {
+        let (discarded, pending): (i64, i64) = survivor
+            .query_one("SELECT ids_discarded, pending FROM wsusage_stats", &[])
+            .map(|r| (r.get(0), r.get(1)))
+            .unwrap();
+        (discarded, pending) == (3000, 3000)
+    });
+    let pending: i64 = survivor.query_one("SELECT count(*) FROM wsusage_pending()", &[]).unwrap().get(0);
+    assert_eq!(pending, 3000, "every id of the survivor is still pending");
+    assert_eq!(flush(&mut survivor), 3000);
+    assert_eq!(count_used(&mut survivor), 3000);
+}

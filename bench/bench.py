@@ -117,7 +117,9 @@ wsusage.max_pending = 262144
             try:
                 f = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
                 total += int(f[11]) + int(f[12])
-            except FileNotFoundError:
+            except OSError:
+                # Exited since the list was read (ENOENT, or ESRCH while it is being reaped): its
+                # time joins the postmaster's cutime/cstime once reaped.
                 pass
         return total / tick
 

@@ -13,7 +13,7 @@ use pgrx::pg_sys;
 
 use crate::rendezvous::Requests;
 use crate::shmem::{self, Locked, Mode};
-use crate::stats::Stats;
+use crate::stats::{self, Stats};
 
 #[repr(C)]
 pub struct DatabaseSlot {
@@ -86,6 +86,9 @@ pub fn claim(locked: &mut Locked<'_>, database: pg_sys::Oid, now: i64) -> Option
     }
     let free = locked.slots.iter().position(|slot| !slot.in_use());
     let index = free.or_else(|| locked.slots.iter().position(DatabaseSlot::is_idle))?;
+    if locked.slots[index].in_use() {
+        stats::retire_marks(locked, index);
+    }
     let slot = &mut locked.slots[index];
     slot.database = database;
     slot.pending = 0;
@@ -102,6 +105,7 @@ pub fn claim(locked: &mut Locked<'_>, database: pg_sys::Oid, now: i64) -> Option
 
 /// Give the slot back. Caller must hold the lock exclusively.
 pub fn free(locked: &mut Locked<'_>, index: usize) {
+    stats::retire_marks(locked, index);
     locked.slots[index].database = pg_sys::InvalidOid;
 }
 

@@ -21,9 +21,9 @@
 //! snapshot of its database's entries (a copy into a buffer it allocated beforehand), a worker
 //! forgetting what it wrote, the launcher discarding a dropped database's entries, and the
 //! rendezvous bookkeeping. Readers that change nothing take it shared, and so does a mark whose
-//! ids are all pending already: it raises each entry's `marked_at` with an atomic max and the
-//! `marks` counters with an atomic add, the only fields a shared holder may change, and only
-//! atomically (exclusive holders exclude it, and read them plainly). Nothing done under the
+//! ids are all pending already: it raises each entry's `marked_at` with an atomic max and its
+//! database's `marks` counter with an atomic add, the only fields a shared holder may change, and
+//! only atomically (exclusive holders exclude it, and read them plainly). Nothing done under the
 //! lock can raise an error, allocate, log or wait on the database: a flush's UPDATE runs with
 //! the lock released, so a mark never waits on a table lock, an fsync or a slow query. Use
 //! [`with_lock`]; helpers taking a [`Locked`] are "caller must hold the lock" by construction.

@@ -234,6 +234,8 @@ fn more_databases_than_wsusage_max_databases_get_a_clear_error_until_one_is_idle
     });
     wait_until("the second database's mark to be applied", || count_used(&mut second) == 1);
     assert_eq!(count_used(&mut first), 1);
+    let marks: i64 = first.query_one("SELECT marks FROM wsusage_stats", &[]).unwrap().get(0);
+    assert_eq!(marks, 2, "the first database's mark stays counted after its place went to the second");
 }
 
 #[test]
@@ -333,6 +335,8 @@ fn dropping_a_database_discards_only_its_ids_from_the_set_it_shares_with_another
     });
     let pending: i64 = survivor.query_one("SELECT count(*) FROM wsusage_pending()", &[]).unwrap().get(0);
     assert_eq!(pending, 3000, "every id of the survivor is still pending");
+    let marks: i64 = survivor.query_one("SELECT marks FROM wsusage_stats", &[]).unwrap().get(0);
+    assert_eq!(marks, 6000, "the dropped database's marks stay in the cluster's count");
     assert_eq!(flush(&mut survivor), 3000);
     assert_eq!(count_used(&mut survivor), 3000);
 }

@@ -89,7 +89,8 @@ pub struct Shared {
     /// A mark already woke the launcher because the set passed its high-water mark; cleared when
     /// a worker takes its next snapshot, so a busy set wakes it once per flush, not per mark.
     pub high_water_wake_sent: bool,
-    /// Cluster-wide counters (every database, including dropped ones).
+    /// Cluster-wide counters (every database, including dropped ones); `marks` only of the
+    /// databases whose slot was given up, the rest being in the slots (see `stats`).
     pub stats: Stats,
     /// Number of [`DatabaseSlot`]s following this struct.
     slot_count: usize,

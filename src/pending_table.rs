@@ -196,7 +196,11 @@ impl<'a> PendingTable<'a> {
         let places = self.places.len();
         let mut hole = index;
         let mut next = self.next(hole);
-        while !self.places[next].is_free() {
+        // A free place ends the run; the bound only keeps damaged memory from looping.
+        for _ in 0..places {
+            if self.places[next].is_free() {
+                break;
+            }
             let home = self.home(&self.places[next].key);
             // The entry at `next` may fill the hole unless its home lies cyclically in
             // (hole, next]: moved there, it could not be found from its home.
@@ -209,7 +213,7 @@ impl<'a> PendingTable<'a> {
             next = self.next(next);
         }
         self.places[hole] = Place::free();
-        self.header.len -= 1;
+        self.header.len = self.header.len.saturating_sub(1);
     }
 
     /// Visit the entries (a copy of each) until `visit` breaks; at most `limit` of them, so

@@ -6,8 +6,6 @@
 //! to put back (its ids never left, and newer marks merged into them as usual), and a full set
 //! cannot refuse the re-queue of a failed batch, because there is no re-queue.
 
-use std::ops::ControlFlow;
-
 use pgrx::pg_sys;
 
 use crate::databases;
@@ -106,7 +104,7 @@ fn remark_all(locked: &mut Locked<'_>, database: pg_sys::Oid, ids: &[[u8; 16]], 
 /// The launcher's latch when this mark is the one that passed the high-water mark.
 /// Caller must hold the lock exclusively.
 fn take_high_water_wake(locked: &mut Locked<'_>) -> Option<*mut pg_sys::Latch> {
-    if locked.shared.high_water_wake_sent || len_locked(locked) < high_water_mark() {
+    if locked.shared.high_water_wake_sent || locked.pending.len() < high_water_mark() {
         return None;
     }
     let latch = locked.shared.launcher_latch;
@@ -117,14 +115,9 @@ fn take_high_water_wake(locked: &mut Locked<'_>) -> Option<*mut pg_sys::Latch> {
     Some(latch)
 }
 
-/// Caller must hold the lock (either mode).
-fn len_locked(locked: &Locked<'_>) -> usize {
-    locked.pending.len()
-}
-
 /// Number of ids pending in all databases, or `None` when not preloaded.
 pub fn len() -> Option<usize> {
-    shmem::with_lock(Mode::Shared, |locked| len_locked(locked))
+    shmem::with_lock(Mode::Shared, |locked| locked.pending.len())
 }
 
 /// Whether the set has passed its high-water mark and `database` holds at least an even share
@@ -133,7 +126,7 @@ pub fn len() -> Option<usize> {
 /// loop because another database's ids (failing to flush, say) keep the set full.
 pub fn past_high_water_for(database: pg_sys::Oid) -> bool {
     shmem::with_lock(Mode::Shared, |locked| {
-        let total = len_locked(locked);
+        let total = locked.pending.len();
         if total < high_water_mark() {
             return false;
         }
@@ -171,16 +164,11 @@ pub fn len_of(database: pg_sys::Oid) -> usize {
 /// allocates under the lock. Caller must hold the lock (either mode).
 fn copy_locked(locked: &Locked<'_>, database: Option<pg_sys::Oid>, out: &mut Vec<PendingEntry>) -> bool {
     out.clear();
-    if out.capacity() < len_locked(locked) {
+    if out.capacity() < locked.pending.len() {
         return false;
     }
     // The capacity check above guarantees no push allocates.
-    locked.pending.each(|entry| {
-        if database.is_none_or(|database| entry.key.database == database) {
-            out.push(entry);
-        }
-        ControlFlow::Continue(())
-    });
+    out.extend(locked.pending.entries().filter(|entry| database.is_none_or(|database| entry.key.database == database)));
     true
 }
 
@@ -217,11 +205,8 @@ pub fn entries(database: pg_sys::Oid) -> Option<Vec<PendingEntry>> {
 /// set damaged by a process killed in the middle of an insert (an immediate shutdown) cannot
 /// keep the postmaster from exiting.
 pub fn all_entries(locked: &Locked<'_>) -> Vec<PendingEntry> {
-    let mut out = Vec::with_capacity(len_locked(locked).min(settings::max_pending()));
-    locked.pending.each(|entry| {
-        out.push(entry);
-        ControlFlow::Continue(())
-    });
+    let mut out = Vec::with_capacity(locked.pending.len().min(settings::max_pending()));
+    out.extend(locked.pending.entries());
     out
 }
 

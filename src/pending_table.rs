@@ -27,7 +27,6 @@
 //! entry's time is an atomic so that markers holding the lock in shared mode can raise it.
 
 use std::mem::size_of;
-use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use pgrx::pg_sys;
@@ -216,16 +215,10 @@ impl<'a> PendingTable<'a> {
         self.header.len = self.header.len.saturating_sub(1);
     }
 
-    /// Visit the entries (a copy of each) until `visit` breaks; at most `limit` of them, so
-    /// that damaged memory cannot make the walk overlong.
-    pub fn each(&self, mut visit: impl FnMut(PendingEntry) -> ControlFlow<()>) {
-        let mut seen = 0;
-        for place in self.places.iter().filter(|place| !place.is_free()) {
-            seen += 1;
-            if seen > self.header.limit || visit(place.entry()).is_break() {
-                return;
-            }
-        }
+    /// A copy of each entry; at most `limit` of them, so that damaged memory cannot make a walk
+    /// overlong.
+    pub fn entries(&self) -> impl Iterator<Item = PendingEntry> + '_ {
+        self.places.iter().filter(|place| !place.is_free()).map(Place::entry).take(self.header.limit)
     }
 
     /// Remove every entry for which `keep` is false; returns how many were removed. Caller

@@ -8,8 +8,9 @@ connection and called with its id bound in binary by the benchmark's own client 
 
   floor          SELECT 1
   floor_id       SELECT $1 (the bound id), without marking
-  floor_fn       SELECT isn_weak(): a trivial C function of another extension (contrib's isn), what
-                 PostgreSQL spends on calling any extension function
+  floor_fn       SELECT floor_fn($1): a C function that takes the bound id and does nothing (contrib
+                 isn's isn_weak(), which reads no argument, declared with the mark's): what
+                 PostgreSQL spends on calling any extension function with the mark's argument
   mark           SELECT wsusage_mark($1), ids uniform over 100k
   mark_hot       the same over 10k hot ids
   mark_many      SELECT wsusage_mark_many($1), 100 ids per call     (reported as marks/s)
@@ -19,9 +20,9 @@ connection and called with its id bound in binary by the benchmark's own client 
 
 Reported per variant and client count: marks/s, p50/p99 latency, WAL bytes per 1M marks
 (including the flushes/applies and the VACUUM after each run), dead tuples created per 1M marks,
-server CPU seconds per 1M marks. Then the close targets' own measurement: 20 pairs of short runs
-of wsusage_mark and its rival back to back (SELECT 1 at 8 and 64 clients, staging at 8), in
-alternating order, one ratio per pair (see alternated_pairs). Then the flush itself: applying
+server CPU seconds per 1M marks. Then the close targets' own measurement: 20 sets of short runs
+of wsusage_mark and its rivals back to back (SELECT 1 and floor_fn at 8 and 64 clients, staging
+at 8), in a rotating order, one ratio per set (see alternated_sets). Then the flush itself: applying
 1k/10k/100k pending ids with wsusage_flush() against one hand-written UPDATE ... FROM unnest(...)
 of the same rows.
 
@@ -133,7 +134,9 @@ wsusage.max_pending = 262144
 
 def prepare(cluster: Cluster):
     cluster.sql("CREATE EXTENSION wsusage")
-    cluster.sql("CREATE EXTENSION isn")  # for floor_fn
+    # floor_fn: contrib isn's weak_input_status (SQL isn_weak()) returns a flag and reads no
+    # argument, so declared with the mark's argument it is a C function passed the id, doing nothing.
+    cluster.sql("CREATE FUNCTION floor_fn(uuid) RETURNS boolean AS '$libdir/isn', 'weak_input_status' LANGUAGE C VOLATILE")
     cluster.sql(
         "CREATE TABLE workspaces (id uuid PRIMARY KEY, name text, last_used_at timestamptz) WITH (fillfactor = 90)"
     )
@@ -185,33 +188,40 @@ def drive(cluster: Cluster, driver: Path, variant: str, clients: int, seconds: f
     return json.loads(out.stdout)
 
 
-# The targets whose bound lies within this machine's noise of what wsusage reaches: each is also
-# measured on its own, in alternated pairs of (mark's rival, clients).
-PAIRED = [("floor", 8), ("floor", 64), ("staging", 8)]
-RIVAL_NAME = {"floor": "SELECT 1", "staging": "staging-table upsert"}
+# The targets whose bound lies within this machine's noise of what wsusage reaches are also
+# measured on their own: at each client count, short runs of these variants back to back.
+ALTERNATED = {8: ["floor", "floor_fn", "mark", "staging"], 64: ["floor", "floor_fn", "mark"]}
+RIVAL_NAME = {"floor": "SELECT 1", "floor_fn": "floor_fn", "staging": "staging-table upsert"}
 
 
-def alternated_pairs(cluster: Cluster, driver: Path, clients_list, variants, pairs: int, seconds: float, interval_s: float):
-    """Short runs of `wsusage_mark` and its rival back to back, in alternating order (A B, B A, ...),
-    one ratio per pair. On a shared machine two adjacent 12 s windows of equal-cost statements
-    differ by up to 15%, which decides a round's ratio; seconds apart and many times over, that
-    noise averages out instead."""
+def alternated_sets(cluster: Cluster, driver: Path, clients_list, variants, sets: int, seconds: float, interval_s: float):
+    """Short runs of `wsusage_mark` and its rivals back to back, the order rotating from one set
+    to the next (A B C, B C A, C A B, ...), one ratio per set. On a shared machine two adjacent
+    12 s windows of equal-cost statements differ by up to 15%, which decides a round's ratio;
+    seconds apart and many times over, that noise averages out instead."""
     rows = []
-    for rival, c in PAIRED:
-        if c not in clients_list or rival not in variants or "mark" not in variants:
+    for c, members in ALTERNATED.items():
+        members = [v for v in members if v in variants]
+        if c not in clients_list or "mark" not in members or len(members) < 2:
             continue
-        for n in range(pairs):
-            order = [rival, "mark"] if n % 2 == 0 else ["mark", rival]
+        for n in range(sets):
+            order = members[n % len(members):] + members[:n % len(members)]
             rate = {v: run_variant(cluster, driver, v, c, seconds, interval_s)["marks_per_s"] for v in order}
-            rows.append({"rival": rival, "clients": c, "pair": n + 1, "mark": rate["mark"], "rival_rate": rate[rival],
-                         "ratio": rate["mark"] / rate[rival] if rate[rival] else 0})
-        print(f"pairs at {c:>3} clients: mark / {RIVAL_NAME[rival]} median {pairs_median(rows, rival, c):.3f} "
-              f"over {pairs} pairs", flush=True)
+            rows.append({"clients": c, "set": n + 1, **rate})
+        for rival in members:
+            if rival != "mark":
+                print(f"sets at {c:>3} clients: mark / {RIVAL_NAME[rival]} median "
+                      f"{set_median(rows, 'mark', rival, c):.3f} over {sets} sets", flush=True)
     return rows
 
 
-def pairs_median(pair_rows, rival, clients):
-    ratios = [r["ratio"] for r in pair_rows if r["rival"] == rival and r["clients"] == clients]
+def set_ratios(set_rows, a, b, clients):
+    """a's marks/s over b's in each alternated set at `clients` that ran both."""
+    return sorted(r[a] / r[b] for r in set_rows if r["clients"] == clients and r.get(a) and r.get(b))
+
+
+def set_median(set_rows, a, b, clients):
+    ratios = set_ratios(set_rows, a, b, clients)
     return statistics.median(ratios) if ratios else None
 
 
@@ -304,7 +314,7 @@ def paired_ratio(results, a, b, key="marks_per_s"):
     return statistics.median(ratios) if ratios else None
 
 
-def targets(results, flush_rows, clients_list, pair_rows):
+def targets(results, flush_rows, clients_list, set_rows):
     def ratio_of(a, b, key="marks_per_s"):
         return paired_ratio(results, a, b, key)
 
@@ -316,9 +326,9 @@ def targets(results, flush_rows, clients_list, pair_rows):
         checks.append((name, ratio, ("≥ " if higher_is_better else "≤ ") + f"{bound:g}", met))
 
     def check_against(rival, c, bound):
-        paired = pairs_median(pair_rows, rival, c)
-        if paired is not None:
-            check(f"mark / {RIVAL_NAME[rival]} at {c} clients (alternated pairs)", paired, bound)
+        alternated = set_median(set_rows, "mark", rival, c)
+        if alternated is not None:
+            check(f"mark / {RIVAL_NAME[rival]} at {c} clients (alternated sets)", alternated, bound)
         elif c in clients_list:
             check(f"mark / {RIVAL_NAME[rival]} at {c} clients", ratio_of(("mark", c), (rival, c)), bound)
 
@@ -347,14 +357,18 @@ def ratio(a, b):
     return a / b if a is not None and b else None
 
 
-def context(results, clients_list):
-    """Ratios that are no targets but say what the targets' ratios are made of."""
+def context(results, clients_list, set_rows):
+    """Ratios that are no targets but say what the targets' ratios are made of (from the
+    alternated sets where they ran, else from the rounds)."""
+    def ratio_of(a, b, c):
+        alternated = set_median(set_rows, a, b, c)
+        return alternated if alternated is not None else paired_ratio(results, (a, c), (b, c))
+
     rows = []
     for c in clients_list:
-        rows.append((f"floor_fn / SELECT 1 at {c} clients: PostgreSQL's cost of calling any extension function",
-                     paired_ratio(results, ("floor_fn", c), ("floor", c))))
-        rows.append((f"mark / floor_fn at {c} clients: what wsusage itself costs",
-                     paired_ratio(results, ("mark", c), ("floor_fn", c))))
+        rows.append((f"floor_fn / SELECT 1 at {c} clients: PostgreSQL's cost of calling an extension function "
+                     "with the mark's argument", ratio_of("floor_fn", "floor", c)))
+        rows.append((f"mark / floor_fn at {c} clients: what wsusage itself costs", ratio_of("mark", "floor_fn", c)))
     if 8 in clients_list:
         rows.append(("SELECT 1 / per-heartbeat UPDATE at 8 clients: the most any call of one round trip reaches "
                      "against the UPDATE on this machine", paired_ratio(results, ("floor", 8), ("update", 8))))
@@ -364,7 +378,7 @@ def context(results, clients_list):
     return [(name, value) for name, value in rows if value is not None]
 
 
-def markdown(summary, flush_rows, checks, notes, meta, pair_rows):
+def markdown(summary, flush_rows, checks, notes, meta, set_rows):
     lines = [f"# wsusage benchmark — {meta['stamp']}", "",
              f"Machine: {meta['machine']}. PostgreSQL {meta['pg']}, wsusage {meta['build']} build, "
              f"synchronous_commit on, {ROWS:,} workspaces, {meta['seconds']} s per run, {meta['rounds']} interleaved rounds "
@@ -378,19 +392,20 @@ def markdown(summary, flush_rows, checks, notes, meta, pair_rows):
         lines += ["", "Flush of pending ids (median ms):", "", "| ids | wsusage_flush() | hand-written UPDATE … FROM unnest | ratio |", "|---:|---:|---:|---:|"]
         for r in flush_rows:
             lines.append(f"| {r['ids']:,} | {r['wsusage_ms']:.1f} | {r['unnest_ms']:.1f} | {r['wsusage_ms'] / r['unnest_ms']:.2f} |")
-    if pair_rows:
-        lines += ["", f"Alternated pairs: `wsusage_mark` and its rival for {meta['pair_seconds']} s each, back to back, "
-                  "in alternating order; the ratio of each pair's marks/s:", "",
-                  "| ratio | clients | pairs | median | quartiles | lowest | highest |", "|---|---:|---:|---:|---|---:|---:|"]
-        for rival, c in PAIRED:
-            ratios = sorted(r["ratio"] for r in pair_rows if r["rival"] == rival and r["clients"] == c)
-            if not ratios:
-                continue
-            q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) >= 2 else [ratios[0]] * 3
-            lines.append(f"| mark / {RIVAL_NAME[rival]} | {c} | {len(ratios)} | {statistics.median(ratios):.3f} | "
-                         f"{q[0]:.3f} – {q[2]:.3f} | {ratios[0]:.3f} | {ratios[-1]:.3f} |")
+    if set_rows:
+        lines += ["", f"Alternated sets: `wsusage_mark` and its rivals for {meta['set_seconds']} s each, back to back, "
+                  "the order rotating from one set to the next; the ratio of marks/s within each set:", "",
+                  "| ratio | clients | sets | median | quartiles | lowest | highest |", "|---|---:|---:|---:|---|---:|---:|"]
+        for c, members in ALTERNATED.items():
+            for a, b in [("mark", rival) for rival in members if rival != "mark"] + [("floor_fn", "floor")]:
+                ratios = set_ratios(set_rows, a, b, c)
+                if not ratios:
+                    continue
+                q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) >= 2 else [ratios[0]] * 3
+                lines.append(f"| {RIVAL_NAME.get(a, a)} / {RIVAL_NAME[b]} | {c} | {len(ratios)} | {statistics.median(ratios):.3f} | "
+                             f"{q[0]:.3f} – {q[2]:.3f} | {ratios[0]:.3f} | {ratios[-1]:.3f} |")
     lines += ["", "Targets:", "", "A ratio of two variants is the median over rounds of their ratio within each round "
-              "(a target marked “alternated pairs”: the median over those pairs).", "",
+              "(a target marked “alternated sets”: the median over those sets).", "",
               "| target | measured | bound | met |", "|---|---:|---:|---|"]
     for name, value, bound, met in checks:
         lines.append(f"| {name} | {value:.3g} | {bound} | {'yes' if met else '**no**'} |")
@@ -433,8 +448,8 @@ def main():
     p.add_argument("--driver", required=True, help="the built bench/driver binary (wsusage-bench-driver)")
     p.add_argument("--seconds", type=float, default=12)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--pairs", type=int, default=20, help="alternated pairs per close target (mark against SELECT 1 at 8 and 64 clients, against staging at 8)")
-    p.add_argument("--pair-seconds", type=float, default=3)
+    p.add_argument("--sets", type=int, default=20, help="alternated sets of short runs per client count (see ALTERNATED)")
+    p.add_argument("--set-seconds", type=float, default=3)
     p.add_argument("--clients", default="1,8,64")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--flush-sizes", default="1000,10000,100000")
@@ -468,8 +483,8 @@ def main():
                     print(f"round {rnd + 1} {v:>9} {c:>3} clients: {r['marks_per_s']:>10,.0f} marks/s  p99 {r['p99_ms']:.3f} ms  "
                           f"WAL/1M {r['wal_bytes_per_1m']:>14,.0f}  dead/1M {r['dead_tuples_per_1m']:>10,.0f}", flush=True)
                     results.append(r)
-        pair_rows = alternated_pairs(cluster, Path(args.driver), clients_list, variants, args.pairs, args.pair_seconds,
-                                     args.interval_ms / 1000)
+        set_rows = alternated_sets(cluster, Path(args.driver), clients_list, variants, args.sets, args.set_seconds,
+                                   args.interval_ms / 1000)
         sizes = [int(s) for s in args.flush_sizes.split(",") if s]
         flush_rows = flush_benchmark(cluster, sizes, args.flush_repeats)
         for r in flush_rows:
@@ -478,18 +493,18 @@ def main():
         cluster.stop()
 
     summary = summarise(results)
-    checks = targets(results, flush_rows, clients_list, pair_rows)
+    checks = targets(results, flush_rows, clients_list, set_rows)
     stamp = time.strftime("%Y-%m-%dT%H%M%SZ", time.gmtime())
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown CPU")
     meta = {"stamp": stamp, "machine": f"{os.cpu_count()} cores ({cpu}), {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB",
             "pg": pg, "build": args.build, "seconds": args.seconds, "rounds": args.rounds, "interval_ms": args.interval_ms,
-            "pairs": args.pairs, "pair_seconds": args.pair_seconds}
+            "sets": args.sets, "set_seconds": args.set_seconds}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    md = markdown(summary, flush_rows, checks, context(results, clients_list), meta, pair_rows)
+    md = markdown(summary, flush_rows, checks, context(results, clients_list, set_rows), meta, set_rows)
     (out / f"{stamp}.md").write_text(md)
     (out / "latest.md").write_text(md)
-    (out / "latest.json").write_text(json.dumps({"meta": meta, "runs": results, "summary": summary, "flush": flush_rows, "pairs": pair_rows}, indent=1))
+    (out / "latest.json").write_text(json.dumps({"meta": meta, "runs": results, "summary": summary, "flush": flush_rows, "sets": set_rows}, indent=1))
     if not args.no_plot:
         plot(summary, out / "latest.png")
     print(md)

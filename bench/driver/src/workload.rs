@@ -53,10 +53,11 @@ impl Workload {
             // The same round trip carrying the same bound id as the mark, without the mark: what
             // the mark itself costs is the difference to this one.
             Variant::FloorId => ("SELECT $1", &[UUID]),
-            // A trivial C function of another extension (contrib's isn, returning a flag): what
-            // PostgreSQL itself spends on calling any extension's function (looking it up,
-            // checking the EXECUTE privilege, setting up the call), which a mark pays too.
-            Variant::FloorFn => ("SELECT isn_weak()", &[]),
+            // A C function that is passed the id and does nothing (bench.py declares it): what
+            // PostgreSQL itself spends on calling an extension's function with the mark's
+            // argument (looking it up, checking the EXECUTE privilege, receiving the argument),
+            // which a mark pays too.
+            Variant::FloorFn => ("SELECT floor_fn($1)", &[UUID]),
             Variant::Mark | Variant::MarkHot => ("SELECT wsusage_mark($1)", &[UUID]),
             Variant::MarkMany => ("SELECT wsusage_mark_many($1)", &[UUID_ARRAY]),
             Variant::Update => ("UPDATE workspaces SET last_used_at = now() WHERE id = $1", &[UUID]),
@@ -81,7 +82,7 @@ impl Workload {
     pub fn next_param(&self, random: &mut Random, out: &mut Vec<u8>) {
         out.clear();
         match self.variant {
-            Variant::Floor | Variant::FloorFn => {}
+            Variant::Floor => {}
             Variant::MarkHot => out.extend_from_slice(&uuid_of(1 + random.below(self.hot))),
             Variant::MarkMany => {
                 let first = 1 + random.below(self.rows - self.per_call + 1);

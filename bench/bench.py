@@ -375,6 +375,8 @@ def context(results, clients_list, set_rows):
     if 8 in clients_list and 64 in clients_list:
         rows.append(("SELECT 1 at 64 clients / at 8 clients: how this machine itself scales",
                      paired_ratio(results, ("floor", 64), ("floor", 8))))
+        rows.append(("floor_fn at 64 clients / at 8 clients: how any extension function's call scales",
+                     paired_ratio(results, ("floor_fn", 64), ("floor_fn", 8))))
     return [(name, value) for name, value in rows if value is not None]
 
 

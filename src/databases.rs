@@ -7,7 +7,7 @@
 //! it themselves. [`is_being_changed`] tells a worker when a DDL command waits for it to leave
 //! its database.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use pgrx::pg_sys;
 
@@ -19,8 +19,9 @@ use crate::stats::{self, Stats};
 pub struct DatabaseSlot {
     /// The database this slot serves; `InvalidOid` when free.
     pub database: pg_sys::Oid,
-    /// Ids of this database in the pending set.
-    pub pending: u64,
+    /// Ids of this database in the pending set; markers holding the lock in shared mode add to
+    /// it atomically.
+    pub pending: AtomicU64,
     /// Start of the database's current interval (`TimestampTz`): when the slot was claimed, then
     /// when each flush took its snapshot. The next flush is due one interval later.
     pub interval_start: i64,
@@ -38,13 +39,18 @@ pub struct DatabaseSlot {
 }
 
 impl DatabaseSlot {
+    /// Ids of this database in the pending set (markers may be adding to it).
+    pub fn pending(&self) -> u64 {
+        self.pending.load(Ordering::Relaxed)
+    }
+
     fn in_use(&self) -> bool {
         self.database != pg_sys::InvalidOid
     }
 
     /// Nothing depends on this slot: it may be given to another database.
     fn is_idle(&self) -> bool {
-        self.pending == 0 && self.worker_pid == 0 && !self.requests.waiting()
+        self.pending() == 0 && self.worker_pid == 0 && !self.requests.waiting()
     }
 }
 
@@ -91,7 +97,7 @@ pub fn claim(locked: &mut Locked<'_>, database: pg_sys::Oid, now: i64) -> Option
     }
     let slot = &mut locked.slots[index];
     slot.database = database;
-    slot.pending = 0;
+    *slot.pending.get_mut() = 0;
     slot.interval_start = now;
     slot.worker_pid = 0;
     slot.worker_latch = std::ptr::null_mut();

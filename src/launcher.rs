@@ -132,7 +132,7 @@ fn slots() -> Vec<SlotView> {
             // The buffer has a place per slot: no push allocates under the lock.
             out.push(SlotView {
                 database: slot.database,
-                pending: slot.pending,
+                pending: slot.pending(),
                 waiting: slot.requests.waiting(),
                 worker_pid: slot.worker_pid,
                 worker_latch: slot.worker_latch,

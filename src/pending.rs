@@ -6,6 +6,8 @@
 //! to put back (its ids never left, and newer marks merged into them as usual), and a full set
 //! cannot refuse the re-queue of a failed batch, because there is no re-queue.
 
+use std::sync::atomic::Ordering;
+
 use pgrx::pg_sys;
 
 use crate::databases;
@@ -36,48 +38,23 @@ pub enum MarkError {
 
 /// Record that each id was used at `now` in `database` (keeping each id's latest time).
 pub fn mark_all(database: pg_sys::Oid, ids: &[[u8; 16]], now: i64) -> Result<(), MarkError> {
-    // Most marks are of ids already pending, which needs the lock in shared mode only: markers
-    // then never wait for one another, nor for one descheduled while holding the lock.
-    if shmem::with_lock(Mode::Shared, |locked| remark_all(locked, database, ids, now)) == Some(true) {
-        return Ok(());
-    }
-    let result = shmem::with_lock(Mode::Exclusive, |locked| {
-        let Some(slot) = databases::claim(locked, database, now) else {
-            stats::count_marks(locked, None, 0, ids.len());
-            return (Err(MarkError::NoSlot), None);
-        };
-        let mut added = 0;
-        let mut outcome = Ok(());
-        for (i, id) in ids.iter().enumerate() {
-            match locked.pending.insert(&PendingKey { database, id: *id }, now) {
-                Inserted::New => added += 1,
-                Inserted::Existing => {}
-                Inserted::Full => {
-                    outcome = Err(MarkError::Full { marked: i });
-                    break;
-                }
-            }
-        }
-        let was_empty = locked.slots[slot].pending == 0;
-        locked.slots[slot].pending += added;
-        let accepted = match outcome {
-            Err(MarkError::Full { marked }) => marked,
-            _ => ids.len(),
-        };
-        stats::count_marks(locked, Some(slot), accepted, ids.len() - accepted);
-        // Only a new id can take the set past its high-water mark, or give a database without a
-        // worker its first pending id, for which the launcher starts one.
-        let wake = if added == 0 {
-            None
-        } else if was_empty && locked.slots[slot].worker_pid == 0 {
-            Some(locked.shared.launcher_latch).filter(|latch| !latch.is_null())
-        } else {
-            take_high_water_wake(locked)
-        };
-        (outcome, wake)
+    // Markers hold the lock in shared mode, new ids included (see `pending_table`): they never
+    // wait for one another, nor for one descheduled while holding the lock. Only the first mark
+    // of a database without a slot takes it exclusively, to claim one.
+    let marked = shmem::with_lock(Mode::Shared, |locked| {
+        databases::find(locked, database).map(|slot| mark_in(locked, slot, database, ids, now))
     });
-    let Some((result, wake)) = result else {
-        return Err(MarkError::NotPreloaded);
+    let (result, wake) = match marked {
+        None => return Err(MarkError::NotPreloaded),
+        Some(Some(marked)) => marked,
+        Some(None) => shmem::with_lock(Mode::Exclusive, |locked| match databases::claim(locked, database, now) {
+            Some(slot) => mark_in(locked, slot, database, ids, now),
+            None => {
+                stats::count_marks(locked, None, 0, ids.len());
+                (Err(MarkError::NoSlot), None)
+            }
+        })
+        .ok_or(MarkError::NotPreloaded)?,
     };
     if let Some(latch) = wake {
         // SAFETY: a latch in a PGPROC, in shared memory for the server's lifetime; setting a
@@ -87,32 +64,56 @@ pub fn mark_all(database: pg_sys::Oid, ids: &[[u8; 16]], now: i64) -> Result<(),
     result
 }
 
-/// Raise the mark time of ids already pending to `now`. Returns false, having counted nothing,
-/// as soon as one id is not pending: the caller then marks them all with the lock held
-/// exclusively (raising a time twice is harmless). Caller must hold the lock, in shared mode
-/// being enough: the times and counters are raised atomically (see `shmem`).
-fn remark_all(locked: &mut Locked<'_>, database: pg_sys::Oid, ids: &[[u8; 16]], now: i64) -> bool {
-    let Some(slot) = databases::find(locked, database) else { return false };
-    for id in ids {
-        let Some(index) = locked.pending.find(&PendingKey { database, id: *id }) else { return false };
-        locked.pending.raise(index, now);
+/// Mark `ids` in `database`, whose slot is `slot`; returns the outcome and the launcher's latch
+/// when this mark must wake it. Caller must hold the lock, in shared mode being enough: the
+/// table takes concurrent inserts, and the counts change atomically (see `shmem`).
+fn mark_in(
+    locked: &mut Locked<'_>,
+    slot: usize,
+    database: pg_sys::Oid,
+    ids: &[[u8; 16]],
+    now: i64,
+) -> (Result<(), MarkError>, Option<*mut pg_sys::Latch>) {
+    let mut added = 0;
+    let mut outcome = Ok(());
+    for (i, id) in ids.iter().enumerate() {
+        match locked.pending.insert(&PendingKey { database, id: *id }, now) {
+            Inserted::New => added += 1,
+            Inserted::Existing => {}
+            Inserted::Full => {
+                outcome = Err(MarkError::Full { marked: i });
+                break;
+            }
+        }
     }
-    stats::count_remarks(locked, slot, ids.len());
-    true
+    let accepted = match outcome {
+        Err(MarkError::Full { marked }) => marked,
+        _ => ids.len(),
+    };
+    stats::count_marks(locked, Some(slot), accepted, ids.len() - accepted);
+    if added == 0 {
+        return (outcome, None);
+    }
+    let was_empty = locked.slots[slot].pending.fetch_add(added, Ordering::Relaxed) == 0;
+    // Only a new id can take the set past its high-water mark, or give a database without a
+    // worker its first pending id, for which the launcher starts one.
+    let wake = if was_empty && locked.slots[slot].worker_pid == 0 {
+        Some(locked.shared.launcher_latch).filter(|latch| !latch.is_null())
+    } else {
+        take_high_water_wake(locked)
+    };
+    (outcome, wake)
 }
 
-/// The launcher's latch when this mark is the one that passed the high-water mark.
-/// Caller must hold the lock exclusively.
-fn take_high_water_wake(locked: &mut Locked<'_>) -> Option<*mut pg_sys::Latch> {
-    if locked.shared.high_water_wake_sent || locked.pending.len() < high_water_mark() {
-        return None;
-    }
+/// The launcher's latch when this mark is the one that passed the high-water mark. Caller must
+/// hold the lock (either mode).
+fn take_high_water_wake(locked: &Locked<'_>) -> Option<*mut pg_sys::Latch> {
     let latch = locked.shared.launcher_latch;
-    if latch.is_null() {
+    if latch.is_null() || locked.pending.len() < high_water_mark() {
         return None;
     }
-    locked.shared.high_water_wake_sent = true;
-    Some(latch)
+    // Of the markers passing it at once, one wakes the launcher.
+    (!locked.shared.high_water_wake_sent.swap(true, Ordering::Relaxed)).then_some(latch)
 }
 
 /// Number of ids pending in all databases, or `None` when not preloaded.
@@ -130,9 +131,9 @@ pub fn past_high_water_for(database: pg_sys::Oid) -> bool {
         if total < high_water_mark() {
             return false;
         }
-        let busy = databases::in_use(locked).filter(|slot| slot.pending > 0).count();
+        let busy = databases::in_use(locked).filter(|slot| slot.pending() > 0).count();
         databases::find(locked, database)
-            .is_some_and(|index| holds_even_share(locked.slots[index].pending, busy as u64, total as u64))
+            .is_some_and(|index| holds_even_share(locked.slots[index].pending(), busy as u64, total as u64))
     })
     .unwrap_or(false)
 }
@@ -154,21 +155,24 @@ pub fn holds_even_share(own: u64, busy: u64, total: u64) -> bool {
 /// Number of ids of `database` pending.
 pub fn len_of(database: pg_sys::Oid) -> usize {
     shmem::with_lock(Mode::Shared, |locked| {
-        databases::find(locked, database).map_or(0, |index| locked.slots[index].pending as usize)
+        databases::find(locked, database).map_or(0, |index| locked.slots[index].pending() as usize)
     })
     .unwrap_or(0)
 }
 
 /// Copy the entries of `database` (every database: `None`) into `out` (cleared first). Returns
-/// false, with `out` left empty, when `out` has not the capacity for all of them: the copy never
-/// allocates under the lock. Caller must hold the lock (either mode).
+/// false, with `out` incomplete, when `out` has not the capacity for all of them: the copy never
+/// allocates under the lock, and while the lock is shared markers may add entries during the
+/// copy. Caller must hold the lock (either mode).
 fn copy_locked(locked: &Locked<'_>, database: Option<pg_sys::Oid>, out: &mut Vec<PendingEntry>) -> bool {
     out.clear();
-    if out.capacity() < locked.pending.len() {
-        return false;
+    for entry in locked.pending.entries().filter(|entry| database.is_none_or(|database| entry.key.database == database))
+    {
+        if out.len() == out.capacity() {
+            return false;
+        }
+        out.push(entry);
     }
-    // The capacity check above guarantees no push allocates.
-    out.extend(locked.pending.entries().filter(|entry| database.is_none_or(|database| entry.key.database == database)));
     true
 }
 
@@ -179,7 +183,7 @@ pub fn snapshot(database: pg_sys::Oid, out: &mut Vec<PendingEntry>, now: i64) ->
     shmem::with_lock(Mode::Exclusive, |locked| {
         let copied = copy_locked(locked, Some(database), out);
         debug_assert!(copied, "the worker's buffer holds max_pending entries");
-        locked.shared.high_water_wake_sent = false;
+        locked.shared.high_water_wake_sent.store(false, Ordering::Relaxed);
         if let Some(index) = databases::find(locked, database) {
             locked.slots[index].interval_start = now;
         }
@@ -226,7 +230,7 @@ pub fn restore(locked: &mut Locked<'_>, entries: &[PendingEntry], now: i64) -> u
             continue;
         };
         match locked.pending.insert(&entry.key, entry.marked_at) {
-            Inserted::New => locked.slots[slot].pending += 1,
+            Inserted::New => *locked.slots[slot].pending.get_mut() += 1,
             Inserted::Existing => {}
             Inserted::Full => refused += 1,
         }
@@ -248,8 +252,8 @@ pub fn forget(database: pg_sys::Oid, written: &[PendingEntry]) {
             }
         }
         if let Some(index) = databases::find(locked, database) {
-            let slot = &mut locked.slots[index];
-            slot.pending = slot.pending.saturating_sub(forgotten);
+            let pending = locked.slots[index].pending.get_mut();
+            *pending = pending.saturating_sub(forgotten);
         }
     });
 }

@@ -22,12 +22,25 @@
 //! collide cannot pile into one run; nothing depends on places across a restart (the saved set
 //! is re-inserted).
 //!
-//! Locking is the caller's (see `shmem`): lookups and [`PendingTable::raise`] need the wsusage
-//! lock in either mode, everything that adds or removes an entry needs it exclusively. An
-//! entry's time is an atomic so that markers holding the lock in shared mode can raise it.
+//! Locking is the caller's (see `shmem`). Removing an entry moves others, so it needs the wsusage
+//! lock exclusively. Adding one does not: markers hold the lock in shared mode and insert
+//! concurrently, which is what keeps the first marks after a flush (when most ids are new) from
+//! queueing behind one another. The rules that make this safe:
+//! - a place only goes from free to held while the lock is shared, never back (except a claim
+//!   withdrawn before it was published), so an entry a shared holder has seen stays where it is;
+//! - a marker claims a free place with a compare-and-swap of its `state` (free → claimed), writes
+//!   the key and time, then publishes it (claimed → held, release ordering); a reader acquires
+//!   the state before it reads a key, and waits while a place it must look at is claimed;
+//! - two markers of the same new id walk the same run from the same home, so whichever claims
+//!   the first free place of the run, the other one waits for it there and finds the id; an id
+//!   is never held twice;
+//! - the count of entries is reserved atomically before a claim is published, so the set still
+//!   refuses a new id exactly when `max_pending` are held.
+//!
+//! An entry's time is an atomic so that markers holding the lock in shared mode can raise it.
 
 use std::mem::size_of;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicUsize, Ordering};
 
 use pgrx::pg_sys;
 
@@ -44,8 +57,8 @@ const MIX: u64 = 0x9e37_79b9_7f4a_7c15;
 /// The table's fixed part, followed in the same allocation by its places.
 #[repr(C)]
 pub struct TableHeader {
-    /// Entries held.
-    len: usize,
+    /// Entries held, and claims being published; changed by shared-mode holders too.
+    len: AtomicUsize,
     /// Most entries held at once: `wsusage.max_pending`.
     limit: usize,
     /// Number of places following this header.
@@ -53,26 +66,60 @@ pub struct TableHeader {
     seed: [u64; 2],
 }
 
-/// One place of the table: free when `key.database` is `InvalidOid` (no mark is made outside a
-/// database), as all-zero memory is.
+/// A place's `state`: nothing there (all-zero memory is a free place).
+const FREE: u32 = 0;
+/// A marker holding the lock in shared mode won the place and is writing its entry.
+const CLAIMED: u32 = 1;
+/// An entry is there: its key no longer changes while the lock is held in either mode.
+const HELD: u32 = 2;
+
+/// One place of the table, 32 bytes (the state fills what would be padding).
 #[repr(C)]
 pub struct Place {
     key: PendingKey,
+    state: AtomicU32,
     /// Latest mark time (`TimestampTz`); raised atomically, by shared-mode holders too.
     marked_at: AtomicI64,
 }
 
+const _: () = assert!(size_of::<Place>() == 32);
+
 impl Place {
     fn free() -> Self {
-        Place { key: PendingKey { database: pg_sys::InvalidOid, id: [0; 16] }, marked_at: AtomicI64::new(0) }
+        Place {
+            key: PendingKey { database: pg_sys::InvalidOid, id: [0; 16] },
+            state: AtomicU32::new(FREE),
+            marked_at: AtomicI64::new(0),
+        }
     }
 
-    fn is_free(&self) -> bool {
-        self.key.database == pg_sys::InvalidOid
+    /// Whether an entry is here, for walks that take only published entries.
+    fn is_held(&self) -> bool {
+        self.state.load(Ordering::Acquire) == HELD
     }
 
     fn entry(&self) -> PendingEntry {
         PendingEntry { key: self.key, marked_at: self.marked_at.load(Ordering::Relaxed) }
+    }
+
+    /// The place's state once no claim is in progress: `FREE` or `HELD`. A claim is published a
+    /// few instructions after it is made, none of which can fail or wait, so this waits only as
+    /// long as the claiming process takes to be scheduled again.
+    fn settled_state(&self) -> u32 {
+        let mut spins = 0u32;
+        loop {
+            let state = self.state.load(Ordering::Acquire);
+            if state != CLAIMED {
+                return state;
+            }
+            spins = spins.saturating_add(1);
+            if spins < 100 {
+                std::hint::spin_loop();
+            } else {
+                // The claimant may be descheduled on this very core: give it the processor.
+                std::thread::yield_now();
+            }
+        }
     }
 }
 
@@ -96,7 +143,7 @@ pub unsafe fn create(memory: *mut TableHeader, limit: usize, seed: [u64; 2]) {
     // SAFETY: the caller's promise; all-zero places are free.
     unsafe {
         std::ptr::write_bytes(memory.cast::<u8>(), 0, size(limit));
-        *memory = TableHeader { len: 0, limit, places: places_for(limit), seed };
+        *memory = TableHeader { len: AtomicUsize::new(0), limit, places: places_for(limit), seed };
     }
 }
 
@@ -118,8 +165,9 @@ impl<'a> PendingTable<'a> {
         }
     }
 
+    /// Entries held; while the lock is shared, markers may be adding more.
     pub fn len(&self) -> usize {
-        self.header.len
+        self.header.len.load(Ordering::Relaxed)
     }
 
     fn home(&self, key: &PendingKey) -> usize {
@@ -145,7 +193,7 @@ impl<'a> PendingTable<'a> {
         // A free place always ends the run; the bound only keeps damaged memory from looping.
         for _ in 0..self.places.len() {
             let place = &self.places[index];
-            if place.is_free() {
+            if place.settled_state() == FREE {
                 return None;
             }
             if place.key == *key {
@@ -156,34 +204,41 @@ impl<'a> PendingTable<'a> {
         None
     }
 
-    /// Raise the mark time of the entry at `index` to `at` (never lower it).
-    pub fn raise(&self, index: usize, at: i64) {
-        self.places[index].marked_at.fetch_max(at, Ordering::Relaxed);
-    }
-
     pub fn entry(&self, index: usize) -> PendingEntry {
         self.places[index].entry()
     }
 
-    /// Insert `key` marked `at`, or raise its time if present. Caller holds the lock exclusively.
+    /// Insert `key` marked `at`, or raise its time if present. Caller holds the lock, in shared
+    /// mode being enough: other markers may insert at the same time (see the module's rules).
     pub fn insert(&mut self, key: &PendingKey, at: i64) -> Inserted {
         let mut index = self.home(key);
+        // A free place always ends the run; the bound only keeps damaged memory from looping.
         for _ in 0..self.places.len() {
             let place = &mut self.places[index];
-            if place.is_free() {
-                if self.header.len >= self.header.limit {
-                    return Inserted::Full;
+            match place.settled_state() {
+                FREE => {
+                    if place.state.compare_exchange(FREE, CLAIMED, Ordering::Acquire, Ordering::Relaxed).is_err() {
+                        // Another marker claimed it first: look at the same place again.
+                        continue;
+                    }
+                    if self.header.len.fetch_add(1, Ordering::Relaxed) >= self.header.limit {
+                        self.header.len.fetch_sub(1, Ordering::Relaxed);
+                        // Withdrawn before it was published: whoever waits on the place finds
+                        // it free, as it was.
+                        place.state.store(FREE, Ordering::Release);
+                        return Inserted::Full;
+                    }
+                    place.key = *key;
+                    place.marked_at.store(at, Ordering::Relaxed);
+                    place.state.store(HELD, Ordering::Release);
+                    return Inserted::New;
                 }
-                place.key = *key;
-                place.marked_at = AtomicI64::new(at);
-                self.header.len += 1;
-                return Inserted::New;
+                _ if place.key == *key => {
+                    place.marked_at.fetch_max(at, Ordering::Relaxed);
+                    return Inserted::Existing;
+                }
+                _ => index = self.next(index),
             }
-            if place.key == *key {
-                place.marked_at.fetch_max(at, Ordering::Relaxed);
-                return Inserted::Existing;
-            }
-            index = self.next(index);
         }
         Inserted::Full
     }
@@ -197,7 +252,7 @@ impl<'a> PendingTable<'a> {
         let mut next = self.next(hole);
         // A free place ends the run; the bound only keeps damaged memory from looping.
         for _ in 0..places {
-            if self.places[next].is_free() {
+            if !self.places[next].is_held() {
                 break;
             }
             let home = self.home(&self.places[next].key);
@@ -212,13 +267,14 @@ impl<'a> PendingTable<'a> {
             next = self.next(next);
         }
         self.places[hole] = Place::free();
-        self.header.len = self.header.len.saturating_sub(1);
+        let len = self.header.len.get_mut();
+        *len = len.saturating_sub(1);
     }
 
     /// A copy of each entry; at most `limit` of them, so that damaged memory cannot make a walk
     /// overlong.
     pub fn entries(&self) -> impl Iterator<Item = PendingEntry> + '_ {
-        self.places.iter().filter(|place| !place.is_free()).map(Place::entry).take(self.header.limit)
+        self.places.iter().filter(|place| place.is_held()).map(Place::entry).take(self.header.limit)
     }
 
     /// Remove every entry for which `keep` is false; returns how many were removed. Caller
@@ -228,12 +284,12 @@ impl<'a> PendingTable<'a> {
         // Walk once round from a free place: no run crosses it, so a removal only moves
         // entries not yet visited back into the place being visited, which is then looked at
         // again.
-        let Some(start) = self.places.iter().position(Place::is_free) else { return 0 };
+        let Some(start) = self.places.iter().position(|place| !place.is_held()) else { return 0 };
         let mut removed = 0;
         let mut step = 1;
         while step < places {
             let index = (start + step) % places;
-            if !self.places[index].is_free() && !keep(&self.places[index].entry()) {
+            if self.places[index].is_held() && !keep(&self.places[index].entry()) {
                 self.remove_at(index);
                 removed += 1;
             } else {

@@ -93,7 +93,7 @@ pub fn request(database: pg_sys::Oid) -> Request {
     let made = shmem::with_lock(Mode::Exclusive, |locked| {
         let index = databases::find(locked, database)?;
         let slot = &mut locked.slots[index];
-        if slot.pending == 0 {
+        if slot.pending() == 0 {
             return None;
         }
         slot.requests.made += 1;

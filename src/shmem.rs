@@ -17,13 +17,18 @@
 //!
 //! Locking. One LWLock (named tranche "wsusage") guards the table, every field of [`Shared`]
 //! except `flushed`, the condition variable, which synchronises itself, and every slot. The
-//! lock is taken in exclusive mode by every writer: a mark (one table insert per id), a worker's
-//! snapshot of its database's entries (a copy into a buffer it allocated beforehand), a worker
-//! forgetting what it wrote, the launcher discarding a dropped database's entries, and the
-//! rendezvous bookkeeping. Readers that change nothing take it shared, and so does a mark whose
-//! ids are all pending already: it raises each entry's `marked_at` with an atomic max and its
-//! database's `marks` counter with an atomic add, the only fields a shared holder may change, and
-//! only atomically (exclusive holders exclude it, and read them plainly). Nothing done under the
+//! lock is taken in exclusive mode by everything that removes entries or changes a slot: a
+//! worker's snapshot of its database's entries (a copy into a buffer it allocated beforehand),
+//! a worker forgetting what it wrote, the launcher discarding a dropped database's entries, the
+//! rendezvous bookkeeping, and the first mark of a database, which claims it a slot. Readers
+//! take it shared, and so do marks, new ids included: markers insert into the table at the same
+//! time as one another (how, in `pending_table`), raise an entry's `marked_at` with an atomic
+//! max, and add to their slot's `pending`, `marks` and `rejected`, the totals' `rejected` and
+//! `marks`, and set `high_water_wake_sent`, atomically. Those are the only things a shared
+//! holder may change, and only atomically; exclusive holders exclude them, and read and write
+//! them plainly. A mark thus waits for nothing but a flush's snapshot or forget (a copy or a
+//! walk of the set, once per interval), and the first marks after a flush, most of which
+//! insert, do not queue behind one another for an exclusive lock. Nothing done under the
 //! lock can raise an error, allocate, log or wait on the database: a flush's UPDATE runs with
 //! the lock released, so a mark never waits on a table lock, an fsync or a slow query. Use
 //! [`with_lock`]; helpers taking a [`Locked`] are "caller must hold the lock" by construction.
@@ -37,7 +42,7 @@
 use std::ffi::CStr;
 use std::mem::size_of;
 use std::ptr::{addr_of_mut, null_mut};
-use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -88,7 +93,7 @@ pub struct Shared {
     pub launcher_latch: *mut pg_sys::Latch,
     /// A mark already woke the launcher because the set passed its high-water mark; cleared when
     /// a worker takes its next snapshot, so a busy set wakes it once per flush, not per mark.
-    pub high_water_wake_sent: bool,
+    pub high_water_wake_sent: AtomicBool,
     /// Cluster-wide counters (every database, including dropped ones); `marks` only of the
     /// databases whose slot was given up, the rest being in the slots (see `stats`).
     pub stats: Stats,

@@ -66,12 +66,24 @@ fn update(database: pg_sys::Oid, update: impl FnMut(&mut Stats)) {
     });
 }
 
-/// Count marks accepted and refused by one call. Caller must hold the lock exclusively.
+/// Count marks accepted and refused by one call. Caller must hold the lock, in shared mode
+/// being enough: markers holding it so count at the same time, atomically, and an exclusive
+/// holder (who reads and writes the counters plainly) excludes them.
 pub fn count_marks(locked: &mut Locked<'_>, slot: Option<usize>, accepted: usize, refused: usize) {
-    update_locked(locked, slot, |stats| stats.rejected += refused as u64);
+    let add = |counter: *mut u64, n: usize| {
+        if n > 0 {
+            // SAFETY: an 8-byte aligned counter in shared memory, changed only atomically while
+            // the lock is shared (see above).
+            unsafe { AtomicU64::from_ptr(counter).fetch_add(n as u64, AtomicOrdering::Relaxed) };
+        }
+    };
+    add(&raw mut locked.shared.stats.rejected, refused);
     match slot {
-        Some(slot) => locked.slots[slot].stats.marks += accepted as u64,
-        None => locked.shared.stats.marks += accepted as u64,
+        Some(slot) => {
+            add(&raw mut locked.slots[slot].stats.marks, accepted);
+            add(&raw mut locked.slots[slot].stats.rejected, refused);
+        }
+        None => add(&raw mut locked.shared.stats.marks, accepted),
     }
 }
 
@@ -79,15 +91,6 @@ pub fn count_marks(locked: &mut Locked<'_>, slot: Option<usize>, accepted: usize
 /// hold the lock exclusively.
 pub fn retire_marks(locked: &mut Locked<'_>, slot: usize) {
     locked.shared.stats.marks += std::mem::take(&mut locked.slots[slot].stats.marks);
-}
-
-/// Count the marks of a call that only re-marked pending ids. Caller must hold the lock, in
-/// shared mode being enough: other shared holders count at the same time, atomically.
-pub fn count_remarks(locked: &mut Locked<'_>, slot: usize, marks: usize) {
-    let counter = &raw mut locked.slots[slot].stats.marks;
-    // SAFETY: an 8-byte aligned counter in shared memory; holders in shared mode change it only
-    // atomically, and an exclusive holder (who writes it plainly) excludes them.
-    unsafe { AtomicU64::from_ptr(counter).fetch_add(marks as u64, AtomicOrdering::Relaxed) };
 }
 
 /// Count ids discarded with their dropped database. Caller must hold the lock exclusively.
@@ -182,7 +185,7 @@ pub fn by_database() -> Option<Vec<DatabaseStats>> {
         for slot in databases::in_use(locked) {
             out.push(DatabaseStats {
                 database: slot.database,
-                pending: slot.pending,
+                pending: slot.pending(),
                 worker_pid: slot.worker_pid,
                 stats: slot.stats,
             });

@@ -133,3 +133,95 @@ fn with_overlapping_marks_and_concurrent_flushes_every_id_ends_at_its_latest_mar
         assert!(*from <= written && written <= *to, "{id}: {from} <= {written} <= {to}");
     }
 }
+
+#[test]
+fn the_same_new_ids_marked_by_many_clients_at_once_are_held_once_each() {
+    const N: usize = 3000;
+    const ROUNDS: usize = 20;
+    let cluster = Arc::new(Cluster::start(&[]));
+    let (mut client, ids) = cluster.with_workspaces(N);
+    let ids = Arc::new(ids);
+    // In each round every client marks every id, in the same order, many to a call, so that
+    // clients running side by side insert the same new id at the same moment over and over; a
+    // flush between rounds makes the ids new again. Half the clients also mark each id on its
+    // own in the first round.
+    let round = Arc::new(Barrier::new(MARKERS + 1));
+    let markers: Vec<_> = (0..MARKERS)
+        .map(|m| {
+            let (cluster, ids, round) = (cluster.clone(), ids.clone(), round.clone());
+            thread::spawn(move || {
+                let mut client = cluster.connect();
+                let mark = client.prepare("SELECT wsusage_mark($1)").unwrap();
+                let mark_many = client.prepare("SELECT wsusage_mark_many($1)").unwrap();
+                for r in 0..ROUNDS {
+                    round.wait();
+                    for batch in ids.chunks(500) {
+                        client.execute(&mark_many, &[&batch.to_vec()]).unwrap();
+                    }
+                    if r == 0 && m % 2 == 0 {
+                        for id in ids.iter() {
+                            client.execute(&mark, &[id]).unwrap();
+                        }
+                    }
+                    round.wait();
+                }
+            })
+        })
+        .collect();
+    let mut marks = 0;
+    for r in 0..ROUNDS {
+        round.wait();
+        round.wait();
+        marks += MARKERS * N + if r == 0 { MARKERS / 2 * N } else { 0 };
+        let row =
+            client.query_one("SELECT count(*), count(DISTINCT workspace_id) FROM wsusage_pending()", &[]).unwrap();
+        assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (N as i64, N as i64), "round {r}: each id held once");
+        let row = client.query_one("SELECT marks, pending FROM wsusage_stats", &[]).unwrap();
+        assert_eq!(row.get::<_, i64>(0), marks as i64, "round {r}: every mark counted");
+        assert_eq!(row.get::<_, i64>(1), N as i64, "round {r}: the pending count agrees with the set");
+        assert_eq!(flush(&mut client), N as i64, "round {r}");
+    }
+    for marker in markers {
+        marker.join().unwrap();
+    }
+    assert_eq!(count_used(&mut client), N as i64);
+}
+
+#[test]
+fn a_set_filled_by_many_clients_at_once_holds_exactly_max_pending() {
+    const MAX_PENDING: usize = 200;
+    const PER_MARKER: usize = 50;
+    let cluster = Arc::new(Cluster::start(&[("wsusage.max_pending", "200")]));
+    let (mut client, ids) = cluster.with_workspaces(MARKERS * PER_MARKER);
+    // Parked, so that no flush (not even the early one a filling set triggers) makes room.
+    client.batch_execute("ALTER TABLE workspaces RENAME TO parked").unwrap();
+    let start = Arc::new(Barrier::new(MARKERS));
+    let markers: Vec<_> = ids
+        .chunks(PER_MARKER)
+        .map(|share| {
+            let (cluster, share, start) = (cluster.clone(), share.to_vec(), start.clone());
+            thread::spawn(move || {
+                let mut client = cluster.connect();
+                let mark = client.prepare("SELECT wsusage_mark($1)").unwrap();
+                start.wait();
+                let mut accepted = 0;
+                for id in &share {
+                    match client.execute(&mark, &[id]) {
+                        Ok(_) => accepted += 1,
+                        Err(err) => assert_eq!(sqlstate(&err), "53400", "{err}"),
+                    }
+                }
+                accepted
+            })
+        })
+        .collect();
+    let accepted: usize = markers.into_iter().map(|marker| marker.join().unwrap()).sum();
+
+    assert_eq!(accepted, MAX_PENDING, "exactly max_pending new ids accepted");
+    let held: i64 = client.query_one("SELECT count(*) FROM wsusage_pending()", &[]).unwrap().get(0);
+    assert_eq!(held, MAX_PENDING as i64);
+    let row = client.query_one("SELECT marks, rejected, pending FROM wsusage_stats", &[]).unwrap();
+    assert_eq!(row.get::<_, i64>(0), MAX_PENDING as i64);
+    assert_eq!(row.get::<_, i64>(1), (MARKERS * PER_MARKER - MAX_PENDING) as i64);
+    assert_eq!(row.get::<_, i64>(2), MAX_PENDING as i64);
+}

@@ -415,10 +415,10 @@ def markdown(summary, flush_rows, checks, notes, meta, set_rows):
               "(a target marked “alternated sets”: the median over those sets).", "",
               "| target | measured | bound | met |", "|---|---:|---:|---|"]
     for name, value, bound, met in checks:
-        lines.append(f"| {name} | {value:.3g} | {bound} | {'yes' if met else '**no**'} |")
+        lines.append(f"| {name} | {value:.4g} | {bound} | {'yes' if met else '**no**'} |")
     if notes:
         lines += ["", "What the ratios are made of (no targets):", "", "| ratio | measured |", "|---|---:|"]
-        lines += [f"| {name} | {value:.3g} |" for name, value in notes]
+        lines += [f"| {name} | {value:.4g} |" for name, value in notes]
     return "\n".join(lines) + "\n"
 
 

@@ -320,8 +320,9 @@ pub fn with_lock<R>(mode: Mode, f: impl FnOnce(&mut Locked<'_>) -> R) -> Option<
     unsafe { pg_sys::LWLockAcquire(lock, lw_mode) };
     let _release = ReleaseOnDrop(lock);
     // SAFETY: holding the lock gives us the access the module header promises; a shared-mode
-    // holder must only read, which every Mode::Shared caller does. Other processes' references
-    // live in other address spaces; in this one, no other Locked exists while the lock is held.
+    // holder changes only what the header lists, atomically (and a place it claimed in the table,
+    // which no other process reads until it is published). Other processes' references live in
+    // other address spaces; in this one, no other Locked exists while the lock is held.
     Some(f(&mut unsafe { locked_view(shared) }))
 }
 

@@ -191,7 +191,7 @@ fn the_same_new_ids_marked_by_many_clients_at_once_are_held_once_each() {
 fn a_set_filled_by_many_clients_at_once_holds_exactly_max_pending() {
     const MAX_PENDING: usize = 200;
     const PER_MARKER: usize = 50;
-    let cluster = Arc::new(Cluster::start(&[("wsusage.max_pending", "200")]));
+    let cluster = Arc::new(Cluster::start(&[("wsusage.max_pending", &MAX_PENDING.to_string())]));
     let (mut client, ids) = cluster.with_workspaces(MARKERS * PER_MARKER);
     // Parked, so that no flush (not even the early one a filling set triggers) makes room.
     client.batch_execute("ALTER TABLE workspaces RENAME TO parked").unwrap();

@@ -14,6 +14,7 @@ use pgrx::pg_sys;
 use crate::rendezvous::Requests;
 use crate::shmem::{self, Locked, Mode};
 use crate::stats::{self, Stats};
+use crate::stripes::StripedCounter;
 
 #[repr(C)]
 pub struct DatabaseSlot {
@@ -35,7 +36,11 @@ pub struct DatabaseSlot {
     /// The launcher asks this database's worker to give its place to a database that is due.
     pub yield_requested: bool,
     pub requests: Requests,
+    /// This database's counters, but for `marks`, which stays 0 here: see the next field.
     pub stats: Stats,
+    /// Ids marked in this database, counted by markers holding the lock in shared mode, each in
+    /// its stripe.
+    pub marks: StripedCounter,
 }
 
 impl DatabaseSlot {
@@ -105,6 +110,7 @@ pub fn claim(locked: &mut Locked<'_>, database: pg_sys::Oid, now: i64) -> Option
     slot.yield_requested = false;
     slot.requests = Requests::new();
     slot.stats = Stats::since(now);
+    slot.marks.take();
     LAST_FOUND.store(index, Ordering::Relaxed);
     Some(index)
 }

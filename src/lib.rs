@@ -25,6 +25,7 @@ mod rendezvous;
 mod settings;
 mod shmem;
 mod stats;
+mod stripes;
 mod target;
 mod worker;
 

@@ -15,23 +15,26 @@
 //!   `wsusage_flush()` rendezvous and its counters. A slot is claimed by the first mark made in
 //!   a database and recycled only when idle (nothing pending, no worker, no waiting caller).
 //!
-//! Locking. One LWLock (named tranche "wsusage") guards the table, every field of [`Shared`]
-//! except `flushed`, the condition variable, which synchronises itself, and every slot. The
-//! lock is taken in exclusive mode by everything that removes entries or changes a slot: a
-//! worker's snapshot of its database's entries (a copy into a buffer it allocated beforehand),
-//! a worker forgetting what it wrote, the launcher discarding a dropped database's entries, the
-//! rendezvous bookkeeping, and the first mark of a database, which claims it a slot. Readers
-//! take it shared, and so do marks, new ids included: markers insert into the table at the same
-//! time as one another (how, in `pending_table`), raise an entry's `marked_at` with an atomic
-//! max, and add to their slot's `pending`, `marks` and `rejected`, the totals' `rejected` and
-//! `marks`, and set `high_water_wake_sent`, atomically. Those are the only things a shared
-//! holder may change, and only atomically; exclusive holders exclude them, and read and write
-//! them plainly. A mark thus waits for nothing but a flush's snapshot or forget (a copy or a
-//! walk of the set, once per interval), and the first marks after a flush, most of which
-//! insert, do not queue behind one another for an exclusive lock. Nothing done under the
-//! lock can raise an error, allocate, log or wait on the database: a flush's UPDATE runs with
-//! the lock released, so a mark never waits on a table lock, an fsync or a slow query. Use
-//! [`with_lock`]; helpers taking a [`Locked`] are "caller must hold the lock" by construction.
+//! Locking. One lock guards the table, every field of [`Shared`] except `flushed`, the condition
+//! variable, which synchronises itself, and every slot. It is striped (see `stripes`): the named
+//! tranche "wsusage" holds one LWLock per stripe, a process takes it in shared mode by taking its
+//! stripe's LWLock shared, and in exclusive mode by taking every stripe's, in order; so exclusive
+//! excludes every shared holder, and shared holders on different stripes write no common line to
+//! get in. The lock is taken in exclusive mode by everything that removes entries or changes a
+//! slot: a worker's snapshot of its database's entries (a copy into a buffer it allocated
+//! beforehand), a worker forgetting what it wrote, the launcher discarding a dropped database's
+//! entries, the rendezvous bookkeeping, and the first mark of a database, which claims it a slot.
+//! Readers take it shared, and so do marks, new ids included: markers insert into the table at the
+//! same time as one another (how, in `pending_table`), raise an entry's `marked_at` with an atomic
+//! max, and add to their slot's `pending`, `marks` (striped too) and `rejected`, the totals'
+//! `rejected` and `marks`, and set `high_water_wake_sent`, atomically. Those are the only things a
+//! shared holder may change, and only atomically; exclusive holders exclude them, and read and
+//! write them plainly. A mark thus waits for nothing but a flush's snapshot or forget (a copy or a
+//! walk of the set, once per interval), and the first marks after a flush, most of which insert, do
+//! not queue behind one another for an exclusive lock. Nothing done under the lock can raise an
+//! error, allocate, log or wait on the database: a flush's UPDATE runs with the lock released, so a
+//! mark never waits on a table lock, an fsync or a slow query. Use [`with_lock`]; helpers taking a
+//! [`Locked`] are "caller must hold the lock" by construction.
 //!
 //! What survives what: the set lives as long as the postmaster's shared memory. A worker or
 //! launcher exit or restart loses nothing; at a shutdown, what the workers' final flushes leave is
@@ -52,6 +55,7 @@ use crate::pending_table::{self, PendingTable, TableHeader};
 use crate::persist;
 use crate::settings;
 use crate::stats::Stats;
+use crate::stripes::{self, STRIPES};
 
 const SHARED_NAME: &CStr = c"wsusage";
 const PENDING_NAME: &CStr = c"wsusage pending";
@@ -84,7 +88,8 @@ pub struct PendingEntry {
 
 #[repr(C)]
 pub struct Shared {
-    lock: *mut pg_sys::LWLock,
+    /// The first of the tranche's [`STRIPES`] LWLocks, one per stripe (see `stripes`).
+    locks: *mut pg_sys::LWLockPadded,
     /// Broadcast after every flush (success or failure) of any database. Not guarded by `lock`.
     pub flushed: pg_sys::ConditionVariable,
     /// Pid of the running launcher, 0 when none is attached.
@@ -156,7 +161,7 @@ fn request_shmem() {
     // PostgreSQL accepts these requests.
     unsafe {
         pg_sys::RequestAddinShmemSpace(total_size());
-        pg_sys::RequestNamedLWLockTranche(TRANCHE_NAME.as_ptr(), 1);
+        pg_sys::RequestNamedLWLockTranche(TRANCHE_NAME.as_ptr(), STRIPES as i32);
     }
 }
 
@@ -182,7 +187,7 @@ unsafe extern "C-unwind" fn shmem_startup() {
             // slot (database InvalidOid: free).
             std::ptr::write_bytes(shared.cast::<u8>(), 0, shared_size());
             (*shared).slot_count = settings::max_databases();
-            (*shared).lock = &raw mut (*pg_sys::GetNamedLWLockTranche(TRANCHE_NAME.as_ptr())).lock;
+            (*shared).locks = pg_sys::GetNamedLWLockTranche(TRANCHE_NAME.as_ptr());
             pg_sys::ConditionVariableInit(addr_of_mut!((*shared).flushed));
             (*shared).stats.stats_reset = pg_sys::GetCurrentTimestamp();
         }
@@ -286,12 +291,18 @@ pub struct Locked<'a> {
     pub pending: PendingTable<'a>,
 }
 
-struct ReleaseOnDrop(*mut pg_sys::LWLock);
+/// The stripes' locks this process holds, released when dropped (last taken, first released).
+struct ReleaseOnDrop {
+    locks: *mut pg_sys::LWLockPadded,
+    held: std::ops::Range<usize>,
+}
 
 impl Drop for ReleaseOnDrop {
     fn drop(&mut self) {
-        // SAFETY: we acquired this lock in with_lock and release it exactly once.
-        unsafe { pg_sys::LWLockRelease(self.0) }
+        for stripe in self.held.clone().rev() {
+            // SAFETY: a lock of our tranche that with_lock acquired, released exactly once.
+            unsafe { pg_sys::LWLockRelease(&raw mut (*self.locks.add(stripe)).lock) }
+        }
     }
 }
 
@@ -309,16 +320,23 @@ pub fn with_lock<R>(mode: Mode, f: impl FnOnce(&mut Locked<'_>) -> R) -> Option<
         return None;
     }
     // SAFETY: `shared` points at the struct created in shmem_startup, alive as long as the
-    // postmaster's shared memory; its `lock` was set there and never changes.
-    let lock = unsafe { (*shared).lock };
-    let lw_mode = match mode {
-        Mode::Shared => pg_sys::LWLockMode::LW_SHARED,
-        Mode::Exclusive => pg_sys::LWLockMode::LW_EXCLUSIVE,
+    // postmaster's shared memory; its `locks` was set there and never changes.
+    let locks = unsafe { (*shared).locks };
+    // A shared holder takes its stripe's lock; an exclusive one takes them all, in stripe order,
+    // so exclusive holders cannot deadlock one another.
+    let (held, lw_mode) = match mode {
+        Mode::Shared => {
+            let mine = stripes::mine();
+            (mine..mine + 1, pg_sys::LWLockMode::LW_SHARED)
+        }
+        Mode::Exclusive => (0..STRIPES, pg_sys::LWLockMode::LW_EXCLUSIVE),
     };
-    // SAFETY: a valid LWLock of our tranche; released by the guard below, or by PostgreSQL's
-    // LWLockReleaseAll should this process error out.
-    unsafe { pg_sys::LWLockAcquire(lock, lw_mode) };
-    let _release = ReleaseOnDrop(lock);
+    for stripe in held.clone() {
+        // SAFETY: one of the tranche's STRIPES locks; released by the guard below, or by
+        // PostgreSQL's LWLockReleaseAll should this process error out.
+        unsafe { pg_sys::LWLockAcquire(&raw mut (*locks.add(stripe)).lock, lw_mode) };
+    }
+    let _release = ReleaseOnDrop { locks, held };
     // SAFETY: holding the lock gives us the access the module header promises; a shared-mode
     // holder changes only what the header lists, atomically (and a place it claimed in the table,
     // which no other process reads until it is published). Other processes' references live in

@@ -1,10 +1,10 @@
 //! Counters for the DBA (`wsusage_stats`, `wsusage_stats_by_database`), kept in shared memory
 //! under the wsusage lock, so they are exact however many backends mark at once. Each event is
 //! counted twice: in the cluster-wide totals, which outlive databases, and in its database's
-//! slot. Marks are the exception: counted in their database's slot only, they join the totals'
-//! own count when the slot is given up, and the totals add the slots in use when read. Every
-//! mark would otherwise change one more cache line that every marking backend shares, which
-//! profiling showed slowing the next mark's read of the lock beside it.
+//! slot. Marks are the exception: counted in their database's slot only, in a counter striped
+//! like the lock (see `stripes`), they join the totals' own count when the slot is given up, and
+//! the totals add the slots in use when read. Every mark would otherwise change one more cache
+//! line, and one that every marking backend shares.
 //!
 //! Definitions:
 //! - `marks`: ids marked (a `wsusage_mark` call is one, a `wsusage_mark_many` call one per
@@ -80,7 +80,9 @@ pub fn count_marks(locked: &mut Locked<'_>, slot: Option<usize>, accepted: usize
     add(&raw mut locked.shared.stats.rejected, refused);
     match slot {
         Some(slot) => {
-            add(&raw mut locked.slots[slot].stats.marks, accepted);
+            if accepted > 0 {
+                locked.slots[slot].marks.add(accepted as u64);
+            }
             add(&raw mut locked.slots[slot].stats.rejected, refused);
         }
         None => add(&raw mut locked.shared.stats.marks, accepted),
@@ -90,7 +92,7 @@ pub fn count_marks(locked: &mut Locked<'_>, slot: Option<usize>, accepted: usize
 /// Move the marks counted in a slot being given up into the totals' own count. Caller must
 /// hold the lock exclusively.
 pub fn retire_marks(locked: &mut Locked<'_>, slot: usize) {
-    locked.shared.stats.marks += std::mem::take(&mut locked.slots[slot].stats.marks);
+    locked.shared.stats.marks += locked.slots[slot].marks.take();
 }
 
 /// Count ids discarded with their dropped database. Caller must hold the lock exclusively.
@@ -158,7 +160,7 @@ pub fn totals() -> Option<Totals> {
     shmem::with_lock(Mode::Shared, |locked| {
         let in_use = || databases::in_use(locked);
         let mut stats = locked.shared.stats;
-        stats.marks += in_use().map(|slot| slot.stats.marks).sum::<u64>();
+        stats.marks += in_use().map(|slot| slot.marks.sum()).sum::<u64>();
         // Across databases, "in a row" means the longest current run of any database.
         stats.consecutive_failures = in_use().map(|slot| slot.stats.consecutive_failures).max().unwrap_or(0);
         Totals {
@@ -187,7 +189,7 @@ pub fn by_database() -> Option<Vec<DatabaseStats>> {
                 database: slot.database,
                 pending: slot.pending(),
                 worker_pid: slot.worker_pid,
-                stats: slot.stats,
+                stats: Stats { marks: slot.marks.sum(), ..slot.stats },
             });
         }
     })?;
@@ -200,6 +202,7 @@ pub fn reset(now: i64) -> bool {
         locked.shared.stats = Stats::since(now);
         for slot in locked.slots.iter_mut() {
             slot.stats = Stats::since(now);
+            slot.marks.take();
         }
     })
     .is_some()

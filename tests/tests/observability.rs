@@ -136,20 +136,15 @@ fn pending_shows_what_the_next_flush_will_write() {
     assert_eq!(last_used(&mut client, &ids[1]), Some(pending[1].1));
 }
 
-#[test]
-fn stats_counters_are_exact_under_concurrent_marking() {
-    const THREADS: usize = 8;
-    const MARKS: usize = 1000;
-    let cluster = Arc::new(Cluster::start(&[]));
-    let (mut client, ids) = cluster.with_workspaces(100);
-    let ids = Arc::new(ids);
-    let threads: Vec<_> = (0..THREADS)
+/// `connections` sessions at once, each marking `marks` ids of `ids` one call at a time.
+fn mark_from_many_sessions(cluster: &Arc<Cluster>, ids: &Arc<Vec<Uuid>>, connections: usize, marks: usize) {
+    let threads: Vec<_> = (0..connections)
         .map(|t| {
             let (cluster, ids) = (cluster.clone(), ids.clone());
             thread::spawn(move || {
                 let mut client = cluster.connect();
                 let mark = client.prepare("SELECT wsusage_mark($1)").unwrap();
-                for i in 0..MARKS {
+                for i in 0..marks {
                     client.execute(&mark, &[&ids[(t * 13 + i) % ids.len()]]).unwrap();
                 }
             })
@@ -158,7 +153,31 @@ fn stats_counters_are_exact_under_concurrent_marking() {
     for t in threads {
         t.join().unwrap();
     }
-    assert_eq!(counter(&stats(&mut client), "marks"), (THREADS * MARKS) as i64);
+}
+
+#[test]
+fn stats_counters_are_exact_under_concurrent_marking_and_a_reset_zeroes_every_sessions_count() {
+    // More sessions than the lock and the counters have stripes: every session's marks count,
+    // whichever stripe it shares, in the totals and in its database's row alike.
+    const SESSIONS: usize = 24;
+    const MARKS: usize = 400;
+    let cluster = Arc::new(Cluster::start(&[]));
+    let (mut client, ids) = cluster.with_workspaces(100);
+    let ids = Arc::new(ids);
+    let marks_now = |client: &mut Client| {
+        let by_database: i64 = client.query_one("SELECT marks FROM wsusage_stats_by_database", &[]).unwrap().get(0);
+        (counter(&stats(client), "marks"), by_database)
+    };
+
+    mark_from_many_sessions(&cluster, &ids, SESSIONS, MARKS);
+    let marked = (SESSIONS * MARKS) as i64;
+    assert_eq!(marks_now(&mut client), (marked, marked));
+
+    client.batch_execute("SELECT wsusage_stats_reset()").unwrap();
+    assert_eq!(marks_now(&mut client), (0, 0), "no session's count survives a reset");
+    mark_from_many_sessions(&cluster, &ids, SESSIONS, MARKS / 4);
+    let marked = (SESSIONS * (MARKS / 4)) as i64;
+    assert_eq!(marks_now(&mut client), (marked, marked), "and counting starts again from zero");
 }
 
 #[test]

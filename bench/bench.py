@@ -24,7 +24,9 @@ server CPU seconds per 1M marks. Then the close targets' own measurement: 20 set
 of wsusage_mark and its rivals back to back (SELECT 1 and floor_fn at 8 and 64 clients, staging
 at 8), in a rotating order, one ratio per set (see alternated_sets). Then the flush itself: applying
 1k/10k/100k pending ids with wsusage_flush() against one hand-written UPDATE ... FROM unnest(...)
-of the same rows.
+of the same rows. Last, wsusage's own cost with no round trip around it (see in_server_cost): one
+statement calls wsusage_mark, then floor_fn, on the same 1M ids, in 1 backend and then in as many
+backends at once as the machine has cores; nanoseconds per call over floor_fn.
 
 Writes results/<stamp>.md, results/latest.md, results/latest.png (and .json).
 """
@@ -385,7 +387,49 @@ def context(results, clients_list, set_rows):
     return [(name, value) for name, value in rows if value is not None]
 
 
-def markdown(summary, flush_rows, checks, notes, meta, set_rows):
+IN_SERVER = ["scan", "floor_fn", "mark"]
+
+
+def in_server_cost(cluster: Cluster, calls: int, backends_list, reps: int):
+    """What a mark costs inside the server, without the round trip whose noise hides it in
+    marks/s: `SELECT count(f(id)) FROM draws` over `calls` ids drawn uniformly from the 100k, all
+    of them pending (a mark of a pending id, the steady state between flushes), for f = nothing
+    (the bare scan), floor_fn and wsusage_mark, in a rotating order, `reps` times; the same
+    statement in `backends` sessions at once shows what marking backends cost one another.
+    Returns per backend count the median milliseconds of each, and ns per call over the bare scan
+    (floor_fn) and over floor_fn (the mark). Run after flush_benchmark: its hour-long flush
+    interval keeps the worker from emptying the set meanwhile."""
+    cluster.sql(f"SELECT wsusage_mark_many(ARRAY(SELECT {UUID_OF.format(n='i')} FROM generate_series(1, {ROWS}) AS i))")
+    cluster.sql(f"CREATE TABLE draws AS SELECT {UUID_OF.format(n=f'1 + (random() * {ROWS - 1})::int')} AS id "
+                f"FROM generate_series(1, {calls})")
+    cluster.sql("VACUUM ANALYZE draws")
+    query = {"scan": "SELECT count(id) FROM draws", "floor_fn": "SELECT count(floor_fn(id)) FROM draws",
+             "mark": "SELECT count(wsusage_mark(id)) FROM draws"}
+    rows = []
+    for backends in backends_list:
+        times = {m: [] for m in IN_SERVER}
+        for rep in range(reps):
+            for m in IN_SERVER[rep % len(IN_SERVER):] + IN_SERVER[:rep % len(IN_SERVER)]:
+                took = [0.0] * backends
+                def run(i, m=m, took=took):
+                    took[i] = cluster.timed_sql("SET max_parallel_workers_per_gather = 0;", query[m])
+                threads = [threading.Thread(target=run, args=(i,)) for i in range(backends)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                times[m].append(statistics.mean(took))
+        ms = {m: statistics.median(times[m]) for m in IN_SERVER}
+        rows.append({"backends": backends, "calls": calls, "reps": reps, "ms": ms,
+                     "floor_fn_ns": (ms["floor_fn"] - ms["scan"]) * 1e6 / calls,
+                     "mark_ns": (ms["mark"] - ms["floor_fn"]) * 1e6 / calls,
+                     "mark_ns_range": [(a - b) * 1e6 / calls for a, b in
+                                       ((min(times["mark"]), statistics.median(times["floor_fn"])),
+                                        (max(times["mark"]), statistics.median(times["floor_fn"])))]})
+    return rows
+
+
+def markdown(summary, flush_rows, checks, notes, meta, set_rows, in_server_rows):
     lines = [f"# wsusage benchmark — {meta['stamp']}", "",
              f"Machine: {meta['machine']}. PostgreSQL {meta['pg']}, wsusage {meta['build']} build, "
              f"synchronous_commit on, {ROWS:,} workspaces, {meta['seconds']} s per run, {meta['rounds']} interleaved rounds "
@@ -411,6 +455,16 @@ def markdown(summary, flush_rows, checks, notes, meta, set_rows):
                 q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) >= 2 else [ratios[0]] * 3
                 lines.append(f"| {RIVAL_NAME.get(a, a)} / {RIVAL_NAME[b]} | {c} | {len(ratios)} | {statistics.median(ratios):.3f} | "
                              f"{q[0]:.3f} – {q[2]:.3f} | {ratios[0]:.3f} | {ratios[-1]:.3f} |")
+    if in_server_rows:
+        r0 = in_server_rows[0]
+        lines += ["", f"Inside the server, no round trip: `SELECT count(f(id))` over {r0['calls']:,} ids, all pending, "
+                  f"the same statement in each backend at once, median of {r0['reps']} (ms per statement; ns per call):", "",
+                  "| backends at once | bare scan ms | floor_fn ms | wsusage_mark ms | floor_fn over the scan, ns/call | "
+                  "wsusage_mark over floor_fn, ns/call (fastest – slowest run) |", "|---:|---:|---:|---:|---:|---|"]
+        for r in in_server_rows:
+            lo, hi = r["mark_ns_range"]
+            lines.append(f"| {r['backends']} | {r['ms']['scan']:.1f} | {r['ms']['floor_fn']:.1f} | {r['ms']['mark']:.1f} | "
+                         f"{r['floor_fn_ns']:.0f} | {r['mark_ns']:.0f} ({lo:.0f} – {hi:.0f}) |")
     lines += ["", "Targets:", "", "A ratio of two variants is the median over rounds of their ratio within each round "
               "(a target marked “alternated sets”: the median over those sets).", "",
               "| target | measured | bound | met |", "|---|---:|---:|---|"]
@@ -461,6 +515,8 @@ def main():
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--flush-sizes", default="1000,10000,100000")
     p.add_argument("--flush-repeats", type=int, default=5)
+    p.add_argument("--in-server-calls", type=int, default=1_000_000, help="ids per statement of in_server_cost (0: skip it)")
+    p.add_argument("--in-server-reps", type=int, default=7)
     p.add_argument("--interval-ms", type=int, default=60000, help="wsusage.flush_interval and the staging apply interval")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--build", default="release")
@@ -496,6 +552,12 @@ def main():
         flush_rows = flush_benchmark(cluster, sizes, args.flush_repeats)
         for r in flush_rows:
             print(f"flush {r['ids']:>7} ids: wsusage {r['wsusage_ms']:.1f} ms, hand-written {r['unnest_ms']:.1f} ms", flush=True)
+        in_server_rows = []
+        if args.in_server_calls > 0:
+            in_server_rows = in_server_cost(cluster, args.in_server_calls, sorted({1, os.cpu_count() or 1}), args.in_server_reps)
+        for r in in_server_rows:
+            print(f"in the server, {r['backends']} backend(s) at once: wsusage_mark {r['mark_ns']:.0f} ns per call over floor_fn",
+                  flush=True)
     finally:
         cluster.stop()
 
@@ -508,10 +570,11 @@ def main():
             "sets": args.sets, "set_seconds": args.set_seconds}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    md = markdown(summary, flush_rows, checks, context(results, clients_list, set_rows), meta, set_rows)
+    md = markdown(summary, flush_rows, checks, context(results, clients_list, set_rows), meta, set_rows, in_server_rows)
     (out / f"{stamp}.md").write_text(md)
     (out / "latest.md").write_text(md)
-    (out / "latest.json").write_text(json.dumps({"meta": meta, "runs": results, "summary": summary, "flush": flush_rows, "sets": set_rows}, indent=1))
+    (out / "latest.json").write_text(json.dumps({"meta": meta, "runs": results, "summary": summary, "flush": flush_rows, "sets": set_rows,
+                                                    "in_server": in_server_rows}, indent=1))
     if not args.no_plot:
         plot(summary, out / "latest.png")
     print(md)

@@ -110,7 +110,7 @@ pub fn claim(locked: &mut Locked<'_>, database: pg_sys::Oid, now: i64) -> Option
     slot.yield_requested = false;
     slot.requests = Requests::new();
     slot.stats = Stats::since(now);
-    slot.marks.take();
+    slot.marks.clear();
     LAST_FOUND.store(index, Ordering::Relaxed);
     Some(index)
 }

@@ -90,7 +90,7 @@ pub struct PendingEntry {
 pub struct Shared {
     /// The first of the tranche's [`STRIPES`] LWLocks, one per stripe (see `stripes`).
     locks: *mut pg_sys::LWLockPadded,
-    /// Broadcast after every flush (success or failure) of any database. Not guarded by `lock`.
+    /// Broadcast after every flush (success or failure) of any database. Not guarded by the lock.
     pub flushed: pg_sys::ConditionVariable,
     /// Pid of the running launcher, 0 when none is attached.
     pub launcher_pid: i32,

@@ -202,7 +202,7 @@ pub fn reset(now: i64) -> bool {
         locked.shared.stats = Stats::since(now);
         for slot in locked.slots.iter_mut() {
             slot.stats = Stats::since(now);
-            slot.marks.take();
+            slot.marks.clear();
         }
     })
     .is_some()

@@ -63,4 +63,9 @@ impl StripedCounter {
     pub fn take(&mut self) -> u64 {
         self.0.iter_mut().map(|stripe| std::mem::take(stripe.value.get_mut())).fold(0, u64::wrapping_add)
     }
+
+    /// Zero the counter. Needs `&mut`: nobody may add meanwhile.
+    pub fn clear(&mut self) {
+        self.take();
+    }
 }

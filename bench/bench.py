@@ -58,6 +58,17 @@ UPDATE workspaces AS w SET last_used_at = d.ts FROM d
 """
 
 
+def ids_query(n: int) -> str:
+    """The ids of workspaces 1 to n, as a query (column `id`)."""
+    return f"SELECT {UUID_OF.format(n='i')} AS id FROM generate_series(1, {n}) AS i"
+
+
+def rotated(items: list, n: int) -> list:
+    """`items` starting from its n-th (A B C, B C A, C A B, ...): the order of the n-th set of
+    runs that take turns, so that no variant always runs first."""
+    return items[n % len(items):] + items[:n % len(items)]
+
+
 class Cluster:
     def __init__(self, bin_dir: Path, flush_interval_ms: int):
         self.bin = bin_dir
@@ -209,8 +220,7 @@ def alternated_sets(cluster: Cluster, driver: Path, clients_list, variants, sets
         if c not in clients_list or "mark" not in members or len(members) < 2:
             continue
         for n in range(sets):
-            order = members[n % len(members):] + members[:n % len(members)]
-            rate = {v: run_variant(cluster, driver, v, c, seconds, interval_s)["marks_per_s"] for v in order}
+            rate = {v: run_variant(cluster, driver, v, c, seconds, interval_s)["marks_per_s"] for v in rotated(members, n)}
             rows.append({"clients": c, "set": n + 1, **rate})
         for rival in members:
             if rival != "mark":
@@ -279,7 +289,7 @@ def flush_benchmark(cluster: Cluster, sizes, repeats):
     time.sleep(0.5)
     rows = []
     for n in sizes:
-        ids_sql = f"SELECT {UUID_OF.format(n='i')} AS id FROM generate_series(1, {n}) AS i"
+        ids_sql = ids_query(n)
         def reset():
             for statement in ["UPDATE workspaces SET last_used_at = NULL WHERE last_used_at IS NOT NULL",
                               "VACUUM workspaces", "CHECKPOINT"]:
@@ -399,7 +409,7 @@ def in_server_cost(cluster: Cluster, calls: int, backends_list, reps: int):
     Returns per backend count the median milliseconds of each, and ns per call over the bare scan
     (floor_fn) and over floor_fn (the mark). Run after flush_benchmark: its hour-long flush
     interval keeps the worker from emptying the set meanwhile."""
-    cluster.sql(f"SELECT wsusage_mark_many(ARRAY(SELECT {UUID_OF.format(n='i')} FROM generate_series(1, {ROWS}) AS i))")
+    cluster.sql(f"SELECT wsusage_mark_many(ARRAY({ids_query(ROWS)}))")
     cluster.sql(f"CREATE TABLE draws AS SELECT {UUID_OF.format(n=f'1 + (random() * {ROWS - 1})::int')} AS id "
                 f"FROM generate_series(1, {calls})")
     cluster.sql("VACUUM ANALYZE draws")
@@ -409,7 +419,7 @@ def in_server_cost(cluster: Cluster, calls: int, backends_list, reps: int):
     for backends in backends_list:
         times = {m: [] for m in IN_SERVER}
         for rep in range(reps):
-            for m in IN_SERVER[rep % len(IN_SERVER):] + IN_SERVER[:rep % len(IN_SERVER)]:
+            for m in rotated(IN_SERVER, rep):
                 took = [0.0] * backends
                 def run(i, m=m, took=took):
                     took[i] = cluster.timed_sql("SET max_parallel_workers_per_gather = 0;", query[m])
@@ -423,9 +433,7 @@ def in_server_cost(cluster: Cluster, calls: int, backends_list, reps: int):
         rows.append({"backends": backends, "calls": calls, "reps": reps, "ms": ms,
                      "floor_fn_ns": (ms["floor_fn"] - ms["scan"]) * 1e6 / calls,
                      "mark_ns": (ms["mark"] - ms["floor_fn"]) * 1e6 / calls,
-                     "mark_ns_range": [(a - b) * 1e6 / calls for a, b in
-                                       ((min(times["mark"]), statistics.median(times["floor_fn"])),
-                                        (max(times["mark"]), statistics.median(times["floor_fn"])))]})
+                     "mark_ns_range": [(t - ms["floor_fn"]) * 1e6 / calls for t in (min(times["mark"]), max(times["mark"]))]})
     return rows
 
 

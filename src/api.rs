@@ -7,12 +7,13 @@ use pgrx::prelude::*;
 use pgrx::{Array, Uuid};
 
 use crate::databases;
-use crate::errors::UsageError;
+use crate::errors::{self, UsageError};
 use crate::flush;
+use crate::layout;
+use crate::message;
 use crate::pending::{self, MarkError};
 use crate::rendezvous::{self, Lookup, Request};
 use crate::settings;
-use crate::shmem;
 
 /// How long `wsusage_flush()` waits for the launcher to attach before giving up. Longer than the
 /// launcher's restart delay, so a launcher that was just terminated comes back within it.
@@ -60,7 +61,7 @@ fn wsusage_flush() -> i64 {
         Request::NothingPending => return 0,
         Request::NotPreloaded => UsageError::NotPreloaded.raise(FUNCTION),
     };
-    let Some(cv) = shmem::flushed_cv() else { UsageError::NotPreloaded.raise(FUNCTION) };
+    let Some(cv) = layout::flushed_cv() else { UsageError::NotPreloaded.raise(FUNCTION) };
     let mut launcher_absent_since: Option<Instant> = None;
     // SAFETY: our condition variable in shared memory; every exit path below cancels the sleep
     // (and an ERROR from check_for_interrupts! is cleaned up by transaction abort).
@@ -92,7 +93,7 @@ fn wsusage_flush() -> i64 {
     // SAFETY: we prepared to sleep on the CV above.
     unsafe { pg_sys::ConditionVariableCancelSleep() };
     if outcome.failed {
-        let message = shmem::read_message(&outcome.message);
+        let message = message::read(&outcome.message);
         UsageError::FlushFailed { sqlstate: outcome.sqlstate, message }.raise(FUNCTION);
     }
     i64::try_from(outcome.ids).unwrap_or(i64::MAX)
@@ -108,17 +109,21 @@ fn mark(ids: &[[u8; 16]], function: &'static str) {
         Err(MarkError::Full { marked }) => {
             UsageError::SetFull { capacity: settings::max_pending(), marked, requested: ids.len() }.raise(function)
         }
+        Err(MarkError::Stuck(stuck)) => errors::report_stuck(stuck),
     }
 }
 
 /// Raise unless marks made here can be flushed: the library is preloaded, the server is not
 /// in recovery, and `wsusage.database` does not restrict wsusage to another database.
 fn check_active_here(function: &'static str, action: &'static str) {
-    if !shmem::is_ready() {
+    if !layout::is_ready() {
         UsageError::NotPreloaded.raise(function);
     }
     if in_recovery() {
         UsageError::InRecovery { action }.raise(function);
+    }
+    if let Some(setting @ "wsusage.database") = settings::refused() {
+        UsageError::SettingRefused { setting }.raise(function);
     }
     if !in_allowed_database() {
         UsageError::WrongDatabase { current: current_database() }.raise(function);

@@ -7,8 +7,32 @@ use pgrx::pg_sys::errcodes::PgSqlErrorCode;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::PgLogLevel;
 
-use crate::flush::Failure;
+use pgrx::pg_sys::errcodes::PgSqlErrorCode as Code;
+use wsusage_pending_table::Stuck;
+
 use crate::settings;
+
+/// A database error that ended a chunk of a flush, or a check, with what the DBA and the caller
+/// need to know.
+pub struct Failure {
+    pub sqlstate: i32,
+    pub message: String,
+}
+
+impl Failure {
+    /// Errors that concern one chunk only (a lock held by an application, a timeout, a
+    /// deadlock); after any other error the remaining chunks would fail the same way.
+    pub fn is_local_to_chunk(&self) -> bool {
+        [
+            Code::ERRCODE_LOCK_NOT_AVAILABLE,
+            Code::ERRCODE_QUERY_CANCELED,
+            Code::ERRCODE_T_R_DEADLOCK_DETECTED,
+            Code::ERRCODE_T_R_SERIALIZATION_FAILURE,
+        ]
+        .iter()
+        .any(|code| *code as i32 == self.sqlstate)
+    }
+}
 
 pub enum UsageError {
     NotPreloaded,
@@ -38,6 +62,10 @@ pub enum UsageError {
         message: String,
     },
     FlushOutcomeLost,
+    /// The configuration file's value of `setting` was refused at server start.
+    SettingRefused {
+        setting: &'static str,
+    },
 }
 
 impl UsageError {
@@ -113,6 +141,13 @@ impl UsageError {
             )
             .set_detail("More flushes completed than wsusage remembers before this call could read its own.")
             .set_hint("Call the function again."),
+            UsageError::SettingRefused { setting } => ErrorReport::new(
+                ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("wsusage is disabled: the server refused the value of \"{setting}\""),
+                function,
+            )
+            .set_detail(setting_refused_detail(setting))
+            .set_hint(format!("Fix \"{setting}\" in the configuration file (see the WARNING in the server log) and restart the server.")),
         }
     }
 
@@ -145,4 +180,28 @@ pub fn report_target_problem(failure: &Failure) {
     )
     .set_detail("Marks are kept until the table, or the wsusage.table, wsusage.id_column and wsusage.timestamp_column settings, are fixed.")
     .report(PgLogLevel::WARNING);
+}
+
+/// A place of the pending set stayed claimed, by a process that stopped between two
+/// instructions that cannot fail: shared memory can no longer be trusted, so, as PostgreSQL does
+/// for a stuck spinlock, PANIC, which makes the postmaster reinitialise it.
+pub fn report_stuck(stuck: Stuck) -> ! {
+    ErrorReport::new(
+        Code::ERRCODE_INTERNAL_ERROR,
+        format!("wsusage pending set place {} stuck for {} ms", stuck.place, stuck.waited.as_millis()),
+        "wsusage_mark",
+    )
+    .set_detail("Another process claimed the place and never published it.")
+    .report(PgLogLevel::PANIC);
+    unreachable!("a PANIC report does not return")
+}
+
+/// Why wsusage will not act on the default PostgreSQL put in place of a refused `setting`.
+pub fn setting_refused_detail(setting: &str) -> String {
+    let wider = if setting == "wsusage.role" {
+        "flushing as the bootstrap superuser instead of the role"
+    } else {
+        "accepting marks in every database instead of the one named"
+    };
+    format!("PostgreSQL kept the default in its place, and acting on it would mean {wider}.")
 }

@@ -23,35 +23,13 @@ use pgrx::prelude::*;
 use pgrx::PgLogLevel;
 
 use crate::databases;
-use crate::errors;
+use crate::errors::{self, Failure};
 use crate::pending;
 use crate::rendezvous;
 use crate::settings;
-use crate::shmem::PendingEntry;
 use crate::stats::{self, ChunkOutcome};
 use crate::target::Target;
-
-/// A database error that ended a chunk, with what the DBA and the caller need to know.
-pub struct Failure {
-    pub sqlstate: i32,
-    pub message: String,
-}
-
-impl Failure {
-    /// Errors that concern one chunk only (a lock held by an application, a timeout, a
-    /// deadlock); after any other error the remaining chunks would fail the same way.
-    fn is_local_to_chunk(&self) -> bool {
-        use PgSqlErrorCode::*;
-        [
-            ERRCODE_LOCK_NOT_AVAILABLE,
-            ERRCODE_QUERY_CANCELED,
-            ERRCODE_T_R_DEADLOCK_DETECTED,
-            ERRCODE_T_R_SERIALIZATION_FAILURE,
-        ]
-        .iter()
-        .any(|code| *code as i32 == self.sqlstate)
-    }
-}
+use wsusage_pending_table::Entry;
 
 /// What writing one chunk did.
 enum Written {
@@ -70,7 +48,7 @@ pub struct Flusher {
     database: pg_sys::Oid,
     database_name: String,
     statements: Statements,
-    batch: Vec<PendingEntry>,
+    batch: Vec<Entry>,
     /// The last failure message logged, so a repeated failure is not logged every interval.
     last_logged_failure: Option<String>,
     extension_missing_logged: bool,
@@ -95,6 +73,11 @@ impl Flusher {
 
     pub fn database_name(&self) -> &str {
         &self.database_name
+    }
+
+    /// Whether the last flush found the extension missing from the database.
+    pub fn extension_is_missing(&self) -> bool {
+        self.extension_missing_logged
     }
 
     /// Flush whatever of the database is pending and publish the outcome to `wsusage_flush()`
@@ -186,7 +169,9 @@ impl Flusher {
     fn extension_missing(&mut self) -> Failure {
         let message = format!("extension \"wsusage\" does not exist in database \"{}\"", self.database_name);
         if !self.extension_missing_logged {
-            log!("wsusage worker is idle: {message}; pending marks are kept until CREATE EXTENSION wsusage");
+            log!(
+                "wsusage flush worker is leaving: {message}; its pending marks are kept until CREATE EXTENSION wsusage"
+            );
             self.extension_missing_logged = true;
         }
         stats::record_chunk(self.database, &ChunkOutcome::Failed { message: &message }, now());
@@ -379,7 +364,7 @@ pub fn validate_target(flusher: &mut Flusher) {
 
 /// Write one chunk (checking the target first when `first`). Raises a PostgreSQL ERROR on
 /// failure; call inside [`in_transaction`].
-fn write_chunk(statements: &mut Statements, chunk: &[PendingEntry], first: bool) -> Written {
+fn write_chunk(statements: &mut Statements, chunk: &[Entry], first: bool) -> Written {
     // SAFETY: in a transaction with an active snapshot (in_transaction); SPI calls raise ERROR on
     // failure, which in_transaction catches and rolls back. The datums handed to
     // construct_array point into `chunk`, alive across the calls; construct_array copies them.
@@ -464,6 +449,19 @@ unsafe fn become_configured_role() -> Option<(pg_sys::Oid, c_int)> {
         pg_sys::SetUserIdAndSecContext(role_oid, context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as c_int);
         Some((user, context))
     }
+}
+
+/// Send this process's table counters to the cumulative statistics now.
+fn report_stat() {
+    // SAFETY: a plain call, outside any transaction, in a process connected to a database.
+    #[cfg(feature = "pg14")]
+    unsafe {
+        pg_sys::pgstat_report_stat(true)
+    };
+    // SAFETY: as above; from PostgreSQL 15 it returns how long to wait before the next forced
+    // report, which a flush (forced, once per chunk) has no use for.
+    #[cfg(not(feature = "pg14"))]
+    let _ = unsafe { pg_sys::pgstat_report_stat(true) };
 }
 
 // utils/timeout.h, which pgrx does not bind. The TimeoutId values are stable across 14–18.
@@ -551,7 +549,7 @@ fn in_transaction<R>(body: impl FnOnce() -> R) -> Result<R, Failure> {
         // Report the UPDATE's row counts now: autovacuum learns of the dead tuples the flush
         // made, and pg_stat_user_tables shows the writes, without waiting for an idle moment
         // that a busy worker may never have.
-        let _ = pg_sys::pgstat_report_stat(true);
+        report_stat();
         pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null());
         result
     }

@@ -21,11 +21,12 @@ use pgrx::pg_sys::errcodes::PgSqlErrorCode;
 use pgrx::prelude::*;
 
 use crate::databases;
+use crate::errors;
 use crate::flush::now;
+use crate::layout;
 use crate::pending;
 use crate::rendezvous;
 use crate::settings;
-use crate::shmem::{self, Mode};
 use crate::stats;
 use crate::worker;
 
@@ -44,6 +45,14 @@ const RETRY_DELAY: Duration = Duration::from_secs(5);
 /// away once ("it seems to have just been dropped or renamed") and connects at the next try.
 const CONNECT_ATTEMPTS: u32 = 3;
 const RECONNECT_DELAY: Duration = Duration::from_secs(1);
+
+/// How often a database whose extension was dropped with marks pending is looked at again (at
+/// least every flush interval): a worker that finds the extension back flushes the marks.
+const EXTENSION_RETRY: Duration = Duration::from_secs(60);
+
+fn extension_retry_delay() -> Duration {
+    EXTENSION_RETRY.max(settings::flush_interval())
+}
 
 /// `datconnlimit` of a database left invalid by an interrupted DROP DATABASE.
 const DATCONNLIMIT_INVALID_DB: i32 = -2;
@@ -106,11 +115,15 @@ struct Launcher {
     started: HashMap<pg_sys::Oid, Started>,
     /// Databases whose worker could not start or connect, and when to try again.
     retry_at: HashMap<pg_sys::Oid, Instant>,
+    /// Databases whose extension was dropped with marks pending, and when to look again.
+    extension_retry_at: HashMap<pg_sys::Oid, Instant>,
     /// Databases whose last workers could not connect, and how many in a row.
     connect_failures: HashMap<pg_sys::Oid, u32>,
     /// Whether the last failure to register a worker was logged, so a lasting shortage of
     /// background worker slots is said once.
     register_failure_logged: bool,
+    /// Whether a refused `wsusage.role` (or `wsusage.database`) was logged.
+    refused_setting_logged: bool,
 }
 
 /// A slot as the launcher sees it in one round.
@@ -123,12 +136,13 @@ struct SlotView {
     worker_starts: u64,
     yield_requested: bool,
     interval_start: i64,
+    extension_missing: bool,
 }
 
 fn slots() -> Vec<SlotView> {
     let mut out = Vec::with_capacity(settings::max_databases());
-    shmem::with_lock(Mode::Shared, |locked| {
-        for slot in databases::in_use(locked) {
+    layout::with_shared(|state| {
+        for slot in databases::in_use(state.slots) {
             // The buffer has a place per slot: no push allocates under the lock.
             out.push(SlotView {
                 database: slot.database,
@@ -139,6 +153,7 @@ fn slots() -> Vec<SlotView> {
                 worker_starts: slot.worker_starts,
                 yield_requested: slot.yield_requested,
                 interval_start: slot.interval_start,
+                extension_missing: slot.extension_missing(),
             });
         }
     });
@@ -198,11 +213,15 @@ impl Launcher {
                 return true;
             }
             let discarded = pending::discard(view.database);
+            // Said in the log before it shows in wsusage_stats: whoever sees the count finds the
+            // message.
             log!(
                 "wsusage discarded {discarded} pending ids of database {}, which no longer exists",
                 view.database.to_u32()
             );
+            stats::count_discarded(discarded);
             self.retry_at.remove(&view.database);
+            self.extension_retry_at.remove(&view.database);
             self.connect_failures.remove(&view.database);
             false
         });
@@ -217,6 +236,23 @@ impl Launcher {
     }
 
     fn start_due(&mut self, views: &[SlotView]) {
+        // A database whose extension was dropped (its last worker left for want of it) gets a
+        // worker again at once when someone marks there or waits on wsusage_flush(), both of
+        // which need the extension back; otherwise only now and then, to find it re-created.
+        for view in views {
+            if view.extension_missing {
+                self.extension_retry_at
+                    .entry(view.database)
+                    .or_insert_with(|| Instant::now() + extension_retry_delay());
+            } else {
+                self.extension_retry_at.remove(&view.database);
+            }
+        }
+        let extension_looked_for = |view: &SlotView| {
+            !view.extension_missing
+                || view.waiting
+                || self.extension_retry_at.get(&view.database).is_some_and(|at| Instant::now() >= *at)
+        };
         let now = now();
         let interval_us = settings::flush_interval_us();
         // Past the high-water mark, the databases holding an even share of the set or more are
@@ -235,6 +271,10 @@ impl Launcher {
             .iter()
             .filter(|view| !has_place(view) && (view.waiting || view.pending > 0))
             .filter(|view| self.retry_at.get(&view.database).is_none_or(|at| Instant::now() >= *at))
+            .filter(|view| extension_looked_for(view))
+            // A database being dropped, renamed or copied would turn a new worker away (FATAL);
+            // once dropped, its marks are discarded in a later round.
+            .filter(|view| !databases::is_being_changed(view.database))
             .collect();
         // Due databases first, the longest waiting first among them.
         wanting.sort_by_key(|view| (!is_due(view), view.interval_start));
@@ -268,12 +308,22 @@ impl Launcher {
     }
 
     fn start(&mut self, view: &SlotView) {
+        if let Some(setting) = settings::refused() {
+            let message = format!("no wsusage flush worker runs: the server refused the value of \"{setting}\"");
+            if !self.refused_setting_logged {
+                warning!("{message}; {} The marks stay pending.", errors::setting_refused_detail(setting));
+                self.refused_setting_logged = true;
+            }
+            self.worker_unavailable(view.database, PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, &message);
+            return;
+        }
         // SAFETY: a plain read of this process's pid.
         let launcher_pid = unsafe { pg_sys::MyProcPid };
         match worker::start(view.database, launcher_pid) {
             Some(handle) => {
                 self.started.insert(view.database, Started { handle, starts_before: view.worker_starts });
                 self.retry_at.remove(&view.database);
+                self.extension_retry_at.remove(&view.database);
                 self.register_failure_logged = false;
             }
             None => {

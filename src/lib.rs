@@ -12,22 +12,37 @@
 
 use pgrx::prelude::*;
 
-mod api;
+// From the bottom up: the lock and shared-memory pieces, the structures kept there, the layout
+// composing them, what operates on them, and the processes and SQL functions using those.
+mod counters;
+mod lock;
+mod message;
+mod requests;
+mod slot;
+mod stripes;
+
+mod layout;
+
 mod databases;
+mod pending;
+mod rendezvous;
+mod stats;
+
+mod persist;
+mod shmem;
+
 mod errors;
+mod settings;
+mod target;
+
 mod flush;
 mod launcher;
-mod monitor;
-mod pending;
-mod pending_table;
-mod persist;
-mod rendezvous;
-mod settings;
-mod shmem;
-mod stats;
-mod stripes;
-mod target;
 mod worker;
+
+mod rows;
+
+mod api;
+mod monitor;
 
 ::pgrx::pg_module_magic!(name, version);
 

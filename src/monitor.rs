@@ -2,141 +2,188 @@
 //! `wsusage_stats_by_database()` (and its view), `wsusage_pending()`, and
 //! `wsusage_stats_reset()`. Reading works in any database and on a standby: it touches only
 //! shared memory.
+//!
+//! The three set-returning functions are C entry points of our own rather than `#[pg_extern]`s,
+//! and fill whatever columns the database's declaration of them asks for, by name (see `rows`):
+//! every released version's SQL keeps working against this library, between a restart and
+//! `ALTER EXTENSION wsusage UPDATE`. Their SQL, the current version's, is below.
 
-use pgrx::datum::{Interval, TimestampWithTimeZone};
+use pgrx::pg_sys;
 use pgrx::prelude::*;
-use pgrx::Uuid;
 
 use crate::api::this_database;
+use crate::counters::Stats;
 use crate::databases;
 use crate::errors::UsageError;
+use crate::message;
 use crate::pending;
+use crate::rows::{self, Column, Value};
 use crate::settings;
-use crate::shmem;
-use crate::stats::{self, Stats};
+use crate::stats;
 
-fn timestamp(micros: i64) -> Option<TimestampWithTimeZone> {
-    (micros != 0).then(|| TimestampWithTimeZone::try_from(micros).ok()).flatten()
+fn timestamp(micros: i64) -> Value {
+    if micros == 0 {
+        Value::Null
+    } else {
+        Value::Timestamptz(micros)
+    }
 }
 
-fn count(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
+fn count(value: u64) -> Value {
+    Value::Int8(i64::try_from(value).unwrap_or(i64::MAX))
 }
 
-fn duration(s: &Stats) -> Option<Interval> {
-    (s.last_flush_at != 0).then(|| Interval::from_micros(s.last_flush_duration_us))
+fn pid(pid: i32) -> Value {
+    if pid == 0 {
+        Value::Null
+    } else {
+        Value::Int4(pid)
+    }
 }
 
-fn last_error(s: &Stats) -> Option<String> {
-    Some(shmem::read_message(&s.last_error)).filter(|message| !message.is_empty())
+const fn column(name: &'static str, type_oid: pg_sys::Oid) -> Column {
+    Column { name, type_oid }
 }
+
+/// The counters both views show, by column name.
+fn counter(s: &Stats, name: &str) -> Option<Value> {
+    Some(match name {
+        "marks" => count(s.marks),
+        "flushes" => count(s.flushes),
+        "ids_flushed" => count(s.ids_flushed),
+        "rows_updated" => count(s.rows_updated),
+        "ids_without_row" => count(s.ids_without_row),
+        "ids_discarded" => count(s.ids_discarded),
+        "failures" => count(s.failures),
+        "consecutive_failures" => count(s.consecutive_failures),
+        "rejected" => count(s.rejected),
+        "last_flush_at" => timestamp(s.last_flush_at),
+        "last_flush_duration" if s.last_flush_at != 0 => Value::Interval(s.last_flush_duration_us),
+        "last_flush_duration" => Value::Null,
+        "last_error" => Some(message::read(&s.last_error)).filter(|m| !m.is_empty()).map_or(Value::Null, Value::Text),
+        "last_error_at" => timestamp(s.last_error_at),
+        "stats_reset" => timestamp(s.stats_reset),
+        _ => return None,
+    })
+}
+
+const STATS_COLUMNS: &[Column] = &[
+    column("pending", pg_sys::INT8OID),
+    column("capacity", pg_sys::INT8OID),
+    column("marks", pg_sys::INT8OID),
+    column("flushes", pg_sys::INT8OID),
+    column("ids_flushed", pg_sys::INT8OID),
+    column("rows_updated", pg_sys::INT8OID),
+    column("ids_without_row", pg_sys::INT8OID),
+    column("ids_discarded", pg_sys::INT8OID),
+    column("failures", pg_sys::INT8OID),
+    column("consecutive_failures", pg_sys::INT8OID),
+    column("rejected", pg_sys::INT8OID),
+    column("last_flush_at", pg_sys::TIMESTAMPTZOID),
+    column("last_flush_duration", pg_sys::INTERVALOID),
+    column("last_error", pg_sys::TEXTOID),
+    column("last_error_at", pg_sys::TIMESTAMPTZOID),
+    column("databases", pg_sys::INT8OID),
+    column("workers", pg_sys::INT8OID),
+    column("launcher_pid", pg_sys::INT4OID),
+    column("stats_reset", pg_sys::TIMESTAMPTZOID),
+    // 0.1.0, one database: the flush worker's pid, which is now per database.
+    column("worker_pid", pg_sys::INT4OID),
+];
 
 /// One row: what wsusage holds, has done and last failed at in the whole cluster, since server
 /// start or the last `wsusage_stats_reset()`.
-#[pg_extern(volatile, parallel_unsafe)]
-// pgrx reads the column names from the signature, so the row type cannot be an alias.
-#[allow(clippy::type_complexity)]
-fn wsusage_stats() -> TableIterator<
-    'static,
-    (
-        name!(pending, i64),
-        name!(capacity, i64),
-        name!(marks, i64),
-        name!(flushes, i64),
-        name!(ids_flushed, i64),
-        name!(rows_updated, i64),
-        name!(ids_without_row, i64),
-        name!(ids_discarded, i64),
-        name!(failures, i64),
-        name!(consecutive_failures, i64),
-        name!(rejected, i64),
-        name!(last_flush_at, Option<TimestampWithTimeZone>),
-        name!(last_flush_duration, Option<Interval>),
-        name!(last_error, Option<String>),
-        name!(last_error_at, Option<TimestampWithTimeZone>),
-        name!(databases, i64),
-        name!(workers, i64),
-        name!(launcher_pid, Option<i32>),
-        name!(stats_reset, Option<TimestampWithTimeZone>),
-    ),
-> {
-    let (Some(pending), Some(totals)) = (pending::len(), stats::totals()) else {
-        UsageError::NotPreloaded.raise("wsusage_stats")
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn wsusage_stats_wrapper(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    const FUNCTION: &str = "wsusage_stats";
+    let Some(totals) = stats::totals() else { UsageError::NotPreloaded.raise(FUNCTION) };
+    let this_worker = || {
+        stats::by_database()
+            .and_then(|rows| rows.into_iter().find(|row| row.database == this_database()))
+            .map_or(0, |row| row.worker_pid)
     };
-    let s = &totals.stats;
-    TableIterator::once((
-        count(pending as u64),
-        count(settings::max_pending() as u64),
-        count(s.marks),
-        count(s.flushes),
-        count(s.ids_flushed),
-        count(s.rows_updated),
-        count(s.ids_without_row),
-        count(s.ids_discarded),
-        count(s.failures),
-        count(s.consecutive_failures),
-        count(s.rejected),
-        timestamp(s.last_flush_at),
-        duration(s),
-        last_error(s),
-        timestamp(s.last_error_at),
-        count(totals.databases),
-        count(totals.workers),
-        (totals.launcher_pid != 0).then_some(totals.launcher_pid),
-        timestamp(s.stats_reset),
-    ))
+    let value = |totals: &stats::Totals, name: &str| match name {
+        "pending" => count(totals.pending),
+        "capacity" => count(settings::max_pending() as u64),
+        "databases" => count(totals.databases),
+        "workers" => count(totals.workers),
+        "launcher_pid" => pid(totals.launcher_pid),
+        "worker_pid" => pid(this_worker()),
+        _ => counter(&totals.stats, name).unwrap_or(Value::Null),
+    };
+    // SAFETY: called by PostgreSQL as the C function the SQL below declares, returning a set.
+    unsafe { rows::materialize(fcinfo, FUNCTION, STATS_COLUMNS, [totals], value) }
 }
+
+const BY_DATABASE_COLUMNS: &[Column] = &[
+    column("datid", pg_sys::OIDOID),
+    column("datname", pg_sys::TEXTOID),
+    column("pending", pg_sys::INT8OID),
+    column("marks", pg_sys::INT8OID),
+    column("flushes", pg_sys::INT8OID),
+    column("ids_flushed", pg_sys::INT8OID),
+    column("rows_updated", pg_sys::INT8OID),
+    column("ids_without_row", pg_sys::INT8OID),
+    column("failures", pg_sys::INT8OID),
+    column("consecutive_failures", pg_sys::INT8OID),
+    column("rejected", pg_sys::INT8OID),
+    column("last_flush_at", pg_sys::TIMESTAMPTZOID),
+    column("last_flush_duration", pg_sys::INTERVALOID),
+    column("last_error", pg_sys::TEXTOID),
+    column("last_error_at", pg_sys::TIMESTAMPTZOID),
+    column("worker_pid", pg_sys::INT4OID),
+    column("stats_reset", pg_sys::TIMESTAMPTZOID),
+];
 
 /// One row per database with marks pending or counted since its first mark: the same counters
 /// as `wsusage_stats`, for that database alone.
-#[pg_extern(volatile, parallel_unsafe)]
-#[allow(clippy::type_complexity)]
-fn wsusage_stats_by_database() -> TableIterator<
-    'static,
-    (
-        name!(datid, pg_sys::Oid),
-        name!(datname, Option<String>),
-        name!(pending, i64),
-        name!(marks, i64),
-        name!(flushes, i64),
-        name!(ids_flushed, i64),
-        name!(rows_updated, i64),
-        name!(ids_without_row, i64),
-        name!(failures, i64),
-        name!(consecutive_failures, i64),
-        name!(rejected, i64),
-        name!(last_flush_at, Option<TimestampWithTimeZone>),
-        name!(last_flush_duration, Option<Interval>),
-        name!(last_error, Option<String>),
-        name!(last_error_at, Option<TimestampWithTimeZone>),
-        name!(worker_pid, Option<i32>),
-        name!(stats_reset, Option<TimestampWithTimeZone>),
-    ),
-> {
-    let Some(rows) = stats::by_database() else { UsageError::NotPreloaded.raise("wsusage_stats_by_database") };
-    TableIterator::new(rows.into_iter().map(|row| {
-        let s = &row.stats;
-        (
-            row.database,
-            databases::name(row.database),
-            count(row.pending),
-            count(s.marks),
-            count(s.flushes),
-            count(s.ids_flushed),
-            count(s.rows_updated),
-            count(s.ids_without_row),
-            count(s.failures),
-            count(s.consecutive_failures),
-            count(s.rejected),
-            timestamp(s.last_flush_at),
-            duration(s),
-            last_error(s),
-            timestamp(s.last_error_at),
-            (row.worker_pid != 0).then_some(row.worker_pid),
-            timestamp(s.stats_reset),
-        )
-    }))
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn wsusage_stats_by_database_wrapper(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    const FUNCTION: &str = "wsusage_stats_by_database";
+    let Some(rows) = stats::by_database() else { UsageError::NotPreloaded.raise(FUNCTION) };
+    let value = |row: &stats::DatabaseStats, name: &str| match name {
+        "datid" => Value::Oid(row.database),
+        "datname" => databases::name(row.database).map_or(Value::Null, Value::Text),
+        "pending" => count(row.pending),
+        "worker_pid" => pid(row.worker_pid),
+        _ => counter(&row.stats, name).unwrap_or(Value::Null),
+    };
+    // SAFETY: as for wsusage_stats.
+    unsafe { rows::materialize(fcinfo, FUNCTION, BY_DATABASE_COLUMNS, rows, value) }
 }
+
+const PENDING_COLUMNS: &[Column] =
+    &[column("workspace_id", pg_sys::UUIDOID), column("last_used_at", pg_sys::TIMESTAMPTZOID)];
+
+/// What the next flush of this database will write: each pending id with its latest mark time.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn wsusage_pending_wrapper(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    const FUNCTION: &str = "wsusage_pending";
+    let Some(entries) = pending::entries(this_database()) else { UsageError::NotPreloaded.raise(FUNCTION) };
+    let value = |entry: &wsusage_pending_table::Entry, name: &str| match name {
+        "workspace_id" => Value::Uuid(entry.key.id),
+        _ => timestamp(entry.marked_at),
+    };
+    // SAFETY: as for wsusage_stats.
+    unsafe { rows::materialize(fcinfo, FUNCTION, PENDING_COLUMNS, entries, value) }
+}
+
+/// The version-1 calling convention record PostgreSQL looks up for each C function.
+macro_rules! finfo_v1 {
+    ($($name:ident),*) => {
+        $(
+            #[unsafe(no_mangle)]
+            pub extern "C" fn $name() -> &'static pg_sys::Pg_finfo_record {
+                const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+                &V1
+            }
+        )*
+    };
+}
+finfo_v1!(pg_finfo_wsusage_stats_wrapper, pg_finfo_wsusage_stats_by_database_wrapper, pg_finfo_wsusage_pending_wrapper);
 
 /// Zero the counters of `wsusage_stats` and `wsusage_stats_by_database`; what is pending stays
 /// pending.
@@ -149,16 +196,64 @@ fn wsusage_stats_reset() {
     }
 }
 
-/// What the next flush of this database will write: each pending id with its latest mark time.
-#[pg_extern(volatile, parallel_unsafe)]
-fn wsusage_pending(
-) -> TableIterator<'static, (name!(workspace_id, Uuid), name!(last_used_at, Option<TimestampWithTimeZone>))> {
-    let Some(entries) = pending::entries(this_database()) else { UsageError::NotPreloaded.raise("wsusage_pending") };
-    TableIterator::new(entries.into_iter().map(|e| (Uuid::from_bytes(e.key.id), timestamp(e.marked_at))))
-}
-
 extension_sql!(
     r#"
+CREATE FUNCTION wsusage_stats() RETURNS TABLE (
+	"pending" bigint,
+	"capacity" bigint,
+	"marks" bigint,
+	"flushes" bigint,
+	"ids_flushed" bigint,
+	"rows_updated" bigint,
+	"ids_without_row" bigint,
+	"ids_discarded" bigint,
+	"failures" bigint,
+	"consecutive_failures" bigint,
+	"rejected" bigint,
+	"last_flush_at" timestamp with time zone,
+	"last_flush_duration" interval,
+	"last_error" TEXT,
+	"last_error_at" timestamp with time zone,
+	"databases" bigint,
+	"workers" bigint,
+	"launcher_pid" INT,
+	"stats_reset" timestamp with time zone
+)
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'wsusage_stats_wrapper';
+
+CREATE FUNCTION wsusage_stats_by_database() RETURNS TABLE (
+	"datid" oid,
+	"datname" TEXT,
+	"pending" bigint,
+	"marks" bigint,
+	"flushes" bigint,
+	"ids_flushed" bigint,
+	"rows_updated" bigint,
+	"ids_without_row" bigint,
+	"failures" bigint,
+	"consecutive_failures" bigint,
+	"rejected" bigint,
+	"last_flush_at" timestamp with time zone,
+	"last_flush_duration" interval,
+	"last_error" TEXT,
+	"last_error_at" timestamp with time zone,
+	"worker_pid" INT,
+	"stats_reset" timestamp with time zone
+)
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'wsusage_stats_by_database_wrapper';
+
+CREATE FUNCTION wsusage_pending() RETURNS TABLE (
+	"workspace_id" uuid,
+	"last_used_at" timestamp with time zone
+)
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'wsusage_pending_wrapper';
+
 CREATE VIEW wsusage_stats AS SELECT * FROM wsusage_stats();
 COMMENT ON VIEW wsusage_stats IS 'What wsusage holds, has done and last failed at, in the whole cluster';
 CREATE VIEW wsusage_stats_by_database AS SELECT * FROM wsusage_stats_by_database();

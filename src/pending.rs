@@ -9,20 +9,31 @@
 use std::sync::atomic::Ordering;
 
 use pgrx::pg_sys;
+use pgrx::prelude::*;
+use wsusage_pending_table::{Entry, Inserted, Key, Stuck};
 
 use crate::databases;
-use crate::pending_table::Inserted;
+use crate::layout::{self, View, ViewMut};
 use crate::rendezvous;
 use crate::settings;
-use crate::shmem::{self, Locked, Mode, PendingEntry, PendingKey};
 use crate::stats;
 
 /// Fraction of `wsusage.max_pending` at which a mark wakes the launcher to flush early.
 const HIGH_WATER_NUMERATOR: usize = 1;
 const HIGH_WATER_DENOMINATOR: usize = 2;
 
+/// Ids a `wsusage_mark_many` call marks per holding of the lock: between chunks it lets flushes
+/// and exclusive requests in, and checks for a cancel. At the ≈ 150 ns a mark costs, a chunk
+/// holds the lock for well under a millisecond.
+const MARK_CHUNK: usize = 4096;
+
 pub fn high_water_mark() -> usize {
     (settings::max_pending() * HIGH_WATER_NUMERATOR / HIGH_WATER_DENOMINATOR).max(1)
+}
+
+/// The table's key for `id` marked in `database`.
+pub fn key(database: pg_sys::Oid, id: [u8; 16]) -> Key {
+    Key { database: database.to_u32(), id }
 }
 
 /// Why [`mark_all`] stopped early.
@@ -34,23 +45,39 @@ pub enum MarkError {
     },
     /// Every database slot serves another database that still has marks pending.
     NoSlot,
+    /// A place of the set stayed claimed by another process far longer than a claim takes.
+    Stuck(Stuck),
 }
 
-/// Record that each id was used at `now` in `database` (keeping each id's latest time).
+/// Record that each id was used at `now` in `database` (keeping each id's latest time), a chunk
+/// at a time; a cancel between chunks leaves the chunks before it marked.
 pub fn mark_all(database: pg_sys::Oid, ids: &[[u8; 16]], now: i64) -> Result<(), MarkError> {
-    // Markers hold the lock in shared mode, new ids included (see `pending_table`): they never
-    // wait for one another, nor for one descheduled while holding the lock. Only the first mark
-    // of a database without a slot takes it exclusively, to claim one.
-    let marked = shmem::with_lock(Mode::Shared, |locked| {
-        databases::find(locked, database).map(|slot| mark_in(locked, slot, database, ids, now))
+    for (n, chunk) in ids.chunks(MARK_CHUNK).enumerate() {
+        if n > 0 {
+            check_for_interrupts!();
+        }
+        mark_chunk(database, chunk, now).map_err(|error| match error {
+            MarkError::Full { marked } => MarkError::Full { marked: n * MARK_CHUNK + marked },
+            other => other,
+        })?;
+    }
+    Ok(())
+}
+
+fn mark_chunk(database: pg_sys::Oid, ids: &[[u8; 16]], now: i64) -> Result<(), MarkError> {
+    // Markers hold the lock in shared mode, new ids included (see `layout`): they never wait for
+    // one another, nor for one descheduled while holding the lock. Only the first mark of a
+    // database without a slot takes it exclusively, to claim one.
+    let marked = layout::with_shared(|state| {
+        databases::find(state.slots, database).map(|slot| mark_in(state, slot, database, ids, now))
     });
     let (result, wake) = match marked {
         None => return Err(MarkError::NotPreloaded),
         Some(Some(marked)) => marked,
-        Some(None) => shmem::with_lock(Mode::Exclusive, |locked| match databases::claim(locked, database, now) {
-            Some(slot) => mark_in(locked, slot, database, ids, now),
+        Some(None) => layout::with_exclusive(|state| match databases::claim(state, database, now) {
+            Some(slot) => mark_in(&state.view(), slot, database, ids, now),
             None => {
-                stats::count_marks(locked, None, 0, ids.len());
+                stats::count_refused_without_slot(state, ids.len());
                 (Err(MarkError::NoSlot), None)
             }
         })
@@ -66,9 +93,9 @@ pub fn mark_all(database: pg_sys::Oid, ids: &[[u8; 16]], now: i64) -> Result<(),
 
 /// Mark `ids` in `database`, whose slot is `slot`; returns the outcome and the launcher's latch
 /// when this mark must wake it. Caller must hold the lock, in shared mode being enough: the
-/// table takes concurrent inserts, and the counts change atomically (see `shmem`).
+/// table takes concurrent inserts, and the counts change atomically (see `layout`).
 fn mark_in(
-    locked: &mut Locked<'_>,
+    state: &View<'_>,
     slot: usize,
     database: pg_sys::Oid,
     ids: &[[u8; 16]],
@@ -77,11 +104,15 @@ fn mark_in(
     let mut added = 0;
     let mut outcome = Ok(());
     for (i, id) in ids.iter().enumerate() {
-        match locked.pending.insert(&PendingKey { database, id: *id }, now) {
-            Inserted::New => added += 1,
-            Inserted::Existing => {}
-            Inserted::Full => {
+        match state.pending.insert(&key(database, *id), now) {
+            Ok(Inserted::New) => added += 1,
+            Ok(Inserted::Existing) => {}
+            Ok(Inserted::Full) => {
                 outcome = Err(MarkError::Full { marked: i });
+                break;
+            }
+            Err(stuck) => {
+                outcome = Err(MarkError::Stuck(stuck));
                 break;
             }
         }
@@ -90,35 +121,32 @@ fn mark_in(
         Err(MarkError::Full { marked }) => marked,
         _ => ids.len(),
     };
-    stats::count_marks(locked, Some(slot), accepted, ids.len() - accepted);
+    let refused = if matches!(outcome, Err(MarkError::Full { .. })) { ids.len() - accepted } else { 0 };
+    stats::count_marks(state, slot, accepted, refused);
+    let slot = &state.slots[slot];
+    // A mark needs the extension: a worker that left for want of it may come back.
+    let extension_back = slot.extension_missing() && slot.extension_missing.swap(false, Ordering::Relaxed);
+    let launcher = Some(state.header.launcher_latch).filter(|latch| !latch.is_null());
     if added == 0 {
-        return (outcome, None);
+        return (outcome, launcher.filter(|_| extension_back));
     }
-    let was_empty = locked.slots[slot].pending.fetch_add(added, Ordering::Relaxed) == 0;
+    let was_empty = slot.pending.fetch_add(added, Ordering::Relaxed) == 0;
     // Only a new id can take the set past its high-water mark, or give a database without a
     // worker its first pending id, for which the launcher starts one.
-    let wake = if was_empty && locked.slots[slot].worker_pid == 0 {
-        Some(locked.shared.launcher_latch).filter(|latch| !latch.is_null())
-    } else {
-        take_high_water_wake(locked)
-    };
+    let wake =
+        if (was_empty && slot.worker_pid == 0) || extension_back { launcher } else { take_high_water_wake(state) };
     (outcome, wake)
 }
 
 /// The launcher's latch when this mark is the one that passed the high-water mark. Caller must
 /// hold the lock (either mode).
-fn take_high_water_wake(locked: &Locked<'_>) -> Option<*mut pg_sys::Latch> {
-    let latch = locked.shared.launcher_latch;
-    if latch.is_null() || locked.pending.len() < high_water_mark() {
+fn take_high_water_wake(state: &View<'_>) -> Option<*mut pg_sys::Latch> {
+    let latch = state.header.launcher_latch;
+    if latch.is_null() || state.pending.len() < high_water_mark() {
         return None;
     }
     // Of the markers passing it at once, one wakes the launcher.
-    (!locked.shared.high_water_wake_sent.swap(true, Ordering::Relaxed)).then_some(latch)
-}
-
-/// Number of ids pending in all databases, or `None` when not preloaded.
-pub fn len() -> Option<usize> {
-    shmem::with_lock(Mode::Shared, |locked| locked.pending.len())
+    (!state.header.high_water_wake_sent.swap(true, Ordering::Relaxed)).then_some(latch)
 }
 
 /// Whether the set has passed its high-water mark and `database` holds at least an even share
@@ -126,24 +154,22 @@ pub fn len() -> Option<usize> {
 /// it early then frees a fair part of the set, while a database with few ids does not flush in a
 /// loop because another database's ids (failing to flush, say) keep the set full.
 pub fn past_high_water_for(database: pg_sys::Oid) -> bool {
-    shmem::with_lock(Mode::Shared, |locked| {
-        let total = locked.pending.len();
+    layout::with_shared(|state| {
+        let total = state.pending.len();
         if total < high_water_mark() {
             return false;
         }
-        let busy = databases::in_use(locked).filter(|slot| slot.pending() > 0).count();
-        databases::find(locked, database)
-            .is_some_and(|index| holds_even_share(locked.slots[index].pending(), busy as u64, total as u64))
+        let busy = databases::in_use(state.slots).filter(|slot| slot.pending() > 0).count();
+        databases::find(state.slots, database)
+            .is_some_and(|index| holds_even_share(state.slots[index].pending(), busy as u64, total as u64))
     })
     .unwrap_or(false)
 }
 
 /// When the current interval of `database` started (`TimestampTz`), if it has a slot.
 pub fn interval_start(database: pg_sys::Oid) -> Option<i64> {
-    shmem::with_lock(Mode::Shared, |locked| {
-        databases::find(locked, database).map(|index| locked.slots[index].interval_start)
-    })
-    .flatten()
+    layout::with_shared(|state| databases::find(state.slots, database).map(|index| state.slots[index].interval_start))
+        .flatten()
 }
 
 /// Whether a database with `own` ids pending holds at least an even share of a set of `total`
@@ -154,20 +180,19 @@ pub fn holds_even_share(own: u64, busy: u64, total: u64) -> bool {
 
 /// Number of ids of `database` pending.
 pub fn len_of(database: pg_sys::Oid) -> usize {
-    shmem::with_lock(Mode::Shared, |locked| {
-        databases::find(locked, database).map_or(0, |index| locked.slots[index].pending() as usize)
+    layout::with_shared(|state| {
+        databases::find(state.slots, database).map_or(0, |index| state.slots[index].pending() as usize)
     })
     .unwrap_or(0)
 }
 
-/// Copy the entries of `database` (every database: `None`) into `out` (cleared first). Returns
-/// false, with `out` incomplete, when `out` has not the capacity for all of them: the copy never
-/// allocates under the lock, and while the lock is shared markers may add entries during the
-/// copy. Caller must hold the lock (either mode).
-fn copy_locked(locked: &Locked<'_>, database: Option<pg_sys::Oid>, out: &mut Vec<PendingEntry>) -> bool {
+/// Copy the entries of `database` into `out` (cleared first). Returns false, with `out`
+/// incomplete, when `out` has not the capacity for all of them: the copy never allocates under
+/// the lock, and while the lock is shared markers may add entries during the copy. Caller must
+/// hold the lock (either mode).
+fn copy_of(state: &View<'_>, database: pg_sys::Oid, out: &mut Vec<Entry>) -> bool {
     out.clear();
-    for entry in locked.pending.entries().filter(|entry| database.is_none_or(|database| entry.key.database == database))
-    {
+    for entry in state.pending.entries().filter(|entry| entry.key.database == database.to_u32()) {
         if out.len() == out.capacity() {
             return false;
         }
@@ -179,60 +204,53 @@ fn copy_locked(locked: &Locked<'_>, database: Option<pg_sys::Oid>, out: &mut Vec
 /// Copy the entries of `database` into `out`, whose capacity must be `max_pending` (the
 /// worker's buffer), start the database's next interval at `now`, and return the newest
 /// `wsusage_flush()` request the copy covers.
-pub fn snapshot(database: pg_sys::Oid, out: &mut Vec<PendingEntry>, now: i64) -> u64 {
-    shmem::with_lock(Mode::Exclusive, |locked| {
-        let copied = copy_locked(locked, Some(database), out);
+pub fn snapshot(database: pg_sys::Oid, out: &mut Vec<Entry>, now: i64) -> u64 {
+    layout::with_exclusive(|state| {
+        let copied = copy_of(&state.view(), database, out);
         debug_assert!(copied, "the worker's buffer holds max_pending entries");
-        locked.shared.high_water_wake_sent.store(false, Ordering::Relaxed);
-        if let Some(index) = databases::find(locked, database) {
-            locked.slots[index].interval_start = now;
+        *state.header.high_water_wake_sent.get_mut() = false;
+        if let Some(index) = databases::find(state.slots, database) {
+            state.slots[index].interval_start = now;
         }
-        rendezvous::newest_request(locked, database)
+        rendezvous::newest_request(&state.view(), database)
     })
     .unwrap_or(0)
 }
 
 /// A copy of the pending entries of `database`, for inspection; `None` when not preloaded.
-pub fn entries(database: pg_sys::Oid) -> Option<Vec<PendingEntry>> {
+pub fn entries(database: pg_sys::Oid) -> Option<Vec<Entry>> {
     let mut out = Vec::new();
     loop {
         // Sized outside the lock, with room for the marks that may arrive meanwhile.
-        out.reserve(len()? + 1024);
-        if shmem::with_lock(Mode::Shared, |locked| copy_locked(locked, Some(database), &mut out))? {
+        out.reserve(layout::with_shared(|state| state.pending.len())? + 1024);
+        if layout::with_shared(|state| copy_of(state, database, &mut out))? {
             return Some(out);
         }
     }
 }
 
 /// Every pending entry, of every database. Postmaster only (see `persist`): the copy allocates,
-/// and nothing else runs. The walk is bounded by the table (at most `max_pending` entries), so a
-/// set damaged by a process killed in the middle of an insert (an immediate shutdown) cannot
-/// keep the postmaster from exiting.
-pub fn all_entries(locked: &Locked<'_>) -> Vec<PendingEntry> {
-    let mut out = Vec::with_capacity(locked.pending.len().min(settings::max_pending()));
-    out.extend(locked.pending.entries());
+/// and nothing else runs. The walk is bounded by the table (at most `max_pending` entries).
+pub fn all_entries(state: &ViewMut<'_>) -> Vec<Entry> {
+    let mut out = Vec::with_capacity(state.pending.len().min(state.pending.limit()));
+    out.extend(state.pending.entries());
     out
 }
 
 /// Put saved entries back into the set, claiming their databases' slots; returns how many could
-/// not be (set or slots full). Postmaster only (see `persist`).
-pub fn restore(locked: &mut Locked<'_>, entries: &[PendingEntry], now: i64) -> usize {
+/// not be (set or slots full). Postmaster only (see `persist`), with entries it validated.
+pub fn restore(state: &mut ViewMut<'_>, entries: &[Entry], now: i64) -> usize {
     let mut refused = 0;
     for entry in entries {
-        // No mark is made outside a database: such an entry could only come from a damaged file.
-        let claimed = if entry.key.database == pg_sys::InvalidOid {
-            None
-        } else {
-            databases::claim(locked, entry.key.database, now)
-        };
-        let Some(slot) = claimed else {
+        let Some(slot) = databases::claim(state, pg_sys::Oid::from(entry.key.database), now) else {
             refused += 1;
             continue;
         };
-        match locked.pending.insert(&entry.key, entry.marked_at) {
-            Inserted::New => *locked.slots[slot].pending.get_mut() += 1,
-            Inserted::Existing => {}
-            Inserted::Full => refused += 1,
+        match state.pending.insert(&entry.key, entry.marked_at) {
+            Ok(Inserted::New) => *state.slots[slot].pending.get_mut() += 1,
+            Ok(Inserted::Existing) => {}
+            // Nobody else uses the table yet: no claim can be stuck.
+            Ok(Inserted::Full) | Err(_) => refused += 1,
         }
     }
     refused
@@ -240,32 +258,32 @@ pub fn restore(locked: &mut Locked<'_>, entries: &[PendingEntry], now: i64) -> u
 
 /// Forget the entries a committed flush of `database` wrote, except those marked again since
 /// the snapshot.
-pub fn forget(database: pg_sys::Oid, written: &[PendingEntry]) {
-    shmem::with_lock(Mode::Exclusive, |locked| {
+pub fn forget(database: pg_sys::Oid, written: &[Entry]) {
+    layout::with_exclusive(|state| {
         let mut forgotten = 0;
         for entry in written {
-            if let Some(index) = locked.pending.find(&entry.key) {
-                if locked.pending.entry(index).marked_at <= entry.marked_at {
-                    locked.pending.remove_at(index);
+            if let Some(index) = state.pending.find(&state.exclusive, &entry.key) {
+                if state.pending.entry(&state.exclusive, index).marked_at <= entry.marked_at {
+                    state.pending.remove_at(&state.exclusive, index);
                     forgotten += 1;
                 }
             }
         }
-        if let Some(index) = databases::find(locked, database) {
-            let pending = locked.slots[index].pending.get_mut();
+        if let Some(index) = databases::find(state.slots, database) {
+            let pending = state.slots[index].pending.get_mut();
             *pending = pending.saturating_sub(forgotten);
         }
     });
 }
 
 /// Discard every entry of a database that no longer exists, and free its slot; returns how many
-/// ids were discarded. Launcher only.
+/// ids were discarded, which the caller counts (`stats::count_discarded`) once it has said so in
+/// the log. Launcher only.
 pub fn discard(database: pg_sys::Oid) -> u64 {
-    shmem::with_lock(Mode::Exclusive, |locked| {
-        let discarded = locked.pending.retain(|entry| entry.key.database != database);
-        if let Some(index) = databases::find(locked, database) {
-            stats::count_discarded(locked, discarded);
-            databases::free(locked, index);
+    layout::with_exclusive(|state| {
+        let discarded = state.pending.retain(&state.exclusive, |entry| entry.key.database != database.to_u32());
+        if let Some(index) = databases::find(state.slots, database) {
+            databases::free(state, index);
         }
         discarded
     })

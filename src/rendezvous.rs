@@ -14,49 +14,9 @@ use std::ptr::null_mut;
 use pgrx::pg_sys;
 
 use crate::databases;
-use crate::shmem::{self, Locked, Mode, MESSAGE_LEN, RECENT_FLUSHES};
-
-/// What one flush did, as `wsusage_flush()` callers see it.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct FlushOutcome {
-    /// The flush covers the requests numbered `(after_request, up_to_request]`.
-    pub after_request: u64,
-    pub up_to_request: u64,
-    /// Distinct ids the flush took from the set.
-    pub ids: u64,
-    pub failed: bool,
-    /// SQLSTATE of the failure, as PostgreSQL packs it (`MAKE_SQLSTATE`).
-    pub sqlstate: i32,
-    /// NUL-terminated error message of the failure.
-    pub message: [u8; MESSAGE_LEN],
-}
-
-const NO_OUTCOME: FlushOutcome =
-    FlushOutcome { after_request: 0, up_to_request: 0, ids: 0, failed: false, sqlstate: 0, message: [0; MESSAGE_LEN] };
-
-/// One database's requests and recent outcomes, in its slot.
-#[repr(C)]
-pub struct Requests {
-    /// Number of `wsusage_flush()` requests made in this database; request n is the n-th.
-    pub made: u64,
-    /// Every request numbered up to this was covered by a flush that has completed.
-    pub served: u64,
-    /// Number of outcomes published; `recent[completed % RECENT_FLUSHES]` is the next written.
-    pub completed: u64,
-    pub recent: [FlushOutcome; RECENT_FLUSHES],
-}
-
-impl Requests {
-    pub const fn new() -> Self {
-        Requests { made: 0, served: 0, completed: 0, recent: [NO_OUTCOME; RECENT_FLUSHES] }
-    }
-
-    /// A caller waits for a flush.
-    pub fn waiting(&self) -> bool {
-        self.made > self.served
-    }
-}
+use crate::layout::{self, View};
+use crate::message;
+use crate::requests::FlushOutcome;
 
 /// How a flush ended, as the worker reports it.
 pub enum Result {
@@ -90,14 +50,14 @@ pub enum Request {
 /// Register a `wsusage_flush()` request of `database` and wake the launcher and the database's
 /// worker, if it has one.
 pub fn request(database: pg_sys::Oid) -> Request {
-    let made = shmem::with_lock(Mode::Exclusive, |locked| {
-        let index = databases::find(locked, database)?;
-        let slot = &mut locked.slots[index];
+    let made = layout::with_exclusive(|state| {
+        let index = databases::find(state.slots, database)?;
+        let slot = &mut state.slots[index];
         if slot.pending() == 0 {
             return None;
         }
         slot.requests.made += 1;
-        Some((slot.requests.made, [locked.shared.launcher_latch, slot.worker_latch]))
+        Some((slot.requests.made, [state.header.launcher_latch, slot.worker_latch]))
     });
     match made {
         None => Request::NotPreloaded,
@@ -113,33 +73,29 @@ pub fn request(database: pg_sys::Oid) -> Request {
 }
 
 pub fn lookup(database: pg_sys::Oid, request: u64) -> Lookup {
-    shmem::with_lock(Mode::Shared, |locked| {
-        let launcher_attached = locked.shared.launcher_pid != 0;
+    layout::with_shared(|state| {
+        let launcher_attached = state.header.launcher_pid != 0;
         // A slot is recycled only when no caller waits on it: a missing slot has served us.
-        let Some(index) = databases::find(locked, database) else { return Lookup::Forgotten };
-        let requests = &locked.slots[index].requests;
-        if requests.served < request {
+        let Some(index) = databases::find(state.slots, database) else { return Lookup::Forgotten };
+        let requests = &state.slots[index].requests;
+        if !requests.served(request) {
             return Lookup::Waiting { launcher_attached };
         }
-        let kept = requests.completed.min(RECENT_FLUSHES as u64);
-        (0..kept)
-            .map(|age| requests.recent[((requests.completed - 1 - age) % RECENT_FLUSHES as u64) as usize])
-            .find(|outcome| outcome.after_request < request && request <= outcome.up_to_request)
-            .map_or(Lookup::Forgotten, Lookup::Done)
+        requests.outcome_of(request).map_or(Lookup::Forgotten, Lookup::Done)
     })
     .unwrap_or(Lookup::NotPreloaded)
 }
 
 /// The newest request of `database`, which a snapshot taken now covers. Caller must hold the
 /// lock (either mode).
-pub fn newest_request(locked: &Locked<'_>, database: pg_sys::Oid) -> u64 {
-    databases::find(locked, database).map_or(0, |index| locked.slots[index].requests.made)
+pub fn newest_request(state: &View<'_>, database: pg_sys::Oid) -> u64 {
+    databases::find(state.slots, database).map_or(0, |index| state.slots[index].requests.made)
 }
 
 /// Whether a `wsusage_flush()` caller of `database` waits for a flush.
 pub fn flush_requested(database: pg_sys::Oid) -> bool {
-    shmem::with_lock(Mode::Shared, |locked| {
-        databases::find(locked, database).is_some_and(|index| locked.slots[index].requests.waiting())
+    layout::with_shared(|state| {
+        databases::find(state.slots, database).is_some_and(|index| state.slots[index].requests.waiting())
     })
     .unwrap_or(false)
 }
@@ -147,7 +103,7 @@ pub fn flush_requested(database: pg_sys::Oid) -> bool {
 /// Publish the outcome of the flush of `database` whose snapshot covered requests up to
 /// `up_to_request`, and wake every waiting caller.
 pub fn publish(database: pg_sys::Oid, up_to_request: u64, result: &Result) {
-    let mut outcome = NO_OUTCOME;
+    let mut outcome = FlushOutcome::NONE;
     outcome.up_to_request = up_to_request;
     match result {
         Result::Applied { ids } => outcome.ids = *ids,
@@ -155,27 +111,17 @@ pub fn publish(database: pg_sys::Oid, up_to_request: u64, result: &Result) {
             outcome.ids = *ids;
             outcome.failed = true;
             outcome.sqlstate = *sqlstate;
-            shmem::write_message(&mut outcome.message, message);
+            message::write(&mut outcome.message, message);
         }
     }
-    let published = shmem::with_lock(Mode::Exclusive, |locked| {
-        let Some(index) = databases::find(locked, database) else { return false };
-        let requests = &mut locked.slots[index].requests;
-        // A periodic tick that found nothing to do serves nobody: keep the ring for outcomes
-        // that callers wait for.
-        if outcome.ids == 0 && !outcome.failed && up_to_request <= requests.served {
-            return false;
-        }
-        outcome.after_request = requests.served;
-        requests.served = requests.served.max(up_to_request);
-        requests.recent[(requests.completed % RECENT_FLUSHES as u64) as usize] = outcome;
-        requests.completed += 1;
-        true
+    let published = layout::with_exclusive(|state| {
+        let Some(index) = databases::find(state.slots, database) else { return false };
+        state.slots[index].requests.publish(outcome)
     });
     if published != Some(true) {
         return;
     }
-    if let Some(cv) = shmem::flushed_cv() {
+    if let Some(cv) = layout::flushed_cv() {
         // SAFETY: our condition variable in shared memory, initialised at startup.
         unsafe { pg_sys::ConditionVariableBroadcast(cv) };
     }
@@ -183,21 +129,23 @@ pub fn publish(database: pg_sys::Oid, up_to_request: u64, result: &Result) {
 
 /// Fail every request of `database` made so far: no worker could serve them. Launcher only.
 pub fn fail_waiting(database: pg_sys::Oid, sqlstate: i32, message: &str) {
-    let newest = shmem::with_lock(Mode::Shared, |locked| newest_request(locked, database)).unwrap_or(0);
+    let newest = layout::with_shared(|state| newest_request(state, database)).unwrap_or(0);
     publish(database, newest, &Result::Failed { ids: 0, sqlstate, message: message.to_owned() });
 }
 
 /// Announce this process as the flush worker of `database`: marks and requests now wake it.
 /// Returns false when the database has no slot (nothing to flush) or another worker serves it.
 pub fn attach_worker(database: pg_sys::Oid) -> bool {
-    shmem::with_lock(Mode::Exclusive, |locked| {
-        let Some(index) = databases::find(locked, database) else { return false };
-        let slot = &mut locked.slots[index];
+    layout::with_exclusive(|state| {
+        let Some(index) = databases::find(state.slots, database) else { return false };
+        let slot = &mut state.slots[index];
         slot.worker_starts += 1;
         if slot.worker_pid != 0 {
             return false;
         }
         slot.yield_requested = false;
+        // This worker finds out again whether the extension is there.
+        *slot.extension_missing.get_mut() = false;
         // SAFETY: plain reads of this process's globals, set before any extension code runs.
         unsafe {
             slot.worker_pid = pg_sys::MyProcPid;
@@ -210,9 +158,9 @@ pub fn attach_worker(database: pg_sys::Oid) -> bool {
 
 /// Undo [`attach_worker`] if this process is still the one attached.
 pub fn detach_worker(database: pg_sys::Oid) {
-    shmem::with_lock(Mode::Exclusive, |locked| {
-        let Some(index) = databases::find(locked, database) else { return };
-        let slot = &mut locked.slots[index];
+    layout::with_exclusive(|state| {
+        let Some(index) = databases::find(state.slots, database) else { return };
+        let slot = &mut state.slots[index];
         // SAFETY: a plain read of this process's pid.
         if slot.worker_pid == unsafe { pg_sys::MyProcPid } {
             slot.worker_pid = 0;
@@ -221,25 +169,36 @@ pub fn detach_worker(database: pg_sys::Oid) {
     });
 }
 
+/// Leave word that the worker of `database` leaves because the extension is not installed
+/// there: the launcher starts no other until the database is marked in again.
+pub fn detach_worker_for_missing_extension(database: pg_sys::Oid) {
+    layout::with_exclusive(|state| {
+        if let Some(index) = databases::find(state.slots, database) {
+            *state.slots[index].extension_missing.get_mut() = true;
+        }
+    });
+    detach_worker(database);
+}
+
 /// Announce this process as the launcher: marks past the high-water mark and flush requests now
 /// wake it.
 pub fn attach_launcher() {
-    shmem::with_lock(Mode::Exclusive, |locked| {
+    layout::with_exclusive(|state| {
         // SAFETY: plain reads of this process's globals, set before any extension code runs.
         unsafe {
-            locked.shared.launcher_pid = pg_sys::MyProcPid;
-            locked.shared.launcher_latch = pg_sys::MyLatch;
+            state.header.launcher_pid = pg_sys::MyProcPid;
+            state.header.launcher_latch = pg_sys::MyLatch;
         }
     });
 }
 
 /// Undo [`attach_launcher`] if this process is still the one attached.
 pub fn detach_launcher() {
-    shmem::with_lock(Mode::Exclusive, |locked| {
+    layout::with_exclusive(|state| {
         // SAFETY: a plain read of this process's pid.
-        if locked.shared.launcher_pid == unsafe { pg_sys::MyProcPid } {
-            locked.shared.launcher_pid = 0;
-            locked.shared.launcher_latch = null_mut();
+        if state.header.launcher_pid == unsafe { pg_sys::MyProcPid } {
+            state.header.launcher_pid = 0;
+            state.header.launcher_latch = null_mut();
         }
     });
 }

@@ -5,6 +5,7 @@
 
 use std::ffi::{c_char, CStr, CString};
 use std::ptr::null_mut;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
@@ -272,8 +273,25 @@ macro_rules! string_check_hook {
     };
 }
 
-string_check_hook!(check_database, check_plain_name);
-string_check_hook!(check_role, check_plain_name);
+/// Whether the postmaster refused the configuration file's `wsusage.database` / `wsusage.role`
+/// at start. PostgreSQL then keeps the default, with a WARNING; but the default is wider than
+/// what the DBA asked for (every database; the superuser), so wsusage refuses to act on it
+/// instead (see [`refused`]). Set in the postmaster only, inherited by every process it forks.
+static DATABASE_REFUSED: AtomicBool = AtomicBool::new(false);
+static ROLE_REFUSED: AtomicBool = AtomicBool::new(false);
+
+/// A check that remembers, in the postmaster, that it refused a value.
+fn check_remembered(value: &str, refused: &AtomicBool) -> Result<(), String> {
+    let checked = check_plain_name(value);
+    // SAFETY: a plain read of a global set when the process starts.
+    if checked.is_err() && !unsafe { pg_sys::IsUnderPostmaster } {
+        refused.store(true, Ordering::Relaxed);
+    }
+    checked
+}
+
+string_check_hook!(check_database, |value| check_remembered(value, &DATABASE_REFUSED));
+string_check_hook!(check_role, |value| check_remembered(value, &ROLE_REFUSED));
 string_check_hook!(check_table, |value| target::parse(value, 2).map(drop));
 string_check_hook!(check_column, |value| target::parse(value, 1).map(drop));
 
@@ -328,6 +346,19 @@ pub fn lock_timeout_ms() -> i32 {
 
 pub fn statement_timeout_ms() -> i32 {
     STATEMENT_TIMEOUT_MS.get()
+}
+
+/// The setting whose value the server refused at start, if any: with it, no mark is accepted
+/// (`wsusage.database`) or no flush runs (`wsusage.role`) until it is fixed and the server
+/// restarted.
+pub fn refused() -> Option<&'static str> {
+    if DATABASE_REFUSED.load(Ordering::Relaxed) {
+        Some("wsusage.database")
+    } else if ROLE_REFUSED.load(Ordering::Relaxed) {
+        Some("wsusage.role")
+    } else {
+        None
+    }
 }
 
 /// The role the worker connects as, if one is set.

@@ -11,7 +11,9 @@
 //!
 //! A worker also leaves, without a final flush, when the database is being dropped, renamed or
 //! copied (so `DROP DATABASE` never waits for it), after a flush that found nothing marked for a
-//! whole interval (a quiet database gives its place back), and when the launcher asks it to give
+//! whole interval (a quiet database gives its place back), when the extension is not installed
+//! in the database (dropped with marks pending: they stay, and need no worker until it is back),
+//! and when the launcher asks it to give
 //! its place to a database whose flush is due while its own is not (so that, with more databases
 //! than `wsusage.max_workers`, they take turns). The launcher starts a new one when the database
 //! has marks again.
@@ -133,6 +135,7 @@ enum Exit {
     DatabaseChanging,
     Idle,
     GaveWay,
+    ExtensionMissing,
 }
 
 #[pg_guard]
@@ -177,6 +180,9 @@ pub extern "C-unwind" fn wsusage_worker_main(arg: pg_sys::Datum) {
         let past_high_water = stats::consecutive_failures(database) == 0 && pending::past_high_water_for(database);
         if until_due <= 0 || rendezvous::flush_requested(database) || past_high_water {
             let taken = flusher.flush();
+            if flusher.extension_is_missing() {
+                break Exit::ExtensionMissing;
+            }
             if taken == 0 && pending::len_of(database) == 0 {
                 break Exit::Idle;
             }
@@ -204,6 +210,8 @@ pub extern "C-unwind" fn wsusage_worker_main(arg: pg_sys::Datum) {
         ),
         Exit::Idle => debug1!("wsusage flush worker exiting: nothing was marked for a whole interval"),
         Exit::GaveWay => debug1!("wsusage flush worker giving its place to a database whose flush is due"),
+        // Said by the flush; the launcher starts a worker again once the database is marked in.
+        Exit::ExtensionMissing => rendezvous::detach_worker_for_missing_extension(database),
     }
     // SAFETY: ends this process; a dynamic worker is never restarted by the postmaster, the
     // launcher starts a new one when the database is due again.

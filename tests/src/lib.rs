@@ -10,8 +10,8 @@ use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
-use std::thread::sleep;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::thread::{self, sleep};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -20,6 +20,11 @@ use uuid::Uuid;
 
 /// Generous bound for anything the tests wait for; never an assertion about speed.
 pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// `statement_timeout` of every harness connection, so that no query waits forever (a broken
+/// build fails instead of hanging). Longer than [`PATIENCE`], so that it never ends a wait a test
+/// allows; a test that sets `statement_timeout` itself overrides it, and `RESET` comes back to it.
+pub const STATEMENT_PATIENCE: Duration = Duration::from_secs(2 * PATIENCE.as_secs());
 
 /// Port number in the socket file name; each cluster has its own socket directory.
 const PORT: u16 = 5432;
@@ -100,10 +105,19 @@ fn unique() -> u64 {
 
 static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
 
+/// What the harness names its directories: `<prefix>-<pid of the test binary>-…`.
+const DIR_PREFIXES: [&str; 3] = ["wsusage-test", "wsusage-standby", "wsusage-template"];
+
+/// A file in the directory of a failed test's cluster, which is kept for inspection: the sweep
+/// leaves such a directory alone for [`KEEP_FAILED`] after the failure.
+const KEPT_MARKER: &str = "kept-for-inspection";
+const KEEP_FAILED: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// A data directory made by initdb once per test binary, copied for every cluster, and removed
 /// when the binary exits.
 fn template() -> &'static Path {
     TEMPLATE.get_or_init(|| {
+        sweep_stale_dirs();
         let dir = make_owned_dir("wsusage-template");
         let data = dir.join("data");
         let mut cmd = pg_command("initdb");
@@ -128,6 +142,65 @@ extern "C" fn remove_template() {
     }
 }
 
+/// Remove what test binaries killed before they could clean up (SIGKILL by a timeout runs no
+/// `Drop` and no `atexit`) left under the temp dir: their directories and the postmasters still
+/// running in them. A directory is stale when the process its name carries no longer exists, so
+/// the directories of test binaries still running are never touched; a failed test's cluster is
+/// kept for [`KEEP_FAILED`].
+fn sweep_stale_dirs() {
+    // Liveness is read from /proc; without it nothing can be told stale.
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else { return };
+    for entry in entries.flatten() {
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
+        let Some(owner) = harness_dir_owner(&name) else { continue };
+        if owner == std::process::id() || Path::new("/proc").join(owner.to_string()).exists() {
+            continue;
+        }
+        let dir = entry.path();
+        let kept_recently = fs::metadata(dir.join(KEPT_MARKER))
+            .and_then(|marker| marker.modified())
+            .is_ok_and(|at| at.elapsed().is_ok_and(|age| age < KEEP_FAILED));
+        if kept_recently {
+            continue;
+        }
+        stop_stale_postmaster(&dir, &name);
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
+
+/// The pid of the test binary that made a directory called `name`, if the harness made it.
+fn harness_dir_owner(name: &str) -> Option<u32> {
+    DIR_PREFIXES.iter().find_map(|prefix| name.strip_prefix(prefix)?.strip_prefix('-')?.split('-').next()?.parse().ok())
+}
+
+/// Stop the postmaster still running in the stale directory `dir` (called `name`), if any: an
+/// immediate shutdown, then SIGKILL should it outlive that. Only a process whose command line
+/// names this directory is signalled, never one that merely reuses the pid in postmaster.pid.
+fn stop_stale_postmaster(dir: &Path, name: &str) {
+    let data = dir.join("data");
+    let Some(pid) = fs::read_to_string(data.join("postmaster.pid"))
+        .ok()
+        .and_then(|text| text.lines().next()?.trim().parse::<u32>().ok())
+    else {
+        return;
+    };
+    let runs_here = || {
+        fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(name))
+    };
+    if !runs_here() {
+        return;
+    }
+    let mut stop = pg_command("pg_ctl");
+    stop.arg("-D").arg(&data).args(["-w", "-t", "30", "-m", "immediate", "stop"]);
+    let _ = stop.output();
+    if runs_here() {
+        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+    }
+}
+
 pub struct Cluster {
     pub dir: PathBuf,
     pub data: PathBuf,
@@ -144,6 +217,10 @@ const BASE_SETTINGS: &[(&str, &str)] = &[
     ("shared_preload_libraries", "'wsusage'"),
     // Long by default, so that only the test decides when a flush happens.
     ("wsusage.flush_interval", "'1h'"),
+    // Not the machine's zone (initdb writes it into postgresql.conf): a `timestamp` column is
+    // written in the server's zone, and tests compare it with the client's UTC clock.
+    ("timezone", "'UTC'"),
+    ("log_timezone", "'UTC'"),
 ];
 
 impl Cluster {
@@ -228,8 +305,14 @@ impl Cluster {
         fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// Connection string for `database`, with [`STATEMENT_PATIENCE`] as `statement_timeout`
+    /// (the examples that tests run get it too).
     pub fn conninfo(&self, database: &str) -> String {
-        format!("host={} port={PORT} user=postgres dbname={database}", self.dir.display())
+        format!(
+            "host={} port={PORT} user=postgres dbname={database} options='-c statement_timeout={}s'",
+            self.dir.display(),
+            STATEMENT_PATIENCE.as_secs()
+        )
     }
 
     pub fn connect(&self) -> Client {
@@ -311,6 +394,20 @@ impl Cluster {
         self.wait_for_backend(client, "wsusage launcher", not)
     }
 
+    /// Pids of the flush workers of the client's database, in pg_stat_activity.
+    pub fn worker_pids(&self, client: &mut Client) -> Vec<i32> {
+        client
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'wsusage' AND datname = current_database()
+                  ORDER BY pid",
+                &[],
+            )
+            .expect("query pg_stat_activity")
+            .iter()
+            .map(|row| row.get(0))
+            .collect()
+    }
+
     pub fn wait_for_launcher(&self, client: &mut Client) -> i32 {
         self.wait_for_launcher_other_than(client, None)
     }
@@ -343,9 +440,22 @@ impl Drop for Cluster {
         if !std::thread::panicking() {
             let _ = fs::remove_dir_all(&self.dir);
         } else {
-            eprintln!("kept the failed test's cluster in {}", self.dir.display());
+            let _ = fs::write(self.dir.join(KEPT_MARKER), "");
+            eprintln!(
+                "kept the failed test's cluster in {} (a test binary run a day later removes it)",
+                self.dir.display()
+            );
         }
     }
+}
+
+/// When the process `pid` started, as pg_stat_activity shows it; `None` once it has gone. Two
+/// processes with the same pid are told apart by it.
+pub fn backend_start(client: &mut Client, pid: i32) -> Option<DateTime<Utc>> {
+    client
+        .query_opt("SELECT backend_start FROM pg_stat_activity WHERE pid = $1", &[&pid])
+        .expect("query pg_stat_activity")
+        .map(|row| row.get(0))
 }
 
 /// Poll `condition` every 50 ms until it holds; panic after [`PATIENCE`].
@@ -405,4 +515,97 @@ pub fn flush(client: &mut Client) -> i64 {
 
 pub fn count_used(client: &mut Client) -> i64 {
     client.query_one("SELECT count(*) FROM workspaces WHERE last_used_at IS NOT NULL", &[]).expect("count used").get(0)
+}
+
+/// A meeting point for a fixed number of threads, as `std::sync::Barrier`, that cannot hang a
+/// test: a thread that has waited [`PATIENCE`] panics, and a party that panics (its [`Party`]
+/// dropped while unwinding) breaks the gate, so that every other party panics too instead of
+/// waiting for it forever.
+pub struct Gate {
+    parties: usize,
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+struct GateState {
+    /// Parties waiting for the gate to open this time.
+    arrived: usize,
+    /// How many times the gate has opened.
+    opened: u64,
+    /// Why the gate will never open again.
+    broken: Option<String>,
+}
+
+impl Gate {
+    /// A gate that opens each time `parties` parties wait at it.
+    pub fn new(parties: usize) -> Arc<Gate> {
+        Arc::new(Gate {
+            parties,
+            state: Mutex::new(GateState { arrived: 0, opened: 0, broken: None }),
+            changed: Condvar::new(),
+        })
+    }
+
+    /// One party's place at the gate; take it before spawning the party's thread and move it in,
+    /// so that the gate learns of any panic of that thread.
+    pub fn party(self: &Arc<Gate>) -> Party {
+        Party { gate: self.clone() }
+    }
+
+    /// The state; a panic elsewhere never leaves it inconsistent (it panics after updating it).
+    fn state(&self) -> MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn break_with(&self, state: &mut GateState, why: String) {
+        state.broken.get_or_insert(why);
+        self.changed.notify_all();
+    }
+}
+
+/// A party's place at a [`Gate`].
+pub struct Party {
+    gate: Arc<Gate>,
+}
+
+impl Party {
+    /// Wait until every party has arrived. Panics when the gate is broken, or after [`PATIENCE`]
+    /// (breaking it for the others).
+    pub fn wait(&self) {
+        let gate = &*self.gate;
+        let mut state = gate.state();
+        if let Some(why) = &state.broken {
+            panic!("the gate is broken: {why}");
+        }
+        state.arrived += 1;
+        if state.arrived == gate.parties {
+            state.arrived = 0;
+            state.opened += 1;
+            gate.changed.notify_all();
+            return;
+        }
+        let this_time = state.opened;
+        let deadline = Instant::now() + PATIENCE;
+        while state.opened == this_time {
+            if let Some(why) = &state.broken {
+                panic!("the gate is broken: {why}");
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let why = format!("a party waited {PATIENCE:?} for the others");
+                gate.break_with(&mut state, why.clone());
+                panic!("{why}");
+            }
+            state = gate.changed.wait_timeout(state, deadline - now).unwrap_or_else(PoisonError::into_inner).0;
+        }
+    }
+}
+
+impl Drop for Party {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            let mut state = self.gate.state();
+            self.gate.break_with(&mut state, "another party panicked".to_owned());
+        }
+    }
 }

@@ -23,14 +23,17 @@ fn a_schema_qualified_table_with_quoted_names_is_written_and_nothing_else() {
 
     let before = now_us();
     client.execute("SELECT wsusage_mark($1)", &[&ids[1]]).unwrap();
+    let after = now_us();
     assert_eq!(flush(&mut client), 1);
 
-    // "Seen At" is a timestamp without time zone: written in the worker's time zone (UTC here).
+    // "Seen At" is a timestamp without time zone: written in the worker's time zone, UTC in
+    // every test cluster whatever the machine's, so it reads as the client's UTC clock.
     let seen: Option<chrono::NaiveDateTime> = client
         .query_one(r#"SELECT "Seen At" FROM "Tenant One"."device.log ""v2""" WHERE "Device ID" = $1"#, &[&ids[1]])
         .unwrap()
         .get(0);
-    assert!(seen.expect("the row was written") >= before.naive_utc());
+    let seen = seen.expect("the row was written");
+    assert!(before.naive_utc() <= seen && seen <= after.naive_utc(), "{before} <= {seen} <= {after}");
     let written: i64 =
         client.query_one(r#"SELECT count("Seen At") FROM "Tenant One"."device.log ""v2""""#, &[]).unwrap().get(0);
     assert_eq!(written, 1, "only the marked row");

@@ -1,6 +1,7 @@
 //! Every database: marks are flushed in the database they were made in, by that database's own
 //! worker, so one database's trouble never holds up another's.
 
+use std::collections::BTreeSet;
 use std::thread;
 use std::time::Duration;
 
@@ -75,9 +76,8 @@ fn three_databases_marking_concurrently_each_see_only_their_own_marks() {
     let seen: Vec<(String, i64, i64, i64)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
     let expected: Vec<(String, i64, i64, i64)> = names.iter().map(|n| (n.to_string(), 100, 100, 100)).collect();
     assert_eq!(seen, expected);
-    let mut workers: Vec<i32> = rows.iter().filter_map(|r| r.get::<_, Option<i32>>(4)).collect();
-    workers.dedup();
-    assert_eq!(workers.len(), 3, "one worker per database");
+    let workers: BTreeSet<i32> = rows.iter().filter_map(|r| r.get::<_, Option<i32>>(4)).collect();
+    assert_eq!(workers.len(), 3, "one worker per database: {workers:?}");
     let (marks, databases): (i64, i64) =
         admin.query_one("SELECT marks, databases FROM wsusage_stats", &[]).map(|r| (r.get(0), r.get(1))).unwrap();
     assert_eq!((marks, databases), (300, 3));
@@ -214,7 +214,9 @@ fn marks_in_a_database_without_the_table_are_kept_and_reported_there_only() {
 
 #[test]
 fn more_databases_than_wsusage_max_databases_get_a_clear_error_until_one_is_idle() {
-    let cluster = Cluster::start(&[("wsusage.max_databases", "1"), ("wsusage.flush_interval", "'200ms'")]);
+    // The base interval of an hour: the first database keeps its mark pending, and so its
+    // place, until the test shortens the interval below.
+    let cluster = Cluster::start(&[("wsusage.max_databases", "1")]);
     let (mut first, ids) = cluster.with_workspaces(1);
     let mut second = database_with(&cluster, "second", &ids);
     first.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
@@ -228,9 +230,18 @@ fn more_databases_than_wsusage_max_databases_get_a_clear_error_until_one_is_idle
     let rejected: i64 = first.query_one("SELECT rejected FROM wsusage_stats", &[]).unwrap().get(0);
     assert_eq!(rejected, 1, "counted");
 
-    // Once the first database's marks are flushed and its worker has gone, the place is free.
+    // Once the first database's marks are flushed and its worker has gone (after an interval
+    // with no marks), the place is free.
+    first.batch_execute("ALTER SYSTEM SET wsusage.flush_interval = '200ms'").unwrap();
+    first.batch_execute("SELECT pg_reload_conf()").unwrap();
     wait_until("the second database to get the place", || {
-        second.execute("SELECT wsusage_mark($1)", &[&ids[0]]).is_ok()
+        match second.execute("SELECT wsusage_mark($1)", &[&ids[0]]) {
+            Ok(_) => true,
+            Err(err) => {
+                assert_eq!(sqlstate(&err), "53400", "{err}");
+                false
+            }
+        }
     });
     wait_until("the second database's mark to be applied", || count_used(&mut second) == 1);
     assert_eq!(count_used(&mut first), 1);

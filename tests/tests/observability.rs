@@ -103,16 +103,32 @@ fn refused_marks_are_counted_and_stats_reset_zeroes_the_counters() {
     assert_eq!(counter(&full, "rejected"), 3);
     assert_eq!(counter(&full, "marks"), 16);
 
-    // Filling the set woke the worker for an early flush (which failed on the parked table);
-    // let it happen before the reset, so that the reset is the last word.
-    wait_until("the early flush attempt", || counter(&stats(&mut client), "flushes") >= 1);
-    let reset_before: chrono::DateTime<chrono::Utc> = full.get("stats_reset");
+    // A full set is past its high-water mark, where the worker may try an early flush at any
+    // moment (a reset clears the streak of failures that may be holding it back): empty the set,
+    // so that no flush can race with the reset below.
+    client.batch_execute("ALTER TABLE parked RENAME TO workspaces").unwrap();
+    flush(&mut client);
+    assert_eq!(count_used(&mut client), 16);
+    // Counters for the reset to zero, a failure and its streak among them, with the set well
+    // below its high-water mark and the next periodic flush an hour away: from here on the
+    // worker flushes only when asked.
+    client.execute("SELECT wsusage_mark_many($1)", &[&ids[16..19].to_vec()]).unwrap();
+    client.batch_execute("ALTER TABLE workspaces RENAME TO parked").unwrap();
+    assert_eq!(flush_error(&mut client).0, "42P01");
+    cluster.wait_for_worker(&mut client, None);
+
+    let counters = ["marks", "rejected", "flushes", "ids_flushed", "rows_updated", "failures", "consecutive_failures"];
+    let before = stats(&mut client);
+    for column in counters {
+        assert!(counter(&before, column) > 0, "{column}: something to reset");
+    }
     client.batch_execute("SELECT wsusage_stats_reset()").unwrap();
     let zeroed = stats(&mut client);
-    for column in ["marks", "rejected", "flushes", "ids_flushed", "rows_updated", "failures", "consecutive_failures"] {
+    for column in counters {
         assert_eq!(counter(&zeroed, column), 0, "{column}");
     }
-    assert_eq!(counter(&zeroed, "pending"), 16, "a reset forgets counters, not marks");
+    assert_eq!(counter(&zeroed, "pending"), 3, "a reset forgets counters, not marks");
+    let reset_before: chrono::DateTime<chrono::Utc> = full.get("stats_reset");
     assert!(zeroed.get::<_, chrono::DateTime<chrono::Utc>>("stats_reset") > reset_before);
 }
 

@@ -2,14 +2,47 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::Instant;
 
 use uuid::Uuid;
 use wsusage_tests::*;
 
 const MARKERS: usize = 8;
+
+/// Raised when the test is done marking, to end its flusher thread: by [`MarkingDone::raise`],
+/// or when dropped, so that a test that fails midway ends the flusher too instead of leaving it
+/// flushing against the cluster it keeps alive.
+struct MarkingDone(Arc<AtomicBool>);
+
+impl MarkingDone {
+    fn new() -> MarkingDone {
+        MarkingDone(Arc::new(AtomicBool::new(false)))
+    }
+
+    fn flag(&self) -> Arc<AtomicBool> {
+        self.0.clone()
+    }
+
+    /// Raise it now (dropping it does).
+    fn raise(self) {}
+}
+
+impl Drop for MarkingDone {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// Run `flush` until `done` is raised; panics if that takes longer than [`PATIENCE`].
+fn flush_until(done: &AtomicBool, mut flush: impl FnMut()) {
+    let deadline = Instant::now() + PATIENCE;
+    while !done.load(Ordering::Acquire) {
+        assert!(Instant::now() < deadline, "marking did not end within {PATIENCE:?}");
+        flush();
+    }
+}
 
 #[test]
 fn ids_marked_once_by_many_clients_while_flushes_run_are_each_flushed_exactly_once() {
@@ -17,20 +50,20 @@ fn ids_marked_once_by_many_clients_while_flushes_run_are_each_flushed_exactly_on
     let cluster = Arc::new(Cluster::start(&[]));
     let (mut client, ids) = cluster.with_workspaces(N);
 
-    let marking_done = Arc::new(AtomicBool::new(false));
+    let marking_done = MarkingDone::new();
     let flushes_done = Arc::new(AtomicU32::new(0));
-    let start = Arc::new(Barrier::new(MARKERS + 1));
+    let start = Gate::new(MARKERS + 1);
     let flusher = {
         let (cluster, done, flushes, start) =
-            (cluster.clone(), marking_done.clone(), flushes_done.clone(), start.clone());
+            (cluster.clone(), marking_done.flag(), flushes_done.clone(), start.party());
         thread::spawn(move || {
             let mut client = cluster.connect();
             start.wait();
             let mut sum = 0i64;
-            while !done.load(Ordering::Acquire) {
+            flush_until(&done, || {
                 sum += flush(&mut client);
                 flushes.fetch_add(1, Ordering::AcqRel);
-            }
+            });
             sum
         })
     };
@@ -38,7 +71,7 @@ fn ids_marked_once_by_many_clients_while_flushes_run_are_each_flushed_exactly_on
         .chunks(N / MARKERS)
         .map(|share| {
             let (cluster, share, flushes, start) =
-                (cluster.clone(), share.to_vec(), flushes_done.clone(), start.clone());
+                (cluster.clone(), share.to_vec(), flushes_done.clone(), start.party());
             thread::spawn(move || {
                 let mut client = cluster.connect();
                 let mark = client.prepare("SELECT wsusage_mark($1)").unwrap();
@@ -50,9 +83,7 @@ fn ids_marked_once_by_many_clients_while_flushes_run_are_each_flushed_exactly_on
                 // On a fast machine every mark could land before the flusher's first call; waiting
                 // for a flush that began after this half makes the overlap certain, not likely.
                 let seen = flushes.load(Ordering::Acquire);
-                while flushes.load(Ordering::Acquire) < seen + 2 {
-                    thread::sleep(Duration::from_millis(1));
-                }
+                wait_until("a flush that began after the first half", || flushes.load(Ordering::Acquire) >= seen + 2);
                 for id in second {
                     client.execute(&mark, &[id]).unwrap();
                 }
@@ -62,7 +93,7 @@ fn ids_marked_once_by_many_clients_while_flushes_run_are_each_flushed_exactly_on
     for marker in markers {
         marker.join().unwrap();
     }
-    marking_done.store(true, Ordering::Release);
+    marking_done.raise();
     let sum = flusher.join().unwrap();
     let last = flush(&mut client);
 
@@ -80,14 +111,14 @@ fn with_overlapping_marks_and_concurrent_flushes_every_id_ends_at_its_latest_mar
     let (mut client, ids) = cluster.with_workspaces(IDS);
     let ids = Arc::new(ids);
 
-    let marking_done = Arc::new(AtomicBool::new(false));
+    let marking_done = MarkingDone::new();
     let flusher = {
-        let (cluster, done) = (cluster.clone(), marking_done.clone());
+        let (cluster, done) = (cluster.clone(), marking_done.flag());
         thread::spawn(move || {
             let mut client = cluster.connect();
-            while !done.load(Ordering::Acquire) {
+            flush_until(&done, || {
                 flush(&mut client);
-            }
+            });
         })
     };
     let markers: Vec<_> = (0..MARKERS)
@@ -123,7 +154,7 @@ fn with_overlapping_marks_and_concurrent_flushes_every_id_ends_at_its_latest_mar
             }
         }
     }
-    marking_done.store(true, Ordering::Release);
+    marking_done.raise();
     flusher.join().unwrap();
     flush(&mut client);
 
@@ -145,10 +176,10 @@ fn the_same_new_ids_marked_by_many_clients_at_once_are_held_once_each() {
     // clients running side by side insert the same new id at the same moment over and over; a
     // flush between rounds makes the ids new again. Half the clients also mark each id on its
     // own in the first round.
-    let round = Arc::new(Barrier::new(MARKERS + 1));
+    let round = Gate::new(MARKERS + 1);
     let markers: Vec<_> = (0..MARKERS)
         .map(|m| {
-            let (cluster, ids, round) = (cluster.clone(), ids.clone(), round.clone());
+            let (cluster, ids, round) = (cluster.clone(), ids.clone(), round.party());
             thread::spawn(move || {
                 let mut client = cluster.connect();
                 let mark = client.prepare("SELECT wsusage_mark($1)").unwrap();
@@ -168,6 +199,7 @@ fn the_same_new_ids_marked_by_many_clients_at_once_are_held_once_each() {
             })
         })
         .collect();
+    let round = round.party();
     let mut marks = 0;
     for r in 0..ROUNDS {
         round.wait();
@@ -195,11 +227,11 @@ fn a_set_filled_by_many_clients_at_once_holds_exactly_max_pending() {
     let (mut client, ids) = cluster.with_workspaces(MARKERS * PER_MARKER);
     // Parked, so that no flush (not even the early one a filling set triggers) makes room.
     client.batch_execute("ALTER TABLE workspaces RENAME TO parked").unwrap();
-    let start = Arc::new(Barrier::new(MARKERS));
+    let start = Gate::new(MARKERS);
     let markers: Vec<_> = ids
         .chunks(PER_MARKER)
         .map(|share| {
-            let (cluster, share, start) = (cluster.clone(), share.to_vec(), start.clone());
+            let (cluster, share, start) = (cluster.clone(), share.to_vec(), start.party());
             thread::spawn(move || {
                 let mut client = cluster.connect();
                 let mark = client.prepare("SELECT wsusage_mark($1)").unwrap();

@@ -9,6 +9,9 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
 use wsusage_tests::*;
 
 /// Functions (signature, volatility, parallel safety, strictness, privileges) and views
@@ -43,6 +46,18 @@ fn released_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../sql/released")
 }
 
+/// Put an old release's install script, as shipped, beside today's files. Written under another
+/// name and renamed, so that a test creating the extension at the same moment reads the whole
+/// script (tests of this file run at the same time and install the same ones).
+fn install_release_script(version: &str) {
+    let out = std::process::Command::new(pg_bin().join("pg_config")).arg("--sharedir").output().unwrap();
+    let extension_dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("extension");
+    let script = format!("wsusage--{version}.sql");
+    let partial = extension_dir.join(format!("{script}.{}.{:?}", std::process::id(), std::thread::current().id()));
+    fs::copy(released_dir().join(&script), &partial).unwrap();
+    fs::rename(&partial, extension_dir.join(&script)).unwrap();
+}
+
 fn current_version(client: &mut Client) -> String {
     client.query_one("SELECT default_version FROM pg_available_extensions WHERE name = 'wsusage'", &[]).unwrap().get(0)
 }
@@ -56,7 +71,7 @@ fn older_releases(current: &str) -> Vec<String> {
                 .filter(|v| v != current)
                 .collect()
         })
-        .unwrap_or_default();
+        .unwrap_or_else(|e| panic!("cannot read the frozen releases in {}: {e}", released_dir().display()));
     versions.sort();
     versions
 }
@@ -92,14 +107,8 @@ fn every_older_release_upgrades_to_what_a_fresh_install_is() {
     let current = current_version(&mut admin);
     let fresh = signature(&mut admin);
 
-    let extension_dir = {
-        let out = std::process::Command::new(pg_bin().join("pg_config")).arg("--sharedir").output().unwrap();
-        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("extension")
-    };
     for version in older_releases(&current) {
-        // The old release's install script, as shipped, beside today's files.
-        let script = format!("wsusage--{version}.sql");
-        fs::copy(released_dir().join(&script), extension_dir.join(&script)).unwrap();
+        install_release_script(&version);
         let database = format!("upgrade_from_{}", version.replace('.', "_"));
         admin.batch_execute(&format!("CREATE DATABASE {database}")).unwrap();
         let mut client = cluster.connect_to(&database);
@@ -110,4 +119,125 @@ fn every_older_release_upgrades_to_what_a_fresh_install_is() {
         assert_eq!(installed, current, "upgrade path from {version}");
         assert_eq!(signature(&mut client), fresh, "{version} upgraded differs from a fresh {current}");
     }
+}
+
+/// What `SELECT pg_postmaster_start_time()` says: it changes when the server reinitialises after
+/// a backend crash.
+fn postmaster_start(client: &mut Client) -> DateTime<Utc> {
+    client.query_one("SELECT pg_postmaster_start_time()", &[]).unwrap().get(0)
+}
+
+/// The upgrade window: today's library is loaded, but a database still has an older release's
+/// SQL (the state between the restart and `ALTER EXTENSION wsusage UPDATE` that every upgrade
+/// passes through). Every function and view of that release works, with its own columns holding
+/// the right values, and the server stays up; then the update succeeds.
+#[test]
+fn every_older_release_works_against_this_library_until_it_is_updated() {
+    let releases = {
+        let cluster = Cluster::start(&[]);
+        let mut admin = cluster.connect();
+        admin.batch_execute("CREATE EXTENSION wsusage").unwrap();
+        older_releases(&current_version(&mut admin))
+    };
+    assert!(!releases.is_empty(), "0.1.0 at least is older than the current version");
+    for version in releases {
+        // A cluster of its own, so the cluster-wide counters are this release's alone.
+        let cluster = Cluster::start(&[]);
+        install_release_script(&version);
+        let mut client = cluster.connect();
+        let started = postmaster_start(&mut client);
+        client
+            .batch_execute(&format!(
+                "CREATE EXTENSION wsusage VERSION '{version}';
+                 CREATE TABLE workspaces (id uuid PRIMARY KEY, last_used_at timestamptz);"
+            ))
+            .unwrap();
+        cluster.wait_for_launcher(&mut client);
+        let ids: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
+        client.execute("INSERT INTO workspaces (id) SELECT unnest($1::uuid[])", &[&ids]).unwrap();
+        for id in &ids[..3] {
+            client.execute("SELECT wsusage_mark($1)", &[id]).unwrap();
+        }
+        client.execute("SELECT wsusage_mark_many($1)", &[&ids[3..].to_vec()]).unwrap();
+
+        // Before the first flush: the release's own columns, not shifted ones.
+        let row =
+            client.query_one("SELECT marks, pending, last_flush_at, stats_reset FROM wsusage_stats", &[]).unwrap();
+        assert_eq!(row.get::<_, i64>("marks"), 5, "{version}");
+        assert_eq!(row.get::<_, i64>("pending"), 5, "{version}");
+        assert_eq!(row.get::<_, Option<DateTime<Utc>>>("last_flush_at"), None, "{version}");
+        let reset: DateTime<Utc> = row.get("stats_reset");
+        // Set as shared memory was made, moments after the postmaster's start time.
+        assert!(
+            (reset - started).num_seconds().abs() < 60,
+            "{version}: stats_reset {reset} is the server's start ({started}), not 2000-01-01"
+        );
+        let pending: Vec<Uuid> =
+            client.query("SELECT workspace_id FROM wsusage_pending()", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+        assert_eq!(pending.len(), 5, "{version}");
+
+        assert_eq!(flush(&mut client), 5, "{version}");
+        assert_eq!(count_used(&mut client), 5, "{version}");
+        // After a flush (the state that crashed the server): every column of every set-returning
+        // function and view of the release, read.
+        let row = client.query_one("SELECT flushes, ids_flushed, last_flush_at FROM wsusage_stats", &[]).unwrap();
+        assert_eq!(row.get::<_, i64>("flushes"), 1, "{version}");
+        assert_eq!(row.get::<_, i64>("ids_flushed"), 5, "{version}");
+        assert!(row.get::<_, DateTime<Utc>>("last_flush_at") >= reset, "{version}");
+        let relations: Vec<String> = client
+            .query(
+                "SELECT format('SELECT * FROM %s()', p.proname) FROM pg_proc AS p
+                   JOIN pg_depend AS d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e'
+                   JOIN pg_extension AS e ON e.oid = d.refobjid AND e.extname = 'wsusage'
+                  WHERE p.pronargs = 0 AND p.proretset
+                 UNION ALL
+                 SELECT format('SELECT * FROM %I', c.relname) FROM pg_class AS c
+                   JOIN pg_depend AS d ON d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e'
+                   JOIN pg_extension AS e ON e.oid = d.refobjid AND e.extname = 'wsusage'
+                  WHERE c.relkind = 'v'",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert!(relations.len() >= 3, "{version}: {relations:?}");
+        for query in &relations {
+            client.query(query.as_str(), &[]).unwrap_or_else(|e| panic!("{version}: {query}: {e}"));
+        }
+        client.batch_execute("SELECT wsusage_stats_reset()").unwrap();
+        assert_eq!(postmaster_start(&mut client), started, "{version}: the server never restarted");
+
+        client.batch_execute("ALTER EXTENSION wsusage UPDATE").unwrap();
+        let marks: i64 = client.query_one("SELECT marks FROM wsusage_stats", &[]).unwrap().get(0);
+        assert_eq!(marks, 0, "{version}: reset before the update, read after it");
+    }
+}
+
+/// A declaration this library cannot fill is refused by name, never filled with datums of
+/// another type.
+#[test]
+fn a_declaration_the_library_cannot_fill_is_an_error_naming_the_column() {
+    let cluster = Cluster::start(&[]);
+    let mut client = cluster.connect();
+    client
+        .batch_execute(
+            "CREATE EXTENSION wsusage;
+             CREATE FUNCTION stats_of_another_version() RETURNS TABLE (pending bigint, nonsense int)
+                 LANGUAGE c AS '$libdir/wsusage', 'wsusage_stats_wrapper';
+             CREATE FUNCTION stats_with_another_type() RETURNS TABLE (pending text, capacity bigint)
+                 LANGUAGE c AS '$libdir/wsusage', 'wsusage_stats_wrapper';",
+        )
+        .unwrap();
+    let started = postmaster_start(&mut client);
+    let (code, message, _, hint) =
+        report(&client.query("SELECT * FROM stats_of_another_version()", &[]).expect_err("unknown column"));
+    assert_eq!(code, "42703");
+    assert!(message.contains("\"nonsense\""), "{message}");
+    assert!(hint.contains("ALTER EXTENSION wsusage UPDATE"), "{hint}");
+    let (code, message, _, _) =
+        report(&client.query("SELECT * FROM stats_with_another_type()", &[]).expect_err("another type"));
+    assert_eq!(code, "42804");
+    assert!(message.contains("\"pending\""), "{message}");
+    assert_eq!(postmaster_start(&mut client), started, "the server never restarted");
 }

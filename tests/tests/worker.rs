@@ -1,6 +1,5 @@
 //! The worker's life: failures keep marks, restarts and shutdowns lose nothing, settings reload.
 
-use std::time::Duration;
 use wsusage_tests::*;
 
 #[test]
@@ -49,18 +48,19 @@ fn the_worker_comes_back_after_pg_terminate_backend_and_pending_marks_survive() 
     client.batch_execute("ALTER TABLE workspaces RENAME TO parked").unwrap();
     client.execute("SELECT wsusage_mark_many($1)", &[&ids[..2].to_vec()]).unwrap();
     let first = cluster.wait_for_worker(&mut client, None);
+    let first_started = backend_start(&mut client, first).expect("the first worker's start");
     let terminated: bool = client.query_one("SELECT pg_terminate_backend($1)", &[&first]).unwrap().get(0);
     assert!(terminated);
-    wait_until("the terminated worker to exit", || {
-        client.query_opt("SELECT FROM pg_stat_activity WHERE pid = $1", &[&first]).unwrap().is_none()
-    });
+    wait_until("the terminated worker to exit", || backend_start(&mut client, first).is_none());
     client.execute("SELECT wsusage_mark($1)", &[&ids[2]]).unwrap();
     client.batch_execute("ALTER TABLE parked RENAME TO workspaces").unwrap();
 
     let second = cluster.wait_for_worker(&mut client, Some(first));
-    assert_ne!(first, second);
     assert_eq!(flush(&mut client), 3);
     assert_eq!(count_used(&mut client), 3);
+    assert_eq!(cluster.worker_pids(&mut client), [second], "the new worker alone served the flush");
+    let second_started = backend_start(&mut client, second).expect("the second worker's start");
+    assert!(second_started > first_started, "a new process, started after the first: {second_started}");
 }
 
 #[test]
@@ -140,29 +140,47 @@ fn a_set_past_its_high_water_mark_wakes_the_worker_early() {
 
 #[test]
 fn flush_honours_statement_timeout_and_cancel_while_the_worker_is_blocked() {
-    let cluster = Cluster::start(&[]);
+    // No lock timeout: the worker waits for as long as the application holds its lock.
+    let cluster = Cluster::start(&[("wsusage.lock_timeout", "0")]);
     let (mut client, ids) = cluster.with_workspaces(1);
 
-    // An application transaction holds the row lock the worker's UPDATE needs.
+    // An application transaction holds a lock on the table that the worker's UPDATE needs.
     let mut holder = cluster.connect();
-    holder.batch_execute("BEGIN").unwrap();
-    holder.execute("SELECT 1 FROM workspaces WHERE id = $1 FOR UPDATE", &[&ids[0]]).unwrap();
+    holder.batch_execute("BEGIN; LOCK TABLE workspaces IN ACCESS EXCLUSIVE MODE").unwrap();
 
     client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
     client.batch_execute("SET statement_timeout = '500ms'").unwrap();
-    let err = client.execute("SELECT wsusage_flush()", &[]).unwrap_err();
-    assert_eq!(sqlstate(&err), "57014");
+    let (code, message, _, _) = report(&client.execute("SELECT wsusage_flush()", &[]).unwrap_err());
+    assert_eq!(code, "57014");
+    assert!(message.contains("statement timeout"), "{message}");
 
-    // Cancel works too.
-    client.batch_execute("SET statement_timeout = 0").unwrap();
+    // Cancel works too: sent once the caller waits inside wsusage_flush(), so that it cannot
+    // arrive before the call and cancel nothing.
+    client.batch_execute("RESET statement_timeout").unwrap();
+    let caller: i32 = client.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
     let cancel = client.cancel_token();
-    let canceller = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(500));
-        cancel.cancel_query(postgres::NoTls).unwrap();
+    let err = std::thread::scope(|scope| {
+        let canceller = scope.spawn(|| {
+            let mut watcher = cluster.connect();
+            wait_until("the caller to wait inside wsusage_flush()", || {
+                watcher
+                    .query_opt(
+                        "SELECT FROM pg_stat_activity WHERE pid = $1 AND state = 'active'
+                            AND wait_event_type = 'Extension' AND query LIKE '%wsusage_flush%'",
+                        &[&caller],
+                    )
+                    .unwrap()
+                    .is_some()
+            });
+            cancel.cancel_query(NoTls).unwrap();
+        });
+        let err = client.execute("SELECT wsusage_flush()", &[]).unwrap_err();
+        canceller.join().unwrap();
+        err
     });
-    let err = client.execute("SELECT wsusage_flush()", &[]).unwrap_err();
-    assert_eq!(sqlstate(&err), "57014");
-    canceller.join().unwrap();
+    let (code, message, _, _) = report(&err);
+    assert_eq!(code, "57014");
+    assert!(message.contains("user request"), "the cancel, not a timeout: {message}");
 
     // Once the application commits, the blocked flush completes; nothing was lost.
     holder.batch_execute("COMMIT").unwrap();

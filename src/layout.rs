@@ -1,0 +1,256 @@
+//! wsusage's shared memory: what lives there, how big it is, and who may touch it.
+//!
+//! Two allocations, both made at server start (by `shmem`):
+//!
+//! - **"wsusage pending"**, the pending set's hash table (the `wsusage-pending-table` crate) from
+//!   (database OID, workspace id) to the latest time that id was marked in that database, with
+//!   `1.5 × wsusage.max_pending` places allocated up front. It refuses a new id exactly when
+//!   `max_pending` are held: the set never borrows from the server's spare shared memory, and a
+//!   full set is a clean, reportable condition. All databases share it.
+//! - **"wsusage"**, one [`Shared`] struct followed by `wsusage.max_databases` [`DatabaseSlot`]s.
+//!   `Shared` holds the lock's address, a condition variable broadcast after every flush, and the
+//!   [`Header`]: the launcher's identity and latch and the cluster-wide counters. A slot holds what
+//!   is per database (see `slot`).
+//!
+//! Locking. One lock (see `lock`: striped, shared or exclusive) guards the table, the header and
+//! every slot; the condition variable synchronises itself, and the lock's address and the slot
+//! count never change after creation.
+//! - Shared mode ([`with_shared`], a [`View`] of `&` references): readers, and markers, new ids
+//!   included. Markers insert into the table at the same time as one another (how, in the table's
+//!   crate), raise an entry's time, add to their slot's `pending`, `marks` and `rejected`, the
+//!   header's `rejected`, and set `high_water_wake_sent` — all atomics. Nothing else changes under
+//!   the shared lock, so everything else may be read plainly.
+//! - Exclusive mode ([`with_exclusive`], a [`ViewMut`]: `&mut` to the header and slots, and the
+//!   table's [`Exclusive`] token): whatever removes entries or changes a slot — a worker's
+//!   snapshot of its database's entries (a copy into a buffer it allocated beforehand), a worker
+//!   forgetting what it wrote, the launcher discarding a dropped database's entries, the
+//!   rendezvous bookkeeping, counters of a flush, and the first mark of a database, which claims
+//!   it a slot. No other process touches the guarded memory meanwhile, so `&mut` is sound; the
+//!   condition variable, which other processes use without the lock, lies outside what it covers.
+//!
+//! A mark thus waits for nothing but an exclusive holder (a flush's snapshot or forget: a copy or
+//! a walk of the set, once per interval). Nothing done under the lock can raise an error,
+//! allocate, log or wait on the database: a flush's UPDATE runs with the lock released, so a mark
+//! never waits on a table lock, an fsync or a slow query.
+//!
+//! What survives what: the set lives as long as the postmaster's shared memory. A worker or
+//! launcher exit or restart loses nothing; at a shutdown, what the workers' final flushes leave is
+//! saved to a file by the postmaster and restored at the next start (see `persist`); a crash of
+//! any backend makes the postmaster reinitialise shared memory, which loses the marks made since
+//! the last flush (at most one interval's worth).
+
+use std::mem::size_of;
+use std::ptr::null_mut;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
+
+use pgrx::pg_sys;
+use wsusage_pending_table::{self as pending_table, Exclusive, Table};
+
+use crate::counters::Stats;
+use crate::lock::{self, Mode};
+use crate::slot::DatabaseSlot;
+
+/// What the lock guards besides the slots and the table.
+#[repr(C)]
+pub struct Header {
+    /// Pid of the running launcher, 0 when none is attached.
+    pub launcher_pid: i32,
+    /// The running launcher's latch (in its PGPROC), null when none is attached.
+    pub launcher_latch: *mut pg_sys::Latch,
+    /// A mark already woke the launcher because the set passed its high-water mark; cleared when
+    /// a worker takes its next snapshot, so a busy set wakes it once per flush, not per mark.
+    pub high_water_wake_sent: AtomicBool,
+    /// Cluster-wide counters (every database, dropped ones included); `marks` only of the
+    /// databases whose slot was given up, the rest being in the slots; `rejected` in the next
+    /// field.
+    pub stats: Stats,
+    /// Ids refused in every database; markers add to it.
+    pub rejected: AtomicU64,
+}
+
+impl Header {
+    /// The cluster-wide counters, with what markers count here added in (not the slots' marks).
+    pub fn stats(&self) -> Stats {
+        Stats { rejected: self.rejected.load(Ordering::Relaxed), ..self.stats }
+    }
+}
+
+#[repr(C)]
+struct Shared {
+    /// The first of the lock's LWLocks. Set at creation, never changed.
+    locks: *mut pg_sys::LWLockPadded,
+    /// Number of [`DatabaseSlot`]s following this struct. Set at creation, never changed.
+    slot_count: usize,
+    /// Broadcast after every flush (success or failure) of any database. Not guarded by the lock.
+    flushed: pg_sys::ConditionVariable,
+    /// An exclusive holder is at work: found set when every process has gone, it was killed
+    /// there (an immediate shutdown) and what it was changing may be half done.
+    changing: AtomicBool,
+    header: Header,
+}
+
+// Set in the postmaster by the shmem startup hook and inherited by every child on fork.
+static SHARED: AtomicPtr<Shared> = AtomicPtr::new(null_mut());
+static PENDING: AtomicPtr<u8> = AtomicPtr::new(null_mut());
+
+/// Bytes of the "wsusage" allocation for `max_databases` slots.
+pub fn shared_size(max_databases: usize) -> usize {
+    size_of::<Shared>() + max_databases * size_of::<DatabaseSlot>()
+}
+
+/// Bytes of the "wsusage pending" allocation for `max_pending` ids.
+pub fn pending_size(max_pending: usize) -> usize {
+    pending_table::size(max_pending)
+}
+
+/// Make the empty state in `memory` ([`shared_size`] bytes): no slot in use, counters from `now`.
+///
+/// # Safety
+/// `memory` is a fresh shared-memory allocation of that size, which nobody else uses yet;
+/// `locks` is the lock's tranche.
+pub unsafe fn create_shared(memory: *mut u8, max_databases: usize, locks: *mut pg_sys::LWLockPadded, now: i64) {
+    // SAFETY: the caller's promise. All-zero is the valid empty state of every field but those set
+    // below, and of every slot (database InvalidOid: free).
+    unsafe {
+        std::ptr::write_bytes(memory, 0, shared_size(max_databases));
+        let shared = memory.cast::<Shared>();
+        (*shared).locks = locks;
+        (*shared).slot_count = max_databases;
+        pg_sys::ConditionVariableInit(&raw mut (*shared).flushed);
+        (*shared).header.stats.stats_reset = now;
+    }
+}
+
+/// Make the empty pending table in `memory` ([`pending_size`] bytes).
+///
+/// # Safety
+/// As for [`create_shared`]; `memory` is 8-byte aligned (as ShmemInitStruct's memory is).
+pub unsafe fn create_pending(memory: *mut u8, max_pending: usize, seed: [u64; 2]) {
+    // SAFETY: the caller's promise.
+    unsafe { pending_table::create(memory, max_pending, seed) };
+}
+
+/// Remember where the two allocations are, for every process forked from this one.
+pub fn publish(shared: *mut u8, pending: *mut u8) {
+    PENDING.store(pending, Ordering::Release);
+    SHARED.store(shared.cast(), Ordering::Release);
+}
+
+/// Whether the library was preloaded and its shared memory exists in this process.
+pub fn is_ready() -> bool {
+    !SHARED.load(Ordering::Acquire).is_null()
+}
+
+/// The state as a shared-mode holder sees it.
+pub struct View<'a> {
+    pub header: &'a Header,
+    pub slots: &'a [DatabaseSlot],
+    pub pending: Table<'a>,
+}
+
+/// The state as the exclusive holder sees it.
+pub struct ViewMut<'a> {
+    pub header: &'a mut Header,
+    pub slots: &'a mut [DatabaseSlot],
+    pub pending: Table<'a>,
+    pub exclusive: Exclusive<'a>,
+}
+
+impl ViewMut<'_> {
+    /// What a shared-mode holder could do, the exclusive holder can too.
+    pub fn view(&self) -> View<'_> {
+        View { header: self.header, slots: self.slots, pending: self.pending }
+    }
+}
+
+/// Run `f` with the lock held in shared mode. `f` must not raise, allocate, log or wait.
+/// Returns `None` when the library was not preloaded (no shared memory).
+pub fn with_shared<R>(f: impl FnOnce(&View<'_>) -> R) -> Option<R> {
+    let shared = SHARED.load(Ordering::Acquire);
+    if shared.is_null() {
+        return None;
+    }
+    // SAFETY: `shared` is the struct made at startup, alive as long as the postmaster's shared
+    // memory; `locks` never changes after creation.
+    let _held = unsafe { lock::acquire((*shared).locks, Mode::Shared) };
+    // SAFETY: with the lock shared, what others change at the same time is atomic (see the module
+    // header), and `&` references to it are what the atomics are for; the rest is not written
+    // until we release the lock.
+    let view = unsafe {
+        View {
+            header: &(*shared).header,
+            slots: std::slice::from_raw_parts(slots_of(shared), (*shared).slot_count),
+            pending: pending_table::attach(PENDING.load(Ordering::Acquire)),
+        }
+    };
+    Some(f(&view))
+}
+
+/// Run `f` with the lock held exclusively. `f` must not raise, allocate, log or wait.
+/// Returns `None` when the library was not preloaded.
+pub fn with_exclusive<R>(f: impl FnOnce(&mut ViewMut<'_>) -> R) -> Option<R> {
+    let shared = SHARED.load(Ordering::Acquire);
+    if shared.is_null() {
+        return None;
+    }
+    // SAFETY: as in with_shared.
+    let _held = unsafe { lock::acquire((*shared).locks, Mode::Exclusive) };
+    // SAFETY: `changing` is an atomic outside what the view covers.
+    let changing = unsafe { &(*shared).changing };
+    changing.store(true, Ordering::Relaxed);
+    // SAFETY: with the lock exclusive, no other process touches the header, the slots or the
+    // table until we release it.
+    let result = f(&mut unsafe { exclusive_view(shared) });
+    changing.store(false, Ordering::Relaxed);
+    Some(result)
+}
+
+/// Whether a process was killed while it held the lock exclusively (read by the postmaster once
+/// every other process has gone; see `persist`).
+pub fn exclusive_holder_was_interrupted() -> bool {
+    let shared = SHARED.load(Ordering::Acquire);
+    // SAFETY: as in with_shared; an atomic read.
+    !shared.is_null() && unsafe { (*shared).changing.load(Ordering::Relaxed) }
+}
+
+/// Run `f` on the state without the lock: only for the postmaster, at start before any other
+/// process exists and at exit after every other process has gone. (The postmaster never takes
+/// LWLocks.)
+pub fn postmaster_exclusive<R>(f: impl FnOnce(&mut ViewMut<'_>) -> R) -> Option<R> {
+    let shared = SHARED.load(Ordering::Acquire);
+    if shared.is_null() {
+        return None;
+    }
+    // SAFETY: no other process can touch the memory meanwhile: the caller is the postmaster
+    // with no children.
+    Some(f(&mut unsafe { exclusive_view(shared) }))
+}
+
+/// # Safety
+/// The caller excludes every other user of the guarded memory while the view lives.
+unsafe fn exclusive_view<'a>(shared: *mut Shared) -> ViewMut<'a> {
+    // SAFETY: the caller's promise; `&mut` covers the header and the slots, not the condition
+    // variable beside them, which others use without the lock.
+    unsafe {
+        ViewMut {
+            header: &mut (*shared).header,
+            slots: std::slice::from_raw_parts_mut(slots_of(shared), (*shared).slot_count),
+            pending: pending_table::attach(PENDING.load(Ordering::Acquire)),
+            exclusive: Exclusive::new(),
+        }
+    }
+}
+
+/// # Safety
+/// `shared` is the struct made at startup.
+unsafe fn slots_of(shared: *mut Shared) -> *mut DatabaseSlot {
+    // SAFETY: the slots follow the struct in the same allocation (see shared_size).
+    unsafe { shared.add(1).cast::<DatabaseSlot>() }
+}
+
+/// The condition variable broadcast after every flush, or `None` when not preloaded.
+pub fn flushed_cv() -> Option<*mut pg_sys::ConditionVariable> {
+    let shared = SHARED.load(Ordering::Acquire);
+    // SAFETY: as in with_shared; we take the address only, the CV synchronises itself.
+    (!shared.is_null()).then(|| unsafe { &raw mut (*shared).flushed })
+}

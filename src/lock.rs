@@ -1,0 +1,75 @@
+//! The wsusage lock: one LWLock per stripe (see `stripes`) in the named tranche "wsusage".
+//!
+//! A process takes it in shared mode by taking its stripe's LWLock shared, and in exclusive mode
+//! by taking every stripe's, in stripe order (so exclusive holders cannot deadlock one another),
+//! releasing them in reverse. Exclusive thus excludes every shared holder, and shared holders on
+//! different stripes write no common cache line to get in. What the lock guards, and what each
+//! mode allows, is `layout`'s to say.
+
+use std::ffi::CStr;
+
+use pgrx::pg_sys;
+
+use crate::stripes::{self, STRIPES};
+
+const TRANCHE_NAME: &CStr = c"wsusage";
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Shared,
+    Exclusive,
+}
+
+/// Ask for the tranche. Only where PostgreSQL accepts it: `_PG_init` (14) or the shmem request
+/// hook (15+).
+///
+/// # Safety
+/// Called from one of those two places.
+pub unsafe fn request() {
+    // SAFETY: the caller's promise.
+    unsafe { pg_sys::RequestNamedLWLockTranche(TRANCHE_NAME.as_ptr(), STRIPES as i32) };
+}
+
+/// The tranche's first LWLock, once shared memory exists.
+///
+/// # Safety
+/// In the shmem startup hook, after [`request`] was honoured.
+pub unsafe fn tranche() -> *mut pg_sys::LWLockPadded {
+    // SAFETY: the caller's promise; the tranche was requested with STRIPES locks.
+    unsafe { pg_sys::GetNamedLWLockTranche(TRANCHE_NAME.as_ptr()) }
+}
+
+/// The stripes' locks this process holds, released when dropped (last taken, first released).
+pub struct Held {
+    locks: *mut pg_sys::LWLockPadded,
+    stripes: std::ops::Range<usize>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        for stripe in self.stripes.clone().rev() {
+            // SAFETY: a lock of our tranche that acquire() took, released exactly once.
+            unsafe { pg_sys::LWLockRelease(&raw mut (*self.locks.add(stripe)).lock) }
+        }
+    }
+}
+
+/// Take the lock in `mode`.
+///
+/// # Safety
+/// `locks` is what [`tranche`] returned.
+pub unsafe fn acquire(locks: *mut pg_sys::LWLockPadded, mode: Mode) -> Held {
+    let (stripes, lw_mode) = match mode {
+        Mode::Shared => {
+            let mine = stripes::mine();
+            (mine..mine + 1, pg_sys::LWLockMode::LW_SHARED)
+        }
+        Mode::Exclusive => (0..STRIPES, pg_sys::LWLockMode::LW_EXCLUSIVE),
+    };
+    for stripe in stripes.clone() {
+        // SAFETY: one of the tranche's STRIPES locks (the caller's promise); released by Held,
+        // or by PostgreSQL's LWLockReleaseAll should this process error out.
+        unsafe { pg_sys::LWLockAcquire(&raw mut (*locks.add(stripe)).lock, lw_mode) };
+    }
+    Held { locks, stripes }
+}

@@ -1,0 +1,162 @@
+//! The set saved across a clean restart (`pg_stat/wsusage.pending`): what no worker could flush
+//! at shutdown comes back, and nothing damaged, invalid or from the future ever reaches a table.
+
+use std::fs;
+use std::path::PathBuf;
+
+use chrono::{DateTime, Duration as Span, Utc};
+use uuid::Uuid;
+use wsusage_tests::*;
+
+const MAGIC: u32 = 0x5753_5550;
+const POSTGRES_EPOCH_US: i64 = 946_684_800_000_000;
+
+fn saved_file(cluster: &Cluster) -> PathBuf {
+    cluster.data.join("pg_stat/wsusage.pending")
+}
+
+fn pg_time(time: DateTime<Utc>) -> i64 {
+    time.timestamp_micros() - POSTGRES_EPOCH_US
+}
+
+/// A saved set in the current format: header with its write time, entries, CRC32C.
+fn encode(written_at: i64, entries: &[(u32, Uuid, i64)]) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    bytes.extend_from_slice(&MAGIC.to_le_bytes());
+    bytes.extend_from_slice(&2u32.to_le_bytes());
+    bytes.extend_from_slice(&written_at.to_le_bytes());
+    bytes.extend_from_slice(&(entries.len() as u64).to_le_bytes());
+    for (database, id, at) in entries {
+        bytes.extend_from_slice(&database.to_le_bytes());
+        bytes.extend_from_slice(id.as_bytes());
+        bytes.extend_from_slice(&at.to_le_bytes());
+    }
+    let crc = crc32c::crc32c(&bytes);
+    bytes.extend_from_slice(&crc.to_le_bytes());
+    bytes
+}
+
+/// A saved set as release 0.2.0 wrote it: no write time, no checksum.
+fn encode_0_2_0(entries: &[(u32, Uuid, i64)]) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    bytes.extend_from_slice(&MAGIC.to_le_bytes());
+    bytes.extend_from_slice(&1u32.to_le_bytes());
+    bytes.extend_from_slice(&(entries.len() as u64).to_le_bytes());
+    for (database, id, at) in entries {
+        bytes.extend_from_slice(&database.to_le_bytes());
+        bytes.extend_from_slice(id.as_bytes());
+        bytes.extend_from_slice(&at.to_le_bytes());
+    }
+    bytes
+}
+
+/// Marks that no worker can flush before the shutdown (the table is parked), so the postmaster
+/// saves them; returns the stopped cluster, the ids, and the database's OID.
+fn stopped_with_saved_marks(shutdown: &str) -> (Cluster, Vec<Uuid>, u32) {
+    let mut cluster = Cluster::start(&[]);
+    let (mut client, ids) = cluster.with_workspaces(3);
+    let database: u32 = client
+        .query_one("SELECT oid FROM pg_database WHERE datname = current_database()", &[])
+        .unwrap()
+        .get::<_, postgres::types::Oid>(0);
+    client.batch_execute("ALTER TABLE workspaces RENAME TO parked").unwrap();
+    client.execute("SELECT wsusage_mark_many($1)", &[&ids]).unwrap();
+    // The worker is idle on its latch (its interval an hour away): an immediate shutdown kills
+    // no process in the middle of changing the set.
+    cluster.wait_for_worker(&mut client, None);
+    drop(client);
+    cluster.stop(shutdown);
+    (cluster, ids, database)
+}
+
+fn pending_after_restart(cluster: &mut Cluster) -> (Client, Vec<Uuid>) {
+    cluster.start_again();
+    let mut client = cluster.connect();
+    client.batch_execute("ALTER TABLE parked RENAME TO workspaces").unwrap();
+    let pending = client.query("SELECT workspace_id FROM wsusage_pending()", &[]).unwrap();
+    let pending = pending.iter().map(|row| row.get(0)).collect();
+    (client, pending)
+}
+
+#[test]
+fn marks_no_worker_could_flush_at_a_clean_shutdown_are_flushed_after_the_restart() {
+    let (mut cluster, ids, _) = stopped_with_saved_marks("fast");
+    assert!(saved_file(&cluster).exists());
+    let (mut client, mut pending) = pending_after_restart(&mut cluster);
+    pending.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(pending, expected);
+    assert!(cluster.log().contains("wsusage restored 3 pending ids saved at the last shutdown"));
+    assert!(!saved_file(&cluster).exists(), "read once, then removed");
+    assert_eq!(flush(&mut client), 3);
+    assert_eq!(count_used(&mut client), 3);
+}
+
+#[test]
+fn an_immediate_shutdown_that_interrupted_nothing_keeps_the_set() {
+    let (mut cluster, ids, _) = stopped_with_saved_marks("immediate");
+    let (mut client, pending) = pending_after_restart(&mut cluster);
+    assert_eq!(pending.len(), ids.len());
+    assert_eq!(flush(&mut client), 3);
+}
+
+#[test]
+fn a_damaged_saved_set_is_refused_whole_with_a_warning_and_kept_aside() {
+    let (mut cluster, _, _) = stopped_with_saved_marks("fast");
+    let path = saved_file(&cluster);
+    let mut bytes = fs::read(&path).unwrap();
+    // One bit of one mark's time: the length and every field still look right.
+    let last_time_byte = bytes.len() - 4 - 3;
+    bytes[last_time_byte] ^= 0x10;
+    fs::write(&path, bytes).unwrap();
+
+    let (mut client, pending) = pending_after_restart(&mut cluster);
+    assert_eq!(pending, Vec::<Uuid>::new());
+    let log = cluster.log();
+    assert!(
+        log.contains("WARNING:  wsusage ignored the saved pending set \"pg_stat/wsusage.pending\": its checksum or length does not match, so its 3 marks are lost"),
+        "{log}"
+    );
+    assert!(cluster.data.join("pg_stat/wsusage.pending.damaged").exists());
+    assert!(!path.exists());
+    assert_eq!(count_used(&mut client), 0, "nothing of it reached the table");
+}
+
+#[test]
+fn a_saved_mark_that_is_not_valid_never_reaches_the_table() {
+    let (mut cluster, ids, database) = stopped_with_saved_marks("fast");
+    let now = Utc::now();
+    let written_at = pg_time(now);
+    let valid = pg_time(now - Span::minutes(5));
+    let entries = [
+        (database, ids[0], valid),
+        // Later than the file itself: would pin the row in the future for good.
+        (database, ids[1], pg_time(now + Span::days(3650))),
+        // No mark is made outside a database.
+        (0, ids[2], valid),
+        // An id twice.
+        (database, ids[0], valid),
+    ];
+    fs::write(saved_file(&cluster), encode(written_at, &entries)).unwrap();
+
+    let (mut client, pending) = pending_after_restart(&mut cluster);
+    assert_eq!(pending, vec![ids[0]]);
+    assert!(cluster.log().contains("wsusage ignored 3 saved pending ids"), "{}", cluster.log());
+    assert_eq!(flush(&mut client), 1);
+    let written: DateTime<Utc> = last_used(&mut client, &ids[0]).unwrap();
+    assert_eq!(pg_time(written), valid);
+    assert_eq!(last_used(&mut client, &ids[1]), None, "the future time was never written");
+}
+
+#[test]
+fn a_set_saved_by_release_0_2_0_is_restored_after_the_upgrades_restart() {
+    let (mut cluster, ids, database) = stopped_with_saved_marks("fast");
+    let at = pg_time(Utc::now() - Span::minutes(1));
+    let entries: Vec<(u32, Uuid, i64)> = ids.iter().map(|id| (database, *id, at)).collect();
+    fs::write(saved_file(&cluster), encode_0_2_0(&entries)).unwrap();
+    let (mut client, pending) = pending_after_restart(&mut cluster);
+    assert_eq!(pending.len(), 3);
+    assert_eq!(flush(&mut client), 3);
+    assert_eq!(pg_time(last_used(&mut client, &ids[2]).unwrap()), at);
+}

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 use pgrx::prelude::*;
 use pgrx::{Array, Uuid};
 
+use crate::clock;
 use crate::databases;
 use crate::errors::{self, UsageError};
-use crate::flush;
 use crate::layout;
 use crate::message;
 use crate::pending::{self, MarkError};
@@ -96,12 +96,15 @@ fn wsusage_flush() -> i64 {
         let message = message::read(&outcome.message);
         UsageError::FlushFailed { sqlstate: outcome.sqlstate, message }.raise(FUNCTION);
     }
+    if outcome.held_back > 0 {
+        UsageError::HeldBack { held_back: outcome.held_back }.warn(FUNCTION);
+    }
     i64::try_from(outcome.ids).unwrap_or(i64::MAX)
 }
 
 fn mark(ids: &[[u8; 16]], function: &'static str) {
     // The time of the call (clock_timestamp()), not the transaction's start.
-    let now = flush::now();
+    let now = clock::now();
     match pending::mark_all(this_database(), ids, now) {
         Ok(()) => {}
         Err(MarkError::NotPreloaded) => UsageError::NotPreloaded.raise(function),

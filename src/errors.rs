@@ -7,7 +7,6 @@ use pgrx::pg_sys::errcodes::PgSqlErrorCode;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::PgLogLevel;
 
-use pgrx::pg_sys::errcodes::PgSqlErrorCode as Code;
 use wsusage_pending_table::Stuck;
 
 use crate::settings;
@@ -19,18 +18,44 @@ pub struct Failure {
     pub message: String,
 }
 
+/// How far a failed statement's cause reaches.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Scope {
+    /// This chunk, this time (a lock held by an application, a timeout, a deadlock): it stays
+    /// pending and is retried at the next flush, the other chunks go on.
+    Chunk,
+    /// Maybe one row of the chunk (a trigger or check raising for it, a value its column
+    /// refuses): split the chunk to find it, and write the others.
+    Rows,
+    /// Every chunk alike (the table or a column missing, a privilege, a read-only server): stop
+    /// the round; nothing is split.
+    Round,
+}
+
 impl Failure {
-    /// Errors that concern one chunk only (a lock held by an application, a timeout, a
-    /// deadlock); after any other error the remaining chunks would fail the same way.
-    pub fn is_local_to_chunk(&self) -> bool {
-        [
-            Code::ERRCODE_LOCK_NOT_AVAILABLE,
-            Code::ERRCODE_QUERY_CANCELED,
-            Code::ERRCODE_T_R_DEADLOCK_DETECTED,
-            Code::ERRCODE_T_R_SERIALIZATION_FAILURE,
-        ]
-        .iter()
-        .any(|code| *code as i32 == self.sqlstate)
+    /// The SQLSTATE's two-character class, unpacked from PostgreSQL's `MAKE_SQLSTATE`.
+    fn class(&self) -> [u8; 2] {
+        let char_at = |n: u32| (((self.sqlstate >> (6 * n)) & 0x3F) as u8).wrapping_add(b'0');
+        [char_at(0), char_at(1)]
+    }
+
+    pub fn scope(&self) -> Scope {
+        use PgSqlErrorCode::*;
+        let chunk = [
+            ERRCODE_LOCK_NOT_AVAILABLE,
+            ERRCODE_QUERY_CANCELED,
+            ERRCODE_T_R_DEADLOCK_DETECTED,
+            ERRCODE_T_R_SERIALIZATION_FAILURE,
+        ];
+        if chunk.iter().any(|code| *code as i32 == self.sqlstate) {
+            return Scope::Chunk;
+        }
+        match &self.class() {
+            // data exception, integrity constraint violation, PL/pgSQL RAISE, triggered action and
+            // data change, WITH CHECK OPTION, SQL and external routines (a trigger's function)
+            b"22" | b"23" | b"P0" | b"09" | b"27" | b"44" | b"2F" | b"38" | b"39" => Scope::Rows,
+            _ => Scope::Round,
+        }
     }
 }
 
@@ -62,6 +87,10 @@ pub enum UsageError {
         message: String,
     },
     FlushOutcomeLost,
+    /// A flush wrote the others, but held these back.
+    HeldBack {
+        held_back: u64,
+    },
     /// The configuration file's value of `setting` was refused at server start.
     SettingRefused {
         setting: &'static str,
@@ -141,6 +170,13 @@ impl UsageError {
             )
             .set_detail("More flushes completed than wsusage remembers before this call could read its own.")
             .set_hint("Call the function again."),
+            UsageError::HeldBack { held_back } => ErrorReport::new(
+                ERRCODE_WARNING,
+                format!("wsusage held back {held_back} ids whose rows make the flush fail"),
+                function,
+            )
+            .set_detail("They stay pending, shown with their errors by wsusage_pending(), and are retried at a slowing pace; every other id was written.")
+            .set_hint("Fix those rows, or what rejects them (a trigger, a check)."),
             UsageError::SettingRefused { setting } => ErrorReport::new(
                 ERRCODE_INVALID_PARAMETER_VALUE,
                 format!("wsusage is disabled: the server refused the value of \"{setting}\""),
@@ -149,6 +185,11 @@ impl UsageError {
             .set_detail(setting_refused_detail(setting))
             .set_hint(format!("Fix \"{setting}\" in the configuration file (see the WARNING in the server log) and restart the server.")),
         }
+    }
+
+    /// Report this as a WARNING to the caller, who goes on.
+    pub fn warn(&self, function: &'static str) {
+        self.to_report(function).report(PgLogLevel::WARNING);
     }
 
     /// Raise this error as a PostgreSQL ERROR in the calling SQL function.
@@ -187,7 +228,7 @@ pub fn report_target_problem(failure: &Failure) {
 /// for a stuck spinlock, PANIC, which makes the postmaster reinitialise it.
 pub fn report_stuck(stuck: Stuck) -> ! {
     ErrorReport::new(
-        Code::ERRCODE_INTERNAL_ERROR,
+        PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
         format!("wsusage pending set place {} stuck for {} ms", stuck.place, stuck.waited.as_millis()),
         "wsusage_mark",
     )
@@ -204,4 +245,36 @@ pub fn setting_refused_detail(setting: &str) -> String {
         "accepting marks in every database instead of the one named"
     };
     format!("PostgreSQL kept the default in its place, and acting on it would mean {wider}.")
+}
+
+/// The id as PostgreSQL prints a uuid.
+fn uuid_text(id: &[u8; 16]) -> String {
+    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
+}
+
+/// Tell the DBA an id is held back: its row makes the UPDATE fail (`failures`: attempts in a
+/// row, `None` when the pool of held-back ids is full).
+pub fn report_held_back(database: &str, id: [u8; 16], failures: Option<u32>, failure: &Failure) {
+    let detail = match failures {
+        Some(failures) => format!(
+            "Failed attempts in a row: {failures}. The id stays pending, shown with its error by wsusage_pending(), and is retried at a slowing pace; the other ids are written."
+        ),
+        None => format!(
+            "wsusage holds back at most {} ids, so this one is isolated again at every flush; the other ids are written.",
+            crate::held::HELD_MAX
+        ),
+    };
+    ErrorReport::new(
+        PgSqlErrorCode::from(failure.sqlstate),
+        format!(
+            "wsusage holds back id {} of database \"{database}\": its row makes the flush fail: {}",
+            uuid_text(&id),
+            failure.message
+        ),
+        "wsusage worker",
+    )
+    .set_detail(detail)
+    .set_hint("Fix the row, or what rejects it (a trigger, a check); the next try writes it.")
+    .report(PgLogLevel::WARNING);
 }

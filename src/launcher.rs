@@ -20,9 +20,9 @@ use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTi
 use pgrx::pg_sys::errcodes::PgSqlErrorCode;
 use pgrx::prelude::*;
 
+use crate::clock::now;
 use crate::databases;
 use crate::errors;
-use crate::flush::now;
 use crate::layout;
 use crate::pending;
 use crate::rendezvous;

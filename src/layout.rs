@@ -47,10 +47,11 @@ use pgrx::pg_sys;
 use wsusage_pending_table::{self as pending_table, Exclusive, Table};
 
 use crate::counters::Stats;
+use crate::held::HeldBack;
 use crate::lock::{self, Mode};
 use crate::slot::DatabaseSlot;
 
-/// What the lock guards besides the slots and the table.
+/// What the lock guards besides the slots and the table. All-zero is its empty state.
 #[repr(C)]
 pub struct Header {
     /// Pid of the running launcher, 0 when none is attached.
@@ -66,6 +67,8 @@ pub struct Header {
     pub stats: Stats,
     /// Ids refused in every database; markers add to it.
     pub rejected: AtomicU64,
+    /// Ids whose row makes the flush fail, held back from the others (see `held`).
+    pub held: HeldBack,
 }
 
 impl Header {

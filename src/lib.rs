@@ -14,7 +14,9 @@ use pgrx::prelude::*;
 
 // From the bottom up: the lock and shared-memory pieces, the structures kept there, the layout
 // composing them, what operates on them, and the processes and SQL functions using those.
+mod clock;
 mod counters;
+mod held;
 mod lock;
 mod message;
 mod requests;
@@ -34,6 +36,9 @@ mod shmem;
 mod errors;
 mod settings;
 mod target;
+
+mod statements;
+mod transaction;
 
 mod flush;
 mod launcher;

@@ -53,6 +53,7 @@ fn counter(s: &Stats, name: &str) -> Option<Value> {
         "ids_flushed" => count(s.ids_flushed),
         "rows_updated" => count(s.rows_updated),
         "ids_without_row" => count(s.ids_without_row),
+        "ids_skipped_locked" => count(s.ids_skipped_locked),
         "ids_discarded" => count(s.ids_discarded),
         "failures" => count(s.failures),
         "consecutive_failures" => count(s.consecutive_failures),
@@ -75,10 +76,12 @@ const STATS_COLUMNS: &[Column] = &[
     column("ids_flushed", pg_sys::INT8OID),
     column("rows_updated", pg_sys::INT8OID),
     column("ids_without_row", pg_sys::INT8OID),
+    column("ids_skipped_locked", pg_sys::INT8OID),
     column("ids_discarded", pg_sys::INT8OID),
     column("failures", pg_sys::INT8OID),
     column("consecutive_failures", pg_sys::INT8OID),
     column("rejected", pg_sys::INT8OID),
+    column("held_back", pg_sys::INT8OID),
     column("last_flush_at", pg_sys::TIMESTAMPTZOID),
     column("last_flush_duration", pg_sys::INTERVALOID),
     column("last_error", pg_sys::TEXTOID),
@@ -109,6 +112,7 @@ pub unsafe extern "C-unwind" fn wsusage_stats_wrapper(fcinfo: pg_sys::FunctionCa
         "databases" => count(totals.databases),
         "workers" => count(totals.workers),
         "launcher_pid" => pid(totals.launcher_pid),
+        "held_back" => count(totals.held_back),
         "worker_pid" => pid(this_worker()),
         _ => counter(&totals.stats, name).unwrap_or(Value::Null),
     };
@@ -125,9 +129,11 @@ const BY_DATABASE_COLUMNS: &[Column] = &[
     column("ids_flushed", pg_sys::INT8OID),
     column("rows_updated", pg_sys::INT8OID),
     column("ids_without_row", pg_sys::INT8OID),
+    column("ids_skipped_locked", pg_sys::INT8OID),
     column("failures", pg_sys::INT8OID),
     column("consecutive_failures", pg_sys::INT8OID),
     column("rejected", pg_sys::INT8OID),
+    column("held_back", pg_sys::INT8OID),
     column("last_flush_at", pg_sys::TIMESTAMPTZOID),
     column("last_flush_duration", pg_sys::INTERVALOID),
     column("last_error", pg_sys::TEXTOID),
@@ -147,6 +153,7 @@ pub unsafe extern "C-unwind" fn wsusage_stats_by_database_wrapper(fcinfo: pg_sys
         "datid" => Value::Oid(row.database),
         "datname" => databases::name(row.database).map_or(Value::Null, Value::Text),
         "pending" => count(row.pending),
+        "held_back" => count(row.held_back),
         "worker_pid" => pid(row.worker_pid),
         _ => counter(&row.stats, name).unwrap_or(Value::Null),
     };
@@ -154,8 +161,12 @@ pub unsafe extern "C-unwind" fn wsusage_stats_by_database_wrapper(fcinfo: pg_sys
     unsafe { rows::materialize(fcinfo, FUNCTION, BY_DATABASE_COLUMNS, rows, value) }
 }
 
-const PENDING_COLUMNS: &[Column] =
-    &[column("workspace_id", pg_sys::UUIDOID), column("last_used_at", pg_sys::TIMESTAMPTZOID)];
+const PENDING_COLUMNS: &[Column] = &[
+    column("workspace_id", pg_sys::UUIDOID),
+    column("last_used_at", pg_sys::TIMESTAMPTZOID),
+    column("error", pg_sys::TEXTOID),
+    column("retry_at", pg_sys::TIMESTAMPTZOID),
+];
 
 /// What the next flush of this database will write: each pending id with its latest mark time.
 #[pg_guard]
@@ -163,9 +174,14 @@ const PENDING_COLUMNS: &[Column] =
 pub unsafe extern "C-unwind" fn wsusage_pending_wrapper(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     const FUNCTION: &str = "wsusage_pending";
     let Some(entries) = pending::entries(this_database()) else { UsageError::NotPreloaded.raise(FUNCTION) };
+    let mut held = pending::held_of(this_database());
+    held.sort_unstable_by_key(|held| held.id);
+    let held_of = |id: &[u8; 16]| held.binary_search_by_key(id, |held| held.id).ok().map(|index| &held[index]);
     let value = |entry: &wsusage_pending_table::Entry, name: &str| match name {
         "workspace_id" => Value::Uuid(entry.key.id),
-        _ => timestamp(entry.marked_at),
+        "last_used_at" => timestamp(entry.marked_at),
+        "error" => held_of(&entry.key.id).map_or(Value::Null, |held| Value::Text(message::read(&held.message))),
+        _ => held_of(&entry.key.id).map_or(Value::Null, |held| timestamp(held.retry_at(settings::flush_interval_us()))),
     };
     // SAFETY: as for wsusage_stats.
     unsafe { rows::materialize(fcinfo, FUNCTION, PENDING_COLUMNS, entries, value) }
@@ -206,10 +222,12 @@ CREATE FUNCTION wsusage_stats() RETURNS TABLE (
 	"ids_flushed" bigint,
 	"rows_updated" bigint,
 	"ids_without_row" bigint,
+	"ids_skipped_locked" bigint,
 	"ids_discarded" bigint,
 	"failures" bigint,
 	"consecutive_failures" bigint,
 	"rejected" bigint,
+	"held_back" bigint,
 	"last_flush_at" timestamp with time zone,
 	"last_flush_duration" interval,
 	"last_error" TEXT,
@@ -232,9 +250,11 @@ CREATE FUNCTION wsusage_stats_by_database() RETURNS TABLE (
 	"ids_flushed" bigint,
 	"rows_updated" bigint,
 	"ids_without_row" bigint,
+	"ids_skipped_locked" bigint,
 	"failures" bigint,
 	"consecutive_failures" bigint,
 	"rejected" bigint,
+	"held_back" bigint,
 	"last_flush_at" timestamp with time zone,
 	"last_flush_duration" interval,
 	"last_error" TEXT,
@@ -248,7 +268,9 @@ AS 'MODULE_PATHNAME', 'wsusage_stats_by_database_wrapper';
 
 CREATE FUNCTION wsusage_pending() RETURNS TABLE (
 	"workspace_id" uuid,
-	"last_used_at" timestamp with time zone
+	"last_used_at" timestamp with time zone,
+	"error" TEXT,
+	"retry_at" timestamp with time zone
 )
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c

@@ -13,6 +13,7 @@ use pgrx::prelude::*;
 use wsusage_pending_table::{Entry, Inserted, Key, Stuck};
 
 use crate::databases;
+use crate::held::{HeldId, HELD_MAX};
 use crate::layout::{self, View, ViewMut};
 use crate::rendezvous;
 use crate::settings;
@@ -256,8 +257,8 @@ pub fn restore(state: &mut ViewMut<'_>, entries: &[Entry], now: i64) -> usize {
     refused
 }
 
-/// Forget the entries a committed flush of `database` wrote, except those marked again since
-/// the snapshot.
+/// Forget the entries a committed flush of `database` wrote (`written`, sorted by id), except
+/// those marked again since the snapshot; and release those of them that were held back.
 pub fn forget(database: pg_sys::Oid, written: &[Entry]) {
     layout::with_exclusive(|state| {
         let mut forgotten = 0;
@@ -273,7 +274,32 @@ pub fn forget(database: pg_sys::Oid, written: &[Entry]) {
             let pending = state.slots[index].pending.get_mut();
             *pending = pending.saturating_sub(forgotten);
         }
+        state.header.held.retain(database, |id| written.binary_search_by_key(id, |entry| entry.key.id).is_err());
     });
+}
+
+/// The ids of `database` held back whose next try is after `now`, into `out` (cleared first;
+/// its capacity is `held::HELD_MAX`, so nothing allocates under the lock), sorted.
+pub fn held_waiting(database: pg_sys::Oid, now: i64, out: &mut Vec<[u8; 16]>) {
+    out.clear();
+    let interval_us = settings::flush_interval_us();
+    layout::with_shared(|state| {
+        out.extend(state.header.held.of(database).filter(|held| held.retry_at(interval_us) > now).map(|held| held.id));
+    });
+    out.sort_unstable();
+}
+
+/// Hold back an id a flush of `database` isolated, with its error; returns its failed attempts
+/// in a row, or `None` when the pool is full.
+pub fn hold(database: pg_sys::Oid, id: [u8; 16], error: &str, now: i64) -> Option<u32> {
+    layout::with_exclusive(|state| state.header.held.hold(database, id, error, now)).flatten()
+}
+
+/// The held-back ids of `database`, with their errors, for `wsusage_pending()`.
+pub fn held_of(database: pg_sys::Oid) -> Vec<HeldId> {
+    let mut out = Vec::with_capacity(HELD_MAX);
+    layout::with_shared(|state| out.extend(state.header.held.of(database).copied()));
+    out
 }
 
 /// Discard every entry of a database that no longer exists, and free its slot; returns how many
@@ -285,6 +311,7 @@ pub fn discard(database: pg_sys::Oid) -> u64 {
         if let Some(index) = databases::find(state.slots, database) {
             databases::free(state, index);
         }
+        state.header.held.forget_database(database);
         discarded
     })
     .unwrap_or(0)

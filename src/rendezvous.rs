@@ -20,7 +20,7 @@ use crate::requests::FlushOutcome;
 
 /// How a flush ended, as the worker reports it.
 pub enum Result {
-    Applied { ids: u64 },
+    Applied { ids: u64, held_back: u64 },
     Failed { ids: u64, sqlstate: i32, message: String },
 }
 
@@ -106,7 +106,10 @@ pub fn publish(database: pg_sys::Oid, up_to_request: u64, result: &Result) {
     let mut outcome = FlushOutcome::NONE;
     outcome.up_to_request = up_to_request;
     match result {
-        Result::Applied { ids } => outcome.ids = *ids,
+        Result::Applied { ids, held_back } => {
+            outcome.ids = *ids;
+            outcome.held_back = *held_back;
+        }
         Result::Failed { ids, sqlstate, message } => {
             outcome.ids = *ids;
             outcome.failed = true;

@@ -18,6 +18,8 @@ pub struct FlushOutcome {
     pub up_to_request: u64,
     /// Distinct ids the flush took from the set.
     pub ids: u64,
+    /// Ids it held back because their rows make it fail.
+    pub held_back: u64,
     pub failed: bool,
     /// SQLSTATE of the failure, as PostgreSQL packs it (`MAKE_SQLSTATE`).
     pub sqlstate: i32,
@@ -30,6 +32,7 @@ impl FlushOutcome {
         after_request: 0,
         up_to_request: 0,
         ids: 0,
+        held_back: 0,
         failed: false,
         sqlstate: 0,
         message: message::EMPTY,
@@ -66,7 +69,7 @@ impl Requests {
     /// false when it serves nobody (a periodic tick that found nothing to do), so the ring keeps
     /// the outcomes that callers wait for.
     pub fn publish(&mut self, mut outcome: FlushOutcome) -> bool {
-        if outcome.ids == 0 && !outcome.failed && outcome.up_to_request <= self.served {
+        if outcome.ids == 0 && outcome.held_back == 0 && !outcome.failed && outcome.up_to_request <= self.served {
             return false;
         }
         outcome.after_request = self.served;

@@ -16,8 +16,16 @@ use crate::layout::{self, View, ViewMut};
 
 /// What one chunk of a flush did.
 pub enum ChunkOutcome<'a> {
-    Committed { ids: u64, rows_updated: u64, ids_without_row: u64 },
-    Failed { message: &'a str },
+    Committed {
+        ids: u64,
+        rows_updated: u64,
+        ids_without_row: u64,
+        ids_skipped_locked: u64,
+    },
+    /// A chunk that failed, or an id isolated because its row fails.
+    Failed {
+        message: &'a str,
+    },
 }
 
 /// Apply `update` to the totals and to `database`'s counters (if it has a slot).
@@ -60,10 +68,11 @@ pub fn count_discarded(discarded: u64) {
 
 pub fn record_chunk(database: pg_sys::Oid, outcome: &ChunkOutcome<'_>, now: i64) {
     update(database, |stats| match outcome {
-        ChunkOutcome::Committed { ids, rows_updated, ids_without_row } => {
+        ChunkOutcome::Committed { ids, rows_updated, ids_without_row, ids_skipped_locked } => {
             stats.ids_flushed += ids;
             stats.rows_updated += rows_updated;
             stats.ids_without_row += ids_without_row;
+            stats.ids_skipped_locked += ids_skipped_locked;
         }
         ChunkOutcome::Failed { message } => {
             stats.failures += 1;
@@ -110,6 +119,8 @@ pub struct Totals {
     /// Flush workers attached now.
     pub workers: u64,
     pub launcher_pid: i32,
+    /// Ids held back in every database.
+    pub held_back: u64,
 }
 
 pub fn totals() -> Option<Totals> {
@@ -125,6 +136,7 @@ pub fn totals() -> Option<Totals> {
             databases: in_use().count() as u64,
             workers: in_use().filter(|slot| slot.worker_pid != 0).count() as u64,
             launcher_pid: state.header.launcher_pid,
+            held_back: state.header.held.count(None),
         }
     })
 }
@@ -133,6 +145,7 @@ pub fn totals() -> Option<Totals> {
 pub struct DatabaseStats {
     pub database: pg_sys::Oid,
     pub pending: u64,
+    pub held_back: u64,
     pub worker_pid: i32,
     pub stats: Stats,
 }
@@ -145,6 +158,7 @@ pub fn by_database() -> Option<Vec<DatabaseStats>> {
             out.push(DatabaseStats {
                 database: slot.database,
                 pending: slot.pending(),
+                held_back: state.header.held.count(Some(slot.database)),
                 worker_pid: slot.worker_pid,
                 stats: slot.stats(),
             });

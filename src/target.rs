@@ -88,20 +88,30 @@ pub struct Target {
 }
 
 impl Target {
-    /// The one statement a flush chunk runs: each id's own time, never backwards.
-    pub fn update_sql(&self) -> String {
+    /// The one statement a flush chunk runs. It locks the chunk's rows in id order, skipping
+    /// those another transaction holds (`FOR UPDATE SKIP LOCKED`: an application's row lock
+    /// delays only its own row, which stays pending), writes each locked row its own mark time
+    /// where that is newer (never backwards), and returns one row: the rows it updated, the ids
+    /// whose row it skipped because locked, and how many ids it did not lock (skipped, or without
+    /// a row). Locking in id order, as an application updating several workspaces by id does,
+    /// keeps the two from deadlocking. Rows are matched by id, never by a tuple address: under
+    /// READ COMMITTED, the UPDATE then finds the row's newest version, whoever committed it.
+    pub fn flush_sql(&self) -> String {
         let (table, id, ts) = (self.table.quoted(), self.id_column.quoted(), self.timestamp_column.quoted());
         format!(
-            "UPDATE {table} AS t SET {ts} = v.marked_at \
-             FROM unnest($1::uuid[], $2::timestamptz[]) AS v(id, marked_at) \
-             WHERE t.{id} = v.id AND (t.{ts} IS NULL OR t.{ts} < v.marked_at)"
+            "WITH v AS (SELECT * FROM unnest($1::uuid[], $2::timestamptz[]) AS v(id, marked_at)), \
+             locked AS MATERIALIZED ( \
+                 SELECT v.id, v.marked_at FROM {table} AS t JOIN v ON t.{id} = v.id \
+                  ORDER BY v.id FOR UPDATE OF t SKIP LOCKED), \
+             updated AS ( \
+                 UPDATE {table} AS t SET {ts} = l.marked_at FROM locked AS l \
+                  WHERE t.{id} = l.id AND (t.{ts} IS NULL OR t.{ts} < l.marked_at) \
+                 RETURNING 1) \
+             SELECT (SELECT count(*) FROM updated), \
+                    ARRAY(SELECT v.id FROM v WHERE NOT EXISTS (SELECT FROM locked AS l WHERE l.id = v.id) \
+                                             AND EXISTS (SELECT FROM {table} AS t WHERE t.{id} = v.id)), \
+                    (SELECT count(*) FROM v WHERE NOT EXISTS (SELECT FROM locked AS l WHERE l.id = v.id))"
         )
-    }
-
-    /// Counts the ids of $1 that have no row; run only when a chunk updated fewer rows than ids.
-    pub fn without_row_sql(&self) -> String {
-        let (table, id) = (self.table.quoted(), self.id_column.quoted());
-        format!("SELECT count(*) FROM unnest($1::uuid[]) AS v(id) WHERE NOT EXISTS (SELECT FROM {table} AS t WHERE t.{id} = v.id)")
     }
 
     /// One row (SQLSTATE, message) saying what is wrong with the target, worded as PostgreSQL

@@ -23,12 +23,14 @@ use std::time::Duration;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::prelude::*;
 
+use crate::clock::now;
 use crate::databases;
 use crate::flush::{self, Flusher};
 use crate::pending;
 use crate::rendezvous;
 use crate::settings;
 use crate::stats;
+use crate::transaction;
 
 /// Longest a worker sleeps without checking whether its database is being dropped: well inside
 /// the 5 seconds `DROP DATABASE` waits for other sessions to leave.
@@ -120,7 +122,7 @@ pub(crate) fn wait(timeout: Duration) {
 /// Make the session follow the settings, and say at once if the target does not fit: at start
 /// and after every reload.
 fn apply_settings(flusher: &mut Flusher) {
-    flush::apply_session_settings();
+    transaction::apply_session_settings();
     flush::validate_target(flusher);
 }
 
@@ -163,6 +165,7 @@ pub extern "C-unwind" fn wsusage_worker_main(arg: pg_sys::Datum) {
     let mut flusher = Flusher::new(database);
     debug1!("wsusage flush worker started in database \"{}\"", flusher.database_name());
 
+    let mut last_took = true;
     let exit = loop {
         if shutdown_requested() {
             break Exit::Shutdown;
@@ -176,10 +179,14 @@ pub extern "C-unwind" fn wsusage_worker_main(arg: pg_sys::Datum) {
         // The interval runs from the database's first mark or last flush, whichever worker made it.
         let interval_us = settings::flush_interval_us();
         let until_due = pending::interval_start(database)
-            .map_or(0, |start| start.saturating_add(interval_us).saturating_sub(flush::now()));
-        let past_high_water = stats::consecutive_failures(database) == 0 && pending::past_high_water_for(database);
+            .map_or(0, |start| start.saturating_add(interval_us).saturating_sub(now()));
+        // Early only after a round that took ids: a set kept full by ids that cannot be written
+        // now (rows locked, held back, a failing table) waits for the interval, not a busy loop.
+        let past_high_water =
+            last_took && stats::consecutive_failures(database) == 0 && pending::past_high_water_for(database);
         if until_due <= 0 || rendezvous::flush_requested(database) || past_high_water {
             let taken = flusher.flush();
+            last_took = taken > 0;
             if flusher.extension_is_missing() {
                 break Exit::ExtensionMissing;
             }

@@ -145,20 +145,26 @@ fn the_functions_are_volatile_and_parallel_unsafe() {
         ("wsusage_flush", "bigint"),
         ("wsusage_mark", "void"),
         ("wsusage_mark_many", "void"),
-        ("wsusage_pending", "TABLE(workspace_id uuid, last_used_at timestamp with time zone)"),
+        (
+            "wsusage_pending",
+            "TABLE(workspace_id uuid, last_used_at timestamp with time zone, error text, \
+             retry_at timestamp with time zone)",
+        ),
         (
             "wsusage_stats",
             "TABLE(pending bigint, capacity bigint, marks bigint, flushes bigint, ids_flushed bigint, \
-             rows_updated bigint, ids_without_row bigint, ids_discarded bigint, failures bigint, \
-             consecutive_failures bigint, rejected bigint, last_flush_at timestamp with time zone, \
+             rows_updated bigint, ids_without_row bigint, ids_skipped_locked bigint, ids_discarded bigint, \
+             failures bigint, consecutive_failures bigint, rejected bigint, held_back bigint, \
+             last_flush_at timestamp with time zone, \
              last_flush_duration interval, last_error text, last_error_at timestamp with time zone, \
              databases bigint, workers bigint, launcher_pid integer, stats_reset timestamp with time zone)",
         ),
         (
             "wsusage_stats_by_database",
             "TABLE(datid oid, datname text, pending bigint, marks bigint, flushes bigint, ids_flushed bigint, \
-             rows_updated bigint, ids_without_row bigint, failures bigint, consecutive_failures bigint, \
-             rejected bigint, last_flush_at timestamp with time zone, last_flush_duration interval, \
+             rows_updated bigint, ids_without_row bigint, ids_skipped_locked bigint, failures bigint, \
+             consecutive_failures bigint, rejected bigint, held_back bigint, \
+             last_flush_at timestamp with time zone, last_flush_duration interval, \
              last_error text, last_error_at timestamp with time zone, worker_pid integer, \
              stats_reset timestamp with time zone)",
         ),

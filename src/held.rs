@@ -1,0 +1,109 @@
+//! Ids held back: pending ids whose own row makes the flush's UPDATE fail (a trigger or check
+//! that raises for that row, a value the column refuses), isolated by splitting the failing chunk
+//! (see `flush`). Each stays pending and is retried at a slowing pace — one interval after the
+//! first failure, then 2, 4 … up to [`MAX_BACKOFF_INTERVALS`] — while every other id is written
+//! at once; the error is shown by `wsusage_pending()` and the count by the stats.
+//!
+//! Kept in shared memory, in the layout's header, for backends to read: a fixed pool of
+//! [`HELD_MAX`] places for the whole cluster, changed only with the lock held exclusively (by
+//! the worker of the id's database) and read under either mode. Poison rows are rare; should
+//! more be isolated than the pool holds, the extra ones are isolated again at every flush
+//! (log2 of a chunk's size in statements each), never written wrong nor lost.
+
+use pgrx::pg_sys;
+
+use crate::message::{self, Message};
+
+/// Places in the pool, for every database together.
+pub const HELD_MAX: usize = 256;
+
+/// The longest wait between retries of a held-back id, in flush intervals.
+pub const MAX_BACKOFF_INTERVALS: i64 = 64;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct HeldId {
+    /// `InvalidOid` when the place is free.
+    pub database: pg_sys::Oid,
+    pub id: [u8; 16],
+    /// Failed attempts in a row.
+    pub failures: u32,
+    /// When the last attempt failed (`TimestampTz`).
+    pub failed_at: i64,
+    /// The error of the last attempt.
+    pub message: Message,
+}
+
+impl HeldId {
+    const FREE: HeldId =
+        HeldId { database: pg_sys::InvalidOid, id: [0; 16], failures: 0, failed_at: 0, message: message::EMPTY };
+
+    fn is_free(&self) -> bool {
+        self.database == pg_sys::InvalidOid
+    }
+
+    /// When the next flush may try it again, at the current flush interval: one interval after
+    /// the first failure, twice as long after each further one. Computed when asked, so a
+    /// shorter interval set by a reload applies at once.
+    pub fn retry_at(&self, interval_us: i64) -> i64 {
+        let intervals = 1i64 << self.failures.saturating_sub(1).min(MAX_BACKOFF_INTERVALS.trailing_zeros());
+        self.failed_at.saturating_add(interval_us.saturating_mul(intervals))
+    }
+}
+
+/// The pool. All-zero memory is an empty pool.
+#[repr(C)]
+pub struct HeldBack {
+    places: [HeldId; HELD_MAX],
+}
+
+impl HeldBack {
+    fn position(&self, database: pg_sys::Oid, id: &[u8; 16]) -> Option<usize> {
+        self.places.iter().position(|held| held.database == database && held.id == *id)
+    }
+
+    /// The held-back ids of `database`.
+    pub fn of(&self, database: pg_sys::Oid) -> impl Iterator<Item = &HeldId> {
+        self.places.iter().filter(move |held| held.database == database)
+    }
+
+    /// Hold `id` back after an attempt that failed at `now` with `error`. Returns its failed
+    /// attempts in a row, or `None` when the pool is full (nothing recorded).
+    pub fn hold(&mut self, database: pg_sys::Oid, id: [u8; 16], error: &str, now: i64) -> Option<u32> {
+        let index = match self.position(database, &id) {
+            Some(index) => index,
+            None => match self.places.iter().position(HeldId::is_free) {
+                Some(index) => {
+                    self.places[index] = HeldId { database, id, ..HeldId::FREE };
+                    index
+                }
+                None => return None,
+            },
+        };
+        let held = &mut self.places[index];
+        held.failures = held.failures.saturating_add(1);
+        held.failed_at = now;
+        message::write(&mut held.message, error);
+        Some(held.failures)
+    }
+
+    /// Forget the ids of `database` for which `keep` is false (written at last, or no longer
+    /// pending).
+    pub fn retain(&mut self, database: pg_sys::Oid, mut keep: impl FnMut(&[u8; 16]) -> bool) {
+        for held in self.places.iter_mut().filter(|held| held.database == database) {
+            if !keep(&held.id) {
+                *held = HeldId::FREE;
+            }
+        }
+    }
+
+    /// Forget every id of `database` (dropped).
+    pub fn forget_database(&mut self, database: pg_sys::Oid) {
+        self.retain(database, |_| false);
+    }
+
+    /// How many ids are held back, in `database` or in every database.
+    pub fn count(&self, database: Option<pg_sys::Oid>) -> u64 {
+        self.places.iter().filter(|held| !held.is_free() && database.is_none_or(|d| held.database == d)).count() as u64
+    }
+}

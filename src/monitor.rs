@@ -68,9 +68,8 @@ fn counter(s: &Stats, name: &str) -> Option<Value> {
     })
 }
 
-const STATS_COLUMNS: &[Column] = &[
-    column("pending", pg_sys::INT8OID),
-    column("capacity", pg_sys::INT8OID),
+/// The counters both views return (see `counter`).
+const COUNTER_COLUMNS: &[Column] = &[
     column("marks", pg_sys::INT8OID),
     column("flushes", pg_sys::INT8OID),
     column("ids_flushed", pg_sys::INT8OID),
@@ -81,15 +80,20 @@ const STATS_COLUMNS: &[Column] = &[
     column("failures", pg_sys::INT8OID),
     column("consecutive_failures", pg_sys::INT8OID),
     column("rejected", pg_sys::INT8OID),
-    column("held_back", pg_sys::INT8OID),
     column("last_flush_at", pg_sys::TIMESTAMPTZOID),
     column("last_flush_duration", pg_sys::INTERVALOID),
     column("last_error", pg_sys::TEXTOID),
     column("last_error_at", pg_sys::TIMESTAMPTZOID),
+    column("stats_reset", pg_sys::TIMESTAMPTZOID),
+];
+
+const STATS_COLUMNS: &[Column] = &[
+    column("pending", pg_sys::INT8OID),
+    column("capacity", pg_sys::INT8OID),
+    column("held_back", pg_sys::INT8OID),
     column("databases", pg_sys::INT8OID),
     column("workers", pg_sys::INT8OID),
     column("launcher_pid", pg_sys::INT4OID),
-    column("stats_reset", pg_sys::TIMESTAMPTZOID),
     // 0.1.0, one database: the flush worker's pid, which is now per database.
     column("worker_pid", pg_sys::INT4OID),
 ];
@@ -117,29 +121,15 @@ pub unsafe extern "C-unwind" fn wsusage_stats_wrapper(fcinfo: pg_sys::FunctionCa
         _ => counter(&totals.stats, name).unwrap_or(Value::Null),
     };
     // SAFETY: called by PostgreSQL as the C function the SQL below declares, returning a set.
-    unsafe { rows::materialize(fcinfo, FUNCTION, STATS_COLUMNS, [totals], value) }
+    unsafe { rows::materialize(fcinfo, FUNCTION, &[STATS_COLUMNS, COUNTER_COLUMNS], [totals], value) }
 }
 
 const BY_DATABASE_COLUMNS: &[Column] = &[
     column("datid", pg_sys::OIDOID),
     column("datname", pg_sys::TEXTOID),
     column("pending", pg_sys::INT8OID),
-    column("marks", pg_sys::INT8OID),
-    column("flushes", pg_sys::INT8OID),
-    column("ids_flushed", pg_sys::INT8OID),
-    column("rows_updated", pg_sys::INT8OID),
-    column("ids_without_row", pg_sys::INT8OID),
-    column("ids_skipped_locked", pg_sys::INT8OID),
-    column("failures", pg_sys::INT8OID),
-    column("consecutive_failures", pg_sys::INT8OID),
-    column("rejected", pg_sys::INT8OID),
     column("held_back", pg_sys::INT8OID),
-    column("last_flush_at", pg_sys::TIMESTAMPTZOID),
-    column("last_flush_duration", pg_sys::INTERVALOID),
-    column("last_error", pg_sys::TEXTOID),
-    column("last_error_at", pg_sys::TIMESTAMPTZOID),
     column("worker_pid", pg_sys::INT4OID),
-    column("stats_reset", pg_sys::TIMESTAMPTZOID),
 ];
 
 /// One row per database with marks pending or counted since its first mark: the same counters
@@ -158,7 +148,7 @@ pub unsafe extern "C-unwind" fn wsusage_stats_by_database_wrapper(fcinfo: pg_sys
         _ => counter(&row.stats, name).unwrap_or(Value::Null),
     };
     // SAFETY: as for wsusage_stats.
-    unsafe { rows::materialize(fcinfo, FUNCTION, BY_DATABASE_COLUMNS, rows, value) }
+    unsafe { rows::materialize(fcinfo, FUNCTION, &[BY_DATABASE_COLUMNS, COUNTER_COLUMNS], rows, value) }
 }
 
 const PENDING_COLUMNS: &[Column] = &[
@@ -184,7 +174,7 @@ pub unsafe extern "C-unwind" fn wsusage_pending_wrapper(fcinfo: pg_sys::Function
         _ => held_of(&entry.key.id).map_or(Value::Null, |held| timestamp(held.retry_at(settings::flush_interval_us()))),
     };
     // SAFETY: as for wsusage_stats.
-    unsafe { rows::materialize(fcinfo, FUNCTION, PENDING_COLUMNS, entries, value) }
+    unsafe { rows::materialize(fcinfo, FUNCTION, &[PENDING_COLUMNS], entries, value) }
 }
 
 /// The version-1 calling convention record PostgreSQL looks up for each C function.

@@ -80,14 +80,15 @@ fn raise(code: PgSqlErrorCode, message: String, function: &'static str) -> ! {
 }
 
 /// Return `rows` from the set-returning function called with `fcinfo`, in materialize mode, each
-/// declared column filled by `value(row, name)`, `name` being one of `columns`.
+/// declared column filled by `value(row, name)`, `name` being one of `columns` (in groups, in no
+/// particular order).
 ///
 /// # Safety
 /// `fcinfo` is the call's, in a function declared to return a set of a composite type.
 pub unsafe fn materialize<R>(
     fcinfo: pg_sys::FunctionCallInfo,
     function: &'static str,
-    columns: &[Column],
+    columns: &[&[Column]],
     rows: impl IntoIterator<Item = R>,
     value: impl Fn(&R, &str) -> Value,
 ) -> pg_sys::Datum {
@@ -120,32 +121,32 @@ pub unsafe fn materialize<R>(
         // Which of our columns each declared one is; None for a dropped one.
         let attributes = PgTupleDesc::from_pg_unchecked(declared);
         let natts = attributes.len();
-        let mut sources: Vec<Option<usize>> = Vec::with_capacity(natts);
+        let mut sources: Vec<Option<&Column>> = Vec::with_capacity(natts);
         for attribute in attributes.iter() {
             if attribute.attisdropped {
                 sources.push(None);
                 continue;
             }
             let name = CStr::from_ptr(attribute.attname.data.as_ptr()).to_string_lossy();
-            let Some(index) = columns.iter().position(|column| column.name == name) else {
+            let Some(column) = columns.iter().flat_map(|group| group.iter()).find(|column| column.name == name) else {
                 raise(
                     PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
                     format!("{function}() is declared with a column \"{name}\" that the loaded wsusage library does not return"),
                     function,
                 );
             };
-            if attribute.atttypid != columns[index].type_oid {
+            if attribute.atttypid != column.type_oid {
                 raise(
                     PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
                     format!(
                         "{function}() declares column \"{name}\" with type OID {}, but the loaded wsusage library returns type OID {}",
                         attribute.atttypid.to_u32(),
-                        columns[index].type_oid.to_u32()
+                        column.type_oid.to_u32()
                     ),
                     function,
                 );
             }
-            sources.push(Some(index));
+            sources.push(Some(column));
         }
 
         let caller_context = pg_sys::MemoryContextSwitchTo((*(*rsinfo).econtext).ecxt_per_query_memory);
@@ -158,7 +159,7 @@ pub unsafe fn materialize<R>(
         let mut nulls = vec![true; natts];
         for row in rows {
             for (attribute, source) in sources.iter().enumerate() {
-                let datum = source.and_then(|index| value(&row, columns[index].name).into_datum());
+                let datum = source.and_then(|column| value(&row, column.name).into_datum());
                 nulls[attribute] = datum.is_none();
                 datums[attribute] = datum.unwrap_or(pg_sys::Datum::from(0));
             }

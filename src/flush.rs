@@ -5,8 +5,11 @@
 //! The statement writes each id's own latest mark time, and only over NULL or an older value, so
 //! a row never moves backwards whatever races with it. Nothing one row does holds back the
 //! others:
-//! - a row another transaction holds locked is skipped without waiting (`SKIP LOCKED`): its id
-//!   stays pending for the next flush, the chunk's other ids commit (`ids_skipped_locked`);
+//! - a row another transaction holds locked is skipped (`SKIP LOCKED`): its id stays pending for
+//!   the next flush, the chunk's other ids commit (`ids_skipped_locked`). A chunk's first
+//!   statement is the plain UPDATE, which waits for no lock more than a few milliseconds; only
+//!   when it meets a lock is the chunk run again locking its rows first (see `statements`), so
+//!   flushes pay for the lock pass only when an application holds a row;
 //! - a chunk that fails with an error that may be one row's (a trigger or check raising for it,
 //!   a value its column refuses; see `errors::Scope`) is split in halves, and the halves retried,
 //!   until the failing ids are isolated; everything else commits in the same round. An isolated
@@ -32,7 +35,7 @@ use crate::held::HELD_MAX;
 use crate::pending;
 use crate::rendezvous;
 use crate::settings;
-use crate::statements::{self, Statements, Written};
+use crate::statements::{self, Locking, Statements, Written};
 use crate::stats::{self, ChunkOutcome};
 use crate::transaction::in_transaction;
 
@@ -176,7 +179,13 @@ impl Flusher {
     fn write(&mut self, part: &[Entry], check_target: bool, round: &mut Round) {
         let database = self.database;
         let statements = &mut self.statements;
-        match in_transaction(|| statements::write(statements, part, check_target)) {
+        let mut attempt = |locking| in_transaction(|| statements::write(statements, part, check_target, locking));
+        let mut result = attempt(Locking::FailFast);
+        if matches!(&result, Err(failure) if failure.sqlstate == PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE as i32) {
+            // A row (or the table) is locked elsewhere: again, skipping the rows held.
+            result = attempt(Locking::SkipLocked);
+        }
+        match result {
             Ok(Written::Rows { updated, without_row, mut skipped }) => {
                 skipped.sort_unstable();
                 let written: Vec<Entry> =

@@ -32,10 +32,28 @@ pub enum Written {
 #[derive(Default)]
 pub struct Statements {
     target: Option<Target>,
-    flush_sql: CString,
-    flush: Plan,
+    update_sql: CString,
+    without_row_sql: CString,
+    skip_locked_sql: CString,
+    update: Plan,
+    without_row: Plan,
+    skip_locked: Plan,
     check: Plan,
 }
+
+/// How a chunk's statement meets row locks held by other transactions.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Locking {
+    /// The plain UPDATE, waiting at most [`FAIL_FAST_LOCK_TIMEOUT`] for any lock: no contention,
+    /// no extra cost; a lock held elsewhere fails it at once (55P03).
+    FailFast,
+    /// Lock the rows in id order first, skipping those held (see `Target::skip_locked_sql`),
+    /// under `wsusage.lock_timeout` for the table's lock.
+    SkipLocked,
+}
+
+/// The lock timeout of the first attempt at a chunk, as `SET LOCAL` takes it (milliseconds).
+const FAIL_FAST_LOCK_TIMEOUT: &CStr = c"SET LOCAL lock_timeout = 10";
 
 /// A statement prepared once and kept for the worker's lifetime (or until the target changes).
 /// A kept plan survives transactions, and the plan cache re-plans it if the table is altered,
@@ -83,8 +101,12 @@ impl Statements {
         if self.target.as_ref() == Some(target) {
             return;
         }
-        self.flush.forget();
-        self.flush_sql = CString::new(target.flush_sql()).unwrap_or_default();
+        self.update.forget();
+        self.without_row.forget();
+        self.skip_locked.forget();
+        self.update_sql = CString::new(target.update_sql()).unwrap_or_default();
+        self.without_row_sql = CString::new(target.without_row_sql()).unwrap_or_default();
+        self.skip_locked_sql = CString::new(target.skip_locked_sql()).unwrap_or_default();
         self.target = Some(target.clone());
     }
 }
@@ -143,11 +165,10 @@ fn make_sqlstate(code: &str) -> i32 {
 
 /// Write one chunk (checking the target first when `first`). Raises a PostgreSQL ERROR on
 /// failure; call inside `transaction::in_transaction`.
-pub fn write(statements: &mut Statements, chunk: &[Entry], first: bool) -> Written {
+pub fn write(statements: &mut Statements, chunk: &[Entry], first: bool, locking: Locking) -> Written {
     // SAFETY: in a transaction with an active snapshot (in_transaction); SPI calls raise ERROR on
     // failure, which in_transaction catches and rolls back. The datums handed to
     // construct_array point into `chunk`, alive across the calls; construct_array copies them.
-    // The result row is read, and copied out, before SPI_finish frees it.
     unsafe {
         if pg_sys::get_extension_oid(c"wsusage".as_ptr(), true) == pg_sys::InvalidOid {
             return Written::ExtensionMissing;
@@ -172,41 +193,93 @@ pub fn write(statements: &mut Statements, chunk: &[Entry], first: bool) -> Writt
             true,
             pg_sys::TYPALIGN_DOUBLE as _,
         );
+        let arrays = [pg_sys::Datum::from(id_array), pg_sys::Datum::from(time_array)];
+        let written = match locking {
+            Locking::FailFast => update(statements, arrays, chunk.len()),
+            Locking::SkipLocked => update_skipping_locked(statements, arrays),
+        };
+        pg_sys::SPI_finish();
+        if let Some((user, context)) = restore_user {
+            pg_sys::SetUserIdAndSecContext(user, context);
+        }
+        written
+    }
+}
 
+/// Column `n` of the first row SPI returned, as a count.
+///
+/// # Safety
+/// Connected to SPI, after a statement that returned at least one row with a bigint there.
+unsafe fn count_in_result(n: c_int) -> u64 {
+    // SAFETY: the caller's promise.
+    unsafe {
+        let table = *pg_sys::SPI_tuptable;
+        let mut is_null = false;
+        let datum = pg_sys::SPI_getbinval(*table.vals, table.tupdesc, n, &mut is_null);
+        if is_null {
+            0
+        } else {
+            u64::try_from(datum.value() as i64).unwrap_or(0)
+        }
+    }
+}
+
+/// The plain UPDATE of `Locking::FailFast`, and the count of ids without a row when it updated
+/// fewer rows than `ids`.
+///
+/// # Safety
+/// As in [`write`]: connected to SPI; `arrays` are the chunk's id and time arrays.
+unsafe fn update(statements: &mut Statements, mut arrays: [pg_sys::Datum; 2], ids: usize) -> Written {
+    // SAFETY: the caller's promise; SPI errors raise.
+    unsafe {
+        if pg_sys::SPI_execute(FAIL_FAST_LOCK_TIMEOUT.as_ptr(), false, 0) != pg_sys::SPI_OK_UTILITY as i32 {
+            error!("could not set the lock timeout of a wsusage flush");
+        }
         let plan =
-            statements.flush.get(&statements.flush_sql, &mut [pg_sys::UUIDARRAYOID, pg_sys::TIMESTAMPTZARRAYOID]);
-        let mut values = [pg_sys::Datum::from(id_array), pg_sys::Datum::from(time_array)];
-        let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), std::ptr::null(), false, 0);
+            statements.update.get(&statements.update_sql, &mut [pg_sys::UUIDARRAYOID, pg_sys::TIMESTAMPTZARRAYOID]);
+        let rc = pg_sys::SPI_execute_plan(plan, arrays.as_mut_ptr(), std::ptr::null(), false, 0);
+        if rc != pg_sys::SPI_OK_UPDATE as i32 {
+            error!("wsusage flush statement returned SPI code {rc}");
+        }
+        let updated = pg_sys::SPI_processed;
+        let mut without_row = 0;
+        if updated < ids as u64 {
+            let plan = statements.without_row.get(&statements.without_row_sql, &mut [pg_sys::UUIDARRAYOID]);
+            let rc = pg_sys::SPI_execute_plan(plan, arrays.as_mut_ptr(), std::ptr::null(), true, 1);
+            if rc == pg_sys::SPI_OK_SELECT as i32 && pg_sys::SPI_processed == 1 {
+                without_row = count_in_result(1);
+            }
+        }
+        Written::Rows { updated, without_row, skipped: Vec::new() }
+    }
+}
+
+/// The statement of `Locking::SkipLocked`.
+///
+/// # Safety
+/// As in [`update`].
+unsafe fn update_skipping_locked(statements: &mut Statements, mut arrays: [pg_sys::Datum; 2]) -> Written {
+    // SAFETY: the caller's promise; the result row is read, and copied out, before the caller's
+    // SPI_finish frees it.
+    unsafe {
+        let plan = statements
+            .skip_locked
+            .get(&statements.skip_locked_sql, &mut [pg_sys::UUIDARRAYOID, pg_sys::TIMESTAMPTZARRAYOID]);
+        let rc = pg_sys::SPI_execute_plan(plan, arrays.as_mut_ptr(), std::ptr::null(), false, 0);
         let rows = pg_sys::SPI_processed;
         if rc != pg_sys::SPI_OK_SELECT as i32 || rows != 1 {
             error!("wsusage flush statement returned SPI code {rc} and {rows} rows");
         }
+        let updated = count_in_result(1);
         let table = *pg_sys::SPI_tuptable;
-        let column = |n| {
-            let mut is_null = false;
-            let datum = pg_sys::SPI_getbinval(*table.vals, table.tupdesc, n, &mut is_null);
-            (datum, is_null)
-        };
-        let count = |n| {
-            let (datum, is_null) = column(n);
-            if is_null {
-                0
-            } else {
-                u64::try_from(datum.value() as i64).unwrap_or(0)
-            }
-        };
-        let updated = count(1);
-        let (skipped, is_null) = column(2);
+        let mut is_null = false;
+        let skipped = pg_sys::SPI_getbinval(*table.vals, table.tupdesc, 2, &mut is_null);
         let skipped: Vec<[u8; 16]> = <Vec<pgrx::Uuid> as FromDatum>::from_datum(skipped, is_null)
             .unwrap_or_default()
             .iter()
             .map(|id| *id.as_bytes())
             .collect();
-        let not_locked = count(3);
-        pg_sys::SPI_finish();
-        if let Some((user, context)) = restore_user {
-            pg_sys::SetUserIdAndSecContext(user, context);
-        }
+        let not_locked = count_in_result(3);
         Written::Rows { updated, without_row: not_locked.saturating_sub(skipped.len() as u64), skipped }
     }
 }

@@ -4,9 +4,10 @@
 //! place to the first, through insert, `remove_at` and `retain`.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::RwLock;
 use std::thread;
+use std::time::{Duration, Instant};
 
 use wsusage_pending_table::{create, size, Entry, Exclusive, Inserted, Key, Table};
 
@@ -189,6 +190,8 @@ fn threads_filling_a_table_at_once_get_exactly_limit_keys_accepted() {
 fn inserters_and_a_remover_at_once_leave_each_key_at_its_latest_time_since_its_last_removal() {
     const INSERTERS: u64 = 4;
     const MARKS: u64 = 20_000;
+    /// Distinct keys the remover must have removed before the inserters stop.
+    const REMOVED_KEYS: usize = 100;
     let limit = 256;
     let table = new_table(limit, [0xfeed, 0xbeef]);
     // Keys crowd the last places, so runs wrap and removals shift entries across the end.
@@ -201,13 +204,14 @@ fn inserters_and_a_remover_at_once_leave_each_key_at_its_latest_time_since_its_l
     let done = AtomicBool::new(false);
     let removals: RwLock<HashMap<Key, u64>> = RwLock::new(HashMap::new());
     let operations = AtomicU64::new(0);
+    let removed_keys = AtomicUsize::new(0);
 
     let inserts: Vec<Vec<(Key, i64, u64)>> = thread::scope(|scope| {
         let remover = scope.spawn(|| {
             let mut random = Random(0x5eed);
             let mut sections = 0u64;
             while !done.load(Ordering::Acquire) {
-                let _exclusive_lock = lock.write().unwrap();
+                let exclusive_lock = lock.write().unwrap();
                 let now = epoch.fetch_add(1, Ordering::Relaxed) + 1;
                 let exclusive = exclusive();
                 let mut removed = removals.write().unwrap();
@@ -228,17 +232,31 @@ fn inserters_and_a_remover_at_once_leave_each_key_at_its_latest_time_since_its_l
                     }
                 }
                 assert!(table.verify(&exclusive).is_ok(), "{:?}", table.verify(&exclusive));
+                removed_keys.store(removed.len(), Ordering::Relaxed);
+                drop(removed);
+                drop(exclusive_lock);
                 sections += 1;
                 operations.fetch_add(1, Ordering::Relaxed);
+                // Let the inserters in: a write lock taken again at once could starve them.
+                thread::yield_now();
             }
         });
         let inserters: Vec<_> = (0..INSERTERS)
             .map(|worker| {
-                let (pool, lock, epoch, clock, operations) = (&pool, &lock, &epoch, &clock, &operations);
+                let (pool, lock, epoch, clock, operations, removed_keys) =
+                    (&pool, &lock, &epoch, &clock, &operations, &removed_keys);
                 scope.spawn(move || {
                     let mut random = Random(worker + 11);
                     let mut accepted = Vec::new();
-                    for _ in 0..MARKS {
+                    // However the threads are scheduled (a loaded machine may run the inserters
+                    // to the end before the remover starts), insert until the remover has
+                    // interleaved with them.
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    for n in 0.. {
+                        if n >= MARKS && removed_keys.load(Ordering::Relaxed) >= REMOVED_KEYS {
+                            break;
+                        }
+                        assert!(Instant::now() < deadline, "the remover never removed {REMOVED_KEYS} keys");
                         let k = pool[random.below(pool.len())];
                         let _shared = lock.read().unwrap();
                         let at = clock.fetch_add(1, Ordering::Relaxed);
@@ -270,6 +288,6 @@ fn inserters_and_a_remover_at_once_leave_each_key_at_its_latest_time_since_its_l
     assert_eq!(table.verify(&exclusive()), Ok(expected.len()));
     assert_eq!(as_map(&table), expected);
     let distinct: HashSet<Key> = pool.iter().copied().collect();
-    assert!(removed.len() > distinct.len() / 2, "the remover removed keys of most of the pool");
+    assert!(removed.len() >= REMOVED_KEYS.min(distinct.len()), "the remover interleaved with the inserters");
     eprintln!("{} operations by {INSERTERS} inserters and a remover", operations.load(Ordering::Relaxed));
 }

@@ -220,7 +220,9 @@ impl Flusher {
                 }
                 scope => {
                     stats::record_chunk(database, &ChunkOutcome::Failed { message: &failure.message }, now());
-                    round.stop = scope == Scope::Round;
+                    // A row's error left unsplit (the round's budget spent) is the table's trouble
+                    // now: stop, as for an error no row causes.
+                    round.stop = scope != Scope::Chunk;
                     round.failure.get_or_insert(failure);
                 }
             },

@@ -57,7 +57,9 @@ pub fn mark_all(database: pg_sys::Oid, ids: &[[u8; 16]], now: i64) -> Result<(),
         if n > 0 {
             check_for_interrupts!();
         }
-        mark_chunk(database, chunk, now).map_err(|error| match error {
+        // Should the set fill in this chunk, the ids after it are refused too, and counted so.
+        let beyond = ids.len() - n * MARK_CHUNK - chunk.len();
+        mark_chunk(database, chunk, beyond, now).map_err(|error| match error {
             MarkError::Full { marked } => MarkError::Full { marked: n * MARK_CHUNK + marked },
             other => other,
         })?;
@@ -65,20 +67,20 @@ pub fn mark_all(database: pg_sys::Oid, ids: &[[u8; 16]], now: i64) -> Result<(),
     Ok(())
 }
 
-fn mark_chunk(database: pg_sys::Oid, ids: &[[u8; 16]], now: i64) -> Result<(), MarkError> {
+fn mark_chunk(database: pg_sys::Oid, ids: &[[u8; 16]], beyond: usize, now: i64) -> Result<(), MarkError> {
     // Markers hold the lock in shared mode, new ids included (see `layout`): they never wait for
     // one another, nor for one descheduled while holding the lock. Only the first mark of a
     // database without a slot takes it exclusively, to claim one.
     let marked = layout::with_shared(|state| {
-        databases::find(state.slots, database).map(|slot| mark_in(state, slot, database, ids, now))
+        databases::find(state.slots, database).map(|slot| mark_in(state, slot, database, ids, beyond, now))
     });
     let (result, wake) = match marked {
         None => return Err(MarkError::NotPreloaded),
         Some(Some(marked)) => marked,
         Some(None) => layout::with_exclusive(|state| match databases::claim(state, database, now) {
-            Some(slot) => mark_in(&state.view(), slot, database, ids, now),
+            Some(slot) => mark_in(&state.view(), slot, database, ids, beyond, now),
             None => {
-                stats::count_refused_without_slot(state, ids.len());
+                stats::count_refused_without_slot(state, ids.len() + beyond);
                 (Err(MarkError::NoSlot), None)
             }
         })
@@ -92,14 +94,16 @@ fn mark_chunk(database: pg_sys::Oid, ids: &[[u8; 16]], now: i64) -> Result<(), M
     result
 }
 
-/// Mark `ids` in `database`, whose slot is `slot`; returns the outcome and the launcher's latch
-/// when this mark must wake it. Caller must hold the lock, in shared mode being enough: the
-/// table takes concurrent inserts, and the counts change atomically (see `layout`).
+/// Mark `ids` in `database`, whose slot is `slot`, `beyond` more ids of the same call waiting
+/// behind them; returns the outcome and the launcher's latch when this mark must wake it. Caller
+/// must hold the lock, in shared mode being enough: the table takes concurrent inserts, and the
+/// counts change atomically (see `layout`).
 fn mark_in(
     state: &View<'_>,
     slot: usize,
     database: pg_sys::Oid,
     ids: &[[u8; 16]],
+    beyond: usize,
     now: i64,
 ) -> (Result<(), MarkError>, Option<*mut pg_sys::Latch>) {
     let mut added = 0;
@@ -122,7 +126,7 @@ fn mark_in(
         Err(MarkError::Full { marked }) => marked,
         _ => ids.len(),
     };
-    let refused = if matches!(outcome, Err(MarkError::Full { .. })) { ids.len() - accepted } else { 0 };
+    let refused = if matches!(outcome, Err(MarkError::Full { .. })) { ids.len() - accepted + beyond } else { 0 };
     stats::count_marks(state, slot, accepted, refused);
     let slot = &state.slots[slot];
     // A mark needs the extension: a worker that left for want of it may come back.

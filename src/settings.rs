@@ -136,7 +136,7 @@ pub fn init() {
     GucRegistry::define_int_guc(
         c"wsusage.batch_size",
         c"Ids the worker writes per transaction.",
-        c"Smaller transactions hold row locks for less time; a chunk that fails goes back to pending alone.",
+        c"Smaller transactions hold row locks for less time. A chunk failing on a lock or timeout stays pending alone; one failing on a row's error is split until that row is found.",
         &BATCH_SIZE,
         BATCH_SIZE_MIN,
         BATCH_SIZE_MAX,
@@ -145,8 +145,8 @@ pub fn init() {
     );
     GucRegistry::define_int_guc(
         c"wsusage.lock_timeout",
-        c"How long a flush waits for a lock before it retries that chunk later; 0 waits forever.",
-        c"An application transaction holding a row lock then delays only the chunk with that row.",
+        c"How long a flush's second attempt at a chunk waits for a lock on the table before it retries that chunk later; 0 waits forever.",
+        c"A chunk's first statement waits at most 10 ms for any lock; a row an application holds locked is then skipped and stays pending.",
         &LOCK_TIMEOUT_MS,
         0,
         TIMEOUT_MS_MAX,
@@ -155,7 +155,7 @@ pub fn init() {
     );
     GucRegistry::define_int_guc(
         c"wsusage.statement_timeout",
-        c"Longest time one chunk of a flush may run before it is cancelled and retried; 0: no limit.",
+        c"Longest time each attempt at a chunk of a flush may run before it is cancelled and retried; 0: no limit.",
         c"",
         &STATEMENT_TIMEOUT_MS,
         0,

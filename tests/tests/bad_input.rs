@@ -1,5 +1,6 @@
 //! Every wrong call and wrong setting gets a clear error with its SQLSTATE, never a crash.
 
+use uuid::Uuid;
 use wsusage_tests::*;
 
 #[test]
@@ -275,4 +276,20 @@ fn an_over_long_wsusage_database_in_the_configuration_file_refuses_marks_instead
     assert_eq!(message, "wsusage is disabled: the server refused the value of \"wsusage.database\"");
     assert!(detail.contains("every database"), "{detail}");
     assert!(hint.contains("restart the server"), "{hint}");
+}
+
+/// `wsusage_mark_many` marks its array a block of 4,096 ids at a time; a set that fills in one
+/// block refuses the ids of that block and of every block after it, and counts all of them.
+#[test]
+fn a_set_that_fills_during_a_long_mark_many_counts_every_id_it_refused() {
+    let cluster = Cluster::start(&[("wsusage.max_pending", "16")]);
+    let (mut client, _) = cluster.with_workspaces(0);
+    let ids: Vec<Uuid> = (0..10_000).map(|_| Uuid::new_v4()).collect();
+    let (code, _, detail, _) =
+        report(&client.execute("SELECT wsusage_mark_many($1)", &[&ids]).expect_err("the set fills"));
+    assert_eq!(code, "53400");
+    assert!(detail.contains("16 of the 10000 ids were marked"), "{detail}");
+    // (Not `pending`: the filling set woke the worker, which may have flushed the 16 already.)
+    let row = client.query_one("SELECT marks, rejected FROM wsusage_stats", &[]).unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (16, 9_984));
 }

@@ -247,12 +247,6 @@ pub fn setting_refused_detail(setting: &str) -> String {
     format!("PostgreSQL kept the default in its place, and acting on it would mean {wider}.")
 }
 
-/// The id as PostgreSQL prints a uuid.
-fn uuid_text(id: &[u8; 16]) -> String {
-    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
-}
-
 /// Tell the DBA an id is held back: its row makes the UPDATE fail (`failures`: attempts in a
 /// row, `None` when the pool of held-back ids is full).
 pub fn report_held_back(database: &str, id: [u8; 16], failures: Option<u32>, failure: &Failure) {
@@ -269,7 +263,7 @@ pub fn report_held_back(database: &str, id: [u8; 16], failures: Option<u32>, fai
         PgSqlErrorCode::from(failure.sqlstate),
         format!(
             "wsusage holds back id {} of database \"{database}\": its row makes the flush fail: {}",
-            uuid_text(&id),
+            pgrx::Uuid::from_bytes(id),
             failure.message
         ),
         "wsusage worker",

@@ -30,11 +30,11 @@ use std::collections::HashSet;
 use std::fs;
 use std::io::{self, Write};
 use std::path::Path;
-use std::time::UNIX_EPOCH;
 
 use pgrx::prelude::*;
 use wsusage_pending_table::{Entry, Key};
 
+use crate::clock;
 use crate::layout::{self, ViewMut};
 use crate::pending;
 
@@ -213,15 +213,9 @@ fn parse(bytes: &[u8], modified_at: i64) -> Result<Saved, Refused> {
     }
 }
 
-/// The file's modification time as a `TimestampTz`.
+/// The file's modification time as a `TimestampTz`; 0 (before any mark) when unknown.
 fn modified_at(path: &str) -> i64 {
-    const UNIX_TO_POSTGRES_EPOCH_US: i64 = 946_684_800_000_000;
-    fs::metadata(Path::new(path))
-        .and_then(|meta| meta.modified())
-        .ok()
-        .and_then(|time| time.duration_since(UNIX_EPOCH).ok())
-        .and_then(|since| i64::try_from(since.as_micros()).ok())
-        .map_or(0, |micros| micros - UNIX_TO_POSTGRES_EPOCH_US)
+    fs::metadata(Path::new(path)).and_then(|meta| meta.modified()).map_or(0, clock::timestamp)
 }
 
 /// Put the saved entries back into the set and remove the file. Postmaster only, at start,

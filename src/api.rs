@@ -9,43 +9,110 @@ use pgrx::{Array, Uuid};
 use crate::clock;
 use crate::databases;
 use crate::errors::{self, UsageError};
+use crate::key::{self, Kind};
 use crate::layout;
 use crate::message;
-use crate::pending::{self, MarkError};
+use crate::pending::{self, MarkError, Marking};
 use crate::rendezvous::{self, Lookup, Request};
+use crate::resolve;
 use crate::settings;
+
+/// The target `wsusage_mark(uuid)` and `wsusage_mark_many(uuid[])` mark.
+const DEFAULT_TARGET: &str = "default";
 
 /// How long `wsusage_flush()` waits for the launcher to attach before giving up. Longer than the
 /// launcher's restart delay, so a launcher that was just terminated comes back within it.
 const LAUNCHER_ATTACH_WAIT: Duration = Duration::from_secs(15);
 
-/// Record that a workspace was used now. Not transactional: the mark stands even if the
-/// caller's transaction rolls back.
+/// Record that a workspace (a key of the `default` target) was used now. Not transactional:
+/// the mark stands even if the caller's transaction rolls back.
 #[pg_extern(volatile, parallel_unsafe)]
 fn wsusage_mark(workspace_id: Option<Uuid>) {
     const FUNCTION: &str = "wsusage_mark";
     check_active_here(FUNCTION, "mark usage");
     let Some(id) = workspace_id else { UsageError::NullId { element: None }.raise(FUNCTION) };
-    mark(&[*id.as_bytes()], FUNCTION);
+    mark(DEFAULT_TARGET, Kind::Uuid, &[*id.as_bytes()], FUNCTION);
 }
 
-/// Record that each workspace of the array was used now; an empty array does nothing. Either
-/// every id is marked or, on a NULL element, none.
+/// Record that each workspace of the array (keys of the `default` target) was used now; an
+/// empty array does nothing. Either every id is marked or, on a NULL element, none.
 #[pg_extern(volatile, parallel_unsafe)]
 fn wsusage_mark_many(workspace_ids: Option<Array<Uuid>>) {
     const FUNCTION: &str = "wsusage_mark_many";
     check_active_here(FUNCTION, "mark usage");
-    let Some(array) = workspace_ids else { UsageError::NullId { element: None }.raise(FUNCTION) };
+    let ids = uuids(workspace_ids, FUNCTION);
+    if !ids.is_empty() {
+        mark(DEFAULT_TARGET, Kind::Uuid, &ids, FUNCTION);
+    }
+}
+
+/// Record that key `id` of `target` (a row of `wsusage_target`, or `default`) was used now.
+#[pg_extern(name = "wsusage_mark", volatile, parallel_unsafe)]
+fn wsusage_mark_target(target: Option<&str>, id: Option<Uuid>) {
+    const FUNCTION: &str = "wsusage_mark";
+    check_active_here(FUNCTION, "mark usage");
+    let target = target_name(target, FUNCTION);
+    let Some(id) = id else { UsageError::NullId { element: None }.raise(FUNCTION) };
+    mark(target, Kind::Uuid, &[*id.as_bytes()], FUNCTION);
+}
+
+/// Record that each key of `ids` of `target` was used now; all or, on a NULL element, none.
+#[pg_extern(name = "wsusage_mark_many", volatile, parallel_unsafe)]
+fn wsusage_mark_many_target(target: Option<&str>, ids: Option<Array<Uuid>>) {
+    const FUNCTION: &str = "wsusage_mark_many";
+    check_active_here(FUNCTION, "mark usage");
+    let target = target_name(target, FUNCTION);
+    let ids = uuids(ids, FUNCTION);
+    if !ids.is_empty() {
+        mark(target, Kind::Uuid, &ids, FUNCTION);
+    }
+}
+
+/// Record that key `id` of `target`, whose key column is `bigint` or `integer`, was used now.
+#[pg_extern(volatile, parallel_unsafe)]
+fn wsusage_mark_bigint(target: Option<&str>, id: Option<i64>) {
+    const FUNCTION: &str = "wsusage_mark_bigint";
+    check_active_here(FUNCTION, "mark usage");
+    let target = target_name(target, FUNCTION);
+    let Some(id) = id else { UsageError::NullId { element: None }.raise(FUNCTION) };
+    mark(target, Kind::Bigint, &[key::from_bigint(id)], FUNCTION);
+}
+
+/// Record that each key of `ids` of `target`, whose key column is `bigint` or `integer`, was
+/// used now; all or, on a NULL element, none.
+#[pg_extern(volatile, parallel_unsafe)]
+fn wsusage_mark_many_bigint(target: Option<&str>, ids: Option<Array<i64>>) {
+    const FUNCTION: &str = "wsusage_mark_many_bigint";
+    check_active_here(FUNCTION, "mark usage");
+    let target = target_name(target, FUNCTION);
+    let Some(array) = ids else { UsageError::NullId { element: None }.raise(FUNCTION) };
+    let mut keys = Vec::with_capacity(array.len());
+    for (i, element) in array.iter().enumerate() {
+        match element {
+            Some(id) => keys.push(key::from_bigint(id)),
+            None => UsageError::NullId { element: Some(i + 1) }.raise(FUNCTION),
+        }
+    }
+    if !keys.is_empty() {
+        mark(target, Kind::Bigint, &keys, FUNCTION);
+    }
+}
+
+fn target_name<'a>(target: Option<&'a str>, function: &'static str) -> &'a str {
+    target.unwrap_or_else(|| UsageError::NullTarget.raise(function))
+}
+
+/// The ids of a uuid array; raises on a NULL array or element.
+fn uuids(array: Option<Array<Uuid>>, function: &'static str) -> Vec<[u8; 16]> {
+    let Some(array) = array else { UsageError::NullId { element: None }.raise(function) };
     let mut ids = Vec::with_capacity(array.len());
     for (i, element) in array.iter().enumerate() {
         match element {
             Some(id) => ids.push(*id.as_bytes()),
-            None => UsageError::NullId { element: Some(i + 1) }.raise(FUNCTION),
+            None => UsageError::NullId { element: Some(i + 1) }.raise(function),
         }
     }
-    if !ids.is_empty() {
-        mark(&ids, FUNCTION);
-    }
+    ids
 }
 
 /// Wake this database's worker, wait until a flush holding every mark made here before this
@@ -102,18 +169,26 @@ fn wsusage_flush() -> i64 {
     i64::try_from(outcome.ids).unwrap_or(i64::MAX)
 }
 
-fn mark(ids: &[[u8; 16]], function: &'static str) {
-    // The time of the call (clock_timestamp()), not the transaction's start.
-    let now = clock::now();
-    match pending::mark_all(this_database(), ids, now) {
-        Ok(()) => {}
-        Err(MarkError::NotPreloaded) => UsageError::NotPreloaded.raise(function),
-        Err(MarkError::NoSlot) => UsageError::TooManyDatabases { capacity: settings::max_databases() }.raise(function),
-        Err(MarkError::Full { marked }) => {
-            UsageError::SetFull { capacity: settings::max_pending(), marked, requested: ids.len() }.raise(function)
+fn mark(target: &str, kind: Kind, ids: &[[u8; 16]], function: &'static str) {
+    resolve::with_target(target, kind, function, |target| {
+        // The time of the call (clock_timestamp()), not the transaction's start.
+        let now = clock::now();
+        let mut marking = Marking { database: this_database(), name: &target.name, slot: &mut target.slot, kind };
+        match pending::mark_all(&mut marking, ids, now) {
+            Ok(()) => {}
+            Err(MarkError::NotPreloaded) => UsageError::NotPreloaded.raise(function),
+            Err(MarkError::NoSlot) => {
+                UsageError::TooManyDatabases { capacity: settings::max_databases() }.raise(function)
+            }
+            Err(MarkError::NoTargetSlot) => {
+                UsageError::TooManyTargets { capacity: settings::max_targets() }.raise(function)
+            }
+            Err(MarkError::Full { marked }) => {
+                UsageError::SetFull { capacity: settings::max_pending(), marked, requested: ids.len() }.raise(function)
+            }
+            Err(MarkError::Stuck(stuck)) => errors::report_stuck(stuck),
         }
-        Err(MarkError::Stuck(stuck)) => errors::report_stuck(stuck),
-    }
+    })
 }
 
 /// Raise unless marks made here can be flushed: the library is preloaded, the server is not

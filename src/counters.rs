@@ -9,9 +9,12 @@
 //!   `consecutive_failures` the rounds in a row with at least one failed chunk;
 //! - `ids_flushed`: ids written by committed chunks, of which `rows_updated` changed a row and
 //!   `ids_without_row` had no row (the rest had a newer time already);
+//! - `ids_skipped_by_min_change`: ids whose row was written less than the target's
+//!   `min_change` before the mark (or on the mark's day, for a date column): done, not written;
 //! - `ids_skipped_locked`: ids a committed chunk skipped because another transaction held their
 //!   row locked; they stayed pending for the next flush;
-//! - `ids_discarded`: pending ids of databases dropped before they were flushed;
+//! - `ids_discarded`: pending ids of databases dropped, or targets deleted, before they were
+//!   flushed;
 //! - `held_back` (not kept here: read from the pool, see `held`): ids whose own row makes the
 //!   UPDATE fail, isolated from the others and retried at a slowing pace. Each isolation counts
 //!   as a failure.
@@ -31,6 +34,7 @@ pub struct Stats {
     pub rows_updated: u64,
     pub ids_without_row: u64,
     pub ids_skipped_locked: u64,
+    pub ids_skipped_by_min_change: u64,
     pub ids_discarded: u64,
     pub failures: u64,
     pub consecutive_failures: u64,
@@ -53,6 +57,7 @@ impl Stats {
             rows_updated: 0,
             ids_without_row: 0,
             ids_skipped_locked: 0,
+            ids_skipped_by_min_change: 0,
             ids_discarded: 0,
             failures: 0,
             consecutive_failures: 0,

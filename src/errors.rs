@@ -7,9 +7,11 @@ use pgrx::pg_sys::errcodes::PgSqlErrorCode;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::PgLogLevel;
 
-use wsusage_pending_table::Stuck;
+use wsusage_pending_table::{Key, Stuck};
 
+use crate::key::{self, Kind};
 use crate::settings;
+use crate::target::Problem;
 
 /// A database error that ended a chunk of a flush, or a check, with what the DBA and the caller
 /// need to know.
@@ -95,6 +97,32 @@ pub enum UsageError {
     SettingRefused {
         setting: &'static str,
     },
+    /// A NULL target name.
+    NullTarget,
+    UnknownTarget {
+        name: String,
+    },
+    /// The target's keys are of another type than the function takes.
+    WrongKeyType {
+        name: String,
+        column_type: String,
+        takes: Kind,
+    },
+    /// The target does not fit (its table or a column gone, a wrong type): marks of it could
+    /// never be written.
+    TargetProblem {
+        name: String,
+        problem: Problem,
+    },
+    /// The role may not UPDATE the target's timestamp column, so may not mark it.
+    NoPrivilege {
+        name: String,
+        table: String,
+        column: String,
+    },
+    TooManyTargets {
+        capacity: usize,
+    },
 }
 
 impl UsageError {
@@ -104,6 +132,46 @@ impl UsageError {
             UsageError::NotPreloaded => {
                 ErrorReport::new(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "wsusage must be loaded via shared_preload_libraries", function)
                     .set_hint("Add \"wsusage\" to \"shared_preload_libraries\" and restart the server.")
+            }
+            UsageError::NullTarget => ErrorReport::new(ERRCODE_NULL_VALUE_NOT_ALLOWED, "target must not be null", function)
+                .set_hint("Name a target of wsusage_target, or call the function without one to mark the \"default\" target."),
+            UsageError::UnknownTarget { name } => ErrorReport::new(
+                ERRCODE_UNDEFINED_OBJECT,
+                format!("wsusage target \"{name}\" does not exist"),
+                function,
+            )
+            .set_hint("Targets are the rows of the table wsusage_target in this database; \"default\" is also defined by the settings wsusage.table, wsusage.id_column and wsusage.timestamp_column."),
+            UsageError::WrongKeyType { name, column_type, takes } => {
+                let other = match function {
+                    "wsusage_mark" => "wsusage_mark_bigint",
+                    "wsusage_mark_many" => "wsusage_mark_many_bigint",
+                    "wsusage_mark_bigint" => "wsusage_mark",
+                    _ => "wsusage_mark_many",
+                };
+                ErrorReport::new(
+                    ERRCODE_DATATYPE_MISMATCH,
+                    format!("wsusage target \"{name}\" has keys of type {column_type}, but {function} takes {}", takes.sql_type()),
+                    function,
+                )
+                .set_hint(format!("Mark the keys of this target with {other}()."))
+            }
+            UsageError::TargetProblem { name, problem } => ErrorReport::new(
+                problem.sqlstate,
+                format!("wsusage target \"{name}\" cannot be written: {}", problem.message),
+                function,
+            )
+            .set_hint(problem.hint.clone()),
+            UsageError::NoPrivilege { name, table, column } => ErrorReport::new(
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("permission denied to mark wsusage target \"{name}\": no UPDATE privilege on column \"{column}\" of table {table}"),
+                function,
+            )
+            .set_detail("A mark is an UPDATE of that column made later by the flush worker, so it needs the privilege the UPDATE would.")
+            .set_hint(format!("GRANT UPDATE ({}) ON {table} TO the role that marks.", quote_identifier(column))),
+            UsageError::TooManyTargets { capacity } => {
+                ErrorReport::new(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED, "wsusage cannot track marks of more targets", function)
+                    .set_detail(format!("Marks are pending for {capacity} other targets, the maximum (\"wsusage.max_targets\")."))
+                    .set_hint("Increase \"wsusage.max_targets\" (needs a restart), or shorten \"wsusage.flush_interval\" so that targets free their places sooner.")
             }
             UsageError::NullId { element } => {
                 let report = ErrorReport::new(ERRCODE_NULL_VALUE_NOT_ALLOWED, "workspace id must not be null", function);
@@ -237,6 +305,17 @@ pub fn report_stuck(stuck: Stuck) -> ! {
     unreachable!("a PANIC report does not return")
 }
 
+/// `name` as an SQL identifier, quoted when it must be.
+fn quote_identifier(name: &str) -> String {
+    let plain = name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if plain {
+        name.to_owned()
+    } else {
+        format!("\"{}\"", name.replace('"', "\"\""))
+    }
+}
+
 /// Why wsusage will not act on the default PostgreSQL put in place of a refused `setting`.
 pub fn setting_refused_detail(setting: &str) -> String {
     let wider = if setting == "wsusage.role" {
@@ -249,7 +328,7 @@ pub fn setting_refused_detail(setting: &str) -> String {
 
 /// Tell the DBA an id is held back: its row makes the UPDATE fail (`failures`: attempts in a
 /// row, `None` when the pool of held-back ids is full).
-pub fn report_held_back(database: &str, id: [u8; 16], failures: Option<u32>, failure: &Failure) {
+pub fn report_held_back(database: &str, key: Key, failures: Option<u32>, failure: &Failure) {
     let detail = match failures {
         Some(failures) => format!(
             "Failed attempts in a row: {failures}. The id stays pending, shown with its error by wsusage_pending(), and is retried at a slowing pace; the other ids are written."
@@ -263,7 +342,7 @@ pub fn report_held_back(database: &str, id: [u8; 16], failures: Option<u32>, fai
         PgSqlErrorCode::from(failure.sqlstate),
         format!(
             "wsusage holds back id {} of database \"{database}\": its row makes the flush fail: {}",
-            pgrx::Uuid::from_bytes(id),
+            key::display(Kind::of(key.kind).unwrap_or(Kind::Uuid), &key.id),
             failure.message
         ),
         "wsusage worker",

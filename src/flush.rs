@@ -1,6 +1,13 @@
-//! One flush round of a database: snapshot its pending ids, write them in chunks of
-//! `wsusage.batch_size`, each chunk one statement (see `target`) in its own transaction (see
-//! `transaction`), and forget what each committed chunk wrote. Runs in the worker only.
+//! One flush round of a database: snapshot its pending keys, read its targets' definitions (see
+//! `definitions`), write each target's keys in chunks of `wsusage.batch_size`, each chunk one
+//! statement (see `target`) in its own transaction (see `transaction`), and forget what each
+//! committed chunk wrote. Runs in the worker only.
+//!
+//! Targets are independent: one that fails (its table dropped, a privilege revoked, its
+//! `after_flush` function raising) keeps its keys pending and is reported, and the round goes on
+//! with the others. Keys of a target whose row was deleted are discarded, counted and logged;
+//! keys marked under a key type the target no longer has (its row changed from a uuid to a
+//! bigint column, say) likewise.
 //!
 //! The statement writes each id's own latest mark time, and only over NULL or an older value, so
 //! a row never moves backwards whatever races with it. Nothing one row does holds back the
@@ -23,20 +30,25 @@
 //!
 //! The pending lock is never held here while the database is touched.
 
+use std::collections::HashMap;
+
 use pgrx::pg_sys;
 use pgrx::pg_sys::errcodes::PgSqlErrorCode;
 use pgrx::prelude::*;
-use wsusage_pending_table::Entry;
+use wsusage_pending_table::{Entry, Key};
 
 use crate::clock::now;
 use crate::databases;
+use crate::definitions;
 use crate::errors::{self, Failure, Scope};
 use crate::held::HELD_MAX;
+use crate::key::Kind;
 use crate::pending;
 use crate::rendezvous;
 use crate::settings;
 use crate::statements::{self, Locking, Statements, Written};
 use crate::stats::{self, ChunkOutcome};
+use crate::target::Definition;
 use crate::transaction::in_transaction;
 
 /// Statements a round may spend splitting failing chunks: enough to isolate a dozen bad rows in
@@ -47,21 +59,22 @@ pub const SPLIT_BUDGET: u32 = 256;
 /// (a trigger refusing every row): the round stops splitting and fails, as for any error.
 pub const HELD_PER_ROUND: u64 = 8;
 
-/// The worker's flush state: its database, the statements, prepared once, and buffers big
-/// enough for the whole set, allocated once so that nothing allocates under the pending lock.
+/// The worker's flush state: its database, the statements of each target, prepared once, and
+/// buffers big enough for the whole set, allocated once so that nothing allocates under the
+/// pending lock.
 pub struct Flusher {
     database: pg_sys::Oid,
     database_name: String,
-    statements: Statements,
+    statements: HashMap<String, Statements>,
     batch: Vec<Entry>,
-    /// Held-back ids not yet due again, sorted.
-    waiting: Vec<[u8; 16]>,
+    /// Held-back keys not yet due again, sorted.
+    waiting: Vec<Key>,
     /// The last failure message logged, so a repeated failure is not logged every interval.
     last_logged_failure: Option<String>,
     extension_missing_logged: bool,
-    /// The target problem last logged by a start-up or reload check, so a reload that changes
-    /// nothing does not repeat it.
-    last_target_problem: Option<String>,
+    /// The target problems last logged by a start-up or reload check, so a reload that changes
+    /// nothing does not repeat them.
+    last_target_problems: Vec<String>,
 }
 
 /// What a round did so far.
@@ -71,12 +84,39 @@ struct Round {
     taken: u64,
     /// Ids isolated this round, held back.
     held_back: u64,
-    /// The first failure that is not one row's.
+    /// The first failure of the round.
     failure: Option<Failure>,
     /// Statements spent splitting.
     splits: u32,
+    /// The current target's part of the round is over.
+    stop_target: bool,
+    /// The current target failed.
+    target_failed: bool,
+    /// The whole round is over (the database is going, or the extension is missing).
     stop: bool,
     extension_missing: bool,
+}
+
+impl Round {
+    fn fail(&mut self, failure: Failure) {
+        self.target_failed = true;
+        self.failure.get_or_insert(failure);
+    }
+}
+
+/// The part of a round writing one target.
+struct Part<'a> {
+    /// The target's slot index, which its keys carry.
+    slot: u16,
+    /// For messages: the target named, unless it is `default`.
+    prefix: String,
+    definition: &'a Definition,
+}
+
+impl Part<'_> {
+    fn failure(&self, failure: Failure) -> Failure {
+        Failure { message: format!("{}{}", self.prefix, failure.message), ..failure }
+    }
 }
 
 impl Flusher {
@@ -85,12 +125,12 @@ impl Flusher {
         Flusher {
             database,
             database_name: database_name(database),
-            statements: Statements::default(),
+            statements: HashMap::new(),
             batch: Vec::with_capacity(settings::max_pending()),
             waiting: Vec::with_capacity(HELD_MAX),
             last_logged_failure: None,
             extension_missing_logged: false,
-            last_target_problem: None,
+            last_target_problems: Vec::new(),
         }
     }
 
@@ -104,44 +144,43 @@ impl Flusher {
     }
 
     /// Flush whatever of the database is pending and publish the outcome to `wsusage_flush()`
-    /// callers; returns the number of ids taken from the set.
+    /// callers; returns the number of keys taken from the set.
     pub fn flush(&mut self) -> u64 {
         let database = self.database;
         let started_at = now();
         let up_to_request = pending::snapshot(database, &mut self.batch, started_at);
-        // Held-back ids wait for their turn; the rest go now.
+        // Held-back keys wait for their turn; the rest go now.
         pending::held_waiting(database, started_at, &mut self.waiting);
         let waiting = &self.waiting;
-        self.batch.retain(|entry| waiting.binary_search(&entry.key.id).is_err());
+        self.batch.retain(|entry| waiting.binary_search(&entry.key).is_err());
         if self.batch.is_empty() {
             rendezvous::publish(database, up_to_request, &rendezvous::Result::Applied { ids: 0, held_back: 0 });
             return 0;
         }
         let ids = self.batch.len() as u64;
-        self.batch.sort_unstable_by_key(|entry| entry.key.id);
+        // By target, then kind, then key: each target's keys in one run, in key order.
+        self.batch.sort_unstable_by_key(|entry| entry.key);
 
         let mut round = Round::default();
-        match settings::target() {
-            // The check hooks keep invalid names out; this is a last line of defence.
-            Err(detail) => {
-                stats::record_chunk(database, &ChunkOutcome::Failed { message: &detail }, now());
-                round.failure =
-                    Some(Failure { sqlstate: PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE as i32, message: detail });
+        // Read after the snapshot: a mark in it was made after its target's row committed.
+        match in_transaction(|| definitions::read(None, current_user()).0) {
+            Err(failure) => {
+                stats::record_chunk(database, None, &ChunkOutcome::Failed { message: &failure.message }, now());
+                round.failure = Some(failure);
             }
-            Ok(target) => {
-                self.statements.use_target(&target);
+            Ok(definitions) => {
                 let batch = std::mem::take(&mut self.batch);
-                for (n, chunk) in batch.chunks(settings::batch_size()).enumerate() {
-                    // A DROP DATABASE (or RENAME) waits for this process to leave: do not make it
-                    // wait for the remaining chunks, which stay pending.
-                    if n > 0 && databases::is_being_changed(database) {
-                        round.failure.get_or_insert(Failure {
-                            sqlstate: PgSqlErrorCode::ERRCODE_OBJECT_IN_USE as i32,
-                            message: "the database is being dropped, renamed or copied".into(),
-                        });
-                        break;
+                let names = stats::target_names().unwrap_or_default();
+                for group in batch.chunk_by(|a, b| a.key.target == b.key.target) {
+                    let slot = group[0].key.target;
+                    let name = names.get(usize::from(slot)).map_or("", String::as_str);
+                    match definitions.iter().find(|definition| definition.name == name && !name.is_empty()) {
+                        None => self.discard(slot, name, None),
+                        Some(definition) => {
+                            let prefix = if name == "default" { String::new() } else { format!("target \"{name}\": ") };
+                            self.write_target(&Part { slot, prefix, definition }, group, &mut round);
+                        }
                     }
-                    self.write(chunk, n == 0, &mut round);
                     if round.stop {
                         break;
                     }
@@ -174,67 +213,138 @@ impl Flusher {
         round.taken
     }
 
-    /// Write `part` (sorted by id) in one transaction; if it fails because of a row, split it
-    /// until the rows that fail are isolated and held back.
-    fn write(&mut self, part: &[Entry], check_target: bool, round: &mut Round) {
+    /// Discard the keys of target slot `slot` — all of them when its target was deleted
+    /// (`kind` `None`), or those of `kind` when the target's keys are no longer of that kind —
+    /// and say so.
+    fn discard(&self, slot: u16, name: &str, kind: Option<Kind>) {
+        let discarded = pending::discard_target(self.database, slot, kind);
+        if discarded == 0 {
+            return;
+        }
+        let why = match kind {
+            None => "the target was deleted from wsusage_target".to_owned(),
+            Some(kind) => {
+                format!("they were marked as {} keys, and the target's key is no longer of that type", kind.sql_type())
+            }
+        };
+        log!(
+            "wsusage discarded {discarded} pending keys of target \"{name}\" in database \"{}\": {why}",
+            self.database_name
+        );
+        stats::count_discarded_in(self.database, discarded);
+    }
+
+    /// Write the keys of one target (`group`, sorted by kind and key) in chunks.
+    fn write_target(&mut self, part: &Part<'_>, group: &[Entry], round: &mut Round) {
         let database = self.database;
-        let statements = &mut self.statements;
-        let mut attempt = |locking| in_transaction(|| statements::write(statements, part, check_target, locking));
+        round.stop_target = false;
+        round.target_failed = false;
+        if let Some(problem) = part.definition.problem() {
+            let failure = part.failure(Failure { sqlstate: problem.sqlstate as i32, message: problem.message });
+            stats::record_chunk(database, Some(part.slot), &ChunkOutcome::Failed { message: &failure.message }, now());
+            round.fail(failure);
+            stats::record_target_round(database, part.slot, true, now());
+            return;
+        }
+        let kind = part.definition.kind().unwrap_or(Kind::Uuid);
+        let (own, other): (Vec<&Entry>, Vec<&Entry>) = group.iter().partition(|entry| entry.key.kind == kind as u8);
+        if let Some(stale) = other.first() {
+            self.discard(part.slot, &part.definition.name, Kind::of(stale.key.kind));
+        }
+        let own: Vec<Entry> = own.into_iter().copied().collect();
+        self.statements.entry(part.definition.name.clone()).or_default().use_definition(part.definition);
+        for (n, chunk) in own.chunks(settings::batch_size()).enumerate() {
+            // A DROP DATABASE (or RENAME) waits for this process to leave: do not make it wait
+            // for the remaining chunks, which stay pending.
+            if (n > 0 || round.taken > 0) && databases::is_being_changed(database) {
+                round.fail(Failure {
+                    sqlstate: PgSqlErrorCode::ERRCODE_OBJECT_IN_USE as i32,
+                    message: "the database is being dropped, renamed or copied".into(),
+                });
+                round.stop = true;
+                break;
+            }
+            self.write(part, chunk, round);
+            if round.stop || round.stop_target {
+                break;
+            }
+        }
+        stats::record_target_round(database, part.slot, round.target_failed, now());
+    }
+
+    /// Write `chunk` (sorted by key) in one transaction; if it fails because of a row, split it
+    /// until the rows that fail are isolated and held back.
+    fn write(&mut self, part: &Part<'_>, chunk: &[Entry], round: &mut Round) {
+        let database = self.database;
+        let Some(statements) = self.statements.get_mut(&part.definition.name) else { return };
+        let mut attempt = |locking| {
+            let result = in_transaction(|| statements::write(statements, chunk, locking));
+            // An ERROR of the after_flush function is the function's: never split for it.
+            let in_after_flush = statements::failed_in_after_flush();
+            result.map_err(|failure| (part.failure(failure), in_after_flush))
+        };
         let mut result = attempt(Locking::FailFast);
-        if matches!(&result, Err(failure) if failure.sqlstate == PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE as i32) {
+        if matches!(&result, Err((failure, _)) if failure.sqlstate == PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE as i32)
+        {
             // A row (or the table) is locked elsewhere: again, skipping the rows held.
             result = attempt(Locking::SkipLocked);
         }
+        let record_failed = |failure: &Failure| {
+            stats::record_chunk(database, Some(part.slot), &ChunkOutcome::Failed { message: &failure.message }, now());
+        };
         match result {
             Ok(Written::Rows { updated, without_row, mut skipped }) => {
                 skipped.sort_unstable();
                 let written: Vec<Entry> =
-                    part.iter().filter(|entry| skipped.binary_search(&entry.key.id).is_err()).copied().collect();
+                    chunk.iter().filter(|entry| skipped.binary_search(&entry.key.id).is_err()).copied().collect();
                 pending::forget(database, &written);
                 round.taken += written.len() as u64;
+                let not_written = (written.len() as u64).saturating_sub(updated + without_row);
                 let outcome = ChunkOutcome::Committed {
                     ids: written.len() as u64,
                     rows_updated: updated,
                     ids_without_row: without_row,
                     ids_skipped_locked: skipped.len() as u64,
+                    ids_skipped_by_min_change: if part.definition.skips_by_min_change() { not_written } else { 0 },
                 };
-                stats::record_chunk(database, &outcome, now());
+                stats::record_chunk(database, Some(part.slot), &outcome, now());
             }
             Ok(Written::ExtensionMissing) => {
                 round.extension_missing = true;
                 round.stop = true;
             }
-            Err(failure) => match failure.scope() {
-                Scope::Rows if part.len() > 1 && round.splits < SPLIT_BUDGET && round.held_back < HELD_PER_ROUND => {
+            Err((failure, in_after_flush)) => match if in_after_flush { Scope::Round } else { failure.scope() } {
+                Scope::Rows if chunk.len() > 1 && round.splits < SPLIT_BUDGET && round.held_back < HELD_PER_ROUND => {
                     round.splits += 2;
-                    let (first, second) = part.split_at(part.len() / 2);
-                    self.write(first, false, round);
-                    if !round.stop {
-                        self.write(second, false, round);
+                    let (first, second) = chunk.split_at(chunk.len() / 2);
+                    self.write(part, first, round);
+                    if !round.stop && !round.stop_target {
+                        self.write(part, second, round);
                     }
                 }
-                Scope::Rows if part.len() == 1 && round.held_back < HELD_PER_ROUND => {
-                    stats::record_chunk(database, &ChunkOutcome::Failed { message: &failure.message }, now());
-                    self.hold_back(part[0].key.id, &failure);
+                Scope::Rows if chunk.len() == 1 && round.held_back < HELD_PER_ROUND => {
+                    record_failed(&failure);
+                    self.hold_back(chunk[0].key, &failure);
                     round.held_back += 1;
+                    round.target_failed = true;
                 }
                 scope => {
-                    stats::record_chunk(database, &ChunkOutcome::Failed { message: &failure.message }, now());
-                    // A row's error left unsplit (the round's budget spent) is the table's trouble
-                    // now: stop, as for an error no row causes.
-                    round.stop = scope != Scope::Chunk;
-                    round.failure.get_or_insert(failure);
+                    record_failed(&failure);
+                    // A row's error left unsplit (the round's budget spent) is the table's
+                    // trouble now: stop the target, as for an error no row causes.
+                    round.stop_target = scope != Scope::Chunk;
+                    round.fail(failure);
                 }
             },
         }
     }
 
-    /// Hold back `id`, whose row makes the UPDATE fail: WARNING the first time, and at the 2nd,
+    /// Hold back `key`, whose row makes the UPDATE fail: WARNING the first time, and at the 2nd,
     /// 4th, 8th … failure in a row.
-    fn hold_back(&self, id: [u8; 16], failure: &Failure) {
-        let failures = pending::hold(self.database, id, &failure.message, now());
+    fn hold_back(&self, key: Key, failure: &Failure) {
+        let failures = pending::hold(key, &failure.message, now());
         if failures.is_none_or(|failures| failures.is_power_of_two()) {
-            errors::report_held_back(&self.database_name, id, failures, failure);
+            errors::report_held_back(&self.database_name, key, failures, failure);
         }
     }
 
@@ -246,7 +356,7 @@ impl Flusher {
             );
             self.extension_missing_logged = true;
         }
-        stats::record_chunk(self.database, &ChunkOutcome::Failed { message: &message }, now());
+        stats::record_chunk(self.database, None, &ChunkOutcome::Failed { message: &message }, now());
         Failure { sqlstate: PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT as i32, message }
     }
 
@@ -268,6 +378,12 @@ impl Flusher {
     }
 }
 
+/// The role the worker runs as (its UPDATEs run as `wsusage.role`, see `statements`).
+fn current_user() -> pg_sys::Oid {
+    // SAFETY: a plain read of this process's user.
+    unsafe { pg_sys::GetUserId() }
+}
+
 /// The name of `database`, for messages; its OID if it has none (being dropped).
 fn database_name(database: pg_sys::Oid) -> String {
     // SAFETY: a transaction of its own around the catalog lookup, outside any other.
@@ -278,19 +394,31 @@ fn database_name(database: pg_sys::Oid) -> String {
     name
 }
 
-/// Check the configured target in a transaction of its own (at start and after a reload), so a
+/// Check the targets in a transaction of its own (at start and after a reload), so a
 /// misconfiguration is reported before any mark waits on it.
-pub fn validate_target(flusher: &mut Flusher) {
-    let Ok(target) = settings::target() else { return };
-    flusher.statements.use_target(&target);
-    let statements = &mut flusher.statements;
-    if let Err(failure) = in_transaction(|| statements::check(statements)) {
-        stats::record_problem(flusher.database, &failure.message, now());
-        if flusher.last_target_problem.as_deref() != Some(failure.message.as_str()) {
+pub fn validate_targets(flusher: &mut Flusher) {
+    let problems: Vec<Failure> = match in_transaction(|| definitions::read(None, current_user()).0) {
+        Err(failure) => vec![failure],
+        Ok(definitions) => definitions
+            .iter()
+            .filter_map(|definition| {
+                let problem = definition.problem()?;
+                let prefix = if definition.name == "default" {
+                    String::new()
+                } else {
+                    format!("target \"{}\": ", definition.name)
+                };
+                Some(Failure { sqlstate: problem.sqlstate as i32, message: format!("{prefix}{}", problem.message) })
+            })
+            .collect(),
+    };
+    let mut logged = Vec::with_capacity(problems.len());
+    for failure in problems {
+        stats::record_problem(flusher.database, None, &failure.message, now());
+        if !flusher.last_target_problems.contains(&failure.message) {
             errors::report_target_problem(&failure);
-            flusher.last_target_problem = Some(failure.message);
         }
-    } else {
-        flusher.last_target_problem = None;
+        logged.push(failure.message);
     }
+    flusher.last_target_problems = logged;
 }

@@ -1,4 +1,4 @@
-//! Ids held back: pending ids whose own row makes the flush's UPDATE fail (a trigger or check
+//! Keys held back: pending keys whose own row makes the flush's UPDATE fail (a trigger or check
 //! that raises for that row, a value the column refuses), isolated by splitting the failing chunk
 //! (see `flush`). Each stays pending and is retried at a slowing pace — one interval after the
 //! first failure, then 2, 4 … up to [`MAX_BACKOFF_INTERVALS`] — while every other id is written
@@ -11,6 +11,7 @@
 //! (log2 of a chunk's size in statements each), never written wrong nor lost.
 
 use pgrx::pg_sys;
+use wsusage_pending_table::Key;
 
 use crate::message::{self, Message};
 
@@ -23,9 +24,8 @@ pub const MAX_BACKOFF_INTERVALS: i64 = 64;
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct HeldId {
-    /// `InvalidOid` when the place is free.
-    pub database: pg_sys::Oid,
-    pub id: [u8; 16],
+    /// Its database is 0 when the place is free.
+    pub key: Key,
     /// Failed attempts in a row.
     pub failures: u32,
     /// When the last attempt failed (`TimestampTz`).
@@ -35,11 +35,19 @@ pub struct HeldId {
 }
 
 impl HeldId {
-    const FREE: HeldId =
-        HeldId { database: pg_sys::InvalidOid, id: [0; 16], failures: 0, failed_at: 0, message: message::EMPTY };
+    const FREE: HeldId = HeldId {
+        key: Key { database: 0, target: 0, kind: 0, id: [0; 16] },
+        failures: 0,
+        failed_at: 0,
+        message: message::EMPTY,
+    };
 
     fn is_free(&self) -> bool {
-        self.database == pg_sys::InvalidOid
+        self.key.database == 0
+    }
+
+    fn in_database(&self, database: pg_sys::Oid) -> bool {
+        self.key.database == database.to_u32()
     }
 
     /// When the next flush may try it again, at the current flush interval: one interval after
@@ -58,23 +66,23 @@ pub struct HeldBack {
 }
 
 impl HeldBack {
-    fn position(&self, database: pg_sys::Oid, id: &[u8; 16]) -> Option<usize> {
-        self.places.iter().position(|held| held.database == database && held.id == *id)
+    fn position(&self, key: &Key) -> Option<usize> {
+        self.places.iter().position(|held| !held.is_free() && held.key == *key)
     }
 
-    /// The held-back ids of `database`.
+    /// The held-back keys of `database`.
     pub fn of(&self, database: pg_sys::Oid) -> impl Iterator<Item = &HeldId> {
-        self.places.iter().filter(move |held| held.database == database)
+        self.places.iter().filter(move |held| held.in_database(database))
     }
 
     /// Hold `id` back after an attempt that failed at `now` with `error`. Returns its failed
     /// attempts in a row, or `None` when the pool is full (nothing recorded).
-    pub fn hold(&mut self, database: pg_sys::Oid, id: [u8; 16], error: &str, now: i64) -> Option<u32> {
-        let index = match self.position(database, &id) {
+    pub fn hold(&mut self, key: Key, error: &str, now: i64) -> Option<u32> {
+        let index = match self.position(&key) {
             Some(index) => index,
             None => match self.places.iter().position(HeldId::is_free) {
                 Some(index) => {
-                    self.places[index] = HeldId { database, id, ..HeldId::FREE };
+                    self.places[index] = HeldId { key, ..HeldId::FREE };
                     index
                 }
                 None => return None,
@@ -87,11 +95,11 @@ impl HeldBack {
         Some(held.failures)
     }
 
-    /// Forget the ids of `database` for which `keep` is false (written at last, or no longer
+    /// Forget the keys of `database` for which `keep` is false (written at last, or no longer
     /// pending).
-    pub fn retain(&mut self, database: pg_sys::Oid, mut keep: impl FnMut(&[u8; 16]) -> bool) {
-        for held in self.places.iter_mut().filter(|held| held.database == database) {
-            if !keep(&held.id) {
+    pub fn retain(&mut self, database: pg_sys::Oid, mut keep: impl FnMut(&Key) -> bool) {
+        for held in self.places.iter_mut().filter(|held| held.in_database(database)) {
+            if !keep(&held.key) {
                 *held = HeldId::FREE;
             }
         }
@@ -104,6 +112,6 @@ impl HeldBack {
 
     /// How many ids are held back, in `database` or in every database.
     pub fn count(&self, database: Option<pg_sys::Oid>) -> u64 {
-        self.places.iter().filter(|held| !held.is_free() && database.is_none_or(|d| held.database == d)).count() as u64
+        self.places.iter().filter(|held| !held.is_free() && database.is_none_or(|d| held.in_database(d))).count() as u64
     }
 }

@@ -230,7 +230,7 @@ impl Launcher {
     /// Tell the database's callers and the DBA that no worker could serve it, and wait a while
     /// before the next attempt.
     fn worker_unavailable(&mut self, database: pg_sys::Oid, code: PgSqlErrorCode, message: &str) {
-        stats::record_problem(database, message, now());
+        stats::record_problem(database, None, message, now());
         rendezvous::fail_waiting(database, code as i32, message);
         self.retry_at.insert(database, Instant::now() + RETRY_DELAY);
     }

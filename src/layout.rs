@@ -7,10 +7,11 @@
 //!   `1.5 × wsusage.max_pending` places allocated up front. It refuses a new id exactly when
 //!   `max_pending` are held: the set never borrows from the server's spare shared memory, and a
 //!   full set is a clean, reportable condition. All databases share it.
-//! - **"wsusage"**, one [`Shared`] struct followed by `wsusage.max_databases` [`DatabaseSlot`]s.
+//! - **"wsusage"**, one [`Shared`] struct followed by `wsusage.max_databases` [`DatabaseSlot`]s
+//!   and `wsusage.max_targets` [`TargetSlot`]s.
 //!   `Shared` holds the lock's address, a condition variable broadcast after every flush, and the
 //!   [`Header`]: the launcher's identity and latch and the cluster-wide counters. A slot holds what
-//!   is per database (see `slot`).
+//!   is per database (see `slot`), a target slot what is per target (see `target_slot`).
 //!
 //! Locking. One lock (see `lock`: striped, shared or exclusive) guards the table, the header and
 //! every slot; the condition variable synchronises itself, and the lock's address and the slot
@@ -39,7 +40,7 @@
 //! any backend makes the postmaster reinitialise shared memory, which loses the marks made since
 //! the last flush (at most one interval's worth).
 
-use std::mem::size_of;
+use std::mem::{align_of, size_of};
 use std::ptr::null_mut;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 
@@ -50,6 +51,7 @@ use crate::counters::Stats;
 use crate::held::HeldBack;
 use crate::lock::{self, Mode};
 use crate::slot::DatabaseSlot;
+use crate::target_slot::TargetSlot;
 
 /// What the lock guards besides the slots and the table. All-zero is its empty state.
 #[repr(C)]
@@ -84,6 +86,8 @@ struct Shared {
     locks: *mut pg_sys::LWLockPadded,
     /// Number of [`DatabaseSlot`]s following this struct. Set at creation, never changed.
     slot_count: usize,
+    /// Number of [`TargetSlot`]s following those. Set at creation, never changed.
+    target_count: usize,
     /// Broadcast after every flush (success or failure) of any database. Not guarded by the lock.
     flushed: pg_sys::ConditionVariable,
     /// An exclusive holder is at work: found set when every process has gone, it was killed
@@ -96,9 +100,15 @@ struct Shared {
 static SHARED: AtomicPtr<Shared> = AtomicPtr::new(null_mut());
 static PENDING: AtomicPtr<u8> = AtomicPtr::new(null_mut());
 
-/// Bytes of the "wsusage" allocation for `max_databases` slots.
-pub fn shared_size(max_databases: usize) -> usize {
-    size_of::<Shared>() + max_databases * size_of::<DatabaseSlot>()
+/// Bytes of the "wsusage" allocation for `max_databases` database slots and `max_targets`
+/// target slots.
+pub fn shared_size(max_databases: usize, max_targets: usize) -> usize {
+    targets_offset(max_databases) + max_targets * size_of::<TargetSlot>()
+}
+
+/// Where the target slots start in the "wsusage" allocation.
+fn targets_offset(max_databases: usize) -> usize {
+    (size_of::<Shared>() + max_databases * size_of::<DatabaseSlot>()).next_multiple_of(align_of::<TargetSlot>())
 }
 
 /// Bytes of the "wsusage pending" allocation for `max_pending` ids.
@@ -111,14 +121,21 @@ pub fn pending_size(max_pending: usize) -> usize {
 /// # Safety
 /// `memory` is a fresh shared-memory allocation of that size, which nobody else uses yet;
 /// `locks` is the lock's tranche.
-pub unsafe fn create_shared(memory: *mut u8, max_databases: usize, locks: *mut pg_sys::LWLockPadded, now: i64) {
+pub unsafe fn create_shared(
+    memory: *mut u8,
+    max_databases: usize,
+    max_targets: usize,
+    locks: *mut pg_sys::LWLockPadded,
+    now: i64,
+) {
     // SAFETY: the caller's promise. All-zero is the valid empty state of every field but those set
     // below, and of every slot (database InvalidOid: free).
     unsafe {
-        std::ptr::write_bytes(memory, 0, shared_size(max_databases));
+        std::ptr::write_bytes(memory, 0, shared_size(max_databases, max_targets));
         let shared = memory.cast::<Shared>();
         (*shared).locks = locks;
         (*shared).slot_count = max_databases;
+        (*shared).target_count = max_targets;
         pg_sys::ConditionVariableInit(&raw mut (*shared).flushed);
         (*shared).header.stats.stats_reset = now;
     }
@@ -148,6 +165,7 @@ pub fn is_ready() -> bool {
 pub struct View<'a> {
     pub header: &'a Header,
     pub slots: &'a [DatabaseSlot],
+    pub targets: &'a [TargetSlot],
     pub pending: Table<'a>,
 }
 
@@ -155,6 +173,7 @@ pub struct View<'a> {
 pub struct ViewMut<'a> {
     pub header: &'a mut Header,
     pub slots: &'a mut [DatabaseSlot],
+    pub targets: &'a mut [TargetSlot],
     pub pending: Table<'a>,
     pub exclusive: Exclusive<'a>,
 }
@@ -162,7 +181,7 @@ pub struct ViewMut<'a> {
 impl ViewMut<'_> {
     /// What a shared-mode holder could do, the exclusive holder can too.
     pub fn view(&self) -> View<'_> {
-        View { header: self.header, slots: self.slots, pending: self.pending }
+        View { header: self.header, slots: self.slots, targets: self.targets, pending: self.pending }
     }
 }
 
@@ -183,6 +202,7 @@ pub fn with_shared<R>(f: impl FnOnce(&View<'_>) -> R) -> Option<R> {
         View {
             header: &(*shared).header,
             slots: std::slice::from_raw_parts(slots_of(shared), (*shared).slot_count),
+            targets: std::slice::from_raw_parts(targets_of(shared), (*shared).target_count),
             pending: pending_table::attach(PENDING.load(Ordering::Acquire)),
         }
     };
@@ -238,6 +258,7 @@ unsafe fn exclusive_view<'a>(shared: *mut Shared) -> ViewMut<'a> {
         ViewMut {
             header: &mut (*shared).header,
             slots: std::slice::from_raw_parts_mut(slots_of(shared), (*shared).slot_count),
+            targets: std::slice::from_raw_parts_mut(targets_of(shared), (*shared).target_count),
             pending: pending_table::attach(PENDING.load(Ordering::Acquire)),
             exclusive: Exclusive::new(),
         }
@@ -249,6 +270,14 @@ unsafe fn exclusive_view<'a>(shared: *mut Shared) -> ViewMut<'a> {
 unsafe fn slots_of(shared: *mut Shared) -> *mut DatabaseSlot {
     // SAFETY: the slots follow the struct in the same allocation (see shared_size).
     unsafe { shared.add(1).cast::<DatabaseSlot>() }
+}
+
+/// # Safety
+/// `shared` is the struct made at startup.
+unsafe fn targets_of(shared: *mut Shared) -> *mut TargetSlot {
+    // SAFETY: the target slots follow the database slots in the same allocation, aligned (see
+    // shared_size).
+    unsafe { shared.cast::<u8>().add(targets_offset((*shared).slot_count)).cast::<TargetSlot>() }
 }
 
 /// The condition variable broadcast after every flush, or `None` when not preloaded.

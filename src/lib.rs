@@ -2,7 +2,10 @@
 //!
 //! Vocabulary used throughout the crate:
 //! - a **mark** is one call saying "this id was used now";
-//! - the **pending** set holds, per id, the latest time it was marked and not yet written;
+//! - a **target** is a debounced column: a table, its key column and its timestamp column
+//!   (`wsusage_target`, and the `default` target of the settings);
+//! - the **pending** set holds, per key of a target, the latest time it was marked and not yet
+//!   written;
 //! - a **flush** writes the pending set to the table in one statement and forgets what it wrote;
 //! - the **launcher** starts a flush **worker** per database with marks due for a flush.
 //!
@@ -17,11 +20,13 @@ use pgrx::prelude::*;
 mod clock;
 mod counters;
 mod held;
+mod key;
 mod lock;
 mod message;
 mod requests;
 mod slot;
 mod stripes;
+mod target_slot;
 
 mod layout;
 
@@ -29,6 +34,7 @@ mod databases;
 mod pending;
 mod rendezvous;
 mod stats;
+mod targets;
 
 mod persist;
 mod shmem;
@@ -36,6 +42,10 @@ mod shmem;
 mod errors;
 mod settings;
 mod target;
+
+mod definitions;
+mod resolve;
+mod target_table;
 
 mod statements;
 mod transaction;

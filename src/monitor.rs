@@ -11,10 +11,13 @@
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
+use wsusage_pending_table::{Entry, Key};
+
 use crate::api::this_database;
 use crate::counters::Stats;
 use crate::databases;
 use crate::errors::UsageError;
+use crate::key::{self, Kind};
 use crate::message;
 use crate::pending;
 use crate::rows::{self, Column, Value};
@@ -54,6 +57,7 @@ fn counter(s: &Stats, name: &str) -> Option<Value> {
         "rows_updated" => count(s.rows_updated),
         "ids_without_row" => count(s.ids_without_row),
         "ids_skipped_locked" => count(s.ids_skipped_locked),
+        "ids_skipped_by_min_change" => count(s.ids_skipped_by_min_change),
         "ids_discarded" => count(s.ids_discarded),
         "failures" => count(s.failures),
         "consecutive_failures" => count(s.consecutive_failures),
@@ -76,6 +80,7 @@ const COUNTER_COLUMNS: &[Column] = &[
     column("rows_updated", pg_sys::INT8OID),
     column("ids_without_row", pg_sys::INT8OID),
     column("ids_skipped_locked", pg_sys::INT8OID),
+    column("ids_skipped_by_min_change", pg_sys::INT8OID),
     column("ids_discarded", pg_sys::INT8OID),
     column("failures", pg_sys::INT8OID),
     column("consecutive_failures", pg_sys::INT8OID),
@@ -151,27 +156,60 @@ pub unsafe extern "C-unwind" fn wsusage_stats_by_database_wrapper(fcinfo: pg_sys
     unsafe { rows::materialize(fcinfo, FUNCTION, &[BY_DATABASE_COLUMNS, COUNTER_COLUMNS], rows, value) }
 }
 
+const BY_TARGET_COLUMNS: &[Column] =
+    &[column("database", pg_sys::TEXTOID), column("target", pg_sys::TEXTOID), column("pending", pg_sys::INT8OID)];
+
+/// One row per target with keys pending or counters kept, in every database: what its flushes
+/// did and last failed at.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn wsusage_stats_by_target_wrapper(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    const FUNCTION: &str = "wsusage_stats_by_target";
+    let Some(rows) = stats::by_target() else { UsageError::NotPreloaded.raise(FUNCTION) };
+    let value = |row: &stats::TargetStats, name: &str| match name {
+        "database" => databases::name(row.database).map_or(Value::Null, Value::Text),
+        "target" => Value::Text(row.name.clone()),
+        "pending" => count(row.pending),
+        _ => counter(&row.stats, name).unwrap_or(Value::Null),
+    };
+    // SAFETY: as for wsusage_stats.
+    unsafe { rows::materialize(fcinfo, FUNCTION, &[BY_TARGET_COLUMNS, COUNTER_COLUMNS], rows, value) }
+}
+
 const PENDING_COLUMNS: &[Column] = &[
+    column("target", pg_sys::TEXTOID),
+    column("key", pg_sys::TEXTOID),
     column("workspace_id", pg_sys::UUIDOID),
     column("last_used_at", pg_sys::TIMESTAMPTZOID),
     column("error", pg_sys::TEXTOID),
     column("retry_at", pg_sys::TIMESTAMPTZOID),
 ];
 
-/// What the next flush of this database will write: each pending id with its latest mark time.
+/// What the next flush of this database will write: each pending key of each target with its
+/// latest mark time.
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn wsusage_pending_wrapper(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     const FUNCTION: &str = "wsusage_pending";
-    let Some(entries) = pending::entries(this_database()) else { UsageError::NotPreloaded.raise(FUNCTION) };
+    let Some(mut entries) = pending::entries(this_database()) else { UsageError::NotPreloaded.raise(FUNCTION) };
+    entries.sort_unstable_by_key(|entry| entry.key);
+    let names = stats::target_names().unwrap_or_default();
     let mut held = pending::held_of(this_database());
-    held.sort_unstable_by_key(|held| held.id);
-    let held_of = |id: &[u8; 16]| held.binary_search_by_key(id, |held| held.id).ok().map(|index| &held[index]);
-    let value = |entry: &wsusage_pending_table::Entry, name: &str| match name {
-        "workspace_id" => Value::Uuid(entry.key.id),
-        "last_used_at" => timestamp(entry.marked_at),
-        "error" => held_of(&entry.key.id).map_or(Value::Null, |held| Value::Text(message::read(&held.message))),
-        _ => held_of(&entry.key.id).map_or(Value::Null, |held| timestamp(held.retry_at(settings::flush_interval_us()))),
+    held.sort_unstable_by_key(|held| held.key);
+    let held_of = |key: &Key| held.binary_search_by_key(key, |held| held.key).ok().map(|index| &held[index]);
+    let value = |entry: &Entry, name: &str| {
+        let kind = Kind::of(entry.key.kind).unwrap_or(Kind::Uuid);
+        match name {
+            "target" => names.get(usize::from(entry.key.target)).cloned().map_or(Value::Null, Value::Text),
+            "key" => Value::Text(key::display(kind, &entry.key.id)),
+            "workspace_id" if kind == Kind::Uuid => Value::Uuid(entry.key.id),
+            "workspace_id" => Value::Null,
+            "last_used_at" => timestamp(entry.marked_at),
+            "error" => held_of(&entry.key).map_or(Value::Null, |held| Value::Text(message::read(&held.message))),
+            _ => {
+                held_of(&entry.key).map_or(Value::Null, |held| timestamp(held.retry_at(settings::flush_interval_us())))
+            }
+        }
     };
     // SAFETY: as for wsusage_stats.
     unsafe { rows::materialize(fcinfo, FUNCTION, &[PENDING_COLUMNS], entries, value) }
@@ -189,7 +227,12 @@ macro_rules! finfo_v1 {
         )*
     };
 }
-finfo_v1!(pg_finfo_wsusage_stats_wrapper, pg_finfo_wsusage_stats_by_database_wrapper, pg_finfo_wsusage_pending_wrapper);
+finfo_v1!(
+    pg_finfo_wsusage_stats_wrapper,
+    pg_finfo_wsusage_stats_by_database_wrapper,
+    pg_finfo_wsusage_stats_by_target_wrapper,
+    pg_finfo_wsusage_pending_wrapper
+);
 
 /// Zero the counters of `wsusage_stats` and `wsusage_stats_by_database`; what is pending stays
 /// pending.
@@ -213,6 +256,7 @@ CREATE FUNCTION wsusage_stats() RETURNS TABLE (
 	"rows_updated" bigint,
 	"ids_without_row" bigint,
 	"ids_skipped_locked" bigint,
+	"ids_skipped_by_min_change" bigint,
 	"ids_discarded" bigint,
 	"failures" bigint,
 	"consecutive_failures" bigint,
@@ -241,6 +285,7 @@ CREATE FUNCTION wsusage_stats_by_database() RETURNS TABLE (
 	"rows_updated" bigint,
 	"ids_without_row" bigint,
 	"ids_skipped_locked" bigint,
+	"ids_skipped_by_min_change" bigint,
 	"failures" bigint,
 	"consecutive_failures" bigint,
 	"rejected" bigint,
@@ -256,7 +301,28 @@ STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'wsusage_stats_by_database_wrapper';
 
+CREATE FUNCTION wsusage_stats_by_target() RETURNS TABLE (
+	"database" TEXT,
+	"target" TEXT,
+	"pending" bigint,
+	"ids_flushed" bigint,
+	"rows_updated" bigint,
+	"ids_skipped_by_min_change" bigint,
+	"ids_without_row" bigint,
+	"ids_skipped_locked" bigint,
+	"failures" bigint,
+	"consecutive_failures" bigint,
+	"last_error" TEXT,
+	"last_error_at" timestamp with time zone,
+	"last_flush_at" timestamp with time zone
+)
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'wsusage_stats_by_target_wrapper';
+
 CREATE FUNCTION wsusage_pending() RETURNS TABLE (
+	"target" TEXT,
+	"key" TEXT,
 	"workspace_id" uuid,
 	"last_used_at" timestamp with time zone,
 	"error" TEXT,
@@ -270,13 +336,19 @@ CREATE VIEW wsusage_stats AS SELECT * FROM wsusage_stats();
 COMMENT ON VIEW wsusage_stats IS 'What wsusage holds, has done and last failed at, in the whole cluster';
 CREATE VIEW wsusage_stats_by_database AS SELECT * FROM wsusage_stats_by_database();
 COMMENT ON VIEW wsusage_stats_by_database IS 'What wsusage holds, has done and last failed at, per database';
+CREATE VIEW wsusage_stats_by_target AS SELECT * FROM wsusage_stats_by_target();
+COMMENT ON VIEW wsusage_stats_by_target IS 'What wsusage holds, has done and last failed at, per target of each database';
 
 -- Least privilege: nothing is callable by PUBLIC. Applications get the marking functions by
 -- GRANT (see the README); monitoring roles read the stats.
 REVOKE EXECUTE ON FUNCTION wsusage_mark(uuid), wsusage_mark_many(uuid[]), wsusage_flush(),
-    wsusage_stats(), wsusage_stats_by_database(), wsusage_stats_reset(), wsusage_pending() FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION wsusage_stats(), wsusage_stats_by_database(), wsusage_pending() TO pg_monitor;
-GRANT SELECT ON wsusage_stats, wsusage_stats_by_database TO pg_monitor;
+    wsusage_mark(text, uuid), wsusage_mark_many(text, uuid[]), wsusage_mark_bigint(text, bigint),
+    wsusage_mark_many_bigint(text, bigint[]),
+    wsusage_stats(), wsusage_stats_by_database(), wsusage_stats_by_target(), wsusage_stats_reset(),
+    wsusage_pending() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION wsusage_stats(), wsusage_stats_by_database(), wsusage_stats_by_target(),
+    wsusage_pending() TO pg_monitor;
+GRANT SELECT ON wsusage_stats, wsusage_stats_by_database, wsusage_stats_by_target TO pg_monitor;
 "#,
     name = "privileges_and_views",
     finalize

@@ -14,10 +14,12 @@ use wsusage_pending_table::{Entry, Inserted, Key, Stuck};
 
 use crate::databases;
 use crate::held::{HeldId, HELD_MAX};
+use crate::key::Kind;
 use crate::layout::{self, View, ViewMut};
 use crate::rendezvous;
 use crate::settings;
 use crate::stats;
+use crate::targets::{self, SlotRef};
 
 /// Fraction of `wsusage.max_pending` at which a mark wakes the launcher to flush early.
 const HIGH_WATER_NUMERATOR: usize = 1;
@@ -32,9 +34,18 @@ pub fn high_water_mark() -> usize {
     (settings::max_pending() * HIGH_WATER_NUMERATOR / HIGH_WATER_DENOMINATOR).max(1)
 }
 
-/// The table's key for `id` marked in `database`.
-pub fn key(database: pg_sys::Oid, id: [u8; 16]) -> Key {
-    Key { database: database.to_u32(), id }
+/// What a mark names: a target of the caller's database, the slot the caller last found it in
+/// (refreshed here when the slot was given to another target since), and the kind of its keys.
+pub struct Marking<'a> {
+    pub database: pg_sys::Oid,
+    pub name: &'a str,
+    pub slot: &'a mut Option<SlotRef>,
+    pub kind: Kind,
+}
+
+/// The table's key for `id` of target slot `slot` of `database`.
+pub fn key(database: pg_sys::Oid, slot: SlotRef, kind: Kind, id: [u8; 16]) -> Key {
+    Key { database: database.to_u32(), target: slot.index, kind: kind as u8, id }
 }
 
 /// Why [`mark_all`] stopped early.
@@ -46,20 +57,22 @@ pub enum MarkError {
     },
     /// Every database slot serves another database that still has marks pending.
     NoSlot,
+    /// Every target slot serves another target that still has marks pending.
+    NoTargetSlot,
     /// A place of the set stayed claimed by another process far longer than a claim takes.
     Stuck(Stuck),
 }
 
-/// Record that each id was used at `now` in `database` (keeping each id's latest time), a chunk
+/// Record that each id of the target was used at `now` (keeping each id's latest time), a chunk
 /// at a time; a cancel between chunks leaves the chunks before it marked.
-pub fn mark_all(database: pg_sys::Oid, ids: &[[u8; 16]], now: i64) -> Result<(), MarkError> {
+pub fn mark_all(target: &mut Marking<'_>, ids: &[[u8; 16]], now: i64) -> Result<(), MarkError> {
     for (n, chunk) in ids.chunks(MARK_CHUNK).enumerate() {
         if n > 0 {
             check_for_interrupts!();
         }
         // Should the set fill in this chunk, the ids after it are refused too, and counted so.
         let beyond = ids.len() - n * MARK_CHUNK - chunk.len();
-        mark_chunk(database, chunk, beyond, now).map_err(|error| match error {
+        mark_chunk(target, chunk, beyond, now).map_err(|error| match error {
             MarkError::Full { marked } => MarkError::Full { marked: n * MARK_CHUNK + marked },
             other => other,
         })?;
@@ -67,22 +80,31 @@ pub fn mark_all(database: pg_sys::Oid, ids: &[[u8; 16]], now: i64) -> Result<(),
     Ok(())
 }
 
-fn mark_chunk(database: pg_sys::Oid, ids: &[[u8; 16]], beyond: usize, now: i64) -> Result<(), MarkError> {
+fn mark_chunk(target: &mut Marking<'_>, ids: &[[u8; 16]], beyond: usize, now: i64) -> Result<(), MarkError> {
+    let database = target.database;
     // Markers hold the lock in shared mode, new ids included (see `layout`): they never wait for
     // one another, nor for one descheduled while holding the lock. Only the first mark of a
-    // database without a slot takes it exclusively, to claim one.
+    // database or target without a slot (or whose slot was given away) takes it exclusively, to
+    // claim one.
     let marked = layout::with_shared(|state| {
-        databases::find(state.slots, database).map(|slot| mark_in(state, slot, database, ids, beyond, now))
+        let slot = databases::find(state.slots, database)?;
+        let target_slot = target.slot.filter(|found| found.is_current(state, database))?;
+        Some(mark_in(state, slot, target_slot, target.kind, database, ids, beyond, now))
     });
     let (result, wake) = match marked {
         None => return Err(MarkError::NotPreloaded),
         Some(Some(marked)) => marked,
-        Some(None) => layout::with_exclusive(|state| match databases::claim(state, database, now) {
-            Some(slot) => mark_in(&state.view(), slot, database, ids, beyond, now),
-            None => {
+        Some(None) => layout::with_exclusive(|state| {
+            let Some(slot) = databases::claim(state, database, now) else {
                 stats::count_refused_without_slot(state, ids.len() + beyond);
-                (Err(MarkError::NoSlot), None)
-            }
+                return (Err(MarkError::NoSlot), None);
+            };
+            let Some(target_slot) = targets::claim(state, database, target.name, now) else {
+                stats::count_refused_without_slot(state, ids.len() + beyond);
+                return (Err(MarkError::NoTargetSlot), None);
+            };
+            *target.slot = Some(target_slot);
+            mark_in(&state.view(), slot, target_slot, target.kind, database, ids, beyond, now)
         })
         .ok_or(MarkError::NotPreloaded)?,
     };
@@ -94,13 +116,16 @@ fn mark_chunk(database: pg_sys::Oid, ids: &[[u8; 16]], beyond: usize, now: i64) 
     result
 }
 
-/// Mark `ids` in `database`, whose slot is `slot`, `beyond` more ids of the same call waiting
-/// behind them; returns the outcome and the launcher's latch when this mark must wake it. Caller
-/// must hold the lock, in shared mode being enough: the table takes concurrent inserts, and the
-/// counts change atomically (see `layout`).
+/// Mark `ids` of target slot `target` in `database`, whose slot is `slot`, `beyond` more ids of
+/// the same call waiting behind them; returns the outcome and the launcher's latch when this
+/// mark must wake it. Caller must hold the lock, in shared mode being enough: the table takes
+/// concurrent inserts, and the counts change atomically (see `layout`).
+#[allow(clippy::too_many_arguments)]
 fn mark_in(
     state: &View<'_>,
     slot: usize,
+    target: SlotRef,
+    kind: Kind,
     database: pg_sys::Oid,
     ids: &[[u8; 16]],
     beyond: usize,
@@ -109,7 +134,7 @@ fn mark_in(
     let mut added = 0;
     let mut outcome = Ok(());
     for (i, id) in ids.iter().enumerate() {
-        match state.pending.insert(&key(database, *id), now) {
+        match state.pending.insert(&key(database, target, kind, *id), now) {
             Ok(Inserted::New) => added += 1,
             Ok(Inserted::Existing) => {}
             Ok(Inserted::Full) => {
@@ -135,6 +160,7 @@ fn mark_in(
     if added == 0 {
         return (outcome, launcher.filter(|_| extension_back));
     }
+    state.targets[usize::from(target.index)].pending.fetch_add(added, Ordering::Relaxed);
     let was_empty = slot.pending.fetch_add(added, Ordering::Relaxed) == 0;
     // Only a new id can take the set past its high-water mark, or give a database without a
     // worker its first pending id, for which the launcher starts one.
@@ -242,17 +268,45 @@ pub fn all_entries(state: &ViewMut<'_>) -> Vec<Entry> {
     out
 }
 
-/// Put saved entries back into the set, claiming their databases' slots; returns how many could
+/// A target of a saved set: entries name it by their index in the file's list.
+pub struct SavedTarget {
+    pub database: u32,
+    pub name: String,
+}
+
+/// Put saved entries back into the set, claiming their databases' and targets' slots (an
+/// entry's `key.target` is the index of its target in `saved_targets`); returns how many could
 /// not be (set or slots full). Postmaster only (see `persist`), with entries it validated.
-pub fn restore(state: &mut ViewMut<'_>, entries: &[Entry], now: i64) -> usize {
+pub fn restore(state: &mut ViewMut<'_>, saved_targets: &[SavedTarget], entries: &[Entry], now: i64) -> usize {
     let mut refused = 0;
+    // Claimed at a target's first entry: a slot claimed before its keys are in could be taken
+    // again, as idle, by the next target's claim.
+    let mut claimed: Vec<Option<SlotRef>> = vec![None; saved_targets.len()];
     for entry in entries {
-        let Some(slot) = databases::claim(state, pg_sys::Oid::from(entry.key.database), now) else {
+        let database = pg_sys::Oid::from(entry.key.database);
+        let Some(slot) = databases::claim(state, database, now) else {
             refused += 1;
             continue;
         };
-        match state.pending.insert(&entry.key, entry.marked_at) {
-            Ok(Inserted::New) => *state.slots[slot].pending.get_mut() += 1,
+        let file_index = usize::from(entry.key.target);
+        let target = match claimed.get(file_index) {
+            Some(Some(found)) => Some(*found),
+            Some(None) => {
+                let found = targets::claim(state, database, &saved_targets[file_index].name, now);
+                claimed[file_index] = found;
+                found
+            }
+            None => None,
+        };
+        let Some(target) = target else {
+            refused += 1;
+            continue;
+        };
+        match state.pending.insert(&Key { target: target.index, ..entry.key }, entry.marked_at) {
+            Ok(Inserted::New) => {
+                *state.slots[slot].pending.get_mut() += 1;
+                *state.targets[usize::from(target.index)].pending.get_mut() += 1;
+            }
             Ok(Inserted::Existing) => {}
             // Nobody else uses the table yet: no claim can be stuck.
             Ok(Inserted::Full) | Err(_) => refused += 1,
@@ -261,7 +315,7 @@ pub fn restore(state: &mut ViewMut<'_>, entries: &[Entry], now: i64) -> usize {
     refused
 }
 
-/// Forget the entries a committed flush of `database` wrote (`written`, sorted by id), except
+/// Forget the entries a committed flush of `database` wrote (`written`, sorted by key), except
 /// those marked again since the snapshot; and release those of them that were held back.
 pub fn forget(database: pg_sys::Oid, written: &[Entry]) {
     layout::with_exclusive(|state| {
@@ -271,6 +325,10 @@ pub fn forget(database: pg_sys::Oid, written: &[Entry]) {
                 if state.pending.entry(&state.exclusive, index).marked_at <= entry.marked_at {
                     state.pending.remove_at(&state.exclusive, index);
                     forgotten += 1;
+                    if let Some(target) = state.targets.get_mut(usize::from(entry.key.target)) {
+                        let pending = target.pending.get_mut();
+                        *pending = pending.saturating_sub(1);
+                    }
                 }
             }
         }
@@ -278,25 +336,52 @@ pub fn forget(database: pg_sys::Oid, written: &[Entry]) {
             let pending = state.slots[index].pending.get_mut();
             *pending = pending.saturating_sub(forgotten);
         }
-        state.header.held.retain(database, |id| written.binary_search_by_key(id, |entry| entry.key.id).is_err());
+        state.header.held.retain(database, |key| written.binary_search_by_key(key, |entry| entry.key).is_err());
     });
 }
 
-/// The ids of `database` held back whose next try is after `now`, into `out` (cleared first;
+/// Discard the pending keys of target slot `target` of `database` — all of them, and the slot
+/// with them, when the target was deleted (`kind` `None`), or those of `kind` when the target's
+/// key type is no longer that — and return how many, which the caller counts
+/// (`stats::count_discarded`) once it has said so in the log.
+pub fn discard_target(database: pg_sys::Oid, target: u16, kind: Option<Kind>) -> u64 {
+    layout::with_exclusive(|state| {
+        let doomed = |key: &Key| {
+            key.database == database.to_u32() && key.target == target && kind.is_none_or(|kind| key.kind == kind as u8)
+        };
+        let discarded = state.pending.retain(&state.exclusive, |entry| !doomed(&entry.key));
+        if let Some(index) = databases::find(state.slots, database) {
+            let pending = state.slots[index].pending.get_mut();
+            *pending = pending.saturating_sub(discarded);
+        }
+        if let Some(slot) = state.targets.get_mut(usize::from(target)) {
+            let pending = slot.pending.get_mut();
+            *pending = pending.saturating_sub(discarded);
+            if kind.is_none() {
+                slot.free();
+            }
+        }
+        state.header.held.retain(database, |key| !doomed(key));
+        discarded
+    })
+    .unwrap_or(0)
+}
+
+/// The keys of `database` held back whose next try is after `now`, into `out` (cleared first;
 /// its capacity is `held::HELD_MAX`, so nothing allocates under the lock), sorted.
-pub fn held_waiting(database: pg_sys::Oid, now: i64, out: &mut Vec<[u8; 16]>) {
+pub fn held_waiting(database: pg_sys::Oid, now: i64, out: &mut Vec<Key>) {
     out.clear();
     let interval_us = settings::flush_interval_us();
     layout::with_shared(|state| {
-        out.extend(state.header.held.of(database).filter(|held| held.retry_at(interval_us) > now).map(|held| held.id));
+        out.extend(state.header.held.of(database).filter(|held| held.retry_at(interval_us) > now).map(|held| held.key));
     });
     out.sort_unstable();
 }
 
-/// Hold back an id a flush of `database` isolated, with its error; returns its failed attempts
+/// Hold back a key a flush of its database isolated, with its error; returns its failed attempts
 /// in a row, or `None` when the pool is full.
-pub fn hold(database: pg_sys::Oid, id: [u8; 16], error: &str, now: i64) -> Option<u32> {
-    layout::with_exclusive(|state| state.header.held.hold(database, id, error, now)).flatten()
+pub fn hold(key: Key, error: &str, now: i64) -> Option<u32> {
+    layout::with_exclusive(|state| state.header.held.hold(key, error, now)).flatten()
 }
 
 /// The held-back ids of `database`, with their errors, for `wsusage_pending()`.
@@ -315,6 +400,7 @@ pub fn discard(database: pg_sys::Oid) -> u64 {
         if let Some(index) = databases::find(state.slots, database) {
             databases::free(state, index);
         }
+        targets::free_database(state, database);
         state.header.held.forget_database(database);
         discarded
     })

@@ -28,6 +28,11 @@ pub const MAX_DATABASES_DEFAULT: i32 = 64;
 pub const MAX_DATABASES_MIN: i32 = 1;
 pub const MAX_DATABASES_MAX: i32 = 4_096;
 
+pub const MAX_TARGETS_DEFAULT: i32 = 256;
+pub const MAX_TARGETS_MIN: i32 = 1;
+/// A target's index in the pending set's keys is 16 bits.
+pub const MAX_TARGETS_MAX: i32 = 32_767;
+
 pub const MAX_WORKERS_DEFAULT: i32 = 4;
 pub const MAX_WORKERS_MIN: i32 = 1;
 /// PostgreSQL's own ceiling for max_worker_processes.
@@ -55,6 +60,7 @@ static MAX_PENDING: GucSetting<i32> = GucSetting::<i32>::new(MAX_PENDING_DEFAULT
 
 /// Databases that can have marks pending at once; sizes the shared memory at server start.
 static MAX_DATABASES: GucSetting<i32> = GucSetting::<i32>::new(MAX_DATABASES_DEFAULT);
+static MAX_TARGETS: GucSetting<i32> = GucSetting::<i32>::new(MAX_TARGETS_DEFAULT);
 
 /// Flush workers (one per database) running at once.
 static MAX_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(MAX_WORKERS_DEFAULT);
@@ -120,6 +126,16 @@ pub fn init() {
         &MAX_DATABASES,
         MAX_DATABASES_MIN,
         MAX_DATABASES_MAX,
+        GucContext::Postmaster,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
+        c"wsusage.max_targets",
+        c"Maximum number of targets, of every database together, that can have marks pending or counters at once.",
+        c"Sizes the shared memory reserved at server start; a target with nothing pending gives its place up when another needs one.",
+        &MAX_TARGETS,
+        MAX_TARGETS_MIN,
+        MAX_TARGETS_MAX,
         GucContext::Postmaster,
         GucFlags::empty(),
     );
@@ -330,6 +346,10 @@ pub fn database() -> Option<String> {
 
 pub fn max_databases() -> usize {
     usize::try_from(MAX_DATABASES.get()).unwrap_or(MAX_DATABASES_DEFAULT as usize)
+}
+
+pub fn max_targets() -> usize {
+    usize::try_from(MAX_TARGETS.get()).unwrap_or(MAX_TARGETS_DEFAULT as usize)
 }
 
 pub fn max_workers() -> usize {

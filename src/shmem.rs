@@ -48,10 +48,11 @@ unsafe extern "C-unwind" fn shmem_request() {
     request_shmem();
 }
 
-/// Bytes of shared memory the extension reserves for `wsusage.max_pending` ids and
-/// `wsusage.max_databases` databases.
+/// Bytes of shared memory the extension reserves for `wsusage.max_pending` ids,
+/// `wsusage.max_databases` databases and `wsusage.max_targets` targets.
 pub fn total_size() -> usize {
-    layout::shared_size(settings::max_databases()) + layout::pending_size(settings::max_pending())
+    layout::shared_size(settings::max_databases(), settings::max_targets())
+        + layout::pending_size(settings::max_pending())
 }
 
 fn request_shmem() {
@@ -78,12 +79,12 @@ unsafe extern "C-unwind" fn shmem_startup() {
         let addin_shmem_init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
         pg_sys::LWLockAcquire(addin_shmem_init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
 
-        let max_databases = settings::max_databases();
+        let (max_databases, max_targets) = (settings::max_databases(), settings::max_targets());
+        let size = layout::shared_size(max_databases, max_targets);
         let mut found = false;
-        let shared =
-            pg_sys::ShmemInitStruct(SHARED_NAME.as_ptr(), layout::shared_size(max_databases), &mut found).cast::<u8>();
+        let shared = pg_sys::ShmemInitStruct(SHARED_NAME.as_ptr(), size, &mut found).cast::<u8>();
         if !found {
-            layout::create_shared(shared, max_databases, lock::tranche(), pg_sys::GetCurrentTimestamp());
+            layout::create_shared(shared, max_databases, max_targets, lock::tranche(), pg_sys::GetCurrentTimestamp());
         }
         let max_pending = settings::max_pending();
         let mut table_found = false;

@@ -1,18 +1,19 @@
-//! The statements a flush worker runs, prepared once per target: the chunk's UPDATE (see
-//! `target`) and the check that the target fits, with what they need around them (SPI, the
+//! The statements a flush worker runs for a target, prepared once per definition (see
+//! `target`): the chunk's UPDATE, the count of ids without a row, the lock-skipping variant and
+//! the call of the target's `after_flush` function, with what they need around them (SPI, the
 //! `wsusage.role` switch). Each function here runs inside a transaction of `transaction`.
 
+use std::cell::Cell;
 use std::ffi::{c_int, CStr, CString};
 use std::ptr::null_mut;
 
-use pgrx::pg_sys::errcodes::PgSqlErrorCode;
-use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
-use pgrx::{FromDatum, PgLogLevel};
+use pgrx::FromDatum;
 use wsusage_pending_table::Entry;
 
+use crate::key::{self, Kind};
 use crate::settings;
-use crate::target::Target;
+use crate::target::Definition;
 
 /// What writing one chunk did.
 pub enum Written {
@@ -28,17 +29,18 @@ pub enum Written {
     ExtensionMissing,
 }
 
-/// The worker's prepared statements, for the target they were built for.
+/// A target's prepared statements, for the definition they were built for.
 #[derive(Default)]
 pub struct Statements {
-    target: Option<Target>,
+    definition: Option<Definition>,
     update_sql: CString,
     without_row_sql: CString,
     skip_locked_sql: CString,
+    after_flush_sql: Option<CString>,
     update: Plan,
     without_row: Plan,
     skip_locked: Plan,
-    check: Plan,
+    after_flush: Plan,
 }
 
 /// How a chunk's statement meets row locks held by other transactions.
@@ -47,17 +49,28 @@ pub enum Locking {
     /// The plain UPDATE, waiting at most [`FAIL_FAST_LOCK_TIMEOUT`] for any lock: no contention,
     /// no extra cost; a lock held elsewhere fails it at once (55P03).
     FailFast,
-    /// Lock the rows in id order first, skipping those held (see `Target::skip_locked_sql`),
-    /// under `wsusage.lock_timeout` for the table's lock.
+    /// Lock the rows in id order first, skipping those held (see
+    /// `Definition::skip_locked_sql`), under `wsusage.lock_timeout` for the table's lock.
     SkipLocked,
 }
 
 /// The lock timeout of the first attempt at a chunk, as `SET LOCAL` takes it (milliseconds).
 const FAIL_FAST_LOCK_TIMEOUT: &CStr = c"SET LOCAL lock_timeout = 10";
 
-/// A statement prepared once and kept for the worker's lifetime (or until the target changes).
-/// A kept plan survives transactions, and the plan cache re-plans it if the table is altered,
-/// dropped, or renamed away and back.
+thread_local! {
+    /// The target's `after_flush` function is running: an ERROR now is the function's, not a
+    /// row's (see [`failed_in_after_flush`]).
+    static IN_AFTER_FLUSH: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the last chunk written failed inside the target's `after_flush` function; clears it.
+pub fn failed_in_after_flush() -> bool {
+    IN_AFTER_FLUSH.with(|flag| flag.replace(false))
+}
+
+/// A statement prepared once and kept for the worker's lifetime (or until the definition
+/// changes). A kept plan survives transactions, and the plan cache re-plans it if the table is
+/// altered, dropped, or renamed away and back.
 struct Plan(pg_sys::SPIPlanPtr);
 
 impl Default for Plan {
@@ -95,80 +108,51 @@ impl Plan {
     }
 }
 
+impl Drop for Statements {
+    fn drop(&mut self) {
+        for plan in [&mut self.update, &mut self.without_row, &mut self.skip_locked, &mut self.after_flush] {
+            plan.forget();
+        }
+    }
+}
+
 impl Statements {
-    /// Point the statements at `target`, dropping the plans made for another one.
-    pub fn use_target(&mut self, target: &Target) {
-        if self.target.as_ref() == Some(target) {
+    /// Point the statements at `definition`, dropping the plans made for another one.
+    pub fn use_definition(&mut self, definition: &Definition) {
+        if self.definition.as_ref() == Some(definition) {
             return;
         }
-        self.update.forget();
-        self.without_row.forget();
-        self.skip_locked.forget();
-        self.update_sql = CString::new(target.update_sql()).unwrap_or_default();
-        self.without_row_sql = CString::new(target.without_row_sql()).unwrap_or_default();
-        self.skip_locked_sql = CString::new(target.skip_locked_sql()).unwrap_or_default();
-        self.target = Some(target.clone());
-    }
-}
-
-/// Build a text datum for SPI (palloc'd in the current memory context).
-///
-/// # Safety
-/// Inside a transaction.
-unsafe fn text_datum(value: &str) -> pg_sys::Datum {
-    // SAFETY: cstring_to_text_with_len copies `len` bytes into a fresh varlena.
-    unsafe { pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(value.as_ptr().cast(), value.len() as c_int)) }
-}
-
-/// Raise an ERROR when the target does not fit: missing table or column, or a wrong type.
-///
-/// # Safety
-/// Inside a transaction, connected to SPI.
-unsafe fn check_target(statements: &mut Statements) {
-    let Some(target) = statements.target.clone() else { return };
-    // SAFETY: as the caller guarantees; the datums live in the transaction's memory.
-    unsafe {
-        let plan = statements.check.get(Target::CHECK_SQL, &mut [pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::TEXTOID]);
-        let mut values = [
-            text_datum(&target.table.quoted()),
-            text_datum(target.id_column.last()),
-            text_datum(target.timestamp_column.last()),
-        ];
-        let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), std::ptr::null(), true, 1);
-        if rc == pg_sys::SPI_OK_SELECT as i32 && pg_sys::SPI_processed == 1 {
-            let table = *pg_sys::SPI_tuptable;
-            let column = |n| {
-                let value = pg_sys::SPI_getvalue(*table.vals, table.tupdesc, n);
-                if value.is_null() {
-                    String::new()
-                } else {
-                    CStr::from_ptr(value).to_string_lossy().into_owned()
-                }
-            };
-            let (sqlstate, message) = (column(1), column(2));
-            ErrorReport::new(PgSqlErrorCode::from(make_sqlstate(&sqlstate)), message, "wsusage worker")
-                .set_hint(
-                    "Fix the table, or set \"wsusage.table\", \"wsusage.id_column\" and \"wsusage.timestamp_column\" and reload.",
-                )
-                .report(PgLogLevel::ERROR);
+        for plan in [&mut self.update, &mut self.without_row, &mut self.skip_locked, &mut self.after_flush] {
+            plan.forget();
         }
+        self.update_sql = CString::new(definition.update_sql()).unwrap_or_default();
+        self.without_row_sql = CString::new(definition.without_row_sql()).unwrap_or_default();
+        self.skip_locked_sql = CString::new(definition.skip_locked_sql()).unwrap_or_default();
+        self.after_flush_sql = definition.after_flush_sql().and_then(|sql| CString::new(sql).ok());
+        self.definition = Some(definition.clone());
+    }
+
+    fn kind(&self) -> Kind {
+        self.definition.as_ref().and_then(Definition::kind).unwrap_or(Kind::Uuid)
+    }
+
+    /// The array types of the statements' parameters: the keys, their times.
+    fn array_types(&self) -> [pg_sys::Oid; 2] {
+        let keys = match self.kind() {
+            Kind::Uuid => pg_sys::UUIDARRAYOID,
+            Kind::Bigint => pg_sys::INT8ARRAYOID,
+        };
+        [keys, pg_sys::TIMESTAMPTZARRAYOID]
     }
 }
 
-/// PostgreSQL's MAKE_SQLSTATE: five characters packed six bits each.
-fn make_sqlstate(code: &str) -> i32 {
-    code.bytes()
-        .take(5)
-        .enumerate()
-        .fold(0, |packed, (i, b)| packed | ((i32::from(b.wrapping_sub(b'0')) & 0x3F) << (6 * i)))
-}
-
-/// Write one chunk (checking the target first when `first`). Raises a PostgreSQL ERROR on
-/// failure; call inside `transaction::in_transaction`.
-pub fn write(statements: &mut Statements, chunk: &[Entry], first: bool, locking: Locking) -> Written {
+/// Write one chunk of the statements' target (every entry of it of the target's kind). Raises a
+/// PostgreSQL ERROR on failure; call inside `transaction::in_transaction`.
+pub fn write(statements: &mut Statements, chunk: &[Entry], locking: Locking) -> Written {
     // SAFETY: in a transaction with an active snapshot (in_transaction); SPI calls raise ERROR on
     // failure, which in_transaction catches and rolls back. The datums handed to
-    // construct_array point into `chunk`, alive across the calls; construct_array copies them.
+    // construct_array point into `keys` and `times`, alive across the calls; construct_array
+    // copies them.
     unsafe {
         if pg_sys::get_extension_oid(c"wsusage".as_ptr(), true) == pg_sys::InvalidOid {
             return Written::ExtensionMissing;
@@ -177,14 +161,34 @@ pub fn write(statements: &mut Statements, chunk: &[Entry], first: bool, locking:
         if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
             error!("could not connect to SPI");
         }
-        if first {
-            check_target(statements);
-        }
         let nelems = c_int::try_from(chunk.len()).unwrap_or(c_int::MAX);
-        let mut ids: Vec<pg_sys::Datum> = chunk.iter().map(|e| pg_sys::Datum::from(e.key.id.as_ptr())).collect();
+        let key_array = match statements.kind() {
+            Kind::Uuid => {
+                let mut ids: Vec<pg_sys::Datum> =
+                    chunk.iter().map(|e| pg_sys::Datum::from(e.key.id.as_ptr())).collect();
+                pg_sys::construct_array(
+                    ids.as_mut_ptr(),
+                    nelems,
+                    pg_sys::UUIDOID,
+                    16,
+                    false,
+                    pg_sys::TYPALIGN_CHAR as _,
+                )
+            }
+            Kind::Bigint => {
+                let mut ids: Vec<pg_sys::Datum> =
+                    chunk.iter().map(|e| pg_sys::Datum::from(key::to_bigint(&e.key.id))).collect();
+                pg_sys::construct_array(
+                    ids.as_mut_ptr(),
+                    nelems,
+                    pg_sys::INT8OID,
+                    8,
+                    true,
+                    pg_sys::TYPALIGN_DOUBLE as _,
+                )
+            }
+        };
         let mut times: Vec<pg_sys::Datum> = chunk.iter().map(|e| pg_sys::Datum::from(e.marked_at)).collect();
-        let id_array =
-            pg_sys::construct_array(ids.as_mut_ptr(), nelems, pg_sys::UUIDOID, 16, false, pg_sys::TYPALIGN_CHAR as _);
         let time_array = pg_sys::construct_array(
             times.as_mut_ptr(),
             nelems,
@@ -193,11 +197,14 @@ pub fn write(statements: &mut Statements, chunk: &[Entry], first: bool, locking:
             true,
             pg_sys::TYPALIGN_DOUBLE as _,
         );
-        let arrays = [pg_sys::Datum::from(id_array), pg_sys::Datum::from(time_array)];
-        let written = match locking {
+        let arrays = [pg_sys::Datum::from(key_array), pg_sys::Datum::from(time_array)];
+        let (written, flushed) = match locking {
             Locking::FailFast => update(statements, arrays, chunk.len()),
             Locking::SkipLocked => update_skipping_locked(statements, arrays),
         };
+        if let Some(flushed) = flushed {
+            call_after_flush(statements, flushed);
+        }
         pg_sys::SPI_finish();
         if let Some((user, context)) = restore_user {
             pg_sys::SetUserIdAndSecContext(user, context);
@@ -213,9 +220,7 @@ pub fn write(statements: &mut Statements, chunk: &[Entry], first: bool, locking:
 unsafe fn count_in_result(n: c_int) -> u64 {
     // SAFETY: the caller's promise.
     unsafe {
-        let table = *pg_sys::SPI_tuptable;
-        let mut is_null = false;
-        let datum = pg_sys::SPI_getbinval(*table.vals, table.tupdesc, n, &mut is_null);
+        let (datum, is_null) = datum_in_result(n);
         if is_null {
             0
         } else {
@@ -224,33 +229,72 @@ unsafe fn count_in_result(n: c_int) -> u64 {
     }
 }
 
+/// Column `n` of the first row SPI returned, valid until SPI_finish.
+///
+/// # Safety
+/// Connected to SPI, after a statement that returned at least one row with `n` columns.
+unsafe fn datum_in_result(n: c_int) -> (pg_sys::Datum, bool) {
+    // SAFETY: the caller's promise.
+    unsafe {
+        let table = *pg_sys::SPI_tuptable;
+        let mut is_null = false;
+        let datum = pg_sys::SPI_getbinval(*table.vals, table.tupdesc, n, &mut is_null);
+        (datum, is_null)
+    }
+}
+
+/// The ids a statement wrote and their times, as arrays for `after_flush` (`None`: no row
+/// written, or no function to call).
+type Flushed = Option<[pg_sys::Datum; 2]>;
+
+/// The arrays in columns `ids` and `times` of the first row SPI returned, when not NULL.
+///
+/// # Safety
+/// As for [`datum_in_result`].
+unsafe fn flushed_in_result(ids: c_int, times: c_int) -> Flushed {
+    // SAFETY: the caller's promise.
+    unsafe {
+        let (ids, ids_null) = datum_in_result(ids);
+        let (times, times_null) = datum_in_result(times);
+        (!ids_null && !times_null).then_some([ids, times])
+    }
+}
+
 /// The plain UPDATE of `Locking::FailFast`, and the count of ids without a row when it updated
 /// fewer rows than `ids`.
 ///
 /// # Safety
-/// As in [`write`]: connected to SPI; `arrays` are the chunk's id and time arrays.
-unsafe fn update(statements: &mut Statements, mut arrays: [pg_sys::Datum; 2], ids: usize) -> Written {
+/// As in [`write`]: connected to SPI; `arrays` are the chunk's key and time arrays.
+unsafe fn update(statements: &mut Statements, mut arrays: [pg_sys::Datum; 2], ids: usize) -> (Written, Flushed) {
+    let mut types = statements.array_types();
+    let returns_rows = statements.after_flush_sql.is_some();
     // SAFETY: the caller's promise; SPI errors raise.
     unsafe {
         if pg_sys::SPI_execute(FAIL_FAST_LOCK_TIMEOUT.as_ptr(), false, 0) != pg_sys::SPI_OK_UTILITY as i32 {
             error!("could not set the lock timeout of a wsusage flush");
         }
-        let plan =
-            statements.update.get(&statements.update_sql, &mut [pg_sys::UUIDARRAYOID, pg_sys::TIMESTAMPTZARRAYOID]);
+        let plan = statements.update.get(&statements.update_sql, &mut types);
         let rc = pg_sys::SPI_execute_plan(plan, arrays.as_mut_ptr(), std::ptr::null(), false, 0);
-        if rc != pg_sys::SPI_OK_UPDATE as i32 {
-            error!("wsusage flush statement returned SPI code {rc}");
-        }
-        let updated = pg_sys::SPI_processed;
+        let (updated, flushed) = if returns_rows {
+            if rc != pg_sys::SPI_OK_SELECT as i32 || pg_sys::SPI_processed != 1 {
+                error!("wsusage flush statement returned SPI code {rc}");
+            }
+            (count_in_result(1), flushed_in_result(2, 3))
+        } else {
+            if rc != pg_sys::SPI_OK_UPDATE as i32 {
+                error!("wsusage flush statement returned SPI code {rc}");
+            }
+            (pg_sys::SPI_processed, None)
+        };
         let mut without_row = 0;
         if updated < ids as u64 {
-            let plan = statements.without_row.get(&statements.without_row_sql, &mut [pg_sys::UUIDARRAYOID]);
+            let plan = statements.without_row.get(&statements.without_row_sql, &mut types[..1]);
             let rc = pg_sys::SPI_execute_plan(plan, arrays.as_mut_ptr(), std::ptr::null(), true, 1);
             if rc == pg_sys::SPI_OK_SELECT as i32 && pg_sys::SPI_processed == 1 {
                 without_row = count_in_result(1);
             }
         }
-        Written::Rows { updated, without_row, skipped: Vec::new() }
+        (Written::Rows { updated, without_row, skipped: Vec::new() }, flushed)
     }
 }
 
@@ -258,43 +302,56 @@ unsafe fn update(statements: &mut Statements, mut arrays: [pg_sys::Datum; 2], id
 ///
 /// # Safety
 /// As in [`update`].
-unsafe fn update_skipping_locked(statements: &mut Statements, mut arrays: [pg_sys::Datum; 2]) -> Written {
+unsafe fn update_skipping_locked(statements: &mut Statements, mut arrays: [pg_sys::Datum; 2]) -> (Written, Flushed) {
+    let mut types = statements.array_types();
+    let kind = statements.kind();
     // SAFETY: the caller's promise; the result row is read, and copied out, before the caller's
     // SPI_finish frees it.
     unsafe {
-        let plan = statements
-            .skip_locked
-            .get(&statements.skip_locked_sql, &mut [pg_sys::UUIDARRAYOID, pg_sys::TIMESTAMPTZARRAYOID]);
+        let plan = statements.skip_locked.get(&statements.skip_locked_sql, &mut types);
         let rc = pg_sys::SPI_execute_plan(plan, arrays.as_mut_ptr(), std::ptr::null(), false, 0);
         let rows = pg_sys::SPI_processed;
         if rc != pg_sys::SPI_OK_SELECT as i32 || rows != 1 {
             error!("wsusage flush statement returned SPI code {rc} and {rows} rows");
         }
         let updated = count_in_result(1);
-        let table = *pg_sys::SPI_tuptable;
-        let mut is_null = false;
-        let skipped = pg_sys::SPI_getbinval(*table.vals, table.tupdesc, 2, &mut is_null);
-        let skipped: Vec<[u8; 16]> = <Vec<pgrx::Uuid> as FromDatum>::from_datum(skipped, is_null)
-            .unwrap_or_default()
-            .iter()
-            .map(|id| *id.as_bytes())
-            .collect();
+        let (skipped, is_null) = datum_in_result(2);
+        let skipped: Vec<[u8; 16]> = match kind {
+            Kind::Uuid => <Vec<pgrx::Uuid> as FromDatum>::from_datum(skipped, is_null)
+                .unwrap_or_default()
+                .iter()
+                .map(|id| *id.as_bytes())
+                .collect(),
+            Kind::Bigint => <Vec<i64> as FromDatum>::from_datum(skipped, is_null)
+                .unwrap_or_default()
+                .into_iter()
+                .map(key::from_bigint)
+                .collect(),
+        };
         let not_locked = count_in_result(3);
-        Written::Rows { updated, without_row: not_locked.saturating_sub(skipped.len() as u64), skipped }
+        let flushed = if statements.after_flush_sql.is_some() { flushed_in_result(4, 5) } else { None };
+        (Written::Rows { updated, without_row: not_locked.saturating_sub(skipped.len() as u64), skipped }, flushed)
     }
 }
 
-/// Check the target alone (at start and after a reload). Raises an ERROR when it does not fit;
-/// call inside `transaction::in_transaction`.
-pub fn check(statements: &mut Statements) {
-    // SAFETY: inside a transaction (the caller's promise); SPI connected and finished here.
+/// Call the target's `after_flush` function with the ids the chunk wrote and their times, in the
+/// chunk's transaction: its ERROR rolls the chunk back.
+///
+/// # Safety
+/// As in [`write`]; `flushed` are arrays of the id column's type and timestamptz.
+unsafe fn call_after_flush(statements: &mut Statements, mut flushed: [pg_sys::Datum; 2]) {
+    let Some(sql) = statements.after_flush_sql.clone() else { return };
+    let ids_type = statements.definition.as_ref().and_then(|d| d.id_type.as_ref()).map_or(pg_sys::InvalidOid, |t| t.2);
+    IN_AFTER_FLUSH.with(|flag| flag.set(true));
+    // SAFETY: the caller's promise; the arrays live until SPI_finish.
     unsafe {
-        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
-            error!("could not connect to SPI");
+        let plan = statements.after_flush.get(&sql, &mut [ids_type, pg_sys::TIMESTAMPTZARRAYOID]);
+        let rc = pg_sys::SPI_execute_plan(plan, flushed.as_mut_ptr(), std::ptr::null(), false, 0);
+        if rc < 0 {
+            error!("the after_flush call of a wsusage flush returned SPI code {rc}");
         }
-        check_target(statements);
-        pg_sys::SPI_finish();
     }
+    IN_AFTER_FLUSH.with(|flag| flag.set(false));
 }
 
 /// Run the rest of the transaction with the privileges of `wsusage.role`, if set; returns what

@@ -1,6 +1,6 @@
 //! Counting for the DBA (the counters are defined in `counters`), under the wsusage lock, so they
-//! are exact however many backends mark at once. Each event is counted twice: in the
-//! cluster-wide totals, which outlive databases, and in its database's slot. Marks are the
+//! are exact however many backends mark at once. Each event is counted in the cluster-wide
+//! totals, which outlive databases, in its database's slot, and a flush's in its target's slot. Marks are the
 //! exception: counted in their database's slot only, in a counter striped like the lock (see
 //! `stripes`), they join the totals' own count when the slot is given up, and the totals add the
 //! slots in use when read. Every mark would otherwise change one more cache line, and one that
@@ -21,11 +21,10 @@ pub enum ChunkOutcome<'a> {
         rows_updated: u64,
         ids_without_row: u64,
         ids_skipped_locked: u64,
+        ids_skipped_by_min_change: u64,
     },
     /// A chunk that failed, or an id isolated because its row fails.
-    Failed {
-        message: &'a str,
-    },
+    Failed { message: &'a str },
 }
 
 /// Apply `update` to the totals and to `database`'s counters (if it has a slot).
@@ -36,11 +35,21 @@ fn update_in(state: &mut ViewMut<'_>, slot: Option<usize>, mut update: impl FnMu
     }
 }
 
-fn update(database: pg_sys::Oid, update: impl FnMut(&mut Stats)) {
+/// Apply `update` to the totals, `database`'s counters and, if given, those of its target slot
+/// `target`.
+fn update(database: pg_sys::Oid, target: Option<u16>, mut update: impl FnMut(&mut Stats)) {
     layout::with_exclusive(|state| {
         let slot = databases::find(state.slots, database);
-        update_in(state, slot, update);
+        update_in(state, slot, &mut update);
+        if let Some(target) = target_slot(state, database, target) {
+            update(&mut state.targets[target].stats);
+        }
     });
+}
+
+fn target_slot(state: &ViewMut<'_>, database: pg_sys::Oid, target: Option<u16>) -> Option<usize> {
+    let index = usize::from(target?);
+    state.targets.get(index).filter(|slot| slot.database == database).map(|_| index)
 }
 
 /// Count marks accepted and refused by one call in a database with slot `slot`. Caller must hold
@@ -66,13 +75,28 @@ pub fn count_discarded(discarded: u64) {
     layout::with_exclusive(|state| state.header.stats.ids_discarded += discarded);
 }
 
-pub fn record_chunk(database: pg_sys::Oid, outcome: &ChunkOutcome<'_>, now: i64) {
-    update(database, |stats| match outcome {
-        ChunkOutcome::Committed { ids, rows_updated, ids_without_row, ids_skipped_locked } => {
+/// Count ids of `database` discarded with their deleted target, or because their target's key
+/// type changed.
+pub fn count_discarded_in(database: pg_sys::Oid, discarded: u64) {
+    update(database, None, |stats| stats.ids_discarded += discarded);
+}
+
+/// Count what a chunk of target slot `target` of `database` did (a problem of the round as a
+/// whole, with no target, counts in the database only).
+pub fn record_chunk(database: pg_sys::Oid, target: Option<u16>, outcome: &ChunkOutcome<'_>, now: i64) {
+    update(database, target, |stats| match outcome {
+        ChunkOutcome::Committed {
+            ids,
+            rows_updated,
+            ids_without_row,
+            ids_skipped_locked,
+            ids_skipped_by_min_change,
+        } => {
             stats.ids_flushed += ids;
             stats.rows_updated += rows_updated;
             stats.ids_without_row += ids_without_row;
             stats.ids_skipped_locked += ids_skipped_locked;
+            stats.ids_skipped_by_min_change += ids_skipped_by_min_change;
         }
         ChunkOutcome::Failed { message } => {
             stats.failures += 1;
@@ -83,8 +107,20 @@ pub fn record_chunk(database: pg_sys::Oid, outcome: &ChunkOutcome<'_>, now: i64)
 
 /// Record a problem found outside a flush (the target checked at start or on reload, a worker
 /// that could not start): it shows as `last_error` without counting as a failed flush.
-pub fn record_problem(database: pg_sys::Oid, message: &str, now: i64) {
-    update(database, |stats| stats.record_error(message, now));
+pub fn record_problem(database: pg_sys::Oid, target: Option<u16>, message: &str, now: i64) {
+    update(database, target, |stats| stats.record_error(message, now));
+}
+
+/// Record the end of a round's writing of target slot `target` of `database`.
+pub fn record_target_round(database: pg_sys::Oid, target: u16, failed: bool, now: i64) {
+    layout::with_exclusive(|state| {
+        if let Some(index) = target_slot(state, database, Some(target)) {
+            let stats = &mut state.targets[index].stats;
+            stats.flushes += 1;
+            stats.last_flush_at = now;
+            stats.consecutive_failures = if failed { stats.consecutive_failures + 1 } else { 0 };
+        }
+    });
 }
 
 /// Record the end of a flush round of `database`; returns its consecutive failed rounds so far.
@@ -167,6 +203,51 @@ pub fn by_database() -> Option<Vec<DatabaseStats>> {
     Some(out)
 }
 
+/// One target's view.
+pub struct TargetStats {
+    pub database: pg_sys::Oid,
+    pub name: String,
+    pub pending: u64,
+    pub stats: Stats,
+}
+
+pub fn by_target() -> Option<Vec<TargetStats>> {
+    // Names are copied out after the lock is released: nothing allocates under it.
+    let mut slots = Vec::with_capacity(crate::settings::max_targets());
+    layout::with_shared(|state| {
+        for (index, slot) in state.targets.iter().enumerate().filter(|(_, slot)| slot.in_use()) {
+            slots.push((index, slot.database, slot.pending(), slot.stats));
+        }
+    })?;
+    let names = target_names()?;
+    Some(
+        slots
+            .into_iter()
+            .map(|(index, database, pending, stats)| TargetStats {
+                database,
+                name: names.get(index).cloned().unwrap_or_default(),
+                pending,
+                stats,
+            })
+            .collect(),
+    )
+}
+
+/// The name of each target slot (empty when free), by index.
+pub fn target_names() -> Option<Vec<String>> {
+    let count = crate::settings::max_targets();
+    let mut buffer = vec![[0u8; crate::target_slot::NAME_MAX]; count];
+    let mut lens = vec![0usize; count];
+    layout::with_shared(|state| {
+        for (index, slot) in state.targets.iter().enumerate().take(count).filter(|(_, slot)| slot.in_use()) {
+            let name = slot.name().as_bytes();
+            buffer[index][..name.len()].copy_from_slice(name);
+            lens[index] = name.len();
+        }
+    })?;
+    Some(buffer.iter().zip(lens).map(|(name, len)| String::from_utf8_lossy(&name[..len]).into_owned()).collect())
+}
+
 /// Zero every counter, cluster-wide and per database; `stats_reset` becomes `now`.
 pub fn reset(now: i64) -> bool {
     layout::with_exclusive(|state| {
@@ -174,6 +255,9 @@ pub fn reset(now: i64) -> bool {
         *state.header.rejected.get_mut() = 0;
         for slot in state.slots.iter_mut() {
             slot.reset_stats(now);
+        }
+        for slot in state.targets.iter_mut() {
+            slot.stats = Stats::since(now);
         }
     })
     .is_some()

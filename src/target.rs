@@ -1,14 +1,20 @@
-//! The table the worker writes: which one (`wsusage.table`, `wsusage.id_column`,
-//! `wsusage.timestamp_column`), how its names reach SQL, and whether it fits.
+//! What a flush writes: a target's definition — a row of `wsusage_target`, or the `default`
+//! target of the settings `wsusage.table`, `wsusage.id_column`, `wsusage.timestamp_column` — as
+//! read from the catalogs, whether it fits, and the statements that write it.
 //!
 //! The settings use SQL identifier syntax, as `search_path` does: unquoted names are folded to
 //! lower case, double-quoted ones are taken as written (`""` is a quote), and the table may be
 //! schema-qualified (`"My Schema"."usage.log"`). Whatever they hold reaches SQL only as a
 //! double-quoted identifier built here, never as raw text: a value such as
 //! `workspaces; DROP TABLE x` is a syntax error, and `"workspaces; DROP TABLE x"` merely names a
-//! table that does not exist.
+//! table that does not exist. A `wsusage_target` row names its table by OID (`regclass`), so
+//! renaming the table or its schema does not break it, and its names reach SQL quoted by the
+//! catalog query (`format('%I')`).
 
 use pgrx::pg_sys;
+use pgrx::pg_sys::errcodes::PgSqlErrorCode;
+
+use crate::key::Kind;
 
 /// A parsed name: one part (column, or table on the search path) or two (schema, table).
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -79,7 +85,7 @@ pub fn parse(value: &str, max_parts: usize) -> Result<Name, String> {
     Ok(Name(parts))
 }
 
-/// The configured target, parsed.
+/// The settings' target (`default`), parsed.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct Target {
     pub table: Name,
@@ -87,78 +93,274 @@ pub struct Target {
     pub timestamp_column: Name,
 }
 
-impl Target {
+/// A target as the catalogs describe it now. Fields are `None` where the catalogs have nothing
+/// (a table or column dropped, a function gone): [`Definition::problem`] says what.
+#[derive(Clone, PartialEq, Debug)]
+pub struct Definition {
+    pub name: String,
+    /// The table's OID, and its name quoted and qualified for SQL.
+    pub relation: Option<(pg_sys::Oid, String)>,
+    /// The table as messages name it: quoted, as the settings name it or as the catalog does.
+    pub relation_text: String,
+    pub id_column: String,
+    pub timestamp_column: String,
+    /// The id column's type, its name, and the type of an array of it.
+    pub id_type: Option<(pg_sys::Oid, String, pg_sys::Oid)>,
+    pub timestamp_type: Option<(pg_sys::Oid, String)>,
+    /// As interval text, and whether it is more than zero.
+    pub min_change: (String, bool),
+    pub after_flush: Option<AfterFlush>,
+    /// Whether the role asked about may UPDATE the timestamp column.
+    pub may_update: Option<bool>,
+    /// Defined by the settings, not by a row of `wsusage_target`.
+    pub from_settings: bool,
+}
+
+#[derive(Clone, PartialEq, Debug)]
+pub struct AfterFlush {
+    /// As `regprocedure` prints it, for messages.
+    pub signature: String,
+    /// Its name, quoted and qualified for SQL; `None` when the function no longer exists.
+    pub call: Option<String>,
+    /// Whether it takes (an array of the id type, timestamptz[]).
+    pub fits: bool,
+}
+
+/// What is wrong with a definition, worded as PostgreSQL words the same error.
+pub struct Problem {
+    pub sqlstate: PgSqlErrorCode,
+    pub message: String,
+    pub hint: String,
+}
+
+/// How a flush writes a timestamp column of each type.
+fn timestamp_cast(timestamp_type: pg_sys::Oid) -> &'static str {
+    match timestamp_type {
+        pg_sys::TIMESTAMPOID => "::timestamp",
+        pg_sys::DATEOID => "::date",
+        _ => "",
+    }
+}
+
+/// SQL text as a string literal.
+fn literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+impl Definition {
+    /// The kind of key marks of this target carry.
+    pub fn kind(&self) -> Option<Kind> {
+        match self.id_type.as_ref()?.0 {
+            pg_sys::UUIDOID => Some(Kind::Uuid),
+            pg_sys::INT8OID | pg_sys::INT4OID => Some(Kind::Bigint),
+            _ => None,
+        }
+    }
+
+    /// What keeps the target from being written, if anything.
+    pub fn problem(&self) -> Option<Problem> {
+        use PgSqlErrorCode::*;
+        let problem = |sqlstate, message: String, hint: &str| Some(Problem { sqlstate, message, hint: hint.into() });
+        let fix = if self.from_settings {
+            "Fix the table, or set \"wsusage.table\", \"wsusage.id_column\" and \"wsusage.timestamp_column\" and reload."
+        } else {
+            "Fix the table, or change the target's row in wsusage_target."
+        };
+        let table = &self.relation_text;
+        if self.relation.is_none() {
+            return problem(ERRCODE_UNDEFINED_TABLE, format!("relation {table} does not exist"), fix);
+        }
+        let missing = |column: &str| {
+            problem(
+                ERRCODE_UNDEFINED_COLUMN,
+                format!("column {} of relation {table} does not exist", quote(column)),
+                fix,
+            )
+        };
+        let Some((_, id_type_name, _)) = &self.id_type else { return missing(&self.id_column) };
+        if self.kind().is_none() {
+            return problem(
+                ERRCODE_DATATYPE_MISMATCH,
+                format!(
+                    "column {} of relation {table} has type {id_type_name}, but wsusage needs uuid, bigint or integer",
+                    quote(&self.id_column)
+                ),
+                fix,
+            );
+        }
+        let Some((timestamp_type, timestamp_type_name)) = &self.timestamp_type else {
+            return missing(&self.timestamp_column);
+        };
+        if ![pg_sys::TIMESTAMPTZOID, pg_sys::TIMESTAMPOID, pg_sys::DATEOID].contains(timestamp_type) {
+            return problem(
+                ERRCODE_DATATYPE_MISMATCH,
+                format!(
+                    "column {} of relation {table} has type {timestamp_type_name}, but wsusage needs timestamptz, timestamp or date",
+                    quote(&self.timestamp_column)
+                ),
+                fix,
+            );
+        }
+        match &self.after_flush {
+            Some(AfterFlush { signature, call: None, .. }) => problem(
+                ERRCODE_UNDEFINED_FUNCTION,
+                format!("function {signature} does not exist"),
+                "Create the function again, or set after_flush of the target to NULL.",
+            ),
+            Some(AfterFlush { signature, fits: false, .. }) => problem(
+                ERRCODE_UNDEFINED_FUNCTION,
+                format!("function {signature} does not take ({id_type_name}[], timestamp with time zone[])"),
+                "An after_flush function takes the ids whose rows a chunk wrote and their mark times, as (ids <the id type>[], marked_at timestamptz[]).",
+            ),
+            _ => None,
+        }
+    }
+
+    fn parts(&self) -> (String, String, String, &'static str, &'static str) {
+        let table = self.relation.as_ref().map(|(_, table)| table.clone()).unwrap_or_default();
+        let keys = match self.kind() {
+            Some(Kind::Bigint) => "bigint[]",
+            _ => "uuid[]",
+        };
+        let cast = timestamp_cast(self.timestamp_type.as_ref().map_or(pg_sys::TIMESTAMPTZOID, |(oid, _)| *oid));
+        (table, quote(&self.id_column), quote(&self.timestamp_column), keys, cast)
+    }
+
+    /// The row's condition for being written by a mark at `{marks}.marked_at`: never backwards,
+    /// and only `min_change` after the stored value.
+    fn due(&self, marks: &str) -> String {
+        let (_, _, ts, _, cast) = self.parts();
+        let (min_change, positive) = &self.min_change;
+        let threshold = if *positive {
+            format!("({marks}.marked_at - {}::interval){cast}", literal(min_change))
+        } else {
+            format!("{marks}.marked_at{cast}")
+        };
+        format!("(t.{ts} IS NULL OR t.{ts} < {threshold})")
+    }
+
+    /// Whether a row found but not written counts as skipped by `min_change` (a date column, or
+    /// a positive `min_change`), rather than as already newer.
+    pub fn skips_by_min_change(&self) -> bool {
+        self.min_change.1 || self.timestamp_type.as_ref().is_some_and(|(oid, _)| *oid == pg_sys::DATEOID)
+    }
+
     /// The statement a flush chunk runs first: each id's own time, never backwards. It locks
     /// rows in whatever order its join returns them, so it must not wait on a row lock: it runs
     /// with a lock timeout of a few milliseconds, and should a row be locked by another
-    /// transaction, the chunk is run again with [`Target::skip_locked_sql`].
+    /// transaction, the chunk is run again with [`Definition::skip_locked_sql`]. With an
+    /// `after_flush` function it returns one row: the count, and the ids written with their
+    /// times, which the function is then called with.
     pub fn update_sql(&self) -> String {
-        let (table, id, ts) = (self.table.quoted(), self.id_column.quoted(), self.timestamp_column.quoted());
+        let (table, id, ts, keys, cast) = self.parts();
+        let update = format!(
+            "UPDATE {table} AS t SET {ts} = v.marked_at{cast} \
+             FROM unnest($1::{keys}, $2::timestamptz[]) AS v(id, marked_at) \
+             WHERE t.{id} = v.id AND {}",
+            self.due("v")
+        );
+        if self.after_flush.is_none() {
+            return update;
+        }
         format!(
-            "UPDATE {table} AS t SET {ts} = v.marked_at \
-             FROM unnest($1::uuid[], $2::timestamptz[]) AS v(id, marked_at) \
-             WHERE t.{id} = v.id AND (t.{ts} IS NULL OR t.{ts} < v.marked_at)"
+            "WITH w AS ({update} RETURNING t.{id} AS id, v.marked_at) \
+             SELECT count(*), array_agg(id ORDER BY id), array_agg(marked_at ORDER BY id) FROM w"
         )
     }
 
     /// Counts the ids of $1 that have no row; run only when a chunk updated fewer rows than ids.
     pub fn without_row_sql(&self) -> String {
-        let (table, id) = (self.table.quoted(), self.id_column.quoted());
-        format!("SELECT count(*) FROM unnest($1::uuid[]) AS v(id) WHERE NOT EXISTS (SELECT FROM {table} AS t WHERE t.{id} = v.id)")
+        let (table, id, _, keys, _) = self.parts();
+        format!("SELECT count(*) FROM unnest($1::{keys}) AS v(id) WHERE NOT EXISTS (SELECT FROM {table} AS t WHERE t.{id} = v.id)")
     }
 
     /// The chunk's statement when a row of it is locked: it locks the chunk's rows in id order,
     /// skipping those another transaction holds (`FOR UPDATE SKIP LOCKED`: an application's row
     /// lock delays only its own row, which stays pending), writes each locked row its own mark
-    /// time where that is newer, and returns one row: the rows it updated, the ids whose row it
-    /// skipped because locked, and how many ids it did not lock (skipped, or without a row).
-    /// Locking in id order, as an application updating several workspaces by id does, keeps the
-    /// two from deadlocking. Rows are matched by id, never by a tuple address: under READ
-    /// COMMITTED, the UPDATE then finds the row's newest version, whoever committed it. The lock
-    /// pass costs about two-thirds of the plain UPDATE again (a lock record per row, a second
-    /// lookup), which is why it is not the first statement.
+    /// time where that is due, and returns one row: the rows it updated, the ids whose row it
+    /// skipped because locked, how many ids it did not lock (skipped, or without a row), and the
+    /// ids written with their times (for `after_flush`). Locking in id order, as an application
+    /// updating several rows by id does, keeps the two from deadlocking. Rows are matched by id,
+    /// never by a tuple address: under READ COMMITTED, the UPDATE then finds the row's newest
+    /// version, whoever committed it. The lock pass costs about two-thirds of the plain UPDATE
+    /// again (a lock record per row, a second lookup), which is why it is not the first
+    /// statement.
     pub fn skip_locked_sql(&self) -> String {
-        let (table, id, ts) = (self.table.quoted(), self.id_column.quoted(), self.timestamp_column.quoted());
+        let (table, id, ts, keys, cast) = self.parts();
         format!(
-            "WITH v AS (SELECT * FROM unnest($1::uuid[], $2::timestamptz[]) AS v(id, marked_at)), \
+            "WITH v AS (SELECT * FROM unnest($1::{keys}, $2::timestamptz[]) AS v(id, marked_at)), \
              locked AS MATERIALIZED ( \
                  SELECT v.id, v.marked_at FROM {table} AS t JOIN v ON t.{id} = v.id \
                   ORDER BY v.id FOR UPDATE OF t SKIP LOCKED), \
              updated AS ( \
-                 UPDATE {table} AS t SET {ts} = l.marked_at FROM locked AS l \
-                  WHERE t.{id} = l.id AND (t.{ts} IS NULL OR t.{ts} < l.marked_at) \
-                 RETURNING 1) \
+                 UPDATE {table} AS t SET {ts} = l.marked_at{cast} FROM locked AS l \
+                  WHERE t.{id} = l.id AND {due} \
+                 RETURNING t.{id} AS id, l.marked_at) \
              SELECT (SELECT count(*) FROM updated), \
                     ARRAY(SELECT v.id FROM v WHERE NOT EXISTS (SELECT FROM locked AS l WHERE l.id = v.id) \
                                              AND EXISTS (SELECT FROM {table} AS t WHERE t.{id} = v.id)), \
-                    (SELECT count(*) FROM v WHERE NOT EXISTS (SELECT FROM locked AS l WHERE l.id = v.id))"
+                    (SELECT count(*) FROM v WHERE NOT EXISTS (SELECT FROM locked AS l WHERE l.id = v.id)), \
+                    (SELECT array_agg(id ORDER BY id) FROM updated), \
+                    (SELECT array_agg(marked_at ORDER BY id) FROM updated)",
+            due = self.due("l")
         )
     }
 
-    /// One row (SQLSTATE, message) saying what is wrong with the target, worded as PostgreSQL
-    /// words the same error, or no row when it fits: the table exists, the id column is `uuid`,
-    /// the timestamp column `timestamptz` or `timestamp`. Parameters: $1 the quoted table name,
-    /// $2 the id column, $3 the timestamp column.
-    pub const CHECK_SQL: &'static std::ffi::CStr = c"
-        WITH rel AS (SELECT to_regclass($1) AS oid),
-        col AS (
-            SELECT c.role, c.want, a.atttypid
-              FROM (VALUES ('id', $2), ('timestamp', $3)) AS c(role, want)
-              LEFT JOIN pg_attribute AS a
-                ON a.attrelid = (SELECT oid FROM rel) AND a.attname = c.want AND a.attnum > 0
-               AND NOT a.attisdropped)
-        SELECT '42P01', format('relation %s does not exist', $1) FROM rel WHERE oid IS NULL
-        UNION ALL
-        SELECT '42703', format('column \"%s\" of relation %s does not exist', col.want, $1)
-          FROM rel, col WHERE rel.oid IS NOT NULL AND col.atttypid IS NULL
-        UNION ALL
-        SELECT '42804', format('column \"%s\" of relation %s has type %s, but wsusage needs uuid',
-                               col.want, $1, format_type(col.atttypid, NULL))
-          FROM rel, col WHERE col.role = 'id' AND col.atttypid <> 'uuid'::regtype
-        UNION ALL
-        SELECT '42804', format('column \"%s\" of relation %s has type %s, but wsusage needs timestamptz or timestamp',
-                               col.want, $1, format_type(col.atttypid, NULL))
-          FROM rel, col WHERE col.role = 'timestamp'
-           AND col.atttypid NOT IN ('timestamptz'::regtype, 'timestamp'::regtype)
-        LIMIT 1";
+    /// The call of the `after_flush` function, if any: $1 the ids written, $2 their times.
+    pub fn after_flush_sql(&self) -> Option<String> {
+        let call = self.after_flush.as_ref()?.call.as_ref()?;
+        Some(format!("SELECT {call}($1, $2)"))
+    }
+}
+
+/// The catalog query describing targets: one row per target of the database — each row of
+/// `wsusage_target` (`{targets}` names it, quoted; without it, only the settings' `default`),
+/// and `default` from the settings unless a row has that name — with what [`Definition`] holds.
+/// Parameters: $1 the settings' table (quoted), $2 and $3 their id and timestamp columns, $4 the
+/// role whose UPDATE privilege on the timestamp column is asked, $5 one target's name, or NULL
+/// for all.
+pub fn definitions_sql(targets: Option<&str>) -> String {
+    let rows = match targets {
+        Some(targets) => format!(
+            "SELECT name, relation::oid AS rel, relation::text AS rel_text, id_column::text AS idc, \
+                    timestamp_column::text AS tsc, min_change, after_flush::oid AS fn, after_flush::text AS fn_text, \
+                    false AS settings \
+               FROM {targets} \
+             UNION ALL \
+             SELECT 'default', to_regclass($1)::oid, $1, $2, $3, interval '0', NULL, NULL, true \
+              WHERE NOT EXISTS (SELECT FROM {targets} WHERE name = 'default')"
+        ),
+        None => "SELECT 'default' AS name, to_regclass($1)::oid AS rel, $1::text AS rel_text, $2::text AS idc, \
+                        $3::text AS tsc, interval '0' AS min_change, NULL::oid AS fn, NULL::text AS fn_text, \
+                        true AS settings"
+            .into(),
+    };
+    format!(
+        "WITH def AS ({rows}) \
+         SELECT def.name, c.oid, CASE WHEN c.oid IS NOT NULL THEN format('%I.%I', n.nspname, c.relname) END, \
+                CASE WHEN c.oid IS NOT NULL AND NOT def.settings THEN format('\"%s\"', replace(c.relname, '\"', '\"\"')) \
+                     ELSE def.rel_text END, \
+                def.idc, def.tsc, \
+                ia.atttypid, format_type(ia.atttypid, NULL), it.typarray, \
+                ta.atttypid, format_type(ta.atttypid, NULL), \
+                def.min_change::text, def.min_change > interval '0', \
+                def.fn_text, CASE WHEN p.oid IS NOT NULL THEN format('%I.%I', pn.nspname, p.proname) END, \
+                p.pronargs = 2 AND p.proargtypes[0] = it.typarray AND p.proargtypes[1] = 'timestamptz[]'::regtype, \
+                CASE WHEN ta.attnum IS NOT NULL THEN has_column_privilege($4, c.oid, ta.attnum, 'UPDATE') END, \
+                def.settings \
+           FROM def \
+           LEFT JOIN pg_class AS c ON c.oid = def.rel \
+           LEFT JOIN pg_namespace AS n ON n.oid = c.relnamespace \
+           LEFT JOIN pg_attribute AS ia ON ia.attrelid = c.oid AND ia.attname = def.idc AND ia.attnum > 0 AND NOT ia.attisdropped \
+           LEFT JOIN pg_type AS it ON it.oid = ia.atttypid \
+           LEFT JOIN pg_attribute AS ta ON ta.attrelid = c.oid AND ta.attname = def.tsc AND ta.attnum > 0 AND NOT ta.attisdropped \
+           LEFT JOIN pg_proc AS p ON p.oid = def.fn \
+           LEFT JOIN pg_namespace AS pn ON pn.oid = p.pronamespace \
+          WHERE $5::text IS NULL OR def.name = $5 \
+          ORDER BY def.name"
+    )
 }

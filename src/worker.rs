@@ -123,7 +123,7 @@ pub(crate) fn wait(timeout: Duration) {
 /// and after every reload.
 fn apply_settings(flusher: &mut Flusher) {
     transaction::apply_session_settings();
-    flush::validate_target(flusher);
+    flush::validate_targets(flusher);
 }
 
 #[pg_guard]

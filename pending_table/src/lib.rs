@@ -45,14 +45,19 @@
 use std::cell::UnsafeCell;
 use std::marker::PhantomData;
 use std::mem::{align_of, size_of};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-/// What the table is keyed by: an id is pending per database (an OID).
-#[repr(C)]
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+/// What the table is keyed by: a key is pending per database (an OID) and target (the index of
+/// the target's slot, which the extension keeps). `kind` says how `id` holds the key (a uuid, a
+/// bigint), so a key marked under one kind is never read as the other. Packed, so that a place,
+/// its state and its time fill 32 bytes.
+#[repr(C, packed)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
 pub struct Key {
     pub database: u32,
+    pub target: u16,
+    pub kind: u8,
     pub id: [u8; 16],
 }
 
@@ -102,11 +107,11 @@ struct Header {
 }
 
 /// A place's `state`: nothing there (all-zero memory is a free place).
-const FREE: u32 = 0;
+const FREE: u8 = 0;
 /// An inserter holding the lock in shared mode won the place and is writing its entry.
-const CLAIMED: u32 = 1;
+const CLAIMED: u8 = 1;
 /// An entry is there: its key no longer changes while the lock is held in either mode.
-const HELD: u32 = 2;
+const HELD: u8 = 2;
 
 /// One place of the table, 32 bytes (the state fills what would be padding).
 #[repr(C)]
@@ -114,7 +119,7 @@ struct Place {
     /// Written only by the holder of the place's claim (no one reads it until the claim is
     /// published) or by an exclusive holder.
     key: UnsafeCell<Key>,
-    state: AtomicU32,
+    state: AtomicU8,
     /// Latest mark time; raised atomically, by shared holders too.
     marked_at: AtomicI64,
 }
@@ -142,7 +147,7 @@ impl Place {
 
     /// The place's state once no claim is in progress: `FREE` or `HELD`, waiting (bounded) while
     /// it is claimed.
-    fn settled_state(&self, index: usize) -> Result<u32, Stuck> {
+    fn settled_state(&self, index: usize) -> Result<u8, Stuck> {
         let mut backoff = Backoff::default();
         loop {
             let state = self.state.load(Ordering::Acquire);
@@ -292,7 +297,8 @@ impl Table<'_> {
         let [seed0, seed1] = self.header.seed;
         let id = u128::from_le_bytes(key.id);
         let (low, high) = (id as u64, (id >> 64) as u64);
-        let hash = fold(fold(low ^ seed0, high ^ seed1) ^ u64::from(key.database), MIX);
+        let scope = u64::from(key.database) | u64::from(key.target) << 32 | u64::from(key.kind) << 48;
+        let hash = fold(fold(low ^ seed0, high ^ seed1) ^ scope, MIX);
         // Maps the hash onto 0..places by its high bits, without a division or a power of two.
         ((u128::from(hash) * self.places.len() as u128) >> 64) as usize
     }
@@ -414,7 +420,7 @@ impl Table<'_> {
         }
         let emptied = &self.places[hole];
         // SAFETY: as above.
-        unsafe { emptied.key.get().write(Key { database: 0, id: [0; 16] }) };
+        unsafe { emptied.key.get().write(Key { database: 0, target: 0, kind: 0, id: [0; 16] }) };
         emptied.marked_at.store(0, Ordering::Relaxed);
         emptied.state.store(FREE, Ordering::Relaxed);
         let len = self.header.len.load(Ordering::Relaxed);
@@ -492,7 +498,7 @@ mod tests {
         let mut memory = table_memory(16);
         // SAFETY: a fresh, aligned, large enough buffer that outlives the table.
         let table = unsafe { create(memory.as_mut_ptr().cast(), 16, [1, 2]) };
-        let key = Key { database: 1, id: [7; 16] };
+        let key = Key { database: 1, target: 0, kind: 0, id: [7; 16] };
         // A claimant that stops between its claim and the publication.
         table.places[table.home(&key)].state.store(CLAIMED, Ordering::Release);
         let stuck = table.insert(&key, 1).expect_err("the claim is never published");
@@ -508,7 +514,7 @@ mod tests {
         let mut memory = table_memory(16);
         // SAFETY: as above.
         let table = unsafe { create(memory.as_mut_ptr().cast(), 16, [1, 2]) };
-        table.insert(&Key { database: 1, id: [1; 16] }, 1).unwrap();
+        table.insert(&Key { database: 1, target: 0, kind: 0, id: [1; 16] }, 1).unwrap();
         // SAFETY: this thread is the table's only user.
         let exclusive = unsafe { Exclusive::new() };
         assert_eq!(table.verify(&exclusive), Ok(1));

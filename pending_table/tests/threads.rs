@@ -37,7 +37,7 @@ impl Random {
 fn key(n: u64) -> Key {
     let mut id = [0u8; 16];
     id[..8].copy_from_slice(&n.to_le_bytes());
-    Key { database: 1 + (n % 3) as u32, id }
+    Key { database: 1 + (n % 3) as u32, target: (n % 2) as u16, kind: 0, id }
 }
 
 /// `count` keys whose probe starts at one of the last `span` places: their run wraps round to

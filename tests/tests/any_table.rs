@@ -94,7 +94,7 @@ fn a_missing_column_or_a_wrong_type_is_reported_and_marks_wait_for_the_fix() {
     client.batch_execute("ALTER TABLE workspaces ADD COLUMN seen text").unwrap();
     let (code, message, _, _) = flush_error(&mut client);
     assert_eq!(code, "42804");
-    assert!(message.contains("has type text, but wsusage needs timestamptz or timestamp"), "{message}");
+    assert!(message.contains("has type text, but wsusage needs timestamptz, timestamp or date"), "{message}");
 
     client.batch_execute("ALTER TABLE workspaces ALTER COLUMN seen TYPE timestamptz USING NULL").unwrap();
     assert_eq!(flush(&mut client), 1);

@@ -135,7 +135,7 @@ fn the_functions_are_volatile_and_parallel_unsafe() {
     let rows = client
         .query(
             "SELECT proname, provolatile::text, proparallel::text, pg_get_function_result(oid)
-               FROM pg_proc WHERE proname LIKE 'wsusage%' ORDER BY proname",
+               FROM pg_proc WHERE proname LIKE 'wsusage%' ORDER BY proname, pronargs",
             &[],
         )
         .unwrap();
@@ -144,16 +144,21 @@ fn the_functions_are_volatile_and_parallel_unsafe() {
     let expected = [
         ("wsusage_flush", "bigint"),
         ("wsusage_mark", "void"),
+        ("wsusage_mark", "void"),
+        ("wsusage_mark_bigint", "void"),
         ("wsusage_mark_many", "void"),
+        ("wsusage_mark_many", "void"),
+        ("wsusage_mark_many_bigint", "void"),
         (
             "wsusage_pending",
-            "TABLE(workspace_id uuid, last_used_at timestamp with time zone, error text, \
+            "TABLE(target text, key text, workspace_id uuid, last_used_at timestamp with time zone, error text, \
              retry_at timestamp with time zone)",
         ),
         (
             "wsusage_stats",
             "TABLE(pending bigint, capacity bigint, marks bigint, flushes bigint, ids_flushed bigint, \
-             rows_updated bigint, ids_without_row bigint, ids_skipped_locked bigint, ids_discarded bigint, \
+             rows_updated bigint, ids_without_row bigint, ids_skipped_locked bigint, \
+             ids_skipped_by_min_change bigint, ids_discarded bigint, \
              failures bigint, consecutive_failures bigint, rejected bigint, held_back bigint, \
              last_flush_at timestamp with time zone, \
              last_flush_duration interval, last_error text, last_error_at timestamp with time zone, \
@@ -162,13 +167,23 @@ fn the_functions_are_volatile_and_parallel_unsafe() {
         (
             "wsusage_stats_by_database",
             "TABLE(datid oid, datname text, pending bigint, marks bigint, flushes bigint, ids_flushed bigint, \
-             rows_updated bigint, ids_without_row bigint, ids_skipped_locked bigint, failures bigint, \
+             rows_updated bigint, ids_without_row bigint, ids_skipped_locked bigint, \
+             ids_skipped_by_min_change bigint, failures bigint, \
              consecutive_failures bigint, rejected bigint, held_back bigint, \
              last_flush_at timestamp with time zone, last_flush_duration interval, \
              last_error text, last_error_at timestamp with time zone, worker_pid integer, \
              stats_reset timestamp with time zone)",
         ),
+        (
+            "wsusage_stats_by_target",
+            "TABLE(database text, target text, pending bigint, ids_flushed bigint, rows_updated bigint, \
+             ids_skipped_by_min_change bigint, ids_without_row bigint, ids_skipped_locked bigint, \
+             failures bigint, consecutive_failures bigint, last_error text, \
+             last_error_at timestamp with time zone, last_flush_at timestamp with time zone)",
+        ),
         ("wsusage_stats_reset", "void"),
+        // The trigger function of wsusage_target.
+        ("wsusage_target_check", "trigger"),
     ];
     assert_eq!(described.len(), expected.len(), "{described:?}");
     for ((name, volatility, parallel, result), (want_name, want_result)) in described.iter().zip(expected) {

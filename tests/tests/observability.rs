@@ -217,12 +217,15 @@ fn nothing_is_callable_by_public_and_monitoring_roles_read_the_stats() {
         let err = app.batch_execute(call).unwrap_err();
         assert_eq!(sqlstate(&err), "42501", "{call}");
     }
-    // The README's grant for an application role.
+    // The README's grants for an application role: the functions, and the UPDATE a mark defers.
     admin
         .batch_execute(
             "GRANT EXECUTE ON FUNCTION wsusage_mark(uuid), wsusage_mark_many(uuid[]), wsusage_flush() TO app",
         )
         .unwrap();
+    let err = app.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap_err();
+    assert_eq!(sqlstate(&err), "42501", "a mark needs UPDATE on the timestamp column");
+    admin.batch_execute("GRANT UPDATE (last_used_at) ON workspaces TO app").unwrap();
     app.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
     assert_eq!(flush(&mut app), 1);
 

@@ -1,0 +1,88 @@
+//! Reading targets' definitions from the catalogs (see `target`): every target of the database
+//! for a flush round, one target for a backend's first mark of it. Runs in a transaction.
+
+use pgrx::datum::DatumWithOid;
+use pgrx::prelude::*;
+use pgrx::spi::SpiTupleTable;
+
+use crate::settings;
+use crate::target::{AfterFlush, Definition};
+
+/// The definitions of the database's targets (`only`: of that one), with whether `role` may
+/// UPDATE each timestamp column, and the OID of `wsusage_target` (none before the extension's
+/// update to 0.3.0). Raises an ERROR when the catalogs cannot be read. Inside a transaction;
+/// the caller reads `wsusage_target` with the privileges it has.
+pub fn read(only: Option<&str>, role: pg_sys::Oid) -> (Vec<Definition>, Option<pg_sys::Oid>) {
+    let (table, id_column, timestamp_column) = match settings::target() {
+        Ok(target) => (
+            Some(target.table.quoted()),
+            Some(target.id_column.last().to_owned()),
+            Some(target.timestamp_column.last().to_owned()),
+        ),
+        // The check hooks keep invalid names out: this reads as a table that does not exist.
+        Err(_) => (None, None, None),
+    };
+    Spi::connect(|client| {
+        // The extension's schema is where CREATE EXTENSION put it; before ALTER EXTENSION
+        // UPDATE to 0.3.0 the table is not there, and the settings' target is the only one.
+        let found = client
+            .select(
+                "SELECT format('%I.wsusage_target', n.nspname), to_regclass(format('%I.wsusage_target', n.nspname))::oid \
+                   FROM pg_extension AS e JOIN pg_namespace AS n ON n.oid = e.extnamespace \
+                  WHERE e.extname = 'wsusage' AND to_regclass(format('%I.wsusage_target', n.nspname)) IS NOT NULL",
+                Some(1),
+                &[],
+            )
+            .ok()
+            .filter(|rows| !rows.is_empty())
+            .map(|rows| {
+                let row = rows.first();
+                (row.get::<String>(1).ok().flatten(), row.get::<pg_sys::Oid>(2).ok().flatten())
+            });
+        let (targets, targets_table) = found.unwrap_or_default();
+        let sql = crate::target::definitions_sql(targets.as_deref());
+        let args: [DatumWithOid; 5] = [
+            table.clone().into(),
+            id_column.clone().into(),
+            timestamp_column.clone().into(),
+            role.into(),
+            only.map(str::to_owned).into(),
+        ];
+        match client.select(sql.as_str(), None, &args) {
+            Ok(rows) => (definitions_of(rows), targets_table),
+            Err(e) => error!("could not read the wsusage targets: {e}"),
+        }
+    })
+}
+
+fn definitions_of(rows: SpiTupleTable<'_>) -> Vec<Definition> {
+    rows.map(|row| {
+        let text = |n| row.get::<String>(n).ok().flatten();
+        let oid = |n| row.get::<pg_sys::Oid>(n).ok().flatten();
+        let flag = |n| row.get::<bool>(n).ok().flatten();
+        Definition {
+            name: text(1).unwrap_or_default(),
+            relation: oid(2).zip(text(3)),
+            relation_text: text(4).unwrap_or_default(),
+            id_column: text(5).unwrap_or_default(),
+            timestamp_column: text(6).unwrap_or_default(),
+            id_type: oid(7)
+                .zip(text(8))
+                .map(|(oid, name)| (oid, name, self::oid_or_invalid(row.get(9).ok().flatten()))),
+            timestamp_type: oid(10).zip(text(11)),
+            min_change: (text(12).unwrap_or_else(|| "0".into()), flag(13).unwrap_or(false)),
+            after_flush: text(14).map(|signature| AfterFlush {
+                signature,
+                call: text(15),
+                fits: flag(16).unwrap_or(false),
+            }),
+            may_update: flag(17),
+            from_settings: flag(18).unwrap_or(false),
+        }
+    })
+    .collect()
+}
+
+fn oid_or_invalid(oid: Option<pg_sys::Oid>) -> pg_sys::Oid {
+    oid.unwrap_or(pg_sys::InvalidOid)
+}

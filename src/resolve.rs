@@ -1,0 +1,170 @@
+//! Which target a mark names, as a backend sees it: resolved from the catalogs at a backend's
+//! first mark of it (see `definitions`), checked (it exists, its key type is the function's, the
+//! role may UPDATE its timestamp column), and remembered, so that a mark costs no catalog query.
+//!
+//! What is remembered is forgotten when it may have changed: an invalidation of
+//! `wsusage_target` (its trigger sends one at every change), of a target's table (a GRANT or
+//! REVOKE on it or its columns, ALTER, DROP), of role memberships or roles, or a change of the
+//! current role (SET ROLE, a SECURITY DEFINER function). PostgreSQL delivers invalidations at
+//! the start of each transaction, as it does for its own caches.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use pgrx::pg_sys;
+
+use crate::definitions;
+use crate::errors::UsageError;
+use crate::key::Kind;
+use crate::targets::SlotRef;
+
+/// A target a mark may name, as checked.
+pub struct Resolved {
+    pub name: String,
+    pub kind: Kind,
+    /// Its slot in shared memory, as last found by a mark.
+    pub slot: Option<SlotRef>,
+    /// Its key column's type, for messages.
+    column_type: String,
+    /// The role it was checked for.
+    user: pg_sys::Oid,
+}
+
+thread_local! {
+    static RESOLVED: RefCell<Vec<Resolved>> = const { RefCell::new(Vec::new()) };
+    /// `wsusage_target` and the tables of the targets remembered, for the callbacks to compare.
+    static WATCHED: RefCell<Vec<pg_sys::Oid>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Set by the invalidation callbacks: forget everything before the next mark.
+static STALE: AtomicBool = AtomicBool::new(false);
+static CALLBACKS_REGISTERED: AtomicBool = AtomicBool::new(false);
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn relation_changed(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    // Called by PostgreSQL while it processes invalidations, possibly during our own catalog
+    // query: only compare and set a flag. A list being changed right now counts as a match.
+    let watched = WATCHED.with(|watched| watched.try_borrow().map_or(true, |watched| watched.contains(&relid)));
+    if relid == pg_sys::InvalidOid || watched {
+        STALE.store(true, Ordering::Relaxed);
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn roles_changed(_arg: pg_sys::Datum, _cacheid: std::ffi::c_int, _hash: u32) {
+    STALE.store(true, Ordering::Relaxed);
+}
+
+fn register_callbacks() {
+    if CALLBACKS_REGISTERED.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    // SAFETY: registering callbacks with static lifetime, once per process, as extensions do in
+    // their first use of a cache.
+    unsafe {
+        pg_sys::CacheRegisterRelcacheCallback(Some(relation_changed), pg_sys::Datum::from(0));
+        for cache in [pg_sys::SysCacheIdentifier::AUTHMEMROLEMEM, pg_sys::SysCacheIdentifier::AUTHOID] {
+            pg_sys::CacheRegisterSyscacheCallback(
+                cache as std::ffi::c_int,
+                Some(roles_changed),
+                pg_sys::Datum::from(0),
+            );
+        }
+    }
+}
+
+fn current_user() -> pg_sys::Oid {
+    // SAFETY: a plain read of this backend's current role.
+    unsafe { pg_sys::GetUserId() }
+}
+
+/// Run `mark` on target `name`, resolving and checking it first unless remembered; raises for a
+/// target that does not exist, takes other keys than `takes`, or that the role may not mark.
+pub fn with_target<R>(name: &str, takes: Kind, function: &'static str, mark: impl FnOnce(&mut Resolved) -> R) -> R {
+    let user = current_user();
+    if STALE.swap(false, Ordering::Relaxed) {
+        RESOLVED.with(|resolved| resolved.borrow_mut().clear());
+    }
+    let found = RESOLVED
+        .with(|resolved| resolved.borrow().iter().position(|target| target.name == name && target.user == user));
+    let index = match found {
+        Some(index) => index,
+        None => match resolve(name, takes, function, user) {
+            Some(resolved) => RESOLVED.with(|all| {
+                let mut all = all.borrow_mut();
+                all.push(resolved);
+                all.len() - 1
+            }),
+            None => {
+                // The settings' target, not writable now: accepted, and resolved again at the
+                // next mark (see `resolve`).
+                let mut unresolved =
+                    Resolved { name: name.to_owned(), kind: takes, column_type: String::new(), slot: None, user };
+                return mark(&mut unresolved);
+            }
+        },
+    };
+    // Nothing below processes invalidations, whose callbacks touch only `WATCHED` and `STALE`.
+    RESOLVED.with(|resolved| {
+        let target = &mut resolved.borrow_mut()[index];
+        if target.kind != takes {
+            let column_type = target.column_type.clone();
+            UsageError::WrongKeyType { name: name.to_owned(), column_type, takes }.raise(function);
+        }
+        mark(target)
+    })
+}
+
+/// Read and check target `name`. `None` for the settings' `default` whose table does not fit:
+/// marks of it are accepted, as before targets existed, and the worker reports the problem.
+fn resolve(name: &str, takes: Kind, function: &'static str, user: pg_sys::Oid) -> Option<Resolved> {
+    register_callbacks();
+    let (definitions, targets_table) = read_as_owner(name, user);
+    let Some(definition) = definitions.into_iter().next() else {
+        UsageError::UnknownTarget { name: name.to_owned() }.raise(function)
+    };
+    if let Some(problem) = definition.problem() {
+        if definition.from_settings {
+            return None;
+        }
+        UsageError::TargetProblem { name: name.to_owned(), problem }.raise(function);
+    }
+    let kind = definition.kind().unwrap_or(Kind::Uuid);
+    let column_type = definition.id_type.as_ref().map(|(_, name, _)| name.clone()).unwrap_or_default();
+    if kind != takes {
+        UsageError::WrongKeyType { name: name.to_owned(), column_type, takes }.raise(function);
+    }
+    let (relation, table) = definition.relation.clone().unwrap_or_default();
+    if definition.may_update != Some(true) {
+        UsageError::NoPrivilege { name: name.to_owned(), table, column: definition.timestamp_column.clone() }
+            .raise(function);
+    }
+    WATCHED.with(|watched| {
+        let mut watched = watched.borrow_mut();
+        watched.extend(targets_table.into_iter().chain([relation]));
+        watched.sort_unstable_by_key(|oid| oid.to_u32());
+        watched.dedup();
+    });
+    Some(Resolved { name: name.to_owned(), kind, column_type, slot: None, user })
+}
+
+/// The definition of target `name` with `user`'s privilege on it, read as the bootstrap
+/// superuser: `wsusage_target` is readable by its owner and `pg_monitor` only, while the roles
+/// that mark need not read it.
+fn read_as_owner(name: &str, user: pg_sys::Oid) -> (Vec<crate::target::Definition>, Option<pg_sys::Oid>) {
+    let (mut saved_user, mut saved_context) = (pg_sys::InvalidOid, 0);
+    // SAFETY: switching the user for the catalog query in the caller's transaction, as
+    // PostgreSQL's own maintenance commands do; an ERROR on the way is cleaned up by the
+    // transaction's abort, which restores the user.
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
+        pg_sys::SetUserIdAndSecContext(
+            pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
+            saved_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as std::ffi::c_int,
+        );
+    }
+    let read = definitions::read(Some(name), user);
+    // SAFETY: restores what was saved above.
+    unsafe { pg_sys::SetUserIdAndSecContext(saved_user, saved_context) };
+    read
+}

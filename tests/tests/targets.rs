@@ -1,0 +1,771 @@
+//! Targets: the tables wsusage writes, one row each in `wsusage_target` of each database, beside
+//! the `default` that the settings define. Keys are uuid, bigint or integer; timestamps are
+//! timestamptz, timestamp or date; a target may skip rows written recently (min_change) and call a
+//! function after each write (after_flush); marking one needs UPDATE on its timestamp column.
+
+use std::collections::HashMap;
+use std::thread;
+
+use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
+use postgres::types::{ToSql, Type};
+use postgres::Row;
+use uuid::Uuid;
+use wsusage_tests::*;
+
+/// Register target `name` over `relation` (no min_change, no after_flush).
+fn add_target(client: &mut Client, name: &str, relation: &str, id_column: &str, timestamp_column: &str) {
+    client
+        .batch_execute(&format!(
+            "INSERT INTO wsusage_target (name, relation, id_column, timestamp_column)
+                  VALUES ('{name}', '{relation}', '{id_column}', '{timestamp_column}')"
+        ))
+        .unwrap_or_else(|e| panic!("register target {name}: {e}"));
+}
+
+/// The uuid keys of `table` whose `column` is set, in order.
+fn written_ids(client: &mut Client, table: &str, id_column: &str, column: &str) -> Vec<Uuid> {
+    client
+        .query(&format!("SELECT {id_column} FROM {table} WHERE {column} IS NOT NULL ORDER BY {id_column}"), &[])
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+fn sorted(ids: &[Uuid]) -> Vec<Uuid> {
+    let mut ids = ids.to_vec();
+    ids.sort();
+    ids
+}
+
+fn new_ids(n: usize) -> Vec<Uuid> {
+    (0..n).map(|_| Uuid::new_v4()).collect()
+}
+
+/// The version of `table`'s row `id` (its xmin, as text): unchanged unless something wrote it.
+fn xmin(client: &mut Client, table: &str, id: &(dyn ToSql + Sync)) -> String {
+    client.query_one(&format!("SELECT xmin::text FROM {table} WHERE id = $1"), &[id]).unwrap().get(0)
+}
+
+/// `target`'s row of wsusage_stats_by_target, in the client's database.
+fn target_stats(client: &mut Client, target: &str) -> Row {
+    client
+        .query_one(
+            "SELECT * FROM wsusage_stats_by_target WHERE database = current_database() AND target = $1",
+            &[&target],
+        )
+        .unwrap_or_else(|e| panic!("wsusage_stats_by_target row of {target}: {e}"))
+}
+
+fn counter(row: &Row, column: &str) -> i64 {
+    row.get(column)
+}
+
+/// The keys of `target` that wsusage_pending() shows, in order.
+fn pending_keys(client: &mut Client, target: &str) -> Vec<String> {
+    client
+        .query("SELECT key FROM wsusage_pending() WHERE target = $1 ORDER BY key", &[&target])
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+/// The SQLSTATE and message that `sql` fails with.
+fn refusal(client: &mut Client, sql: &str) -> (String, String) {
+    let err = client.batch_execute(sql).expect_err(sql);
+    let (code, message, _, _) = report(&err);
+    (code, message)
+}
+
+fn connect_as(cluster: &Cluster, role: &str) -> Client {
+    Client::connect(&format!("{} user={role}", cluster.conninfo("postgres")), NoTls)
+        .unwrap_or_else(|e| panic!("connect as {role}: {e}"))
+}
+
+/// A key of one of the three targets of the concurrency test.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Marked {
+    Workspace(Uuid),
+    User(Uuid),
+    ApiKey(i64),
+}
+
+#[test]
+fn three_targets_marked_concurrently_each_get_exactly_their_own_keys_at_their_latest_marks() {
+    const ROWS: usize = 60;
+    const MARKED: usize = 40; // rows MARKED.. of each table are never marked
+    const SESSIONS: usize = 4;
+    const ROUNDS: usize = 5;
+    let cluster = Cluster::start(&[]);
+    let (mut client, workspaces) = cluster.with_workspaces(ROWS);
+    let users = new_ids(ROWS);
+    let api_keys: Vec<i64> = (1..=ROWS as i64).collect();
+    client
+        .batch_execute(
+            "CREATE TABLE users (id uuid PRIMARY KEY, last_seen_at timestamptz);
+             CREATE TABLE api_keys (id bigint PRIMARY KEY, last_used timestamp without time zone);
+             INSERT INTO wsusage_target (name, relation, id_column, timestamp_column)
+                  VALUES ('users', 'users', 'id', 'last_seen_at');
+             INSERT INTO wsusage_target (name, relation, id_column, timestamp_column, min_change)
+                  VALUES ('api_keys', 'api_keys', 'id', 'last_used', '1 hour');",
+        )
+        .unwrap();
+    client.execute("INSERT INTO users (id) SELECT unnest($1::uuid[])", &[&users]).unwrap();
+    client.execute("INSERT INTO api_keys (id) SELECT unnest($1::bigint[])", &[&api_keys]).unwrap();
+
+    let start = Gate::new(SESSIONS);
+    let calls: Vec<Vec<(Marked, Window)>> = thread::scope(|scope| {
+        let sessions: Vec<_> = (0..SESSIONS)
+            .map(|session| {
+                let party = start.party();
+                let (cluster, workspaces, users, api_keys) = (&cluster, &workspaces, &users, &api_keys);
+                scope.spawn(move || {
+                    let mut client = cluster.connect();
+                    let mark_default = client.prepare("SELECT wsusage_mark($1)").unwrap();
+                    let mark_user = client.prepare("SELECT wsusage_mark('users', $1)").unwrap();
+                    let mark_api_key = client.prepare("SELECT wsusage_mark_bigint('api_keys', $1)").unwrap();
+                    party.wait();
+                    let mut calls = Vec::with_capacity(ROUNDS * MARKED * 3);
+                    for round in 0..ROUNDS {
+                        // Every marked index each round, each session in its own order.
+                        for k in 0..MARKED {
+                            let i = (k + session * 11 + round * 7) % MARKED;
+                            let before = now_us();
+                            client.execute(&mark_default, &[&workspaces[i]]).unwrap();
+                            calls.push((Marked::Workspace(workspaces[i]), (before, now_us())));
+                            let before = now_us();
+                            client.execute(&mark_user, &[&users[i]]).unwrap();
+                            calls.push((Marked::User(users[i]), (before, now_us())));
+                            let before = now_us();
+                            client.execute(&mark_api_key, &[&api_keys[i]]).unwrap();
+                            calls.push((Marked::ApiKey(api_keys[i]), (before, now_us())));
+                        }
+                    }
+                    calls
+                })
+            })
+            .collect();
+        sessions.into_iter().map(|session| session.join().unwrap()).collect()
+    });
+    let mut latest: HashMap<Marked, Window> = HashMap::new();
+    for (key, window) in calls.into_iter().flatten() {
+        record_latest(&mut latest, key, window);
+    }
+    assert_eq!(latest.len(), 3 * MARKED);
+
+    assert_eq!(flush(&mut client), 3 * MARKED as i64, "the distinct keys of the three targets");
+
+    let rows = client.query("SELECT id, last_used_at FROM workspaces WHERE last_used_at IS NOT NULL", &[]).unwrap();
+    let written_workspaces: HashMap<Uuid, DateTime<Utc>> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let rows = client.query("SELECT id, last_seen_at FROM users WHERE last_seen_at IS NOT NULL", &[]).unwrap();
+    let written_users: HashMap<Uuid, DateTime<Utc>> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let rows = client.query("SELECT id, last_used FROM api_keys WHERE last_used IS NOT NULL", &[]).unwrap();
+    let written_api_keys: HashMap<i64, NaiveDateTime> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(written_workspaces.len(), MARKED, "only the marked workspaces; the others stay NULL");
+    assert_eq!(written_users.len(), MARKED, "only the marked users; the others stay NULL");
+    assert_eq!(written_api_keys.len(), MARKED, "only the marked api keys; the others stay NULL");
+
+    for (key, (from, to)) in &latest {
+        match key {
+            Marked::Workspace(id) => {
+                let at = written_workspaces.get(id).unwrap_or_else(|| panic!("workspace {id} was not written"));
+                assert!(from <= at && at <= to, "workspace {id}: {from} <= {at} <= {to}");
+            }
+            Marked::User(id) => {
+                let at = written_users.get(id).unwrap_or_else(|| panic!("user {id} was not written"));
+                assert!(from <= at && at <= to, "user {id}: {from} <= {at} <= {to}");
+            }
+            Marked::ApiKey(id) => {
+                // timestamp without time zone: written in the server's zone, UTC in every test cluster.
+                let at = written_api_keys.get(id).unwrap_or_else(|| panic!("api key {id} was not written"));
+                let (from, to) = (from.naive_utc(), to.naive_utc());
+                assert!(&from <= at && at <= &to, "api key {id}: {from} <= {at} <= {to}");
+            }
+        }
+    }
+
+    for target in ["default", "users", "api_keys"] {
+        let stats = target_stats(&mut client, target);
+        let figures: Vec<i64> = ["pending", "ids_flushed", "rows_updated", "ids_skipped_by_min_change", "failures"]
+            .iter()
+            .map(|column| counter(&stats, column))
+            .collect();
+        assert_eq!(
+            figures,
+            [0, MARKED as i64, MARKED as i64, 0, 0],
+            "{target}: pending, flushed, updated, skipped, failures"
+        );
+    }
+}
+
+#[test]
+fn min_change_leaves_rows_written_recently_as_they_are_and_counts_them_as_done() {
+    let cluster = Cluster::start(&[]);
+    let (mut client, _) = cluster.with_workspaces(0);
+    client
+        .batch_execute(
+            "CREATE TABLE api_keys (id bigint PRIMARY KEY, last_used timestamp without time zone);
+             INSERT INTO api_keys VALUES (1, localtimestamp - interval '10 minutes'),
+                                         (2, localtimestamp - interval '2 hours');
+             INSERT INTO wsusage_target (name, relation, id_column, timestamp_column, min_change)
+                  VALUES ('api_keys', 'api_keys', 'id', 'last_used', '1 hour');",
+        )
+        .unwrap();
+    let last_used = |client: &mut Client, id: i64| -> Option<NaiveDateTime> {
+        client.query_one("SELECT last_used FROM api_keys WHERE id = $1", &[&id]).unwrap().get(0)
+    };
+    let (recent, recent_at) = (xmin(&mut client, "api_keys", &1i64), last_used(&mut client, 1));
+    let old = xmin(&mut client, "api_keys", &2i64);
+
+    let before = now_us();
+    client.execute("SELECT wsusage_mark_many_bigint('api_keys', $1)", &[&vec![1i64, 2]]).unwrap();
+    let after = now_us();
+    assert_eq!(flush(&mut client), 2, "both keys are taken, one of them to be skipped");
+
+    assert_eq!(xmin(&mut client, "api_keys", &1i64), recent, "written 10 minutes ago: the row version stays");
+    assert_eq!(last_used(&mut client, 1), recent_at);
+    assert_ne!(xmin(&mut client, "api_keys", &2i64), old, "written 2 hours ago: rewritten");
+    let at = last_used(&mut client, 2).expect("a value");
+    assert!(before.naive_utc() <= at && at <= after.naive_utc(), "{before} <= {at} <= {after}");
+
+    let stats = target_stats(&mut client, "api_keys");
+    assert_eq!(counter(&stats, "ids_skipped_by_min_change"), 1);
+    assert_eq!(counter(&stats, "rows_updated"), 1);
+    assert_eq!(counter(&stats, "ids_without_row"), 0, "the skipped key has a row");
+    assert_eq!(counter(&stats, "pending"), 0, "the skipped key is done, not retried");
+    assert!(pending_keys(&mut client, "api_keys").is_empty());
+    let in_stats: i64 = client.query_one("SELECT ids_skipped_by_min_change FROM wsusage_stats", &[]).unwrap().get(0);
+    let by_database: i64 = client
+        .query_one(
+            "SELECT ids_skipped_by_min_change FROM wsusage_stats_by_database WHERE datname = current_database()",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!((in_stats, by_database), (1, 1));
+    assert_eq!(flush(&mut client), 0, "nothing left to retry");
+
+    // The key just written is itself recent now: marked again, it is skipped.
+    let written = xmin(&mut client, "api_keys", &2i64);
+    client.execute("SELECT wsusage_mark_bigint('api_keys', $1)", &[&2i64]).unwrap();
+    assert_eq!(flush(&mut client), 1);
+    assert_eq!(xmin(&mut client, "api_keys", &2i64), written);
+    assert_eq!(last_used(&mut client, 2), Some(at));
+    assert_eq!(counter(&target_stats(&mut client, "api_keys"), "ids_skipped_by_min_change"), 2);
+}
+
+#[test]
+fn an_integer_key_takes_the_bigint_functions_and_a_date_column_moves_only_to_a_later_day() {
+    let cluster = Cluster::start(&[]);
+    let (mut client, _) = cluster.with_workspaces(0);
+    client
+        .batch_execute(
+            "CREATE TABLE devices (id integer PRIMARY KEY, seen_at timestamptz);
+             INSERT INTO devices (id) SELECT generate_series(1, 10);
+             CREATE TABLE accounts (id uuid PRIMARY KEY, last_activity_on date);",
+        )
+        .unwrap();
+    add_target(&mut client, "devices", "devices", "id", "seen_at");
+    add_target(&mut client, "accounts", "accounts", "id", "last_activity_on");
+    let accounts = new_ids(3);
+    let (yesterday, today, never) = (&accounts[0], &accounts[1], &accounts[2]);
+    client
+        .execute(
+            "INSERT INTO accounts VALUES ($1, current_date - 1), ($2, current_date), ($3, NULL)",
+            &[yesterday, today, never],
+        )
+        .unwrap();
+    let day = |client: &mut Client, id: &Uuid| -> Option<NaiveDate> {
+        client.query_one("SELECT last_activity_on FROM accounts WHERE id = $1", &[id]).unwrap().get(0)
+    };
+    let day_before = day(&mut client, yesterday).unwrap();
+    let today_version = (xmin(&mut client, "accounts", today), day(&mut client, today));
+
+    let before = now_us();
+    client.execute("SELECT wsusage_mark_bigint('devices', $1)", &[&3i64]).unwrap();
+    client.execute("SELECT wsusage_mark_many_bigint('devices', $1)", &[&vec![7i64, 8]]).unwrap();
+    client.execute("SELECT wsusage_mark_many('accounts', $1)", &[&accounts]).unwrap();
+    let after = now_us();
+    assert_eq!(flush(&mut client), 6);
+
+    let rows = client.query("SELECT id, seen_at FROM devices WHERE seen_at IS NOT NULL ORDER BY id", &[]).unwrap();
+    let devices: Vec<(i32, DateTime<Utc>)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(devices.iter().map(|d| d.0).collect::<Vec<_>>(), [3, 7, 8], "exactly the marked integer keys");
+    for (id, at) in &devices {
+        assert!(&before <= at && at <= &after, "device {id}: {before} <= {at} <= {after}");
+    }
+
+    // The mark's day, in the server's time zone (UTC in every test cluster).
+    let (first_day, last_day) = (before.date_naive(), after.date_naive());
+    for id in [yesterday, never] {
+        let on = day(&mut client, id).expect("the date was written");
+        assert!(first_day <= on && on <= last_day, "{first_day} <= {on} <= {last_day}");
+    }
+    assert!(day(&mut client, yesterday).unwrap() > day_before, "moved to a later day");
+    assert_eq!(
+        (xmin(&mut client, "accounts", today), day(&mut client, today)),
+        today_version,
+        "already today: the row is not rewritten"
+    );
+}
+
+#[test]
+fn after_flush_is_called_in_the_flushs_transaction_with_exactly_the_written_ids_and_its_error_keeps_them_pending() {
+    let cluster = Cluster::start(&[]);
+    let (mut client, ids) = cluster.with_workspaces(6);
+    // The function is the application's: it sets a deadline one hour after each mark, records
+    // the ids it was given, and raises while bump_refused says so.
+    client
+        .batch_execute(
+            "ALTER TABLE workspaces ADD COLUMN deadline timestamptz;
+             CREATE TABLE bumps (id uuid, marked timestamptz);
+             CREATE TABLE bump_calls (size integer);
+             CREATE TABLE bump_refused (refused boolean NOT NULL);
+             INSERT INTO bump_refused VALUES (false);
+             CREATE FUNCTION bump(ids uuid[], marked_at timestamptz[]) RETURNS void
+               LANGUAGE plpgsql SET search_path = public AS $$
+               BEGIN
+                 IF (SELECT refused FROM bump_refused) THEN
+                   RAISE EXCEPTION 'bump refused';
+                 END IF;
+                 INSERT INTO bump_calls VALUES (cardinality(ids));
+                 UPDATE workspaces w SET deadline = m.marked + interval '1 hour'
+                   FROM unnest(ids, marked_at) AS m(id, marked) WHERE w.id = m.id;
+                 INSERT INTO bumps SELECT * FROM unnest(ids, marked_at);
+               END $$;",
+        )
+        .unwrap();
+    // A row named 'default' wins over the settings (which name the same table and columns, but
+    // no function): only the row can make bump run.
+    client
+        .batch_execute(
+            "INSERT INTO wsusage_target (name, relation, id_column, timestamp_column, after_flush)
+                  VALUES ('default', 'workspaces', 'id', 'last_used_at', 'bump(uuid[], timestamptz[])')",
+        )
+        .unwrap();
+    let calls = |client: &mut Client| -> (i64, i64) {
+        let row = client.query_one("SELECT count(*), coalesce(sum(size), 0) FROM bump_calls", &[]).unwrap();
+        (row.get(0), row.get(1))
+    };
+    // A row holding a later time is not written, nor is an id without a row: bump gets neither.
+    client.execute("UPDATE workspaces SET last_used_at = now() + interval '1 day' WHERE id = $1", &[&ids[2]]).unwrap();
+    client.execute("SELECT wsusage_mark_many($1)", &[&vec![ids[0], ids[1], ids[2], Uuid::new_v4()]]).unwrap();
+    assert_eq!(flush(&mut client), 4);
+
+    let bumped = sorted(&ids[..2]);
+    assert_eq!(written_ids(&mut client, "bumps", "id", "marked"), bumped, "exactly the ids whose rows were written");
+    assert_eq!(written_ids(&mut client, "workspaces", "id", "deadline"), bumped);
+    assert_eq!(calls(&mut client), (1, 2), "one call, for the one chunk");
+    let rows = client
+        .query(
+            "SELECT w.id, b.marked = w.last_used_at, w.deadline = w.last_used_at + interval '1 hour',
+                    b.xmin::text, w.xmin::text
+               FROM bumps b JOIN workspaces w USING (id)",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    for row in &rows {
+        let id: Uuid = row.get(0);
+        assert!(row.get::<_, bool>(1), "{id}: bump got the time the flush wrote");
+        assert!(row.get::<_, bool>(2), "{id}: deadline one hour after it");
+        let (bump_xmin, row_xmin): (String, String) = (row.get(3), row.get(4));
+        assert_eq!(bump_xmin, row_xmin, "{id}: bump ran in the transaction that wrote the row");
+    }
+
+    // A flush that writes no row does not call it.
+    client.execute("SELECT wsusage_mark_many($1)", &[&vec![ids[2], Uuid::new_v4()]]).unwrap();
+    assert_eq!(flush(&mut client), 2);
+    assert_eq!(calls(&mut client), (1, 2), "not called when no row was written");
+
+    // Its error rolls the chunk back: the marks stay pending and the flush reports the error.
+    client.batch_execute("UPDATE bump_refused SET refused = true").unwrap();
+    client.execute("SELECT wsusage_mark_many($1)", &[&vec![ids[3], ids[4]]]).unwrap();
+    let (_, message, _, _) = flush_error(&mut client);
+    assert!(message.contains("bump refused"), "{message}");
+    let pending: Vec<Uuid> = client
+        .query("SELECT workspace_id FROM wsusage_pending() WHERE target = 'default' ORDER BY workspace_id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(pending, sorted(&ids[3..5]));
+    assert_eq!(last_used(&mut client, &ids[3]), None, "the write was rolled back with the call");
+    assert_eq!(last_used(&mut client, &ids[4]), None);
+    let stats = target_stats(&mut client, "default");
+    let last_error: Option<String> = stats.get("last_error");
+    assert!(last_error.as_deref().unwrap_or_default().contains("bump refused"), "{last_error:?}");
+    assert!(counter(&stats, "consecutive_failures") >= 1);
+
+    // Fixed: the next flush applies them.
+    client.batch_execute("UPDATE bump_refused SET refused = false").unwrap();
+    assert_eq!(flush(&mut client), 2);
+    assert_eq!(written_ids(&mut client, "bumps", "id", "marked"), sorted(&[ids[0], ids[1], ids[3], ids[4]]));
+    assert_eq!(written_ids(&mut client, "workspaces", "id", "deadline"), sorted(&[ids[0], ids[1], ids[3], ids[4]]));
+    assert!(last_used(&mut client, &ids[3]).is_some() && last_used(&mut client, &ids[4]).is_some());
+    assert_eq!(calls(&mut client), (2, 4));
+    assert!(pending_keys(&mut client, "default").is_empty());
+    assert_eq!(counter(&target_stats(&mut client, "default"), "consecutive_failures"), 0);
+}
+
+#[test]
+fn two_databases_may_define_the_same_target_name_over_different_tables() {
+    let cluster = Cluster::start(&[]);
+    let (mut here, _) = cluster.with_workspaces(0);
+    let (mut there, _) = cluster.with_workspaces_in("other", 0);
+    // The same ids in every table: a mark written to the wrong one would show.
+    let ids = new_ids(4);
+    here.batch_execute("CREATE TABLE users (id uuid PRIMARY KEY, last_seen_at timestamptz)").unwrap();
+    here.execute("INSERT INTO users (id) SELECT unnest($1::uuid[])", &[&ids]).unwrap();
+    add_target(&mut here, "users", "users", "id", "last_seen_at");
+    there
+        .batch_execute(
+            "CREATE TABLE members (member_id uuid PRIMARY KEY, seen timestamptz);
+             CREATE TABLE users (id uuid PRIMARY KEY, last_seen_at timestamptz);",
+        )
+        .unwrap();
+    there.execute("INSERT INTO members (member_id) SELECT unnest($1::uuid[])", &[&ids]).unwrap();
+    there.execute("INSERT INTO users (id) SELECT unnest($1::uuid[])", &[&ids]).unwrap();
+    add_target(&mut there, "users", "members", "member_id", "seen");
+
+    here.execute("SELECT wsusage_mark_many('users', $1)", &[&ids[..2].to_vec()]).unwrap();
+    there.execute("SELECT wsusage_mark_many('users', $1)", &[&ids[2..].to_vec()]).unwrap();
+    assert_eq!(flush(&mut here), 2, "this database's own keys");
+    assert_eq!(flush(&mut there), 2, "that database's own keys");
+
+    assert_eq!(written_ids(&mut here, "users", "id", "last_seen_at"), sorted(&ids[..2]));
+    assert_eq!(written_ids(&mut there, "members", "member_id", "seen"), sorted(&ids[2..]));
+    assert!(written_ids(&mut there, "users", "id", "last_seen_at").is_empty(), "other's target is members, not users");
+
+    let rows = here
+        .query(
+            "SELECT database, ids_flushed, rows_updated FROM wsusage_stats_by_target
+              WHERE target = 'users' ORDER BY database",
+            &[],
+        )
+        .unwrap();
+    let seen: Vec<(String, i64, i64)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    let expected: Vec<(String, i64, i64)> = vec![("other".to_owned(), 2, 2), ("postgres".to_owned(), 2, 2)];
+    assert_eq!(seen, expected, "one row per database, each with its own figures");
+}
+
+#[test]
+fn keys_of_a_deleted_target_are_discarded_at_the_next_flush_and_the_other_targets_are_written() {
+    let cluster = Cluster::start(&[]);
+    let (mut client, workspaces) = cluster.with_workspaces(2);
+    let (users, guests) = (new_ids(2), new_ids(3));
+    client
+        .batch_execute(
+            "CREATE TABLE users (id uuid PRIMARY KEY, last_seen_at timestamptz);
+             CREATE TABLE guests (id uuid PRIMARY KEY, last_seen_at timestamptz);",
+        )
+        .unwrap();
+    client.execute("INSERT INTO users (id) SELECT unnest($1::uuid[])", &[&users]).unwrap();
+    client.execute("INSERT INTO guests (id) SELECT unnest($1::uuid[])", &[&guests]).unwrap();
+    add_target(&mut client, "users", "users", "id", "last_seen_at");
+    add_target(&mut client, "retired_guests", "guests", "id", "last_seen_at");
+    let discarded = |client: &mut Client| -> i64 {
+        client.query_one("SELECT ids_discarded FROM wsusage_stats", &[]).unwrap().get(0)
+    };
+    let discarded_before = discarded(&mut client);
+
+    client.execute("SELECT wsusage_mark_many($1)", &[&workspaces]).unwrap();
+    client.execute("SELECT wsusage_mark_many('users', $1)", &[&users]).unwrap();
+    client.execute("SELECT wsusage_mark_many('retired_guests', $1)", &[&guests]).unwrap();
+    assert_eq!(pending_keys(&mut client, "retired_guests").len(), 3);
+
+    client.batch_execute("DELETE FROM wsusage_target WHERE name = 'retired_guests'").unwrap();
+    flush(&mut client);
+
+    assert_eq!(count_used(&mut client), 2, "the default target is written");
+    assert_eq!(written_ids(&mut client, "users", "id", "last_seen_at"), sorted(&users), "so is users");
+    assert!(written_ids(&mut client, "guests", "id", "last_seen_at").is_empty());
+    assert!(pending_keys(&mut client, "retired_guests").is_empty(), "its keys are gone");
+    let pending: i64 = client.query_one("SELECT count(*) FROM wsusage_pending()", &[]).unwrap().get(0);
+    assert_eq!(pending, 0);
+    assert_eq!(discarded(&mut client), discarded_before + 3);
+    wait_until("a LOG line naming the deleted target", || {
+        cluster.log().lines().any(|line| line.contains("LOG:") && line.contains("retired_guests"))
+    });
+
+    // Discarded, not kept: defining the target again brings none of them back.
+    add_target(&mut client, "retired_guests", "guests", "id", "last_seen_at");
+    assert_eq!(flush(&mut client), 0);
+    assert!(written_ids(&mut client, "guests", "id", "last_seen_at").is_empty());
+}
+
+#[test]
+fn a_target_follows_its_table_through_a_rename_and_a_change_of_schema() {
+    let cluster = Cluster::start(&[]);
+    let (mut client, _) = cluster.with_workspaces(0);
+    let ids = new_ids(3);
+    client.batch_execute("CREATE TABLE users (id uuid PRIMARY KEY, last_seen_at timestamptz)").unwrap();
+    client.execute("INSERT INTO users (id) SELECT unnest($1::uuid[])", &[&ids]).unwrap();
+    add_target(&mut client, "users", "users", "id", "last_seen_at");
+    let mark_and_flush = |client: &mut Client, id: &Uuid| {
+        client.execute("SELECT wsusage_mark('users', $1)", &[id]).unwrap();
+        assert_eq!(flush(client), 1);
+    };
+    let relation = |client: &mut Client| -> String {
+        client.query_one("SELECT relation::text FROM wsusage_target WHERE name = 'users'", &[]).unwrap().get(0)
+    };
+
+    mark_and_flush(&mut client, &ids[0]);
+    assert_eq!(written_ids(&mut client, "users", "id", "last_seen_at"), [ids[0]]);
+
+    client.batch_execute("ALTER TABLE users RENAME TO people").unwrap();
+    assert_eq!(relation(&mut client), "people");
+    mark_and_flush(&mut client, &ids[1]);
+    assert_eq!(written_ids(&mut client, "people", "id", "last_seen_at"), sorted(&ids[..2]));
+
+    client.batch_execute("CREATE SCHEMA s; ALTER TABLE people SET SCHEMA s").unwrap();
+    assert_eq!(relation(&mut client), "s.people");
+    mark_and_flush(&mut client, &ids[2]);
+    assert_eq!(written_ids(&mut client, "s.people", "id", "last_seen_at"), sorted(&ids));
+}
+
+#[test]
+fn wrong_targets_and_wrong_calls_are_refused_with_their_sqlstate() {
+    let cluster = Cluster::start(&[]);
+    let (mut client, _) = cluster.with_workspaces(0);
+    client
+        .batch_execute(
+            "CREATE TABLE users (id uuid PRIMARY KEY, last_seen_at timestamptz, nickname text, visits integer);
+             CREATE TABLE api_keys (id bigint PRIMARY KEY, last_used timestamp without time zone);
+             CREATE FUNCTION wrong(id uuid) RETURNS void LANGUAGE plpgsql AS $$ BEGIN END $$;
+             CREATE FUNCTION bump_keys(ids bigint[], marked_at timestamptz[]) RETURNS void
+               LANGUAGE plpgsql AS $$ BEGIN END $$;",
+        )
+        .unwrap();
+    add_target(&mut client, "users", "users", "id", "last_seen_at");
+    add_target(&mut client, "api_keys", "api_keys", "id", "last_used");
+
+    let insert = |name: &str, relation: &str, id: &str, timestamp: &str, after_flush: &str| {
+        format!(
+            "INSERT INTO wsusage_target (name, relation, id_column, timestamp_column, after_flush)
+                  VALUES ('{name}', '{relation}', '{id}', '{timestamp}', {after_flush})"
+        )
+    };
+    let cases = [
+        ("a missing table", insert("t", "no_such_table", "id", "last_seen_at", "NULL"), "42P01"),
+        ("a missing id column", insert("t", "users", "no_such_column", "last_seen_at", "NULL"), "42703"),
+        ("a missing timestamp column", insert("t", "users", "id", "no_such_column", "NULL"), "42703"),
+        ("a text id column", insert("t", "users", "nickname", "last_seen_at", "NULL"), "42804"),
+        ("an integer timestamp column", insert("t", "users", "id", "visits", "NULL"), "42804"),
+        ("an after_flush of one uuid", insert("t", "users", "id", "last_seen_at", "'wrong(uuid)'"), "42883"),
+        (
+            "an after_flush for bigint keys on uuid keys",
+            insert("t", "users", "id", "last_seen_at", "'bump_keys(bigint[], timestamptz[])'"),
+            "42883",
+        ),
+        (
+            "a missing after_flush function",
+            insert("t", "users", "id", "last_seen_at", "'no_such_function(uuid[], timestamptz[])'"),
+            "42883",
+        ),
+        (
+            "an update to a text id column",
+            "UPDATE wsusage_target SET id_column = 'nickname' WHERE name = 'users'".to_owned(),
+            "42804",
+        ),
+    ];
+    for (what, sql, expected) in &cases {
+        let (code, message) = refusal(&mut client, sql);
+        assert_eq!(code, *expected, "{what}: {message}");
+    }
+    // Names of 1 to 63 characters.
+    for name in [String::new(), "x".repeat(64)] {
+        client
+            .batch_execute(&insert(name.as_str(), "users", "id", "last_seen_at", "NULL"))
+            .expect_err("a name of 0 or 64 characters");
+    }
+    client.batch_execute(&insert("x".repeat(63).as_str(), "users", "id", "last_seen_at", "NULL")).unwrap();
+    client.batch_execute(&format!("DELETE FROM wsusage_target WHERE name = '{}'", "x".repeat(63))).unwrap();
+    // The signature follows the key type: the bigint function fits the bigint target.
+    client
+        .batch_execute(
+            "UPDATE wsusage_target SET after_flush = 'bump_keys(bigint[], timestamptz[])' WHERE name = 'api_keys'",
+        )
+        .unwrap();
+    let names: Vec<String> =
+        client.query("SELECT name FROM wsusage_target ORDER BY name", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(names, ["api_keys", "users"], "nothing refused was stored, nothing stored was changed");
+    let users_id_column: String =
+        client.query_one("SELECT id_column::text FROM wsusage_target WHERE name = 'users'", &[]).unwrap().get(0);
+    assert_eq!(users_id_column, "id");
+
+    // Marking: an unknown target, a target of another key type.
+    let err = client.batch_execute("SELECT wsusage_mark('nope', gen_random_uuid())").unwrap_err();
+    let (code, message, _, hint) = report(&err);
+    assert_eq!(code, "42704", "{message}");
+    assert!(hint.contains("wsusage_target"), "{hint}");
+    for sql in [
+        "SELECT wsusage_mark_bigint('users', 1)",
+        "SELECT wsusage_mark_many_bigint('users', ARRAY[1::bigint])",
+        "SELECT wsusage_mark('api_keys', gen_random_uuid())",
+        "SELECT wsusage_mark_many('api_keys', ARRAY[gen_random_uuid()])",
+    ] {
+        let (code, message) = refusal(&mut client, sql);
+        assert_eq!(code, "42804", "{sql}: {message}");
+        assert!(
+            message.contains("uuid") && message.contains("bigint"),
+            "{sql}: the message names both types: {message}"
+        );
+    }
+    for sql in [
+        "SELECT wsusage_mark(NULL, gen_random_uuid())",
+        "SELECT wsusage_mark('users', NULL)",
+        "SELECT wsusage_mark_many(NULL, ARRAY[gen_random_uuid()])",
+        "SELECT wsusage_mark_many('users', NULL)",
+        "SELECT wsusage_mark_bigint(NULL, 1)",
+        "SELECT wsusage_mark_bigint('api_keys', NULL)",
+        "SELECT wsusage_mark_many_bigint(NULL, ARRAY[1::bigint])",
+        "SELECT wsusage_mark_many_bigint('api_keys', NULL)",
+    ] {
+        let (code, message) = refusal(&mut client, sql);
+        assert_eq!(code, "22004", "{sql}: {message}");
+    }
+    assert_eq!(flush(&mut client), 0, "no refused call marked anything");
+
+    // Only the owner changes targets; monitoring roles read them.
+    client
+        .batch_execute(
+            "CREATE ROLE app LOGIN;
+             CREATE ROLE watcher LOGIN IN ROLE pg_monitor;
+             GRANT EXECUTE ON FUNCTION wsusage_mark(text, uuid), wsusage_mark_bigint(text, bigint) TO app;",
+        )
+        .unwrap();
+    let mut app = connect_as(&cluster, "app");
+    for sql in [
+        insert("mine", "users", "id", "last_seen_at", "NULL"),
+        "UPDATE wsusage_target SET min_change = '1 day'".to_owned(),
+        "DELETE FROM wsusage_target".to_owned(),
+    ] {
+        let (code, message) = refusal(&mut app, &sql);
+        assert_eq!(code, "42501", "{sql}: {message}");
+    }
+    let mut watcher = connect_as(&cluster, "watcher");
+    let seen: Vec<String> =
+        watcher.query("SELECT name FROM wsusage_target ORDER BY name", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(seen, ["api_keys", "users"]);
+}
+
+#[test]
+fn marking_needs_update_on_the_targets_timestamp_column_checked_again_when_privileges_change() {
+    let cluster = Cluster::start(&[]);
+    let (mut admin, workspaces) = cluster.with_workspaces(2);
+    let users = new_ids(5);
+    admin.batch_execute("CREATE TABLE users (id uuid PRIMARY KEY, last_seen_at timestamptz, nickname text)").unwrap();
+    admin.execute("INSERT INTO users (id) SELECT unnest($1::uuid[])", &[&users]).unwrap();
+    add_target(&mut admin, "users", "users", "id", "last_seen_at");
+    admin
+        .batch_execute(
+            "CREATE ROLE app LOGIN;
+             GRANT EXECUTE ON FUNCTION wsusage_mark(uuid), wsusage_mark(text, uuid), wsusage_mark_many(text, uuid[])
+                TO app;",
+        )
+        .unwrap();
+    let mut app = connect_as(&cluster, "app");
+    let refused = |app: &mut Client, sql: &str, id: &(dyn ToSql + Sync), table: &str, column: &str| {
+        let err = app.execute(sql, &[id]).expect_err(sql);
+        let (code, message, _, _) = report(&err);
+        assert_eq!(code, "42501", "{sql}: {message}");
+        assert!(message.contains(table) && message.contains(column), "{sql}: names {table} and {column}: {message}");
+    };
+
+    // EXECUTE alone is not enough, for a target of the table and for the default.
+    refused(&mut app, "SELECT wsusage_mark('users', $1)", &users[0], "users", "last_seen_at");
+    refused(&mut app, "SELECT wsusage_mark_many('users', $1)", &vec![users[0]], "users", "last_seen_at");
+    refused(&mut app, "SELECT wsusage_mark($1)", &workspaces[0], "workspaces", "last_used_at");
+    // UPDATE on another column is not UPDATE on the timestamp column.
+    admin.batch_execute("GRANT UPDATE (nickname) ON users TO app").unwrap();
+    refused(&mut app, "SELECT wsusage_mark('users', $1)", &users[0], "users", "last_seen_at");
+
+    // Granted on the column, in the same session the next mark succeeds; granted on the table, too.
+    admin.batch_execute("GRANT UPDATE (last_seen_at) ON users TO app").unwrap();
+    app.execute("SELECT wsusage_mark('users', $1)", &[&users[1]]).unwrap();
+    app.execute("SELECT wsusage_mark_many('users', $1)", &[&vec![users[2]]]).unwrap();
+    admin.batch_execute("GRANT UPDATE ON workspaces TO app").unwrap();
+    app.execute("SELECT wsusage_mark($1)", &[&workspaces[1]]).unwrap();
+
+    // Revoked: the next mark in the same session fails again.
+    admin.batch_execute("REVOKE UPDATE (last_seen_at) ON users FROM app").unwrap();
+    refused(&mut app, "SELECT wsusage_mark('users', $1)", &users[3], "users", "last_seen_at");
+
+    // Only the accepted marks were kept.
+    assert_eq!(flush(&mut admin), 3);
+    assert_eq!(written_ids(&mut admin, "users", "id", "last_seen_at"), sorted(&users[1..3]));
+    assert_eq!(written_ids(&mut admin, "workspaces", "id", "last_used_at"), [workspaces[1]]);
+}
+
+#[test]
+fn untyped_parameters_resolve_to_one_function_each_as_drivers_send_them() {
+    let cluster = Cluster::start(&[]);
+    let (mut client, workspaces) = cluster.with_workspaces(3);
+    let users = new_ids(6);
+    client
+        .batch_execute(
+            "CREATE TABLE users (id uuid PRIMARY KEY, last_seen_at timestamptz);
+             CREATE TABLE api_keys (id bigint PRIMARY KEY, last_used timestamp without time zone);
+             INSERT INTO api_keys (id) SELECT generate_series(1, 10);",
+        )
+        .unwrap();
+    client.execute("INSERT INTO users (id) SELECT unnest($1::uuid[])", &[&users]).unwrap();
+    add_target(&mut client, "users", "users", "id", "last_seen_at");
+    add_target(&mut client, "api_keys", "api_keys", "id", "last_used");
+    let works = |client: &mut Client, sql: &str| {
+        if let Err(err) = client.batch_execute(sql) {
+            panic!("{sql}: {} {err}", sqlstate(&err));
+        }
+    };
+    let prepared = |client: &mut Client, sql: &str, expected: &[Type]| {
+        let statement = client.prepare_typed(sql, &[]).unwrap_or_else(|err| panic!("{sql}: {} {err}", sqlstate(&err)));
+        assert_eq!(statement.params().to_vec(), expected.to_vec(), "{sql}");
+        statement
+    };
+
+    // Parsed with no parameter types, as node-postgres does: the server infers each one.
+    let mark = prepared(&mut client, "SELECT wsusage_mark($1)", &[Type::UUID]);
+    client.execute(&mark, &[&workspaces[0]]).unwrap();
+    let mark = prepared(&mut client, "SELECT wsusage_mark($1, $2)", &[Type::TEXT, Type::UUID]);
+    client.execute(&mark, &[&"users", &users[0]]).unwrap();
+    let mark_many = prepared(&mut client, "SELECT wsusage_mark_many($1, $2)", &[Type::TEXT, Type::UUID_ARRAY]);
+    client.execute(&mark_many, &[&"users", &vec![users[1]]]).unwrap();
+    let mark_bigint = prepared(&mut client, "SELECT wsusage_mark_bigint($1, $2)", &[Type::TEXT, Type::INT8]);
+    client.execute(&mark_bigint, &[&"api_keys", &1i64]).unwrap();
+    let mark_many_bigint =
+        prepared(&mut client, "SELECT wsusage_mark_many_bigint($1, $2)", &[Type::TEXT, Type::INT8_ARRAY]);
+    client.execute(&mark_many_bigint, &[&"api_keys", &vec![2i64]]).unwrap();
+
+    // Untyped literals (simple query protocol): none is ambiguous (42725).
+    works(&mut client, &format!("SELECT wsusage_mark('{}')", workspaces[1]));
+    works(&mut client, &format!("SELECT wsusage_mark('users', '{}')", users[2]));
+    works(&mut client, &format!("SELECT wsusage_mark_many('users', '{{{}}}')", users[3]));
+    works(&mut client, "SELECT wsusage_mark_bigint('api_keys', '3')");
+    works(&mut client, "SELECT wsusage_mark_many_bigint('api_keys', '{4,5}')");
+
+    // Untyped parameters given as text, as drivers that send every value as a string do.
+    works(
+        &mut client,
+        &format!(
+            "PREPARE m AS SELECT wsusage_mark($1); EXECUTE m('{}');
+             PREPARE m2 AS SELECT wsusage_mark($1, $2); EXECUTE m2('users', '{}');
+             PREPARE mm2 AS SELECT wsusage_mark_many($1, $2); EXECUTE mm2('users', '{{{}}}');
+             PREPARE mb AS SELECT wsusage_mark_bigint($1, $2); EXECUTE mb('api_keys', '6');
+             PREPARE mmb AS SELECT wsusage_mark_many_bigint($1, $2); EXECUTE mmb('api_keys', '{{7}}');",
+            workspaces[2], users[4], users[5]
+        ),
+    );
+
+    assert_eq!(flush(&mut client), 3 + 6 + 7);
+    assert_eq!(count_used(&mut client), 3);
+    assert_eq!(written_ids(&mut client, "users", "id", "last_seen_at"), sorted(&users));
+    let api_keys: Vec<i64> = client
+        .query("SELECT id FROM api_keys WHERE last_used IS NOT NULL ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(api_keys, [1, 2, 3, 4, 5, 6, 7]);
+}

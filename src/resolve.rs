@@ -38,6 +38,9 @@ thread_local! {
 
 /// Set by the invalidation callbacks: forget everything before the next mark.
 static STALE: AtomicBool = AtomicBool::new(false);
+/// `wsusage_target` exists and is watched. Before the extension's update to 0.3.0 creates it,
+/// any relation's invalidation (its creation's among them) counts.
+static TARGETS_TABLE_WATCHED: AtomicBool = AtomicBool::new(false);
 static CALLBACKS_REGISTERED: AtomicBool = AtomicBool::new(false);
 
 #[pgrx::pg_guard]
@@ -45,7 +48,7 @@ unsafe extern "C-unwind" fn relation_changed(_arg: pg_sys::Datum, relid: pg_sys:
     // Called by PostgreSQL while it processes invalidations, possibly during our own catalog
     // query: only compare and set a flag. A list being changed right now counts as a match.
     let watched = WATCHED.with(|watched| watched.try_borrow().map_or(true, |watched| watched.contains(&relid)));
-    if relid == pg_sys::InvalidOid || watched {
+    if relid == pg_sys::InvalidOid || watched || !TARGETS_TABLE_WATCHED.load(Ordering::Relaxed) {
         STALE.store(true, Ordering::Relaxed);
     }
 }
@@ -73,46 +76,57 @@ fn register_callbacks() {
     }
 }
 
+// miscadmin.h's GetUserId, declared here without pgrx's guard: it returns a variable of the
+// backend and raises nothing, and the guard (a sigsetjmp) would cost every mark a tenth of its
+// time.
+unsafe extern "C" {
+    #[link_name = "GetUserId"]
+    fn get_user_id_unguarded() -> pg_sys::Oid;
+}
+
 fn current_user() -> pg_sys::Oid {
-    // SAFETY: a plain read of this backend's current role.
-    unsafe { pg_sys::GetUserId() }
+    // SAFETY: GetUserId reads the backend's current role; it cannot raise an ERROR, so no
+    // longjmp can cross this frame.
+    unsafe { get_user_id_unguarded() }
 }
 
 /// Run `mark` on target `name`, resolving and checking it first unless remembered; raises for a
 /// target that does not exist, takes other keys than `takes`, or that the role may not mark.
 pub fn with_target<R>(name: &str, takes: Kind, function: &'static str, mark: impl FnOnce(&mut Resolved) -> R) -> R {
     let user = current_user();
-    if STALE.swap(false, Ordering::Relaxed) {
+    // A plain load first: a swap would be a locked instruction on every mark.
+    if STALE.load(Ordering::Relaxed) {
+        STALE.store(false, Ordering::Relaxed);
         RESOLVED.with(|resolved| resolved.borrow_mut().clear());
     }
-    let found = RESOLVED
-        .with(|resolved| resolved.borrow().iter().position(|target| target.name == name && target.user == user));
-    let index = match found {
-        Some(index) => index,
-        None => match resolve(name, takes, function, user) {
-            Some(resolved) => RESOLVED.with(|all| {
-                let mut all = all.borrow_mut();
-                all.push(resolved);
-                all.len() - 1
-            }),
-            None => {
-                // The settings' target, not writable now: accepted, and resolved again at the
-                // next mark (see `resolve`).
-                let mut unresolved =
-                    Resolved { name: name.to_owned(), kind: takes, column_type: String::new(), slot: None, user };
-                return mark(&mut unresolved);
-            }
-        },
-    };
-    // Nothing below processes invalidations, whose callbacks touch only `WATCHED` and `STALE`.
-    RESOLVED.with(|resolved| {
-        let target = &mut resolved.borrow_mut()[index];
+    // Nothing in `mark` processes invalidations, whose callbacks touch only `WATCHED` and
+    // `STALE`, so the list may stay borrowed while it runs.
+    let mark = RESOLVED.with(|resolved| {
+        let mut resolved = resolved.borrow_mut();
+        let Some(target) = resolved.iter_mut().find(|target| target.name == name && target.user == user) else {
+            return Err(mark);
+        };
         if target.kind != takes {
             let column_type = target.column_type.clone();
             UsageError::WrongKeyType { name: name.to_owned(), column_type, takes }.raise(function);
         }
-        mark(target)
-    })
+        Ok(mark(target))
+    });
+    let mark = match mark {
+        Ok(result) => return result,
+        Err(mark) => mark,
+    };
+    match resolve(name, takes, function, user) {
+        Some(resolved) => RESOLVED.with(|all| {
+            let mut all = all.borrow_mut();
+            all.push(resolved);
+            let last = all.len() - 1;
+            mark(&mut all[last])
+        }),
+        // The settings' target, not writable now: accepted, and resolved again at the next
+        // mark (see `resolve`).
+        None => mark(&mut Resolved { name: name.to_owned(), kind: takes, column_type: String::new(), slot: None, user }),
+    }
 }
 
 /// Read and check target `name`. `None` for the settings' `default` whose table does not fit:
@@ -139,6 +153,7 @@ fn resolve(name: &str, takes: Kind, function: &'static str, user: pg_sys::Oid) -
         UsageError::NoPrivilege { name: name.to_owned(), table, column: definition.timestamp_column.clone() }
             .raise(function);
     }
+    TARGETS_TABLE_WATCHED.store(targets_table.is_some(), Ordering::Relaxed);
     WATCHED.with(|watched| {
         let mut watched = watched.borrow_mut();
         watched.extend(targets_table.into_iter().chain([relation]));

@@ -251,3 +251,132 @@ fn a_declaration_the_library_cannot_fill_is_an_error_naming_the_column() {
     assert!(message.contains("\"pending\""), "{message}");
     assert_eq!(postmaster_start(&mut client), started, "the server never restarted");
 }
+
+/// The views of the installed release, by name.
+fn extension_views(client: &mut Client) -> Vec<String> {
+    client
+        .query(
+            "SELECT c.relname::text FROM pg_class AS c
+               JOIN pg_depend AS d ON d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e'
+               JOIN pg_extension AS e ON e.oid = d.refobjid AND e.extname = 'wsusage'
+              WHERE c.relkind = 'v' ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+/// The upgrade to targets (0.3.0), as a database goes through it: today's library runs under the
+/// release's SQL (marks, flushes, the pending set and the stats views of that release all work),
+/// and a mark made then is still pending when `ALTER EXTENSION wsusage UPDATE` runs. The update
+/// keeps it — it is the `default` target's, written by the next flush — and at once the database
+/// has targets: a row of `wsusage_target` is marked and flushed in the same session, and
+/// `wsusage_pending()` names each key's target.
+#[test]
+fn a_mark_pending_across_the_update_to_targets_is_flushed_and_targets_work_in_the_same_session() {
+    let cluster = Cluster::start(&[]);
+    let mut admin = cluster.connect();
+    cluster.wait_for_launcher(&mut admin);
+    for version in ["0.1.0", "0.2.0"] {
+        install_release_script(version);
+        // A database of its own for each release.
+        let database = format!("window_of_{}", version.replace('.', "_"));
+        admin.batch_execute(&format!("CREATE DATABASE {database}")).unwrap();
+        let mut client = cluster.connect_to(&database);
+        client
+            .batch_execute(&format!(
+                "CREATE EXTENSION wsusage VERSION '{version}';
+                 CREATE TABLE workspaces (id uuid PRIMARY KEY, last_used_at timestamptz);"
+            ))
+            .unwrap();
+        let ids: Vec<Uuid> = (0..4).map(|_| Uuid::new_v4()).collect();
+        client.execute("INSERT INTO workspaces (id) SELECT unnest($1::uuid[])", &[&ids]).unwrap();
+
+        // The release's own functions and views, on today's library.
+        client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
+        client.execute("SELECT wsusage_mark_many($1)", &[&vec![ids[1]]]).unwrap();
+        let mut pending: Vec<Uuid> = client
+            .query("SELECT * FROM wsusage_pending()", &[])
+            .unwrap()
+            .iter()
+            .map(|row| row.get("workspace_id"))
+            .collect();
+        pending.sort();
+        let mut expected = ids[..2].to_vec();
+        expected.sort();
+        assert_eq!(pending, expected, "{version}");
+        // Cluster-wide: the databases of the releases before this one have nothing pending.
+        let in_stats: i64 = client.query_one("SELECT pending FROM wsusage_stats", &[]).unwrap().get(0);
+        assert_eq!(in_stats, 2, "{version}");
+        let views = extension_views(&mut client);
+        assert!(views.contains(&"wsusage_stats".to_owned()), "{version}: {views:?}");
+        for view in &views {
+            client
+                .query(format!("SELECT * FROM {view}").as_str(), &[])
+                .unwrap_or_else(|e| panic!("{version}: {view}: {e}"));
+        }
+        assert_eq!(flush(&mut client), 2, "{version}");
+        assert_eq!(count_used(&mut client), 2, "{version}");
+
+        // Marked, not flushed: pending through the update.
+        client.execute("SELECT wsusage_mark($1)", &[&ids[2]]).unwrap();
+        client.batch_execute("ALTER EXTENSION wsusage UPDATE TO '0.3.0'").unwrap();
+        let installed: String =
+            client.query_one("SELECT extversion FROM pg_extension WHERE extname = 'wsusage'", &[]).unwrap().get(0);
+        assert_eq!(installed, "0.3.0", "{version}");
+        let pending: Vec<(String, String, Option<Uuid>)> = client
+            .query("SELECT target, key, workspace_id FROM wsusage_pending()", &[])
+            .unwrap()
+            .iter()
+            .map(|row| (row.get(0), row.get(1), row.get(2)))
+            .collect();
+        assert_eq!(pending, [("default".to_owned(), ids[2].to_string(), Some(ids[2]))], "{version}");
+        assert_eq!(flush(&mut client), 1, "{version}");
+        assert!(last_used(&mut client, &ids[2]).is_some(), "{version}: the mark made before the update");
+        assert_eq!(last_used(&mut client, &ids[3]), None, "{version}: never marked");
+
+        // Targets, in the session that ran the update.
+        let users: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+        client.batch_execute("CREATE TABLE users (id uuid PRIMARY KEY, last_seen_at timestamptz)").unwrap();
+        client.execute("INSERT INTO users (id) SELECT unnest($1::uuid[])", &[&users]).unwrap();
+        client
+            .batch_execute(
+                "INSERT INTO wsusage_target (name, relation, id_column, timestamp_column)
+                      VALUES ('users', 'users', 'id', 'last_seen_at')",
+            )
+            .unwrap();
+        client.execute("SELECT wsusage_mark('users', $1)", &[&users[0]]).unwrap();
+        client.execute("SELECT wsusage_mark_many('users', $1)", &[&vec![users[1]]]).unwrap();
+        client.execute("SELECT wsusage_mark($1)", &[&ids[3]]).unwrap();
+        let targets: Vec<(String, i64)> = client
+            .query("SELECT target, count(*) FROM wsusage_pending() GROUP BY target ORDER BY target", &[])
+            .unwrap()
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
+        assert_eq!(targets, [("default".to_owned(), 1), ("users".to_owned(), 2)], "{version}");
+        assert_eq!(flush(&mut client), 3, "{version}");
+        let mut written: Vec<Uuid> = client
+            .query("SELECT id FROM users WHERE last_seen_at IS NOT NULL", &[])
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        written.sort();
+        let mut expected = users[..2].to_vec();
+        expected.sort();
+        assert_eq!(written, expected, "{version}: exactly the marked users");
+        assert_eq!(count_used(&mut client), 4, "{version}");
+        let flushed: i64 = client
+            .query_one(
+                "SELECT ids_flushed FROM wsusage_stats_by_target
+                  WHERE database = current_database() AND target = 'users'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(flushed, 2, "{version}");
+    }
+}

@@ -160,3 +160,76 @@ fn a_set_saved_by_release_0_2_0_is_restored_after_the_upgrades_restart() {
     assert_eq!(flush(&mut client), 3);
     assert_eq!(pg_time(last_used(&mut client, &ids[2]).unwrap()), at);
 }
+
+/// Every pending key of the database, target by target: (target, key as text, mark time).
+fn pending_by_target(client: &mut Client) -> Vec<(String, String, DateTime<Utc>)> {
+    client
+        .query("SELECT target, key, last_used_at FROM wsusage_pending() ORDER BY target, key", &[])
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect()
+}
+
+/// Keys are saved with their target's name, not the slot that held the target in shared memory
+/// (another after the restart), and with their kind: a uuid target's keys come back as uuids, a
+/// bigint target's as bigints, each to be written into its own table at its own mark time.
+#[test]
+fn keys_of_every_target_pending_at_a_clean_stop_come_back_under_their_target_names_and_reach_their_own_tables() {
+    // The worker writes as usage_writer, which may update none of the tables until after the
+    // restart: the final flush at the shutdown fails for every target, so the postmaster saves
+    // all their keys.
+    let mut cluster = Cluster::start(&[("wsusage.role", "'usage_writer'")]);
+    let (mut client, workspaces) = cluster.with_workspaces(3);
+    let users: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+    client
+        .batch_execute(
+            "CREATE ROLE usage_writer NOLOGIN;
+             CREATE TABLE users (id uuid PRIMARY KEY, last_seen_at timestamptz);
+             CREATE TABLE api_keys (id bigint PRIMARY KEY, last_used timestamptz);
+             INSERT INTO api_keys (id) SELECT generate_series(1, 10);
+             INSERT INTO wsusage_target (name, relation, id_column, timestamp_column)
+                  VALUES ('users', 'users', 'id', 'last_seen_at'), ('api_keys', 'api_keys', 'id', 'last_used');",
+        )
+        .unwrap();
+    client.execute("INSERT INTO users (id) SELECT unnest($1::uuid[])", &[&users]).unwrap();
+    // Two keys of each target; the third row of each table (and api keys 1, 2, 4 …) never marked.
+    client.execute("SELECT wsusage_mark_many($1)", &[&workspaces[..2].to_vec()]).unwrap();
+    client.execute("SELECT wsusage_mark('users', $1)", &[&users[0]]).unwrap();
+    client.execute("SELECT wsusage_mark_many('users', $1)", &[&vec![users[1]]]).unwrap();
+    client.execute("SELECT wsusage_mark_bigint('api_keys', $1)", &[&3i64]).unwrap();
+    client.execute("SELECT wsusage_mark_many_bigint('api_keys', $1)", &[&vec![7i64]]).unwrap();
+    let before = pending_by_target(&mut client);
+    let targets: Vec<&str> = before.iter().map(|(target, _, _)| target.as_str()).collect();
+    assert_eq!(targets, ["api_keys", "api_keys", "default", "default", "users", "users"]);
+    // The worker is idle on its latch (its interval an hour away): the shutdown finds it running,
+    // and its final flush is the one that fails.
+    cluster.wait_for_worker(&mut client, None);
+    drop(client);
+    cluster.stop("fast");
+    assert!(saved_file(&cluster).exists());
+    assert!(cluster.log().contains("wsusage saved 6 pending ids"), "{}", cluster.log());
+
+    cluster.start_again();
+    let mut client = cluster.connect();
+    assert_eq!(pending_by_target(&mut client), before, "the same targets, keys and mark times");
+    assert!(cluster.log().contains("wsusage restored 6 pending ids saved at the last shutdown"), "{}", cluster.log());
+    assert!(!saved_file(&cluster).exists(), "read once, then removed");
+
+    client.batch_execute("GRANT SELECT, UPDATE ON workspaces, users, api_keys TO usage_writer").unwrap();
+    assert_eq!(flush(&mut client), 6);
+    let written: Vec<(String, String, DateTime<Utc>)> = client
+        .query(
+            "SELECT 'default', id::text, last_used_at FROM workspaces WHERE last_used_at IS NOT NULL
+             UNION ALL SELECT 'users', id::text, last_seen_at FROM users WHERE last_seen_at IS NOT NULL
+             UNION ALL SELECT 'api_keys', id::text, last_used FROM api_keys WHERE last_used IS NOT NULL
+             ORDER BY 1, 2",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    assert_eq!(written, before, "each key in its own target's table, at its mark time; no other row written");
+    assert!(pending_by_target(&mut client).is_empty());
+}

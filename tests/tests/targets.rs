@@ -4,6 +4,7 @@
 //! function after each write (after_flush); marking one needs UPDATE on its timestamp column.
 
 use std::collections::HashMap;
+use std::process::Command;
 use std::thread;
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
@@ -768,4 +769,287 @@ fn untyped_parameters_resolve_to_one_function_each_as_drivers_send_them() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(api_keys, [1, 2, 3, 4, 5, 6, 7]);
+}
+
+/// Run a client program of the PostgreSQL build under test (pg_dump, psql), which must succeed.
+fn run_client(program: &str, args: &[String]) {
+    let out = Command::new(pg_bin().join(program)).args(args).output().unwrap_or_else(|e| panic!("run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Each target's row, every column as text, in name order.
+fn target_rows(client: &mut Client) -> Vec<Vec<Option<String>>> {
+    client
+        .query(
+            "SELECT name, relation::text, id_column::text, timestamp_column::text, min_change::text,
+                    after_flush::text
+               FROM wsusage_target ORDER BY name",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| (0..6usize).map(|column| row.get::<_, Option<String>>(column)).collect())
+        .collect()
+}
+
+/// `wsusage_target` is the extension's configuration table (`pg_extension_config_dump`): a plain
+/// dump of the database carries its rows beside `CREATE EXTENSION`, and restoring the dump into
+/// another database gives that database the same targets, which work there. The rows are
+/// restored after the tables and functions they name exist, and pass the table's check.
+#[test]
+fn pg_dump_keeps_the_target_rows_and_the_restored_database_flushes_them() {
+    let cluster = Cluster::start(&[]);
+    let (mut client, _) = cluster.with_workspaces(0);
+    let ids = new_ids(3);
+    client
+        .batch_execute(
+            "CREATE TABLE users (id uuid PRIMARY KEY, last_seen_at timestamptz);
+             CREATE TABLE user_visits (id uuid);
+             CREATE FUNCTION note_visits(ids uuid[], marked_at timestamptz[]) RETURNS void
+               LANGUAGE plpgsql SET search_path = public AS
+               $$ BEGIN INSERT INTO user_visits SELECT unnest(ids); END $$;
+             INSERT INTO wsusage_target (name, relation, id_column, timestamp_column, min_change, after_flush)
+                  VALUES ('users', 'users', 'id', 'last_seen_at', '5 minutes', 'note_visits(uuid[], timestamptz[])');",
+        )
+        .unwrap();
+    client.execute("INSERT INTO users (id) SELECT unnest($1::uuid[])", &[&ids]).unwrap();
+    let rows = target_rows(&mut client);
+    assert_eq!(rows.len(), 1);
+
+    let dump = cluster.dir.join("postgres.sql");
+    run_client(
+        "pg_dump",
+        &[
+            "--format=plain".to_owned(),
+            format!("--file={}", dump.display()),
+            format!("--dbname={}", cluster.conninfo("postgres")),
+        ],
+    );
+    client.batch_execute("CREATE DATABASE restored").unwrap();
+    run_client(
+        "psql",
+        &[
+            "--no-psqlrc".to_owned(),
+            "--quiet".to_owned(),
+            "--set=ON_ERROR_STOP=1".to_owned(),
+            format!("--file={}", dump.display()),
+            format!("--dbname={}", cluster.conninfo("restored")),
+        ],
+    );
+
+    let mut restored = cluster.connect_to("restored");
+    let names: Vec<(String, String)> = restored
+        .query("SELECT name, relation::text FROM wsusage_target", &[])
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(names, [("users".to_owned(), "users".to_owned())]);
+    assert_eq!(target_rows(&mut restored), rows, "every column as it was");
+
+    // The restored target is the restored database's own: its table, its function.
+    restored.execute("SELECT wsusage_mark_many('users', $1)", &[&ids[..2].to_vec()]).unwrap();
+    assert_eq!(flush(&mut restored), 2);
+    assert_eq!(written_ids(&mut restored, "users", "id", "last_seen_at"), sorted(&ids[..2]));
+    let visits: Vec<Uuid> =
+        restored.query("SELECT id FROM user_visits ORDER BY id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(visits, sorted(&ids[..2]));
+    assert!(written_ids(&mut client, "users", "id", "last_seen_at").is_empty(), "the dumped database's rows untouched");
+}
+
+/// A target is its row as the next flush reads it: keys pending when the row is pointed at
+/// another table (with the same key type) are written there, at their mark times, and none is
+/// discarded or left on the old table.
+#[test]
+fn keys_pending_when_a_target_is_pointed_at_another_table_are_written_to_the_new_table() {
+    let cluster = Cluster::start(&[]);
+    let (mut client, _) = cluster.with_workspaces(0);
+    // The same ids in both tables: a key written to the old table would show.
+    let ids = new_ids(3);
+    client
+        .batch_execute(
+            "CREATE TABLE users (id uuid PRIMARY KEY, last_seen_at timestamptz);
+             CREATE TABLE members (id uuid PRIMARY KEY, seen timestamptz);",
+        )
+        .unwrap();
+    client.execute("INSERT INTO users (id) SELECT unnest($1::uuid[])", &[&ids]).unwrap();
+    client.execute("INSERT INTO members (id) SELECT unnest($1::uuid[])", &[&ids]).unwrap();
+    add_target(&mut client, "users", "users", "id", "last_seen_at");
+    let discarded = |client: &mut Client| -> i64 {
+        client.query_one("SELECT ids_discarded FROM wsusage_stats", &[]).unwrap().get(0)
+    };
+    let discarded_before = discarded(&mut client);
+
+    client.execute("SELECT wsusage_mark_many('users', $1)", &[&ids[..2].to_vec()]).unwrap();
+    let marked: Vec<(String, DateTime<Utc>)> = client
+        .query("SELECT key, last_used_at FROM wsusage_pending() WHERE target = 'users' ORDER BY key", &[])
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(marked.len(), 2);
+
+    client
+        .batch_execute("UPDATE wsusage_target SET relation = 'members', timestamp_column = 'seen' WHERE name = 'users'")
+        .unwrap();
+    assert_eq!(flush(&mut client), 2);
+
+    let written: Vec<(String, DateTime<Utc>)> = client
+        .query("SELECT id::text, seen FROM members WHERE seen IS NOT NULL ORDER BY id::text", &[])
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(written, marked, "the pending keys, at their mark times, in the new table");
+    assert!(written_ids(&mut client, "users", "id", "last_seen_at").is_empty(), "nothing on the old table");
+    assert!(pending_keys(&mut client, "users").is_empty());
+    assert_eq!(discarded(&mut client), discarded_before, "none discarded");
+
+    // Marks made since go to the new table too.
+    client.execute("SELECT wsusage_mark('users', $1)", &[&ids[2]]).unwrap();
+    assert_eq!(flush(&mut client), 1);
+    assert_eq!(written_ids(&mut client, "members", "id", "seen"), sorted(&ids));
+    assert!(written_ids(&mut client, "users", "id", "last_seen_at").is_empty());
+}
+
+/// A key is held with the type it was marked as, never reinterpreted: when a target's row is
+/// changed from a uuid key column to a bigint one, its pending uuid keys can be written nowhere,
+/// so the next flush discards them (counted in `ids_discarded`, logged with the reason) and
+/// writes nothing. Marks of the new key type then work, and of the old type are refused.
+#[test]
+fn uuid_keys_pending_when_the_targets_key_becomes_bigint_are_discarded_with_a_log_line_and_write_nothing() {
+    let cluster = Cluster::start(&[]);
+    let (mut client, _) = cluster.with_workspaces(0);
+    let ids = new_ids(2);
+    client
+        .batch_execute(
+            "CREATE TABLE things (id uuid PRIMARY KEY, seen timestamptz);
+             CREATE TABLE things_by_number (n bigint PRIMARY KEY, seen timestamptz);
+             INSERT INTO things_by_number (n) SELECT generate_series(1, 5);",
+        )
+        .unwrap();
+    client.execute("INSERT INTO things (id) SELECT unnest($1::uuid[])", &[&ids]).unwrap();
+    add_target(&mut client, "things", "things", "id", "seen");
+    let discarded = |client: &mut Client| -> i64 {
+        client.query_one("SELECT ids_discarded FROM wsusage_stats", &[]).unwrap().get(0)
+    };
+    let discarded_before = discarded(&mut client);
+
+    client.execute("SELECT wsusage_mark_many('things', $1)", &[&ids]).unwrap();
+    assert_eq!(pending_keys(&mut client, "things").len(), 2);
+    client
+        .batch_execute("UPDATE wsusage_target SET relation = 'things_by_number', id_column = 'n' WHERE name = 'things'")
+        .unwrap();
+    flush(&mut client);
+
+    assert!(pending_keys(&mut client, "things").is_empty(), "discarded, not kept");
+    let pending: i64 = client.query_one("SELECT count(*) FROM wsusage_pending()", &[]).unwrap().get(0);
+    assert_eq!(pending, 0);
+    assert_eq!(discarded(&mut client), discarded_before + 2);
+    let written: i64 = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM things WHERE seen IS NOT NULL)
+                  + (SELECT count(*) FROM things_by_number WHERE seen IS NOT NULL)",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(written, 0, "nothing written to either table");
+    wait_until("a LOG line saying why the keys of things were discarded", || {
+        cluster.log().lines().any(|line| {
+            line.contains("LOG:")
+                && line.contains("discarded 2 pending keys of target \"things\"")
+                && line.contains("marked as uuid keys")
+        })
+    });
+
+    // The target's keys are bigints now.
+    client.execute("SELECT wsusage_mark_bigint('things', $1)", &[&3i64]).unwrap();
+    assert_eq!(flush(&mut client), 1);
+    let numbers: Vec<i64> = client
+        .query("SELECT n FROM things_by_number WHERE seen IS NOT NULL", &[])
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(numbers, [3]);
+    let (code, message) = refusal(&mut client, &format!("SELECT wsusage_mark('things', '{}')", ids[0]));
+    assert_eq!(code, "42804", "{message}");
+}
+
+/// An after_flush function takes an array of the key column's own type: `integer[]` for an
+/// integer key, `bigint[]` for a bigint key (one for the other is refused), and is given exactly
+/// the keys whose rows the chunk wrote, with the times written.
+#[test]
+fn after_flush_of_an_integer_or_bigint_key_takes_an_array_of_the_key_columns_own_type_and_gets_the_written_keys() {
+    let cluster = Cluster::start(&[]);
+    let (mut client, _) = cluster.with_workspaces(0);
+    client
+        .batch_execute(
+            "CREATE TABLE devices (id integer PRIMARY KEY, seen_at timestamptz);
+             INSERT INTO devices (id) SELECT generate_series(1, 10);
+             CREATE TABLE api_keys (id bigint PRIMARY KEY, last_used timestamptz);
+             INSERT INTO api_keys (id) SELECT generate_series(1, 10);
+             CREATE TABLE flushed (target text, id bigint, marked timestamptz);
+             CREATE FUNCTION note_devices(ids integer[], marked_at timestamptz[]) RETURNS void
+               LANGUAGE plpgsql SET search_path = public AS
+               $$ BEGIN
+                    INSERT INTO flushed SELECT 'devices', m.id, m.marked FROM unnest(ids, marked_at) AS m(id, marked);
+                  END $$;
+             CREATE FUNCTION note_api_keys(ids bigint[], marked_at timestamptz[]) RETURNS void
+               LANGUAGE plpgsql SET search_path = public AS
+               $$ BEGIN
+                    INSERT INTO flushed SELECT 'api_keys', m.id, m.marked FROM unnest(ids, marked_at) AS m(id, marked);
+                  END $$;",
+        )
+        .unwrap();
+    add_target(&mut client, "devices", "devices", "id", "seen_at");
+    add_target(&mut client, "api_keys", "api_keys", "id", "last_used");
+
+    // Each function fits its own key type only.
+    for (target, function) in
+        [("devices", "note_api_keys(bigint[], timestamptz[])"), ("api_keys", "note_devices(integer[], timestamptz[])")]
+    {
+        let (code, message) = refusal(
+            &mut client,
+            &format!("UPDATE wsusage_target SET after_flush = '{function}' WHERE name = '{target}'"),
+        );
+        assert_eq!(code, "42883", "{target} with {function}: {message}");
+    }
+    client
+        .batch_execute(
+            "UPDATE wsusage_target SET after_flush = 'note_devices(integer[], timestamptz[])' WHERE name = 'devices';
+             UPDATE wsusage_target SET after_flush = 'note_api_keys(bigint[], timestamptz[])' WHERE name = 'api_keys';",
+        )
+        .unwrap();
+
+    // 99 has no row: taken, not written, not given to the function.
+    client.execute("SELECT wsusage_mark_many_bigint('devices', $1)", &[&vec![2i64, 5]]).unwrap();
+    client.execute("SELECT wsusage_mark_bigint('api_keys', $1)", &[&9i64]).unwrap();
+    client.execute("SELECT wsusage_mark_bigint('api_keys', $1)", &[&99i64]).unwrap();
+    assert_eq!(flush(&mut client), 4);
+
+    let logged: Vec<(String, i64, bool)> = client
+        .query(
+            "SELECT f.target, f.id, f.marked = coalesce(d.seen_at, a.last_used)
+               FROM flushed AS f
+               LEFT JOIN devices AS d ON f.target = 'devices' AND d.id = f.id
+               LEFT JOIN api_keys AS a ON f.target = 'api_keys' AND a.id = f.id
+              ORDER BY 1, 2",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get::<_, Option<bool>>(2).unwrap_or(false)))
+        .collect();
+    assert_eq!(
+        logged,
+        [("api_keys".to_owned(), 9, true), ("devices".to_owned(), 2, true), ("devices".to_owned(), 5, true)],
+        "exactly the written keys, each with the time written to its row"
+    );
 }

@@ -1,4 +1,4 @@
--- wsusage 0.2.0 -> 0.3.0 (in development; frozen when released).
+-- wsusage 0.2.0 -> 0.3.0.
 -- Targets: the table wsusage_target (one row per debounced column of the database, checked by
 -- its trigger), the functions marking a named target (wsusage_mark(text, uuid),
 -- wsusage_mark_many(text, uuid[]), wsusage_mark_bigint(text, bigint),

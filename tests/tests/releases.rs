@@ -14,8 +14,8 @@ use uuid::Uuid;
 
 use wsusage_tests::*;
 
-/// Functions (signature, volatility, parallel safety, strictness, privileges) and views
-/// (columns, grants) of the extension, one line each, sorted.
+/// Functions (signature, volatility, parallel safety, strictness, privileges), views and tables
+/// (columns, grants) of the extension, and the tables' triggers, one line each, sorted.
 const SIGNATURE_SQL: &str = r#"
 SELECT string_agg(line, E'\n' ORDER BY line) FROM (
     SELECT format('function %s(%s) returns %s volatile=%s parallel=%s strict=%s acl=%s',
@@ -27,7 +27,7 @@ SELECT string_agg(line, E'\n' ORDER BY line) FROM (
     UNION ALL
     -- Columns and grants to others, not the definition text or the owner's privileges, which
     -- PostgreSQL majors print differently.
-    SELECT format('view %s columns=%s grants=%s', c.relname,
+    SELECT format('%s %s columns=%s grants=%s', CASE c.relkind WHEN 'v' THEN 'view' ELSE 'table' END, c.relname,
                   (SELECT string_agg(attname, ',' ORDER BY attnum) FROM pg_attribute
                     WHERE attrelid = c.oid AND attnum > 0 AND NOT attisdropped),
                   (SELECT coalesce(string_agg(pg_get_userbyid(a.grantee) || ':' || a.privilege_type, ','
@@ -36,6 +36,12 @@ SELECT string_agg(line, E'\n' ORDER BY line) FROM (
       FROM pg_class AS c
       JOIN pg_depend AS d ON d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e'
       JOIN pg_extension AS e ON e.oid = d.refobjid AND e.extname = 'wsusage'
+    UNION ALL
+    SELECT format('trigger %s', pg_get_triggerdef(t.oid))
+      FROM pg_trigger AS t
+      JOIN pg_depend AS d ON d.classid = 'pg_class'::regclass AND d.objid = t.tgrelid AND d.deptype = 'e'
+      JOIN pg_extension AS e ON e.oid = d.refobjid AND e.extname = 'wsusage'
+     WHERE NOT t.tgisinternal
 ) AS lines"#;
 
 fn signature(client: &mut Client) -> String {

@@ -8,19 +8,53 @@ use pgrx::spi::SpiTupleTable;
 use crate::settings;
 use crate::target::{AfterFlush, Definition};
 
+/// The schema of the settings' table when `wsusage.table` names none. Not the search path: the
+/// worker and every marking backend must find the same table whatever their own search paths,
+/// or a role could pass the privilege check on a table of its own of that name.
+const DEFAULT_SCHEMA: &str = "public";
+
+/// The search path of the catalog query: PostgreSQL's own functions and operators only. The
+/// query runs as the bootstrap superuser in marking backends (see `resolve`), whose own search
+/// path a role sets: a function of its own there must never run in it.
+const QUERY_SEARCH_PATH: &std::ffi::CStr = c"pg_catalog, pg_temp";
+
 /// The definitions of the database's targets (`only`: of that one), with whether `role` may
 /// UPDATE each timestamp column, and the OID of `wsusage_target` (none before the extension's
 /// update to 0.3.0). Raises an ERROR when the catalogs cannot be read. Inside a transaction;
 /// the caller reads `wsusage_target` with the privileges it has.
 pub fn read(only: Option<&str>, role: pg_sys::Oid) -> (Vec<Definition>, Option<pg_sys::Oid>) {
-    let (table, id_column, timestamp_column) = match settings::target() {
+    // SAFETY: a GUC nest level of our own, popped below; an ERROR in between is unwound by the
+    // transaction's abort, which pops it too.
+    let level = unsafe {
+        let level = pg_sys::NewGUCNestLevel();
+        pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            QUERY_SEARCH_PATH.as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+        level
+    };
+    let read = read_under_fixed_search_path(only, role);
+    // SAFETY: pops the level pushed above, restoring the caller's search path.
+    unsafe { pg_sys::AtEOXact_GUC(true, level) };
+    read
+}
+
+fn read_under_fixed_search_path(only: Option<&str>, role: pg_sys::Oid) -> (Vec<Definition>, Option<pg_sys::Oid>) {
+    let (table, id_column, timestamp_column, table_as_written) = match settings::target() {
         Ok(target) => (
-            Some(target.table.quoted()),
+            Some(target.table.quoted_in(DEFAULT_SCHEMA)),
             Some(target.id_column.last().to_owned()),
             Some(target.timestamp_column.last().to_owned()),
+            Some(target.table.quoted()),
         ),
         // The check hooks keep invalid names out: this reads as a table that does not exist.
-        Err(_) => (None, None, None),
+        Err(_) => (None, None, None, None),
     };
     Spi::connect(|client| {
         // The extension's schema is where CREATE EXTENSION put it; before ALTER EXTENSION
@@ -41,12 +75,13 @@ pub fn read(only: Option<&str>, role: pg_sys::Oid) -> (Vec<Definition>, Option<p
             });
         let (targets, targets_table) = found.unwrap_or_default();
         let sql = crate::target::definitions_sql(targets.as_deref());
-        let args: [DatumWithOid; 5] = [
+        let args: [DatumWithOid; 6] = [
             table.clone().into(),
             id_column.clone().into(),
             timestamp_column.clone().into(),
             role.into(),
             only.map(str::to_owned).into(),
+            table_as_written.clone().into(),
         ];
         match client.select(sql.as_str(), None, &args) {
             Ok(rows) => (definitions_of(rows), targets_table),

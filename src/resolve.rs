@@ -125,7 +125,9 @@ pub fn with_target<R>(name: &str, takes: Kind, function: &'static str, mark: imp
         }),
         // The settings' target, not writable now: accepted, and resolved again at the next
         // mark (see `resolve`).
-        None => mark(&mut Resolved { name: name.to_owned(), kind: takes, column_type: String::new(), slot: None, user }),
+        None => {
+            mark(&mut Resolved { name: name.to_owned(), kind: takes, column_type: String::new(), slot: None, user })
+        }
     }
 }
 
@@ -175,7 +177,8 @@ fn read_as_owner(name: &str, user: pg_sys::Oid) -> (Vec<crate::target::Definitio
         pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
         pg_sys::SetUserIdAndSecContext(
             pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
-            saved_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as std::ffi::c_int,
+            saved_context
+                | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION) as std::ffi::c_int,
         );
     }
     let read = definitions::read(Some(name), user);

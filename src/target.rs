@@ -26,6 +26,14 @@ impl Name {
         self.0.iter().map(|part| format!("\"{}\"", part.replace('"', "\"\""))).collect::<Vec<_>>().join(".")
     }
 
+    /// The name as SQL text, a table's schema given as `schema` when it names none.
+    pub fn quoted_in(&self, schema: &str) -> String {
+        match self.0.len() {
+            1 => Name(vec![schema.to_owned(), self.0[0].clone()]).quoted(),
+            _ => self.quoted(),
+        }
+    }
+
     pub fn last(&self) -> &str {
         self.0.last().map(String::as_str).unwrap_or_default()
     }
@@ -320,9 +328,9 @@ impl Definition {
 /// The catalog query describing targets: one row per target of the database — each row of
 /// `wsusage_target` (`{targets}` names it, quoted; without it, only the settings' `default`),
 /// and `default` from the settings unless a row has that name — with what [`Definition`] holds.
-/// Parameters: $1 the settings' table (quoted), $2 and $3 their id and timestamp columns, $4 the
-/// role whose UPDATE privilege on the timestamp column is asked, $5 one target's name, or NULL
-/// for all.
+/// Parameters: $1 the settings' table (quoted and schema-qualified), $2 and $3 their id and
+/// timestamp columns, $4 the role whose UPDATE privilege on the timestamp column is asked, $5 one
+/// target's name, or NULL for all, $6 the settings' table as they write it (for messages).
 pub fn definitions_sql(targets: Option<&str>) -> String {
     let rows = match targets {
         Some(targets) => format!(
@@ -331,10 +339,10 @@ pub fn definitions_sql(targets: Option<&str>) -> String {
                     false AS settings \
                FROM {targets} \
              UNION ALL \
-             SELECT 'default', to_regclass($1)::oid, $1, $2, $3, interval '0', NULL, NULL, true \
+             SELECT 'default', to_regclass($1)::oid, $6, $2, $3, interval '0', NULL, NULL, true \
               WHERE NOT EXISTS (SELECT FROM {targets} WHERE name = 'default')"
         ),
-        None => "SELECT 'default' AS name, to_regclass($1)::oid AS rel, $1::text AS rel_text, $2::text AS idc, \
+        None => "SELECT 'default' AS name, to_regclass($1)::oid AS rel, $6::text AS rel_text, $2::text AS idc, \
                         $3::text AS tsc, interval '0' AS min_change, NULL::oid AS fn, NULL::text AS fn_text, \
                         true AS settings"
             .into(),

@@ -700,6 +700,37 @@ fn marking_needs_update_on_the_targets_timestamp_column_checked_again_when_privi
     assert_eq!(written_ids(&mut admin, "workspaces", "id", "last_used_at"), [workspaces[1]]);
 }
 
+/// The check reads the catalogs with privileges the marking role does not have, so nothing the
+/// role controls may take part in it: not functions of its own on its search path (they would run
+/// with those privileges), not a table of its own named like the default target's.
+#[test]
+fn a_role_cannot_pass_the_privilege_check_through_its_search_path() {
+    let cluster = Cluster::start(&[]);
+    let (mut admin, workspaces) = cluster.with_workspaces(2);
+    admin
+        .batch_execute(
+            "CREATE ROLE app LOGIN;
+             CREATE SCHEMA app AUTHORIZATION app;
+             GRANT EXECUTE ON FUNCTION wsusage_mark(uuid) TO app;",
+        )
+        .unwrap();
+    let mut app = connect_as(&cluster, "app");
+    app.batch_execute(
+        "SET search_path = app, pg_catalog, public;
+         CREATE TABLE app.workspaces (id uuid PRIMARY KEY, last_used_at timestamptz);
+         CREATE FUNCTION app.has_column_privilege(oid, oid, smallint, text) RETURNS boolean
+             LANGUAGE sql AS 'SELECT true';
+         CREATE FUNCTION app.format(text, name, name) RETURNS text
+             LANGUAGE sql AS $$SELECT 'public.workspaces'$$;",
+    )
+    .unwrap();
+    let err = app.execute("SELECT wsusage_mark($1)", &[&workspaces[0]]).unwrap_err();
+    let (code, message, _, _) = report(&err);
+    assert_eq!(code, "42501", "{message}");
+    assert!(message.contains("public.workspaces"), "the default target's table, not the role's own: {message}");
+    assert_eq!(flush(&mut admin), 0, "nothing was marked");
+}
+
 #[test]
 fn untyped_parameters_resolve_to_one_function_each_as_drivers_send_them() {
     let cluster = Cluster::start(&[]);

@@ -26,7 +26,7 @@ CREATE TABLE wsusage_target (
 	timestamp_column name NOT NULL,
 	min_change interval NOT NULL DEFAULT '0'
 		CONSTRAINT wsusage_target_min_change_not_negative CHECK (min_change >= '0'),
-	after_flush regprocedure
+	after_flush text
 );
 COMMENT ON TABLE wsusage_target IS 'The columns wsusage debounces in this database, besides the "default" target of its settings';
 SELECT pg_catalog.pg_extension_config_dump('wsusage_target', '');
@@ -34,11 +34,35 @@ SELECT pg_catalog.pg_extension_config_dump('wsusage_target', '');
 CREATE FUNCTION wsusage_target_check() RETURNS trigger
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'wsusage_target_check';
+-- after_flush is kept as text, its function's signature qualified with its schema: a regprocedure
+-- column would stop pg_upgrade, which refuses reg* types other than regclass, regtype and regrole.
+-- The function is named as the writer's search path finds it (a missing one is PostgreSQL's own
+-- 42883), and stored qualified: the flush looks it up on no search path. Everything else here is
+-- qualified, so only the function's name depends on that search path.
+CREATE FUNCTION wsusage_target_normalize() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+DECLARE
+	function_oid pg_catalog.oid;
+BEGIN
+	IF NEW.after_flush IS NOT NULL THEN
+		function_oid := NEW.after_flush::pg_catalog.regprocedure;
+		NEW.after_flush := (SELECT pg_catalog.format('%I.%I(%s)', n.nspname, p.proname,
+		                                             pg_catalog.oidvectortypes(p.proargtypes))
+		                      FROM pg_catalog.pg_proc AS p
+		                      JOIN pg_catalog.pg_namespace AS n ON n.oid OPERATOR(pg_catalog.=) p.pronamespace
+		                     WHERE p.oid OPERATOR(pg_catalog.=) function_oid);
+	END IF;
+	RETURN NEW;
+END
+$$;
+CREATE TRIGGER wsusage_target_normalize BEFORE INSERT OR UPDATE OF after_flush ON wsusage_target
+	FOR EACH ROW EXECUTE FUNCTION wsusage_target_normalize();
 CREATE TRIGGER wsusage_target_check AFTER INSERT OR UPDATE OR DELETE ON wsusage_target
 	FOR EACH ROW EXECUTE FUNCTION wsusage_target_check();
 CREATE TRIGGER wsusage_target_truncate AFTER TRUNCATE ON wsusage_target
 	FOR EACH STATEMENT EXECUTE FUNCTION wsusage_target_check();
-REVOKE EXECUTE ON FUNCTION wsusage_target_check() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION wsusage_target_check(), wsusage_target_normalize() FROM PUBLIC;
 GRANT SELECT ON wsusage_target TO pg_monitor;
 
 CREATE FUNCTION "wsusage_mark"(

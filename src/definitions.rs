@@ -18,11 +18,20 @@ const DEFAULT_SCHEMA: &str = "public";
 /// path a role sets: a function of its own there must never run in it.
 const QUERY_SEARCH_PATH: &std::ffi::CStr = c"pg_catalog, pg_temp";
 
+/// What the catalogs say of the database's targets.
+pub struct Catalog {
+    pub definitions: Vec<Definition>,
+    /// The OID of `wsusage_target`: none before the extension's update to 0.3.0, or without the
+    /// extension.
+    pub targets_table: Option<pg_sys::Oid>,
+    /// The extension is created in the database.
+    pub extension: bool,
+}
+
 /// The definitions of the database's targets (`only`: of that one), with whether `role` may
-/// UPDATE each timestamp column, and the OID of `wsusage_target` (none before the extension's
-/// update to 0.3.0). Raises an ERROR when the catalogs cannot be read. Inside a transaction;
-/// the caller reads `wsusage_target` with the privileges it has.
-pub fn read(only: Option<&str>, role: pg_sys::Oid) -> (Vec<Definition>, Option<pg_sys::Oid>) {
+/// make the UPDATE a mark defers. Raises an ERROR when the catalogs cannot be read. Inside a
+/// transaction; the caller reads `wsusage_target` with the privileges it has.
+pub fn read(only: Option<&str>, role: pg_sys::Oid) -> Catalog {
     // SAFETY: a GUC nest level of our own, popped below; an ERROR in between is unwound by the
     // transaction's abort, which pops it too.
     let level = unsafe {
@@ -45,7 +54,7 @@ pub fn read(only: Option<&str>, role: pg_sys::Oid) -> (Vec<Definition>, Option<p
     read
 }
 
-fn read_under_fixed_search_path(only: Option<&str>, role: pg_sys::Oid) -> (Vec<Definition>, Option<pg_sys::Oid>) {
+fn read_under_fixed_search_path(only: Option<&str>, role: pg_sys::Oid) -> Catalog {
     let (table, id_column, timestamp_column, table_as_written) = match settings::target() {
         Ok(target) => (
             Some(target.table.quoted_in(DEFAULT_SCHEMA)),
@@ -59,20 +68,22 @@ fn read_under_fixed_search_path(only: Option<&str>, role: pg_sys::Oid) -> (Vec<D
     Spi::connect(|client| {
         // The extension's schema is where CREATE EXTENSION put it; before ALTER EXTENSION
         // UPDATE to 0.3.0 the table is not there, and the settings' target is the only one.
-        let found = client
-            .select(
-                "SELECT format('%I.wsusage_target', n.nspname), to_regclass(format('%I.wsusage_target', n.nspname))::oid \
-                   FROM pg_extension AS e JOIN pg_namespace AS n ON n.oid = e.extnamespace \
-                  WHERE e.extname = 'wsusage' AND to_regclass(format('%I.wsusage_target', n.nspname)) IS NOT NULL",
-                Some(1),
-                &[],
-            )
-            .ok()
-            .filter(|rows| !rows.is_empty())
-            .map(|rows| {
+        let found = match client.select(
+            "SELECT format('%I.wsusage_target', n.nspname), to_regclass(format('%I.wsusage_target', n.nspname))::oid \
+               FROM pg_extension AS e JOIN pg_namespace AS n ON n.oid = e.extnamespace \
+              WHERE e.extname = 'wsusage'",
+            Some(1),
+            &[],
+        ) {
+            Ok(rows) if !rows.is_empty() => {
                 let row = rows.first();
-                (row.get::<String>(1).ok().flatten(), row.get::<pg_sys::Oid>(2).ok().flatten())
-            });
+                let table = row.get::<pg_sys::Oid>(2).ok().flatten();
+                Some((table.and(row.get::<String>(1).ok().flatten()), table))
+            }
+            Ok(_) => None,
+            Err(e) => error!("could not read the wsusage extension's schema: {e}"),
+        };
+        let extension = found.is_some();
         let (targets, targets_table) = found.unwrap_or_default();
         let sql = crate::target::definitions_sql(targets.as_deref());
         let args: [DatumWithOid; 6] = [
@@ -84,7 +95,7 @@ fn read_under_fixed_search_path(only: Option<&str>, role: pg_sys::Oid) -> (Vec<D
             table_as_written.clone().into(),
         ];
         match client.select(sql.as_str(), None, &args) {
-            Ok(rows) => (definitions_of(rows), targets_table),
+            Ok(rows) => Catalog { definitions: definitions_of(rows), targets_table, extension },
             Err(e) => error!("could not read the wsusage targets: {e}"),
         }
     })
@@ -110,6 +121,7 @@ fn definitions_of(rows: SpiTupleTable<'_>) -> Vec<Definition> {
                 signature,
                 call: text(15),
                 fits: flag(16).unwrap_or(false),
+                owner: (text(20).unwrap_or_default(), flag(19).unwrap_or(false)),
             }),
             may_update: flag(17),
             from_settings: flag(18).unwrap_or(false),

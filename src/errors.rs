@@ -114,10 +114,11 @@ pub enum UsageError {
         name: String,
         problem: Problem,
     },
-    /// The role may not UPDATE the target's timestamp column, so may not mark it.
+    /// The role may not make the UPDATE a mark of the target defers, so may not mark it.
     NoPrivilege {
         name: String,
         table: String,
+        id_column: String,
         column: String,
     },
     TooManyTargets {
@@ -161,13 +162,17 @@ impl UsageError {
                 function,
             )
             .set_hint(problem.hint.clone()),
-            UsageError::NoPrivilege { name, table, column } => ErrorReport::new(
+            UsageError::NoPrivilege { name, table, id_column, column } => ErrorReport::new(
                 ERRCODE_INSUFFICIENT_PRIVILEGE,
-                format!("permission denied to mark wsusage target \"{name}\": no UPDATE privilege on column \"{column}\" of table {table}"),
+                format!("permission denied to mark wsusage target \"{name}\": no privilege to update column \"{column}\" of table {table}"),
                 function,
             )
-            .set_detail("A mark is an UPDATE of that column made later by the flush worker, so it needs the privilege the UPDATE would.")
-            .set_hint(format!("GRANT UPDATE ({}) ON {table} TO the role that marks.", quote_identifier(column))),
+            .set_detail("A mark is an UPDATE of that column made later by the flush worker, so it needs what the UPDATE would: USAGE on the table's schema, SELECT on the id and timestamp columns, UPDATE on the timestamp column.")
+            .set_hint(format!(
+                "GRANT SELECT ({id}, {ts}), UPDATE ({ts}) ON {table} TO the role that marks.",
+                id = quote_identifier(id_column),
+                ts = quote_identifier(column)
+            )),
             UsageError::TooManyTargets { capacity } => {
                 ErrorReport::new(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED, "wsusage cannot track marks of more targets", function)
                     .set_detail(format!("Marks are pending for {capacity} other targets, the maximum (\"wsusage.max_targets\")."))

@@ -49,6 +49,7 @@ use crate::settings;
 use crate::statements::{self, Locking, Statements, Written};
 use crate::stats::{self, ChunkOutcome};
 use crate::target::Definition;
+use crate::targets::SlotRef;
 use crate::transaction::in_transaction;
 
 /// Statements a round may spend splitting failing chunks: enough to isolate a dozen bad rows in
@@ -75,6 +76,8 @@ pub struct Flusher {
     /// The target problems last logged by a start-up or reload check, so a reload that changes
     /// nothing does not repeat them.
     last_target_problems: Vec<String>,
+    /// Slots with keys pending whose target had no row at the last round.
+    missing: Vec<SlotRef>,
 }
 
 /// What a round did so far.
@@ -106,8 +109,8 @@ impl Round {
 
 /// The part of a round writing one target.
 struct Part<'a> {
-    /// The target's slot index, which its keys carry.
-    slot: u16,
+    /// The target's slot, whose index its keys carry.
+    slot: SlotRef,
     /// For messages: the target named, unless it is `default`.
     prefix: String,
     definition: &'a Definition,
@@ -131,6 +134,7 @@ impl Flusher {
             last_logged_failure: None,
             extension_missing_logged: false,
             last_target_problems: Vec::new(),
+            missing: Vec::new(),
         }
     }
 
@@ -162,29 +166,40 @@ impl Flusher {
         self.batch.sort_unstable_by_key(|entry| entry.key);
 
         let mut round = Round::default();
-        // Read after the snapshot: a mark in it was made after its target's row committed.
-        match in_transaction(|| definitions::read(None, current_user()).0) {
+        // Read after the snapshot: a mark in it was made after its target's row was written.
+        match in_transaction(|| definitions::read(None, current_user())) {
             Err(failure) => {
                 stats::record_chunk(database, None, &ChunkOutcome::Failed { message: &failure.message }, now());
                 round.failure = Some(failure);
             }
-            Ok(definitions) => {
+            // Its targets are kept until CREATE EXTENSION brings them back (see `worker`).
+            Ok(catalog) if !catalog.extension => round.extension_missing = true,
+            Ok(catalog) => {
                 let batch = std::mem::take(&mut self.batch);
-                let names = stats::target_names().unwrap_or_default();
+                let slots = stats::target_slots().unwrap_or_default();
+                let mut missing = Vec::new();
                 for group in batch.chunk_by(|a, b| a.key.target == b.key.target) {
-                    let slot = group[0].key.target;
-                    let name = names.get(usize::from(slot)).map_or("", String::as_str);
-                    match definitions.iter().find(|definition| definition.name == name && !name.is_empty()) {
-                        None => self.discard(slot, name, None),
+                    let index = group[0].key.target;
+                    let (name, generation) = slots.get(usize::from(index)).cloned().unwrap_or_default();
+                    let slot = SlotRef { index, generation };
+                    match catalog.definitions.iter().find(|definition| definition.name == name && !name.is_empty()) {
                         Some(definition) => {
                             let prefix = if name == "default" { String::new() } else { format!("target \"{name}\": ") };
                             self.write_target(&Part { slot, prefix, definition }, group, &mut round);
                         }
+                        // No row (yet: the extension not updated to 0.3.0): kept.
+                        None if catalog.targets_table.is_none() => {}
+                        // Deleted: discarded when still missing a round later, so that a row
+                        // deleted and written again, or marked by the transaction writing it
+                        // before it commits, loses nothing.
+                        None if self.missing.contains(&slot) => self.discard(slot, &name, None, group),
+                        None => missing.push(slot),
                     }
                     if round.stop {
                         break;
                     }
                 }
+                self.missing = missing;
                 self.batch = batch;
             }
         }
@@ -213,11 +228,11 @@ impl Flusher {
         round.taken
     }
 
-    /// Discard the keys of target slot `slot` — all of them when its target was deleted
-    /// (`kind` `None`), or those of `kind` when the target's keys are no longer of that kind —
-    /// and say so.
-    fn discard(&self, slot: u16, name: &str, kind: Option<Kind>) {
-        let discarded = pending::discard_target(self.database, slot, kind);
+    /// Discard `entries` of target slot `slot` — its keys, when its target was deleted (`kind`
+    /// `None`), or those of `kind` when the target's keys are no longer of that kind — and say
+    /// so.
+    fn discard(&self, slot: SlotRef, name: &str, kind: Option<Kind>, entries: &[Entry]) {
+        let discarded = pending::discard_target(self.database, slot, entries, kind.is_none());
         if discarded == 0 {
             return;
         }
@@ -247,11 +262,10 @@ impl Flusher {
             return;
         }
         let kind = part.definition.kind().unwrap_or(Kind::Uuid);
-        let (own, other): (Vec<&Entry>, Vec<&Entry>) = group.iter().partition(|entry| entry.key.kind == kind as u8);
+        let (own, other): (Vec<Entry>, Vec<Entry>) = group.iter().partition(|entry| entry.key.kind == kind as u8);
         if let Some(stale) = other.first() {
-            self.discard(part.slot, &part.definition.name, Kind::of(stale.key.kind));
+            self.discard(part.slot, &part.definition.name, Kind::of(stale.key.kind), &other);
         }
-        let own: Vec<Entry> = own.into_iter().copied().collect();
         self.statements.entry(part.definition.name.clone()).or_default().use_definition(part.definition);
         for (n, chunk) in own.chunks(settings::batch_size()).enumerate() {
             // A DROP DATABASE (or RENAME) waits for this process to leave: do not make it wait
@@ -397,9 +411,10 @@ fn database_name(database: pg_sys::Oid) -> String {
 /// Check the targets in a transaction of its own (at start and after a reload), so a
 /// misconfiguration is reported before any mark waits on it.
 pub fn validate_targets(flusher: &mut Flusher) {
-    let problems: Vec<Failure> = match in_transaction(|| definitions::read(None, current_user()).0) {
+    let problems: Vec<Failure> = match in_transaction(|| definitions::read(None, current_user())) {
         Err(failure) => vec![failure],
-        Ok(definitions) => definitions
+        Ok(catalog) => catalog
+            .definitions
             .iter()
             .filter_map(|definition| {
                 let problem = definition.problem()?;

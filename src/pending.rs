@@ -340,28 +340,37 @@ pub fn forget(database: pg_sys::Oid, written: &[Entry]) {
     });
 }
 
-/// Discard the pending keys of target slot `target` of `database` — all of them, and the slot
-/// with them, when the target was deleted (`kind` `None`), or those of `kind` when the target's
-/// key type is no longer that — and return how many, which the caller counts
-/// (`stats::count_discarded`) once it has said so in the log.
-pub fn discard_target(database: pg_sys::Oid, target: u16, kind: Option<Kind>) -> u64 {
+/// Discard `entries` (of one target slot of `database`, from a snapshot), except those marked
+/// again since, as [`forget`] does; give the target's slot up when `give_up_slot` and nothing of
+/// it is left. Returns how many were discarded, which the caller counts
+/// (`stats::count_discarded_in`) once it has said so in the log.
+pub fn discard_target(database: pg_sys::Oid, target: SlotRef, entries: &[Entry], give_up_slot: bool) -> u64 {
     layout::with_exclusive(|state| {
-        let doomed = |key: &Key| {
-            key.database == database.to_u32() && key.target == target && kind.is_none_or(|kind| key.kind == kind as u8)
-        };
-        let discarded = state.pending.retain(&state.exclusive, |entry| !doomed(&entry.key));
-        if let Some(index) = databases::find(state.slots, database) {
-            let pending = state.slots[index].pending.get_mut();
-            *pending = pending.saturating_sub(discarded);
+        let index = usize::from(target.index);
+        if state.targets.get(index).is_none_or(|slot| slot.database != database || slot.generation != target.generation)
+        {
+            return 0;
         }
-        if let Some(slot) = state.targets.get_mut(usize::from(target)) {
-            let pending = slot.pending.get_mut();
-            *pending = pending.saturating_sub(discarded);
-            if kind.is_none() {
-                slot.free();
+        let mut discarded = 0;
+        for entry in entries {
+            if let Some(place) = state.pending.find(&state.exclusive, &entry.key) {
+                if state.pending.entry(&state.exclusive, place).marked_at <= entry.marked_at {
+                    state.pending.remove_at(&state.exclusive, place);
+                    discarded += 1;
+                }
             }
         }
-        state.header.held.retain(database, |key| !doomed(key));
+        if let Some(slot_index) = databases::find(state.slots, database) {
+            let pending = state.slots[slot_index].pending.get_mut();
+            *pending = pending.saturating_sub(discarded);
+        }
+        let slot = &mut state.targets[index];
+        let pending = slot.pending.get_mut();
+        *pending = pending.saturating_sub(discarded);
+        if give_up_slot && *pending == 0 {
+            slot.free();
+        }
+        state.header.held.retain(database, |key| entries.binary_search_by_key(key, |entry| entry.key).is_err());
         discarded
     })
     .unwrap_or(0)

@@ -4,18 +4,20 @@
 //!
 //! What is remembered is forgotten when it may have changed: an invalidation of
 //! `wsusage_target` (its trigger sends one at every change), of a target's table (a GRANT or
-//! REVOKE on it or its columns, ALTER, DROP), of role memberships or roles, or a change of the
-//! current role (SET ROLE, a SECURITY DEFINER function). PostgreSQL delivers invalidations at
+//! REVOKE on it or its columns, ALTER, DROP), of a schema, of role memberships or roles, a
+//! reload that sets the `default` target's settings, or a change of the current role (SET ROLE,
+//! a SECURITY DEFINER function). PostgreSQL delivers invalidations at
 //! the start of each transaction, as it does for its own caches.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use pgrx::pg_sys;
 
 use crate::definitions;
 use crate::errors::UsageError;
 use crate::key::Kind;
+use crate::settings;
 use crate::targets::SlotRef;
 
 /// A target a mark may name, as checked.
@@ -42,6 +44,8 @@ static STALE: AtomicBool = AtomicBool::new(false);
 /// any relation's invalidation (its creation's among them) counts.
 static TARGETS_TABLE_WATCHED: AtomicBool = AtomicBool::new(false);
 static CALLBACKS_REGISTERED: AtomicBool = AtomicBool::new(false);
+/// The settings' generation (see `settings::target_generation`) what is remembered was read at.
+static SETTINGS_SEEN: AtomicU64 = AtomicU64::new(0);
 
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn relation_changed(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
@@ -54,7 +58,7 @@ unsafe extern "C-unwind" fn relation_changed(_arg: pg_sys::Datum, relid: pg_sys:
 }
 
 #[pgrx::pg_guard]
-unsafe extern "C-unwind" fn roles_changed(_arg: pg_sys::Datum, _cacheid: std::ffi::c_int, _hash: u32) {
+unsafe extern "C-unwind" fn roles_or_schemas_changed(_arg: pg_sys::Datum, _cacheid: std::ffi::c_int, _hash: u32) {
     STALE.store(true, Ordering::Relaxed);
 }
 
@@ -66,10 +70,14 @@ fn register_callbacks() {
     // their first use of a cache.
     unsafe {
         pg_sys::CacheRegisterRelcacheCallback(Some(relation_changed), pg_sys::Datum::from(0));
-        for cache in [pg_sys::SysCacheIdentifier::AUTHMEMROLEMEM, pg_sys::SysCacheIdentifier::AUTHOID] {
+        for cache in [
+            pg_sys::SysCacheIdentifier::AUTHMEMROLEMEM,
+            pg_sys::SysCacheIdentifier::AUTHOID,
+            pg_sys::SysCacheIdentifier::NAMESPACEOID,
+        ] {
             pg_sys::CacheRegisterSyscacheCallback(
                 cache as std::ffi::c_int,
-                Some(roles_changed),
+                Some(roles_or_schemas_changed),
                 pg_sys::Datum::from(0),
             );
         }
@@ -94,9 +102,11 @@ fn current_user() -> pg_sys::Oid {
 /// target that does not exist, takes other keys than `takes`, or that the role may not mark.
 pub fn with_target<R>(name: &str, takes: Kind, function: &'static str, mark: impl FnOnce(&mut Resolved) -> R) -> R {
     let user = current_user();
-    // A plain load first: a swap would be a locked instruction on every mark.
-    if STALE.load(Ordering::Relaxed) {
+    // Plain loads first: a swap would be a locked instruction on every mark.
+    let settings = settings::target_generation();
+    if STALE.load(Ordering::Relaxed) || SETTINGS_SEEN.load(Ordering::Relaxed) != settings {
         STALE.store(false, Ordering::Relaxed);
+        SETTINGS_SEEN.store(settings, Ordering::Relaxed);
         RESOLVED.with(|resolved| resolved.borrow_mut().clear());
     }
     // Nothing in `mark` processes invalidations, whose callbacks touch only `WATCHED` and
@@ -135,12 +145,26 @@ pub fn with_target<R>(name: &str, takes: Kind, function: &'static str, mark: imp
 /// marks of it are accepted, as before targets existed, and the worker reports the problem.
 fn resolve(name: &str, takes: Kind, function: &'static str, user: pg_sys::Oid) -> Option<Resolved> {
     register_callbacks();
-    let (definitions, targets_table) = read_as_owner(name, user);
-    let Some(definition) = definitions.into_iter().next() else {
+    let catalog = read_as_owner(name, user);
+    let targets_table = catalog.targets_table;
+    let Some(definition) = catalog.definitions.into_iter().next() else {
         UsageError::UnknownTarget { name: name.to_owned() }.raise(function)
     };
+    let (relation, table) = definition.relation.clone().unwrap_or_default();
+    let refused = || UsageError::NoPrivilege {
+        id_column: definition.id_column.clone(),
+        name: name.to_owned(),
+        table: table.clone(),
+        column: definition.timestamp_column.clone(),
+    };
     if let Some(problem) = definition.problem() {
+        // The settings' target whose table or columns are not there (yet): its marks wait, as
+        // before targets existed, checked again at every mark; but a role known to lack the
+        // privilege is refused now.
         if definition.from_settings {
+            if definition.may_update == Some(false) {
+                refused().raise(function);
+            }
             return None;
         }
         UsageError::TargetProblem { name: name.to_owned(), problem }.raise(function);
@@ -150,10 +174,8 @@ fn resolve(name: &str, takes: Kind, function: &'static str, user: pg_sys::Oid) -
     if kind != takes {
         UsageError::WrongKeyType { name: name.to_owned(), column_type, takes }.raise(function);
     }
-    let (relation, table) = definition.relation.clone().unwrap_or_default();
     if definition.may_update != Some(true) {
-        UsageError::NoPrivilege { name: name.to_owned(), table, column: definition.timestamp_column.clone() }
-            .raise(function);
+        refused().raise(function);
     }
     TARGETS_TABLE_WATCHED.store(targets_table.is_some(), Ordering::Relaxed);
     WATCHED.with(|watched| {
@@ -168,7 +190,7 @@ fn resolve(name: &str, takes: Kind, function: &'static str, user: pg_sys::Oid) -
 /// The definition of target `name` with `user`'s privilege on it, read as the bootstrap
 /// superuser: `wsusage_target` is readable by its owner and `pg_monitor` only, while the roles
 /// that mark need not read it.
-fn read_as_owner(name: &str, user: pg_sys::Oid) -> (Vec<crate::target::Definition>, Option<pg_sys::Oid>) {
+fn read_as_owner(name: &str, user: pg_sys::Oid) -> definitions::Catalog {
     let (mut saved_user, mut saved_context) = (pg_sys::InvalidOid, 0);
     // SAFETY: switching the user for the catalog query in the caller's transaction, as
     // PostgreSQL's own maintenance commands do; an ERROR on the way is cleaned up by the

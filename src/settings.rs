@@ -5,7 +5,7 @@
 
 use std::ffi::{c_char, CStr, CString};
 use std::ptr::null_mut;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
@@ -203,14 +203,14 @@ pub fn init() {
     );
     define_target_name(
         c"wsusage.id_column",
-        c"Column of wsusage.table that holds the id (type uuid).",
+        c"Column of wsusage.table that holds the id (type uuid) of the default target.",
         &raw mut ID_COLUMN,
         c"id",
         Some(check_column),
     );
     define_target_name(
         c"wsusage.timestamp_column",
-        c"Column of wsusage.table that holds the last-used time (timestamptz or timestamp).",
+        c"Column of wsusage.table that holds the last-used time (timestamptz, timestamp or date) of the default target.",
         &raw mut TIMESTAMP_COLUMN,
         c"last_used_at",
         Some(check_column),
@@ -238,10 +238,25 @@ fn define_target_name(
             pg_sys::GucContext::PGC_SIGHUP,
             0,
             check,
-            None,
+            Some(target_changed),
             None,
         );
     }
+}
+
+/// Changed whenever `wsusage.table`, `wsusage.id_column` or `wsusage.timestamp_column` is set (in
+/// this process: at start and on a reload), so that what a backend checked of the `default`
+/// target is checked again.
+static TARGET_GENERATION: AtomicU64 = AtomicU64::new(0);
+
+#[pg_guard]
+unsafe extern "C-unwind" fn target_changed(_newval: *const c_char, _extra: *mut std::ffi::c_void) {
+    TARGET_GENERATION.fetch_add(1, Ordering::Relaxed);
+}
+
+/// See [`TARGET_GENERATION`].
+pub fn target_generation() -> u64 {
+    TARGET_GENERATION.load(Ordering::Relaxed)
 }
 
 /// Refuse a database or role name longer than PostgreSQL's identifiers allow (empty means

@@ -13,6 +13,7 @@ use pgrx::pg_sys;
 use crate::counters::Stats;
 use crate::databases;
 use crate::layout::{self, View, ViewMut};
+use crate::targets::SlotRef;
 
 /// What one chunk of a flush did.
 pub enum ChunkOutcome<'a> {
@@ -37,7 +38,7 @@ fn update_in(state: &mut ViewMut<'_>, slot: Option<usize>, mut update: impl FnMu
 
 /// Apply `update` to the totals, `database`'s counters and, if given, those of its target slot
 /// `target`.
-fn update(database: pg_sys::Oid, target: Option<u16>, mut update: impl FnMut(&mut Stats)) {
+fn update(database: pg_sys::Oid, target: Option<SlotRef>, mut update: impl FnMut(&mut Stats)) {
     layout::with_exclusive(|state| {
         let slot = databases::find(state.slots, database);
         update_in(state, slot, &mut update);
@@ -47,9 +48,16 @@ fn update(database: pg_sys::Oid, target: Option<u16>, mut update: impl FnMut(&mu
     });
 }
 
-fn target_slot(state: &ViewMut<'_>, database: pg_sys::Oid, target: Option<u16>) -> Option<usize> {
-    let index = usize::from(target?);
-    state.targets.get(index).filter(|slot| slot.database == database).map(|_| index)
+/// The index of `target`'s slot while it still serves that target: a slot given to another
+/// target meanwhile (once nothing of it was pending) counts nothing more for it.
+fn target_slot(state: &ViewMut<'_>, database: pg_sys::Oid, target: Option<SlotRef>) -> Option<usize> {
+    let target = target?;
+    let index = usize::from(target.index);
+    state
+        .targets
+        .get(index)
+        .filter(|slot| slot.database == database && slot.generation == target.generation)
+        .map(|_| index)
 }
 
 /// Count marks accepted and refused by one call in a database with slot `slot`. Caller must hold
@@ -83,7 +91,7 @@ pub fn count_discarded_in(database: pg_sys::Oid, discarded: u64) {
 
 /// Count what a chunk of target slot `target` of `database` did (a problem of the round as a
 /// whole, with no target, counts in the database only).
-pub fn record_chunk(database: pg_sys::Oid, target: Option<u16>, outcome: &ChunkOutcome<'_>, now: i64) {
+pub fn record_chunk(database: pg_sys::Oid, target: Option<SlotRef>, outcome: &ChunkOutcome<'_>, now: i64) {
     update(database, target, |stats| match outcome {
         ChunkOutcome::Committed {
             ids,
@@ -107,12 +115,12 @@ pub fn record_chunk(database: pg_sys::Oid, target: Option<u16>, outcome: &ChunkO
 
 /// Record a problem found outside a flush (the target checked at start or on reload, a worker
 /// that could not start): it shows as `last_error` without counting as a failed flush.
-pub fn record_problem(database: pg_sys::Oid, target: Option<u16>, message: &str, now: i64) {
+pub fn record_problem(database: pg_sys::Oid, target: Option<SlotRef>, message: &str, now: i64) {
     update(database, target, |stats| stats.record_error(message, now));
 }
 
 /// Record the end of a round's writing of target slot `target` of `database`.
-pub fn record_target_round(database: pg_sys::Oid, target: u16, failed: bool, now: i64) {
+pub fn record_target_round(database: pg_sys::Oid, target: SlotRef, failed: bool, now: i64) {
     layout::with_exclusive(|state| {
         if let Some(index) = target_slot(state, database, Some(target)) {
             let stats = &mut state.targets[index].stats;
@@ -235,17 +243,27 @@ pub fn by_target() -> Option<Vec<TargetStats>> {
 
 /// The name of each target slot (empty when free), by index.
 pub fn target_names() -> Option<Vec<String>> {
+    Some(target_slots()?.into_iter().map(|(name, _)| name).collect())
+}
+
+/// The name (empty when free) and generation of each target slot, by index.
+pub fn target_slots() -> Option<Vec<(String, u32)>> {
     let count = crate::settings::max_targets();
-    let mut buffer = vec![[0u8; crate::target_slot::NAME_MAX]; count];
-    let mut lens = vec![0usize; count];
+    let mut buffer = vec![([0u8; crate::target_slot::NAME_MAX], 0usize, 0u32); count];
     layout::with_shared(|state| {
         for (index, slot) in state.targets.iter().enumerate().take(count).filter(|(_, slot)| slot.in_use()) {
             let name = slot.name().as_bytes();
-            buffer[index][..name.len()].copy_from_slice(name);
-            lens[index] = name.len();
+            buffer[index].0[..name.len()].copy_from_slice(name);
+            buffer[index].1 = name.len();
+            buffer[index].2 = slot.generation;
         }
     })?;
-    Some(buffer.iter().zip(lens).map(|(name, len)| String::from_utf8_lossy(&name[..len]).into_owned()).collect())
+    Some(
+        buffer
+            .iter()
+            .map(|(name, len, generation)| (String::from_utf8_lossy(&name[..*len]).into_owned(), *generation))
+            .collect(),
+    )
 }
 
 /// Zero every counter, cluster-wide and per database; `stats_reset` becomes `now`.

@@ -118,8 +118,10 @@ pub struct Definition {
     /// As interval text, and whether it is more than zero.
     pub min_change: (String, bool),
     pub after_flush: Option<AfterFlush>,
-    /// Whether the role asked about may UPDATE the timestamp column.
+    /// Whether the role asked about may run the UPDATE a mark defers: USAGE on the schema,
+    /// UPDATE and SELECT on the timestamp column, SELECT on the id column.
     pub may_update: Option<bool>,
+
     /// Defined by the settings, not by a row of `wsusage_target`.
     pub from_settings: bool,
 }
@@ -132,6 +134,9 @@ pub struct AfterFlush {
     pub call: Option<String>,
     /// Whether it takes (an array of the id type, timestamptz[]).
     pub fits: bool,
+    /// Its owner, and whether that is a superuser or the owner of `wsusage_target`: the function
+    /// runs with the flush's privileges, so no other role may change what it does.
+    pub owner: (String, bool),
 }
 
 /// What is wrong with a definition, worded as PostgreSQL words the same error.
@@ -222,7 +227,12 @@ impl Definition {
             Some(AfterFlush { signature, fits: false, .. }) => problem(
                 ERRCODE_UNDEFINED_FUNCTION,
                 format!("function {signature} does not take ({id_type_name}[], timestamp with time zone[])"),
-                "An after_flush function takes the ids whose rows a chunk wrote and their mark times, as (ids <the id type>[], marked_at timestamptz[]).",
+                "An after_flush function is a plain function taking the ids whose rows a chunk wrote and their mark times, as (ids <the id type>[], marked_at timestamptz[]).",
+            ),
+            Some(AfterFlush { signature, owner: (owner, false), .. }) => problem(
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("function {signature} is owned by role \"{owner}\", neither a superuser nor the owner of wsusage_target"),
+                "An after_flush function runs with the flush's privileges: let a superuser or the owner of wsusage_target own it (ALTER FUNCTION … OWNER TO).",
             ),
             _ => None,
         }
@@ -239,11 +249,13 @@ impl Definition {
     }
 
     /// The row's condition for being written by a mark at `{marks}.marked_at`: never backwards,
-    /// and only `min_change` after the stored value.
+    /// and only `min_change` after the stored value. A date column with a `min_change` is
+    /// compared at the time, not the day, the change allows (a day of `1 day` is then every day).
     fn due(&self, marks: &str) -> String {
         let (_, _, ts, _, cast) = self.parts();
         let (min_change, positive) = &self.min_change;
         let threshold = if *positive {
+            let cast = if cast == "::date" { "::timestamp" } else { cast };
             format!("({marks}.marked_at - {}::interval){cast}", literal(min_change))
         } else {
             format!("{marks}.marked_at{cast}")
@@ -335,16 +347,17 @@ pub fn definitions_sql(targets: Option<&str>) -> String {
     let rows = match targets {
         Some(targets) => format!(
             "SELECT name, relation::oid AS rel, relation::text AS rel_text, id_column::text AS idc, \
-                    timestamp_column::text AS tsc, min_change, after_flush::oid AS fn, after_flush::text AS fn_text, \
-                    false AS settings \
+                    timestamp_column::text AS tsc, min_change, to_regprocedure(after_flush)::oid AS fn, \
+                    after_flush AS fn_text, false AS settings, \
+                    (SELECT relowner FROM pg_class WHERE oid = '{targets}'::regclass) AS owner \
                FROM {targets} \
              UNION ALL \
-             SELECT 'default', to_regclass($1)::oid, $6, $2, $3, interval '0', NULL, NULL, true \
+             SELECT 'default', to_regclass($1)::oid, $6, $2, $3, interval '0', NULL, NULL, true, NULL \
               WHERE NOT EXISTS (SELECT FROM {targets} WHERE name = 'default')"
         ),
         None => "SELECT 'default' AS name, to_regclass($1)::oid AS rel, $6::text AS rel_text, $2::text AS idc, \
                         $3::text AS tsc, interval '0' AS min_change, NULL::oid AS fn, NULL::text AS fn_text, \
-                        true AS settings"
+                        true AS settings, NULL::oid AS owner"
             .into(),
     };
     format!(
@@ -357,9 +370,16 @@ pub fn definitions_sql(targets: Option<&str>) -> String {
                 ta.atttypid, format_type(ta.atttypid, NULL), \
                 def.min_change::text, def.min_change > interval '0', \
                 def.fn_text, CASE WHEN p.oid IS NOT NULL THEN format('%I.%I', pn.nspname, p.proname) END, \
-                p.pronargs = 2 AND p.proargtypes[0] = it.typarray AND p.proargtypes[1] = 'timestamptz[]'::regtype, \
-                CASE WHEN ta.attnum IS NOT NULL THEN has_column_privilege($4, c.oid, ta.attnum, 'UPDATE') END, \
-                def.settings \
+                p.prokind = 'f' AND p.provariadic = 0 AND p.pronargs = 2 \
+                    AND p.proargtypes[0] = it.typarray AND p.proargtypes[1] = 'timestamptz[]'::regtype, \
+                CASE WHEN ta.attnum IS NOT NULL AND ia.attnum IS NOT NULL THEN \
+                     has_schema_privilege($4, c.relnamespace, 'USAGE') \
+                     AND has_column_privilege($4, c.oid, ta.attnum, 'UPDATE') \
+                     AND has_column_privilege($4, c.oid, ta.attnum, 'SELECT') \
+                     AND has_column_privilege($4, c.oid, ia.attnum, 'SELECT') END, \
+                def.settings, \
+                p.proowner = def.owner OR (SELECT rolsuper FROM pg_roles WHERE oid = p.proowner), \
+                pg_get_userbyid(p.proowner) \
            FROM def \
            LEFT JOIN pg_class AS c ON c.oid = def.rel \
            LEFT JOIN pg_namespace AS n ON n.oid = c.relnamespace \

@@ -182,8 +182,9 @@ fn the_functions_are_volatile_and_parallel_unsafe() {
              last_error_at timestamp with time zone, last_flush_at timestamp with time zone)",
         ),
         ("wsusage_stats_reset", "void"),
-        // The trigger function of wsusage_target.
+        // The trigger functions of wsusage_target.
         ("wsusage_target_check", "trigger"),
+        ("wsusage_target_normalize", "trigger"),
     ];
     assert_eq!(described.len(), expected.len(), "{described:?}");
     for ((name, volatility, parallel, result), (want_name, want_result)) in described.iter().zip(expected) {

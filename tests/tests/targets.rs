@@ -309,6 +309,16 @@ fn an_integer_key_takes_the_bigint_functions_and_a_date_column_moves_only_to_a_l
         today_version,
         "already today: the row is not rewritten"
     );
+
+    // With a min_change of a day, a date column is written once a day, not every other day: a
+    // row of yesterday is older than the mark's time minus a day.
+    client.batch_execute("UPDATE wsusage_target SET min_change = '1 day' WHERE name = 'accounts'").unwrap();
+    client.execute("UPDATE accounts SET last_activity_on = current_date - 1 WHERE id = $1", &[yesterday]).unwrap();
+    let today_version = (xmin(&mut client, "accounts", today), day(&mut client, today));
+    client.execute("SELECT wsusage_mark_many('accounts', $1)", &[&vec![*yesterday, *today]]).unwrap();
+    assert_eq!(flush(&mut client), 2);
+    assert!(day(&mut client, yesterday).unwrap() >= first_day, "yesterday's row is written");
+    assert_eq!((xmin(&mut client, "accounts", today), day(&mut client, today)), today_version, "today's is not");
 }
 
 #[test]
@@ -452,7 +462,7 @@ fn two_databases_may_define_the_same_target_name_over_different_tables() {
 }
 
 #[test]
-fn keys_of_a_deleted_target_are_discarded_at_the_next_flush_and_the_other_targets_are_written() {
+fn keys_of_a_deleted_target_are_discarded_once_it_is_missing_at_two_flushes_and_the_other_targets_are_written() {
     let cluster = Cluster::start(&[]);
     let (mut client, workspaces) = cluster.with_workspaces(2);
     let (users, guests) = (new_ids(2), new_ids(3));
@@ -482,6 +492,11 @@ fn keys_of_a_deleted_target_are_discarded_at_the_next_flush_and_the_other_target
     assert_eq!(count_used(&mut client), 2, "the default target is written");
     assert_eq!(written_ids(&mut client, "users", "id", "last_seen_at"), sorted(&users), "so is users");
     assert!(written_ids(&mut client, "guests", "id", "last_seen_at").is_empty());
+    // Kept a round: a row deleted and written again, or marked by the transaction writing it
+    // before it commits, loses nothing. Still missing at the next flush, its keys are gone.
+    assert_eq!(pending_keys(&mut client, "retired_guests").len(), 3, "kept a round");
+    assert_eq!(discarded(&mut client), discarded_before);
+    assert_eq!(flush(&mut client), 0);
     assert!(pending_keys(&mut client, "retired_guests").is_empty(), "its keys are gone");
     let pending: i64 = client.query_one("SELECT count(*) FROM wsusage_pending()", &[]).unwrap().get(0);
     assert_eq!(pending, 0);
@@ -683,11 +698,15 @@ fn marking_needs_update_on_the_targets_timestamp_column_checked_again_when_privi
     admin.batch_execute("GRANT UPDATE (nickname) ON users TO app").unwrap();
     refused(&mut app, "SELECT wsusage_mark('users', $1)", &users[0], "users", "last_seen_at");
 
-    // Granted on the column, in the same session the next mark succeeds; granted on the table, too.
+    // UPDATE without the SELECT the UPDATE's WHERE needs is not enough either.
     admin.batch_execute("GRANT UPDATE (last_seen_at) ON users TO app").unwrap();
+    refused(&mut app, "SELECT wsusage_mark('users', $1)", &users[0], "users", "last_seen_at");
+
+    // Granted on the columns, in the same session the next mark succeeds; granted on the table, too.
+    admin.batch_execute("GRANT SELECT (id, last_seen_at) ON users TO app").unwrap();
     app.execute("SELECT wsusage_mark('users', $1)", &[&users[1]]).unwrap();
     app.execute("SELECT wsusage_mark_many('users', $1)", &[&vec![users[2]]]).unwrap();
-    admin.batch_execute("GRANT UPDATE ON workspaces TO app").unwrap();
+    admin.batch_execute("GRANT SELECT, UPDATE ON workspaces TO app").unwrap();
     app.execute("SELECT wsusage_mark($1)", &[&workspaces[1]]).unwrap();
 
     // Revoked: the next mark in the same session fails again.

@@ -551,6 +551,14 @@ fn wrong_targets_and_wrong_calls_are_refused_with_their_sqlstate() {
              CREATE TABLE api_keys (id bigint PRIMARY KEY, last_used timestamp without time zone);
              CREATE FUNCTION wrong(id uuid) RETURNS void LANGUAGE plpgsql AS $$ BEGIN END $$;
              CREATE FUNCTION bump_keys(ids bigint[], marked_at timestamptz[]) RETURNS void
+               LANGUAGE plpgsql AS $$ BEGIN END $$;
+             CREATE ROLE someone;
+             CREATE FUNCTION someones(ids uuid[], marked_at timestamptz[]) RETURNS void
+               LANGUAGE plpgsql AS $$ BEGIN END $$;
+             ALTER FUNCTION someones(uuid[], timestamptz[]) OWNER TO someone;
+             CREATE FUNCTION variadic_bump(ids uuid[], VARIADIC marked_at timestamptz[]) RETURNS void
+               LANGUAGE plpgsql AS $$ BEGIN END $$;
+             CREATE PROCEDURE bump_procedure(ids uuid[], marked_at timestamptz[])
                LANGUAGE plpgsql AS $$ BEGIN END $$;",
         )
         .unwrap();
@@ -578,6 +586,21 @@ fn wrong_targets_and_wrong_calls_are_refused_with_their_sqlstate() {
         (
             "a missing after_flush function",
             insert("t", "users", "id", "last_seen_at", "'no_such_function(uuid[], timestamptz[])'"),
+            "42883",
+        ),
+        (
+            "an after_flush another role owns (it would run with the flush's privileges)",
+            insert("t", "users", "id", "last_seen_at", "'someones(uuid[], timestamptz[])'"),
+            "42501",
+        ),
+        (
+            "a variadic after_flush",
+            insert("t", "users", "id", "last_seen_at", "'variadic_bump(uuid[], timestamptz[])'"),
+            "42883",
+        ),
+        (
+            "a procedure as after_flush",
+            insert("t", "users", "id", "last_seen_at", "'bump_procedure(uuid[], timestamptz[])'"),
             "42883",
         ),
         (
@@ -870,6 +893,10 @@ fn pg_dump_keeps_the_target_rows_and_the_restored_database_flushes_them() {
     client.execute("INSERT INTO users (id) SELECT unnest($1::uuid[])", &[&ids]).unwrap();
     let rows = target_rows(&mut client);
     assert_eq!(rows.len(), 1);
+    // Kept as text, not regprocedure, which pg_upgrade refuses in a table: qualified on write, so
+    // no search path decides later which function it is.
+    let after_flush: String = client.query_one("SELECT after_flush FROM wsusage_target", &[]).unwrap().get(0);
+    assert_eq!(after_flush, "public.note_visits(uuid[], timestamp with time zone[])");
 
     let dump = cluster.dir.join("postgres.sql");
     run_client(

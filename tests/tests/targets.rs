@@ -773,6 +773,38 @@ fn a_role_cannot_pass_the_privilege_check_through_its_search_path() {
     assert_eq!(flush(&mut admin), 0, "nothing was marked");
 }
 
+/// What a backend checked of the `default` target holds only as long as the settings that define
+/// it: a reload pointing it at another table is checked again at the next mark.
+#[test]
+fn a_reload_of_the_default_targets_settings_is_checked_again_by_marking_sessions() {
+    let cluster = Cluster::start(&[]);
+    let (mut admin, workspaces) = cluster.with_workspaces(2);
+    admin
+        .batch_execute(
+            "CREATE TABLE secrets (id uuid PRIMARY KEY, last_used_at timestamptz);
+             CREATE ROLE app LOGIN;
+             GRANT EXECUTE ON FUNCTION wsusage_mark(uuid) TO app;
+             GRANT SELECT (id, last_used_at), UPDATE (last_used_at) ON workspaces TO app;",
+        )
+        .unwrap();
+    let mut app = connect_as(&cluster, "app");
+    app.execute("SELECT wsusage_mark($1)", &[&workspaces[0]]).unwrap();
+
+    admin.batch_execute("ALTER SYSTEM SET wsusage.\"table\" = 'secrets'").unwrap();
+    admin.batch_execute("SELECT pg_reload_conf()").unwrap();
+    wait_until("the app's session to check the new default target", || {
+        match app.execute("SELECT wsusage_mark($1)", &[&workspaces[1]]) {
+            Ok(_) => false,
+            Err(err) => {
+                let (code, message, _, _) = report(&err);
+                assert_eq!(code, "42501", "{message}");
+                assert!(message.contains("secrets"), "{message}");
+                true
+            }
+        }
+    });
+}
+
 #[test]
 fn untyped_parameters_resolve_to_one_function_each_as_drivers_send_them() {
     let cluster = Cluster::start(&[]);

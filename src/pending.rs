@@ -318,26 +318,7 @@ pub fn restore(state: &mut ViewMut<'_>, saved_targets: &[SavedTarget], entries: 
 /// Forget the entries a committed flush of `database` wrote (`written`, sorted by key), except
 /// those marked again since the snapshot; and release those of them that were held back.
 pub fn forget(database: pg_sys::Oid, written: &[Entry]) {
-    layout::with_exclusive(|state| {
-        let mut forgotten = 0;
-        for entry in written {
-            if let Some(index) = state.pending.find(&state.exclusive, &entry.key) {
-                if state.pending.entry(&state.exclusive, index).marked_at <= entry.marked_at {
-                    state.pending.remove_at(&state.exclusive, index);
-                    forgotten += 1;
-                    if let Some(target) = state.targets.get_mut(usize::from(entry.key.target)) {
-                        let pending = target.pending.get_mut();
-                        *pending = pending.saturating_sub(1);
-                    }
-                }
-            }
-        }
-        if let Some(index) = databases::find(state.slots, database) {
-            let pending = state.slots[index].pending.get_mut();
-            *pending = pending.saturating_sub(forgotten);
-        }
-        state.header.held.retain(database, |key| written.binary_search_by_key(key, |entry| entry.key).is_err());
-    });
+    layout::with_exclusive(|state| remove_unless_marked_again(state, database, written));
 }
 
 /// Discard `entries` (of one target slot of `database`, from a snapshot), except those marked
@@ -351,29 +332,38 @@ pub fn discard_target(database: pg_sys::Oid, target: SlotRef, entries: &[Entry],
         {
             return 0;
         }
-        let mut discarded = 0;
-        for entry in entries {
-            if let Some(place) = state.pending.find(&state.exclusive, &entry.key) {
-                if state.pending.entry(&state.exclusive, place).marked_at <= entry.marked_at {
-                    state.pending.remove_at(&state.exclusive, place);
-                    discarded += 1;
-                }
-            }
-        }
-        if let Some(slot_index) = databases::find(state.slots, database) {
-            let pending = state.slots[slot_index].pending.get_mut();
-            *pending = pending.saturating_sub(discarded);
-        }
+        let discarded = remove_unless_marked_again(state, database, entries);
         let slot = &mut state.targets[index];
-        let pending = slot.pending.get_mut();
-        *pending = pending.saturating_sub(discarded);
-        if give_up_slot && *pending == 0 {
+        if give_up_slot && slot.pending() == 0 {
             slot.free();
         }
-        state.header.held.retain(database, |key| entries.binary_search_by_key(key, |entry| entry.key).is_err());
         discarded
     })
     .unwrap_or(0)
+}
+
+/// Remove `entries` (of `database`, from a snapshot, sorted by key) from the set, except those
+/// marked again since, with their counts and held-back places; returns how many were removed.
+fn remove_unless_marked_again(state: &mut ViewMut<'_>, database: pg_sys::Oid, entries: &[Entry]) -> u64 {
+    let mut removed = 0;
+    for entry in entries {
+        let Some(index) = state.pending.find(&state.exclusive, &entry.key) else { continue };
+        if state.pending.entry(&state.exclusive, index).marked_at > entry.marked_at {
+            continue;
+        }
+        state.pending.remove_at(&state.exclusive, index);
+        removed += 1;
+        if let Some(target) = state.targets.get_mut(usize::from(entry.key.target)) {
+            let pending = target.pending.get_mut();
+            *pending = pending.saturating_sub(1);
+        }
+    }
+    if let Some(index) = databases::find(state.slots, database) {
+        let pending = state.slots[index].pending.get_mut();
+        *pending = pending.saturating_sub(removed);
+    }
+    state.header.held.retain(database, |key| entries.binary_search_by_key(key, |entry| entry.key).is_err());
+    removed
 }
 
 /// The keys of `database` held back whose next try is after `now`, into `out` (cleared first;

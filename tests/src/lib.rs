@@ -509,6 +509,13 @@ pub fn last_used(client: &mut Client, id: &Uuid) -> Option<DateTime<Utc>> {
     client.query_one("SELECT last_used_at FROM workspaces WHERE id = $1", &[id]).expect("read last_used_at").get(0)
 }
 
+/// `ids` in order, as queries ordered by id return them.
+pub fn sorted(ids: &[Uuid]) -> Vec<Uuid> {
+    let mut ids = ids.to_vec();
+    ids.sort();
+    ids
+}
+
 pub fn flush(client: &mut Client) -> i64 {
     client.query_one("SELECT wsusage_flush()", &[]).expect("wsusage_flush()").get(0)
 }

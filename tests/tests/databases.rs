@@ -31,12 +31,6 @@ fn used_ids(client: &mut Client) -> Vec<Uuid> {
         .collect()
 }
 
-fn sorted(ids: &[Uuid]) -> Vec<Uuid> {
-    let mut ids = ids.to_vec();
-    ids.sort();
-    ids
-}
-
 #[test]
 fn three_databases_marking_concurrently_each_see_only_their_own_marks() {
     let cluster = Cluster::start(&[]);

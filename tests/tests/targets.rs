@@ -33,12 +33,6 @@ fn written_ids(client: &mut Client, table: &str, id_column: &str, column: &str) 
         .collect()
 }
 
-fn sorted(ids: &[Uuid]) -> Vec<Uuid> {
-    let mut ids = ids.to_vec();
-    ids.sort();
-    ids
-}
-
 fn new_ids(n: usize) -> Vec<Uuid> {
     (0..n).map(|_| Uuid::new_v4()).collect()
 }

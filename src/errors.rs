@@ -1,5 +1,7 @@
-//! Every error and warning a user or DBA sees, each with its SQLSTATE, detail and hint, worded
-//! after PostgreSQL's error message style guide.
+//! The errors and warnings of the SQL functions and of a flush, each with its SQLSTATE, detail
+//! and hint, worded after PostgreSQL's error message style guide. (The processes' own log lines
+//! live beside what they report: the launcher's in `launcher`, a worker's in `worker` and
+//! `flush`, the saved set's in `persist`, the trigger's in `target_table`.)
 
 use std::time::Duration;
 

@@ -5,9 +5,10 @@
 //!
 //! Targets are independent: one that fails (its table dropped, a privilege revoked, its
 //! `after_flush` function raising) keeps its keys pending and is reported, and the round goes on
-//! with the others. Keys of a target whose row was deleted are discarded, counted and logged;
-//! keys marked under a key type the target no longer has (its row changed from a uuid to a
-//! bigint column, say) likewise.
+//! with the others. Keys of a target whose row was deleted are discarded, counted and logged,
+//! once the row is missing at two rounds in a row; keys marked under a key type the target no
+//! longer has (its row changed from a uuid to a bigint column, say) at once. Without the
+//! extension, every key is kept.
 //!
 //! The statement writes each id's own latest mark time, and only over NULL or an older value, so
 //! a row never moves backwards whatever races with it. Nothing one row does holds back the
@@ -23,10 +24,12 @@
 //!   id stays pending, held back with its error (see `held`) and retried at a slowing pace. At
 //!   most [`SPLIT_BUDGET`] statements and [`HELD_PER_ROUND`] isolated ids a round, so a table
 //!   whose every row fails costs a round a few hundred statements, not two per id, and fails the
-//!   round as any error would;
+//!   target's part of the round as any error would;
 //! - a lock or timeout on the chunk as a whole (a table lock, `wsusage.statement_timeout`) fails
 //!   that chunk only, which stays pending; an error that no row causes (a missing table, a
-//!   privilege, a read-only server) ends the round, and nothing is split.
+//!   privilege, a read-only server) ends the target's part of the round (the other targets go
+//!   on), and nothing is split; so does an error of the target's `after_flush` function, which is
+//!   the function's, not a row's.
 //!
 //! The pending lock is never held here while the database is touched.
 

@@ -24,13 +24,13 @@
 //! - Exclusive mode ([`with_exclusive`], a [`ViewMut`]: `&mut` to the header and slots, and the
 //!   table's [`Exclusive`] token): whatever removes entries or changes a slot — a worker's
 //!   snapshot of its database's entries (a copy into a buffer it allocated beforehand), a worker
-//!   forgetting what it wrote, the launcher discarding a dropped database's entries, the
-//!   rendezvous bookkeeping, counters of a flush, and the first mark of a database, which claims
-//!   it a slot. No other process touches the guarded memory meanwhile, so `&mut` is sound; the
+//!   forgetting what it wrote or discarding a deleted target's keys, the launcher discarding a
+//!   dropped database's entries, the rendezvous bookkeeping, counters of a flush, a stats reset,
+//!   holding a key back, and the first mark of a database or target, which claims it a slot. No other process touches the guarded memory meanwhile, so `&mut` is sound; the
 //!   condition variable, which other processes use without the lock, lies outside what it covers.
 //!
-//! A mark thus waits for nothing but an exclusive holder (a flush's snapshot or forget: a copy or
-//! a walk of the set, once per interval). Nothing done under the lock can raise an error,
+//! A mark thus waits for nothing but an exclusive holder (mostly a flush's snapshot or forget: a
+//! copy or a walk of the set, once per interval; the rest is short bookkeeping). Nothing done under the lock can raise an error,
 //! allocate, log or wait on the database: a flush's UPDATE runs with the lock released, so a mark
 //! never waits on a table lock, an fsync or a slow query.
 //!

@@ -353,7 +353,7 @@ pub fn load(state: &mut ViewMut<'_>, now: i64) {
             }
             if refused > 0 {
                 warning!(
-                    "wsusage could not restore {refused} saved pending ids: the set or its database slots are full"
+                    "wsusage could not restore {refused} saved pending ids: the set, its database slots or its target slots are full (wsusage.max_pending, wsusage.max_databases, wsusage.max_targets)"
                 );
             }
         }

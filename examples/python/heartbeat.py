@@ -6,8 +6,8 @@ Run against a database with `CREATE EXTENSION wsusage`:
     WSUSAGE_DSN='host=/tmp dbname=postgres user=app' WORKSPACE_IDS='9b2f…,0d41…' python heartbeat.py
 
 It shows one prepared statement per heartbeat (psycopg sends a str parameter untyped, and the
-server resolves it to uuid because wsusage_mark has no overloads), the same with uuid.UUID values,
-and heartbeats batched into one wsusage_mark_many call.
+server resolves it to uuid: the one-argument wsusage_mark is the only one), the same with
+uuid.UUID values, and heartbeats batched into one wsusage_mark_many call.
 """
 
 import os

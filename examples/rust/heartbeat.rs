@@ -8,10 +8,9 @@
 //! WORKSPACE_IDS='9b2f0c5e-…,0d41…' cargo run -p wsusage-tests --bin heartbeat-example
 //! ```
 //!
-//! It shows the three ways to mark: one prepared statement per heartbeat, the same with the
-//! parameter left untyped (as drivers that send text do), and many heartbeats batched into one
-//! `wsusage_mark_many` call. A mark never waits on the table, so the heartbeat path stays as cheap
-//! as a `SELECT 1`.
+//! It shows three ways to mark: one prepared statement per heartbeat, the id sent as text (cast
+//! to uuid by the statement), and many heartbeats batched into one `wsusage_mark_many` call. A
+//! mark does not wait for the flush's UPDATE: it only records the id in shared memory.
 
 use std::error::Error;
 use std::str::FromStr;
@@ -21,8 +20,8 @@ use tokio_postgres::NoTls;
 use uuid::Uuid;
 
 /// One heartbeat: a prepared, pooled `SELECT wsusage_mark($1)`. The statement is prepared once
-/// per connection (`prepare_cached`); the server infers `$1` as uuid, since `wsusage_mark` has no
-/// overloads.
+/// per connection (`prepare_cached`); the server infers `$1` as uuid, the one-argument
+/// `wsusage_mark` being the only one.
 async fn heartbeat(pool: &Pool, workspace: Uuid) -> Result<(), Box<dyn Error + Send + Sync>> {
     let client = pool.get().await?;
     let mark = client.prepare_cached("SELECT wsusage_mark($1)").await?;
@@ -30,7 +29,8 @@ async fn heartbeat(pool: &Pool, workspace: Uuid) -> Result<(), Box<dyn Error + S
     Ok(())
 }
 
-/// The same with the id sent as text, as drivers that pass every value as a string do.
+/// The same with the id sent as text, as drivers that pass every value as a string do; the
+/// statement casts it.
 async fn heartbeat_text(pool: &Pool, workspace: &str) -> Result<(), Box<dyn Error + Send + Sync>> {
     let client = pool.get().await?;
     client.execute("SELECT wsusage_mark($1::text::uuid)", &[&workspace]).await?;

@@ -52,8 +52,8 @@ fn running_as_root() -> bool {
     Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
 }
 
-/// Run `program` as the user that owns the clusters.
-fn as_owner(program: impl AsRef<std::ffi::OsStr>) -> Command {
+/// Run `program` as the user that owns the clusters (PostgreSQL and PgBouncer refuse root).
+pub fn as_owner(program: impl AsRef<std::ffi::OsStr>) -> Command {
     if running_as_root() {
         let mut cmd = Command::new("runuser");
         cmd.args(["-u", "postgres", "--"]).arg(program);
@@ -317,6 +317,15 @@ impl Cluster {
 
     pub fn connect(&self) -> Client {
         self.connect_to("postgres")
+    }
+
+    /// A directory inside the cluster's, owned by the cluster's owner, for a program run as it.
+    pub fn owned_subdir(&self, name: &str) -> PathBuf {
+        let dir = self.dir.join(name);
+        let mut mkdir = as_owner("mkdir");
+        mkdir.arg("-p").arg(&dir);
+        run(mkdir, "mkdir");
+        dir
     }
 
     pub fn connect_to(&self, database: &str) -> Client {

@@ -61,3 +61,46 @@ fn the_python_psycopg_heartbeat_example_marks_every_workspace() {
     assert_eq!(flush(&mut client), 150);
     assert_eq!(count_used(&mut client), 150);
 }
+
+/// A Go example built once, in GOPATH mode against Debian's Go packages (golang-go,
+/// golang-github-lib-pq-dev, golang-github-jackc-pgx-v4-dev: installed by scripts/test), into
+/// target/.
+fn go_example(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("go-examples");
+    let binary = dir.join(name);
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/go").join(name);
+    let out = Command::new("go")
+        .arg("build")
+        .arg("-o")
+        .arg(&binary)
+        .arg(".")
+        .current_dir(&source)
+        .env("GO111MODULE", "off")
+        .env("GOPATH", format!("{}:/usr/share/gocode", dir.join("gopath").display()))
+        .env("GOCACHE", dir.join("cache"))
+        .output()
+        .expect("go build (Debian: apt-get install golang-go)");
+    assert!(out.status.success(), "go build {name}: {}", String::from_utf8_lossy(&out.stderr));
+    binary
+}
+
+#[test]
+fn the_go_lib_pq_heartbeat_example_marks_every_workspace() {
+    let cluster = Cluster::start(&[]);
+    let (mut client, ids) = cluster.with_workspaces(150);
+    run_example(Command::new(go_example("libpq")), &cluster, &ids);
+    assert_eq!(flush(&mut client), 150);
+    assert_eq!(count_used(&mut client), 150);
+}
+
+#[test]
+fn the_go_pgx_pool_heartbeat_example_marks_every_workspace() {
+    let cluster = Cluster::start(&[]);
+    let (mut client, ids) = cluster.with_workspaces(150);
+    run_example(Command::new(go_example("pgx")), &cluster, &ids);
+    assert_eq!(flush(&mut client), 150);
+    assert_eq!(count_used(&mut client), 150);
+    // Every heartbeat was its own mark, the batches one per id.
+    let marks: i64 = client.query_one("SELECT marks FROM wsusage_stats", &[]).unwrap().get(0);
+    assert_eq!(marks, 150);
+}

@@ -1,0 +1,132 @@
+//! Monitoring with Prometheus: the real prometheus-postgres-exporter (Debian's), given
+//! monitoring/postgres_exporter.yaml, serves wsusage's counters as metrics with their values, and
+//! the alert rules of monitoring/alerts.yml name only metrics it serves.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use wsusage_tests::*;
+
+fn monitoring_file(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../monitoring").join(name)
+}
+
+/// The exporter on a free loopback port, connected to the cluster's `postgres` database.
+struct Exporter {
+    port: u16,
+    child: Child,
+}
+
+impl Exporter {
+    fn start(cluster: &Cluster) -> Exporter {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new("prometheus-postgres-exporter")
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg(format!("--extend.query-path={}", monitoring_file("postgres_exporter.yaml").display()))
+            .arg("--disable-settings-metrics")
+            .env("DATA_SOURCE_NAME", format!("{} sslmode=disable", cluster.conninfo("postgres")))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start prometheus-postgres-exporter (Debian: apt-get install prometheus-postgres-exporter)");
+        Exporter { port, child }
+    }
+
+    fn try_scrape(&self) -> std::io::Result<String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port))?;
+        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    }
+
+    /// The value of the sample `name{label="value",…}` once served: a sample of that name with
+    /// at least those labels (the exporter adds its own, `server`). The exporter learns the
+    /// server's version at its first scrape, and runs the extra queries from the next.
+    fn value(&self, sample: &str) -> f64 {
+        let (name, labels) = sample.split_once('{').unwrap_or((sample, "}"));
+        let wanted: Vec<&str> = labels.trim_end_matches('}').split(',').filter(|l| !l.is_empty()).collect();
+        let mut found = None;
+        wait_until(&format!("the exporter to serve {sample}"), || {
+            found = self.try_scrape().ok().and_then(|metrics| {
+                metrics.lines().find_map(|line| {
+                    let (series, value) = line.rsplit_once(' ')?;
+                    let (line_name, line_labels) = series.split_once('{').unwrap_or((series, ""));
+                    let labels: Vec<&str> = line_labels.trim_end_matches('}').split(',').collect();
+                    (line_name == name && wanted.iter().all(|w| labels.contains(w))).then(|| value.parse().ok())?
+                })
+            });
+            found.is_some()
+        });
+        found.unwrap()
+    }
+
+    fn metric_names(&self) -> Vec<String> {
+        let metrics = self.try_scrape().expect("scrape");
+        metrics
+            .lines()
+            .filter(|line| !line.starts_with('#') && line.starts_with("wsusage"))
+            .filter_map(|line| line.split(['{', ' ']).next().map(str::to_owned))
+            .collect()
+    }
+}
+
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn the_exporter_serves_wsusages_counters_with_their_values() {
+    let cluster = Cluster::start(&[("wsusage.max_pending", "1000"), ("wsusage.flush_interval", "'1h'")]);
+    let (mut client, ids) = cluster.with_workspaces(40);
+    client.execute("SELECT wsusage_mark_many($1)", &[&ids[..30].to_vec()]).unwrap();
+    assert_eq!(flush(&mut client), 30);
+    client.execute("SELECT wsusage_mark_many($1)", &[&ids[30..].to_vec()]).unwrap();
+
+    let exporter = Exporter::start(&cluster);
+    assert_eq!(exporter.value("wsusage_marks"), 40.0);
+    assert_eq!(exporter.value("wsusage_pending"), 10.0);
+    assert_eq!(exporter.value("wsusage_capacity"), 1000.0);
+    assert_eq!(exporter.value("wsusage_ids_flushed"), 30.0);
+    assert_eq!(exporter.value("wsusage_launcher_up"), 1.0);
+    assert_eq!(exporter.value("wsusage_flush_interval_seconds"), 3600.0);
+    assert!(exporter.value("wsusage_seconds_since_last_flush") >= 0.0);
+    assert_eq!(exporter.value("wsusage_database_pending{datname=\"postgres\"}"), 10.0);
+    assert_eq!(exporter.value("wsusage_target_ids_flushed{datname=\"postgres\",target=\"default\"}"), 30.0);
+
+    // A failing flush shows as it happens.
+    client.batch_execute("ALTER TABLE workspaces RENAME TO parked").unwrap();
+    client.execute("SELECT wsusage_flush()", &[]).unwrap_err();
+    wait_until("the failure to be served", || {
+        exporter.value("wsusage_database_consecutive_failures{datname=\"postgres\"}") == 1.0
+    });
+    assert!(exporter.value("wsusage_failures") >= 1.0);
+}
+
+/// Every `wsusage_…` metric an alert rule names is one the exporter serves (a rule on a misspelt
+/// metric would never fire).
+#[test]
+fn the_alert_rules_name_only_metrics_the_exporter_serves() {
+    let cluster = Cluster::start(&[]);
+    let (mut client, ids) = cluster.with_workspaces(1);
+    client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
+    flush(&mut client);
+    let exporter = Exporter::start(&cluster);
+    exporter.value("wsusage_database_pending{datname=\"postgres\"}");
+    let served = exporter.metric_names();
+    let rules = std::fs::read_to_string(monitoring_file("alerts.yml")).unwrap();
+    let mut named = 0;
+    let expressions = rules.lines().filter_map(|line| line.trim().strip_prefix("expr:"));
+    for word in expressions.flat_map(|expr| expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))) {
+        if word.starts_with("wsusage_") {
+            named += 1;
+            assert!(served.iter().any(|name| name == word), "alerts.yml names {word}, not served: {served:?}");
+        }
+    }
+    assert!(named >= 5, "the rules name the metrics they watch");
+}

@@ -22,6 +22,11 @@ fn a_standby_refuses_marks_runs_no_worker_and_starts_one_when_promoted() {
     assert_eq!(sqlstate(&err), "25006");
     let err = client.execute("SELECT wsusage_flush()", &[]).unwrap_err();
     assert_eq!(sqlstate(&err), "25006");
+    // Marking inside a read query fails that whole query: the rows are not returned either.
+    let err = client.query("SELECT w.id, wsusage_mark(w.id) FROM workspaces AS w", &[]).unwrap_err();
+    assert_eq!(sqlstate(&err), "25006");
+    let err = client.execute("SELECT wsusage_mark('default', $1)", &[&ids[0]]).unwrap_err();
+    assert_eq!(sqlstate(&err), "25006", "a named target too");
 
     std::thread::sleep(std::time::Duration::from_secs(1));
     let ours: i64 = client

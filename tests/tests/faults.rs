@@ -55,6 +55,22 @@ fn a_row_locked_by_an_application_is_skipped_without_waiting_and_only_it_stays_p
     nothing_lost(&mut client, "row locked by an application", 100);
 }
 
+/// `wsusage_flush()` called by the transaction that holds a marked row locked: the flush, another
+/// process, skips that row instead of waiting for the caller, which waits for the flush — no
+/// self-deadlock; the row is written once the transaction ends.
+#[test]
+fn wsusage_flush_from_a_transaction_holding_a_marked_row_returns_without_it() {
+    let cluster = Cluster::start(&[("wsusage.lock_timeout", "0")]);
+    let (mut client, ids) = cluster.with_workspaces(10);
+    client.execute("SELECT wsusage_mark_many($1)", &[&ids]).unwrap();
+    client.batch_execute("BEGIN").unwrap();
+    client.execute("UPDATE workspaces SET name = 'busy' WHERE id = $1", &[&ids[3]]).unwrap();
+    assert_eq!(flush(&mut client), 9, "every id but the one this transaction holds");
+    client.batch_execute("COMMIT").unwrap();
+    assert_eq!(flush(&mut client), 1);
+    assert_eq!(count_used(&mut client), 10);
+}
+
 #[test]
 fn a_table_locked_access_exclusive_beyond_lock_timeout_is_retried_later() {
     let cluster = Cluster::start(&[("wsusage.lock_timeout", "'200ms'")]);

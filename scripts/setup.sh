@@ -25,10 +25,11 @@ as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
-ensure_apt_packages() {
+# apt PACKAGE...: install those of the packages that are not installed yet
+ensure_apt() {
     local missing=()
     local pkg
-    for pkg in clang libclang-dev pkg-config unzip util-linux ca-certificates python3-pip python3-venv; do
+    for pkg in "$@"; do
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
     done
     if [ ${#missing[@]} -gt 0 ]; then
@@ -38,19 +39,14 @@ ensure_apt_packages() {
     fi
 }
 
+ensure_apt_packages() {
+    ensure_apt clang libclang-dev pkg-config unzip util-linux ca-certificates python3-pip python3-venv
+}
+
 # What the test suite runs besides PostgreSQL: Go with the drivers the examples use (built offline
 # in GOPATH mode), PgBouncer and the Prometheus exporter, all from Debian.
 ensure_test_packages() {
-    local missing=()
-    local pkg
-    for pkg in golang-go golang-github-lib-pq-dev golang-github-jackc-pgx-v4-dev pgbouncer prometheus-postgres-exporter; do
-        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
-    done
-    if [ ${#missing[@]} -gt 0 ]; then
-        log "installing the test suite's apt packages: ${missing[*]}"
-        as_root apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
-    fi
+    ensure_apt golang-go golang-github-lib-pq-dev golang-github-jackc-pgx-v4-dev pgbouncer prometheus-postgres-exporter
 }
 
 ensure_cargo_pgrx() {

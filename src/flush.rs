@@ -187,8 +187,11 @@ impl Flusher {
                     let slot = SlotRef { index, generation };
                     match catalog.definitions.iter().find(|definition| definition.name == name && !name.is_empty()) {
                         Some(definition) => {
-                            let prefix = if name == "default" { String::new() } else { format!("target \"{name}\": ") };
-                            self.write_target(&Part { slot, prefix, definition }, group, &mut round);
+                            self.write_target(
+                                &Part { slot, prefix: failure_prefix(&name), definition },
+                                group,
+                                &mut round,
+                            );
                         }
                         // No row (yet: the extension not updated to 0.3.0): kept.
                         None if catalog.targets_table.is_none() => {}
@@ -395,6 +398,16 @@ impl Flusher {
     }
 }
 
+/// What a failure's message starts with: the target it is of, unless it is `default` (whose
+/// messages read as before targets existed).
+fn failure_prefix(target: &str) -> String {
+    if target == "default" {
+        String::new()
+    } else {
+        format!("target \"{target}\": ")
+    }
+}
+
 /// The role the worker runs as (its UPDATEs run as `wsusage.role`, see `statements`).
 fn current_user() -> pg_sys::Oid {
     // SAFETY: a plain read of this process's user.
@@ -421,12 +434,8 @@ pub fn validate_targets(flusher: &mut Flusher) {
             .iter()
             .filter_map(|definition| {
                 let problem = definition.problem()?;
-                let prefix = if definition.name == "default" {
-                    String::new()
-                } else {
-                    format!("target \"{}\": ", definition.name)
-                };
-                Some(Failure { sqlstate: problem.sqlstate as i32, message: format!("{prefix}{}", problem.message) })
+                let message = format!("{}{}", failure_prefix(&definition.name), problem.message);
+                Some(Failure { sqlstate: problem.sqlstate as i32, message })
             })
             .collect(),
     };

@@ -110,9 +110,7 @@ impl Plan {
 
 impl Drop for Statements {
     fn drop(&mut self) {
-        for plan in [&mut self.update, &mut self.without_row, &mut self.skip_locked, &mut self.after_flush] {
-            plan.forget();
-        }
+        self.forget_plans();
     }
 }
 
@@ -122,14 +120,18 @@ impl Statements {
         if self.definition.as_ref() == Some(definition) {
             return;
         }
-        for plan in [&mut self.update, &mut self.without_row, &mut self.skip_locked, &mut self.after_flush] {
-            plan.forget();
-        }
+        self.forget_plans();
         self.update_sql = CString::new(definition.update_sql()).unwrap_or_default();
         self.without_row_sql = CString::new(definition.without_row_sql()).unwrap_or_default();
         self.skip_locked_sql = CString::new(definition.skip_locked_sql()).unwrap_or_default();
         self.after_flush_sql = definition.after_flush_sql().and_then(|sql| CString::new(sql).ok());
         self.definition = Some(definition.clone());
+    }
+
+    fn forget_plans(&mut self) {
+        for plan in [&mut self.update, &mut self.without_row, &mut self.skip_locked, &mut self.after_flush] {
+            plan.forget();
+        }
     }
 
     fn kind(&self) -> Kind {

@@ -23,7 +23,7 @@ pub struct Name(Vec<String>);
 impl Name {
     /// The name as SQL text, every part double-quoted.
     pub fn quoted(&self) -> String {
-        self.0.iter().map(|part| format!("\"{}\"", part.replace('"', "\"\""))).collect::<Vec<_>>().join(".")
+        self.0.iter().map(|part| quote(part)).collect::<Vec<_>>().join(".")
     }
 
     /// The name as SQL text, a table's schema given as `schema` when it names none.
@@ -160,6 +160,7 @@ fn literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
+/// `name` as a double-quoted SQL identifier.
 fn quote(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }

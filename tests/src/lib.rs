@@ -518,6 +518,16 @@ pub fn last_used(client: &mut Client, id: &Uuid) -> Option<DateTime<Utc>> {
     client.query_one("SELECT last_used_at FROM workspaces WHERE id = $1", &[id]).expect("read last_used_at").get(0)
 }
 
+/// The workspaces whose `last_used_at` is set, in id order.
+pub fn used_ids(client: &mut Client) -> Vec<Uuid> {
+    client
+        .query("SELECT id FROM workspaces WHERE last_used_at IS NOT NULL ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
 /// `ids` in order, as queries ordered by id return them.
 pub fn sorted(ids: &[Uuid]) -> Vec<Uuid> {
     let mut ids = ids.to_vec();

@@ -22,15 +22,6 @@ fn database_with(cluster: &Cluster, name: &str, ids: &[Uuid]) -> Client {
     client
 }
 
-fn used_ids(client: &mut Client) -> Vec<Uuid> {
-    client
-        .query("SELECT id FROM workspaces WHERE last_used_at IS NOT NULL ORDER BY id", &[])
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect()
-}
-
 #[test]
 fn three_databases_marking_concurrently_each_see_only_their_own_marks() {
     let cluster = Cluster::start(&[]);

@@ -28,13 +28,7 @@ fn a_select_or_a_returning_clause_marks_exactly_the_rows_it_returns() {
     assert_eq!(changed.len(), 2);
 
     assert_eq!(flush(&mut client), 5);
-    let used: Vec<uuid::Uuid> = client
-        .query("SELECT id FROM workspaces WHERE last_used_at IS NOT NULL ORDER BY id", &[])
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
-    assert_eq!(used, sorted(&[&ids[..3], &ids[5..7]].concat()));
+    assert_eq!(used_ids(&mut client), sorted(&[&ids[..3], &ids[5..7]].concat()));
 }
 
 #[test]

@@ -7,7 +7,6 @@ use std::process::{Child, Stdio};
 use std::thread;
 
 use postgres::types::Type;
-use uuid::Uuid;
 use wsusage_tests::*;
 
 /// Debian's PgBouncer (1.18) in transaction mode, on a Unix socket in the cluster's directory,
@@ -147,11 +146,5 @@ fn a_batch_and_the_simple_protocol_pass_through_the_pooler() {
     // statements behind a pooler send it: the server resolves it to uuid.
     client.batch_execute(&format!("SELECT wsusage_mark('{}')", ids[49])).unwrap();
     assert_eq!(flush_unnamed(&mut client), 50);
-    let used: Vec<Uuid> = admin
-        .query("SELECT id FROM workspaces WHERE last_used_at IS NOT NULL ORDER BY id", &[])
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
-    assert_eq!(used, sorted(&ids));
+    assert_eq!(used_ids(&mut admin), sorted(&ids));
 }

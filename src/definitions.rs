@@ -6,7 +6,7 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiTupleTable;
 
 use crate::settings;
-use crate::target::{AfterFlush, Definition};
+use crate::target::{AfterFlush, Definition, Relation};
 
 /// The schema of the settings' table when `wsusage.table` names none. Not the search path: the
 /// worker and every marking backend must find the same table whatever their own search paths,
@@ -66,11 +66,22 @@ fn read_under_fixed_search_path(only: Option<&str>, role: pg_sys::Oid) -> Catalo
         Err(_) => (None, None, None, None),
     };
     Spi::connect(|client| {
-        // The extension's schema is where CREATE EXTENSION put it; before ALTER EXTENSION
-        // UPDATE to 0.3.0 the table is not there, and the settings' target is the only one.
+        // `wsusage_target` is the extension's own table, found as a member of the extension,
+        // never by its name: this reads it with more privilege than whoever could plant a table
+        // or view of that name (in the extension's schema before ALTER EXTENSION UPDATE to 0.3.0
+        // creates the real one, say), whose functions would then run with that privilege. Until
+        // it exists, the settings' target is the only one.
         let found = match client.select(
-            "SELECT format('%I.wsusage_target', n.nspname), to_regclass(format('%I.wsusage_target', n.nspname))::oid \
-               FROM pg_extension AS e JOIN pg_namespace AS n ON n.oid = e.extnamespace \
+            "SELECT CASE WHEN t.oid IS NOT NULL THEN format('%I.%I', t.nspname, t.relname) END, t.oid \
+               FROM pg_extension AS e \
+               LEFT JOIN LATERAL ( \
+                   SELECT c.oid, n.nspname, c.relname \
+                     FROM pg_depend AS d \
+                     JOIN pg_class AS c ON c.oid = d.objid \
+                     JOIN pg_namespace AS n ON n.oid = c.relnamespace \
+                    WHERE d.refclassid = 'pg_extension'::regclass AND d.refobjid = e.oid AND d.deptype = 'e' \
+                      AND d.classid = 'pg_class'::regclass AND c.relname = 'wsusage_target' AND c.relkind = 'r' \
+               ) AS t ON true \
               WHERE e.extname = 'wsusage'",
             Some(1),
             &[],
@@ -86,13 +97,14 @@ fn read_under_fixed_search_path(only: Option<&str>, role: pg_sys::Oid) -> Catalo
         let extension = found.is_some();
         let (targets, targets_table) = found.unwrap_or_default();
         let sql = crate::target::definitions_sql(targets.as_deref());
-        let args: [DatumWithOid; 6] = [
+        let args: [DatumWithOid; 7] = [
             table.clone().into(),
             id_column.clone().into(),
             timestamp_column.clone().into(),
             role.into(),
             only.map(str::to_owned).into(),
             table_as_written.clone().into(),
+            settings::role().into(),
         ];
         match client.select(sql.as_str(), None, &args) {
             Ok(rows) => Catalog { definitions: definitions_of(rows), targets_table, extension },
@@ -108,7 +120,12 @@ fn definitions_of(rows: SpiTupleTable<'_>) -> Vec<Definition> {
         let flag = |n| row.get::<bool>(n).ok().flatten();
         Definition {
             name: text(1).unwrap_or_default(),
-            relation: oid(2).zip(text(3)),
+            relation: oid(2).map(|oid| Relation {
+                oid,
+                display: text(3).unwrap_or_default(),
+                schema: text(21).unwrap_or_default(),
+                name: text(22).unwrap_or_default(),
+            }),
             relation_text: text(4).unwrap_or_default(),
             id_column: text(5).unwrap_or_default(),
             timestamp_column: text(6).unwrap_or_default(),
@@ -122,6 +139,7 @@ fn definitions_of(rows: SpiTupleTable<'_>) -> Vec<Definition> {
                 call: text(15),
                 fits: flag(16).unwrap_or(false),
                 owner: (text(20).unwrap_or_default(), flag(19).unwrap_or(false)),
+                runs_as: text(23).unwrap_or_default(),
             }),
             may_update: flag(17),
             from_settings: flag(18).unwrap_or(false),

@@ -408,7 +408,8 @@ fn failure_prefix(target: &str) -> String {
     }
 }
 
-/// The role the worker runs as (its UPDATEs run as `wsusage.role`, see `statements`).
+/// The role the worker connects as, the bootstrap superuser, with which it reads the catalogs
+/// (its statements writing a table run as the table's owner, see `run_as`).
 fn current_user() -> pg_sys::Oid {
     // SAFETY: a plain read of this process's user.
     unsafe { pg_sys::GetUserId() }

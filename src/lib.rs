@@ -47,6 +47,7 @@ mod definitions;
 mod resolve;
 mod target_table;
 
+mod run_as;
 mod statements;
 mod transaction;
 

@@ -145,16 +145,16 @@ pub fn with_target<R>(name: &str, takes: Kind, function: &'static str, mark: imp
 /// marks of it are accepted, as before targets existed, and the worker reports the problem.
 fn resolve(name: &str, takes: Kind, function: &'static str, user: pg_sys::Oid) -> Option<Resolved> {
     register_callbacks();
-    let catalog = read_as_owner(name, user);
+    let catalog = read_as_bootstrap_superuser(name, user);
     let targets_table = catalog.targets_table;
     let Some(definition) = catalog.definitions.into_iter().next() else {
         UsageError::UnknownTarget { name: name.to_owned() }.raise(function)
     };
-    let (relation, table) = definition.relation.clone().unwrap_or_default();
+    let relation = definition.relation.clone().unwrap_or_default();
     let refused = || UsageError::NoPrivilege {
         id_column: definition.id_column.clone(),
         name: name.to_owned(),
-        table: table.clone(),
+        table: relation.display.clone(),
         column: definition.timestamp_column.clone(),
     };
     if let Some(problem) = definition.problem() {
@@ -180,7 +180,7 @@ fn resolve(name: &str, takes: Kind, function: &'static str, user: pg_sys::Oid) -
     TARGETS_TABLE_WATCHED.store(targets_table.is_some(), Ordering::Relaxed);
     WATCHED.with(|watched| {
         let mut watched = watched.borrow_mut();
-        watched.extend(targets_table.into_iter().chain([relation]));
+        watched.extend(targets_table.into_iter().chain([relation.oid]));
         watched.sort_unstable_by_key(|oid| oid.to_u32());
         watched.dedup();
     });
@@ -190,7 +190,7 @@ fn resolve(name: &str, takes: Kind, function: &'static str, user: pg_sys::Oid) -
 /// The definition of target `name` with `user`'s privilege on it, read as the bootstrap
 /// superuser: `wsusage_target` is readable by its owner and `pg_monitor` only, while the roles
 /// that mark need not read it.
-fn read_as_owner(name: &str, user: pg_sys::Oid) -> definitions::Catalog {
+fn read_as_bootstrap_superuser(name: &str, user: pg_sys::Oid) -> definitions::Catalog {
     let (mut saved_user, mut saved_context) = (pg_sys::InvalidOid, 0);
     // SAFETY: switching the user for the catalog query in the caller's transaction, as
     // PostgreSQL's own maintenance commands do; an ERROR on the way is cleaned up by the

@@ -74,7 +74,7 @@ static LOCK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(LOCK_TIMEOUT_MS
 /// Longest a chunk's UPDATE may run.
 static STATEMENT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(STATEMENT_TIMEOUT_MS_DEFAULT);
 
-/// The role whose privileges the worker's UPDATEs run with; empty: the bootstrap superuser.
+/// The role every flush runs as instead of the owner of each target's table; empty: the owner.
 static mut ROLE: *mut c_char = null_mut();
 
 /// The table the worker writes, and its two columns, in SQL identifier syntax (see `target`).
@@ -183,8 +183,8 @@ pub fn init() {
     unsafe {
         pg_sys::DefineCustomStringVariable(
             c"wsusage.role".as_ptr(),
-            c"Role whose privileges the background worker's UPDATEs run with; empty: the bootstrap superuser.".as_ptr(),
-            c"The role needs only SELECT and UPDATE on the target table.".as_ptr(),
+            c"Role every flush runs as, instead of the owner of each target's table; empty: the table's owner.".as_ptr(),
+            c"The tables' triggers, checks and after_flush functions then run with this role's privileges, whoever wrote them: never name a role with more privileges than the tables' owners (a superuser makes every table owner one). It needs SELECT and UPDATE on the tables.".as_ptr(),
             &raw mut ROLE,
             c"".as_ptr(),
             pg_sys::GucContext::PGC_POSTMASTER,
@@ -311,11 +311,17 @@ macro_rules! string_check_hook {
 static DATABASE_REFUSED: AtomicBool = AtomicBool::new(false);
 static ROLE_REFUSED: AtomicBool = AtomicBool::new(false);
 
-/// A check that remembers, in the postmaster, that it refused a value.
+/// A check that remembers, in the postmaster at start, that it refused a value. Only then: the
+/// postmaster runs the check again at each reload, where a refused value of these settings
+/// (which change only at a restart) leaves the value in force as it is — remembering that refusal
+/// would refuse marks or flushes in every process started afterwards, for a value never in force.
 fn check_remembered(value: &str, refused: &AtomicBool) -> Result<(), String> {
     let checked = check_plain_name(value);
-    // SAFETY: a plain read of a global set when the process starts.
-    if checked.is_err() && !unsafe { pg_sys::IsUnderPostmaster } {
+    // SAFETY: plain reads of globals: whether this is the postmaster, and whether it is loading
+    // the preloaded libraries, which is when it defines our settings from the configuration
+    // file at start (a reload comes later).
+    let at_start = unsafe { !pg_sys::IsUnderPostmaster && pg_sys::process_shared_preload_libraries_in_progress };
+    if checked.is_err() && at_start {
         refused.store(true, Ordering::Relaxed);
     }
     checked
@@ -396,7 +402,7 @@ pub fn refused() -> Option<&'static str> {
     }
 }
 
-/// The role the worker connects as, if one is set.
+/// The role flushes run as instead of each table's owner, if one is set.
 pub fn role() -> Option<String> {
     Some(string_setting(&raw const ROLE)).filter(|r| !r.is_empty())
 }

@@ -1,7 +1,8 @@
 //! The statements a flush worker runs for a target, prepared once per definition (see
 //! `target`): the chunk's UPDATE, the count of ids without a row, the lock-skipping variant and
-//! the call of the target's `after_flush` function, with what they need around them (SPI, the
-//! `wsusage.role` switch). Each function here runs inside a transaction of `transaction`.
+//! the call of the target's `after_flush` function, with what they need around them (SPI, and
+//! running as the table's owner: see `run_as`). Each function here runs inside a transaction of
+//! `transaction`.
 
 use std::cell::Cell;
 use std::ffi::{c_int, CStr, CString};
@@ -12,7 +13,7 @@ use pgrx::FromDatum;
 use wsusage_pending_table::Entry;
 
 use crate::key::{self, Kind};
-use crate::settings;
+use crate::run_as::RunAs;
 use crate::target::Definition;
 
 /// What writing one chunk did.
@@ -54,8 +55,8 @@ pub enum Locking {
     SkipLocked,
 }
 
-/// The lock timeout of the first attempt at a chunk, as `SET LOCAL` takes it (milliseconds).
-const FAIL_FAST_LOCK_TIMEOUT: &CStr = c"SET LOCAL lock_timeout = 10";
+/// The lock timeout of the first attempt at a chunk, in milliseconds.
+const FAIL_FAST_LOCK_TIMEOUT_MS: i32 = 10;
 
 thread_local! {
     /// The target's `after_flush` function is running: an ERROR now is the function's, not a
@@ -159,7 +160,11 @@ pub fn write(statements: &mut Statements, chunk: &[Entry], locking: Locking) -> 
         if pg_sys::get_extension_oid(c"wsusage".as_ptr(), true) == pg_sys::InvalidOid {
             return Written::ExtensionMissing;
         }
-        let restore_user = become_configured_role();
+        let Some(relation) = statements.definition.as_ref().and_then(|definition| definition.relation.clone()) else {
+            error!("a wsusage flush statement has no table");
+        };
+        let lock_timeout = (locking == Locking::FailFast).then_some(FAIL_FAST_LOCK_TIMEOUT_MS);
+        let run_as = RunAs::begin(&relation, lock_timeout);
         if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
             error!("could not connect to SPI");
         }
@@ -208,9 +213,7 @@ pub fn write(statements: &mut Statements, chunk: &[Entry], locking: Locking) -> 
             call_after_flush(statements, flushed);
         }
         pg_sys::SPI_finish();
-        if let Some((user, context)) = restore_user {
-            pg_sys::SetUserIdAndSecContext(user, context);
-        }
+        run_as.end();
         written
     }
 }
@@ -272,9 +275,6 @@ unsafe fn update(statements: &mut Statements, mut arrays: [pg_sys::Datum; 2], id
     let returns_rows = statements.after_flush_sql.is_some();
     // SAFETY: the caller's promise; SPI errors raise.
     unsafe {
-        if pg_sys::SPI_execute(FAIL_FAST_LOCK_TIMEOUT.as_ptr(), false, 0) != pg_sys::SPI_OK_UTILITY as i32 {
-            error!("could not set the lock timeout of a wsusage flush");
-        }
         let plan = statements.update.get(&statements.update_sql, &mut types);
         let rc = pg_sys::SPI_execute_plan(plan, arrays.as_mut_ptr(), std::ptr::null(), false, 0);
         let (updated, flushed) = if returns_rows {
@@ -354,33 +354,4 @@ unsafe fn call_after_flush(statements: &mut Statements, mut flushed: [pg_sys::Da
         }
     }
     IN_AFTER_FLUSH.with(|flag| flag.set(false));
-}
-
-/// Run the rest of the transaction with the privileges of `wsusage.role`, if set; returns what
-/// to restore before commit (an abort restores it by itself). The worker's process connects as
-/// the bootstrap superuser only so that a missing role or privilege is an ordinary, logged and
-/// retried error rather than a worker that cannot start; the UPDATE, and any trigger it fires,
-/// run as the role, as logical replication runs a subscription's changes as the table owner.
-///
-/// # Safety
-/// Inside a transaction.
-unsafe fn become_configured_role() -> Option<(pg_sys::Oid, c_int)> {
-    let role = settings::role()?;
-    let name = CString::new(role.as_str()).unwrap_or_default();
-    // SAFETY: catalog lookup and user switch inside a transaction, as the caller guarantees.
-    unsafe {
-        let role_oid = pg_sys::get_role_oid(name.as_ptr(), true);
-        if role_oid == pg_sys::InvalidOid {
-            ereport!(
-                ERROR,
-                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
-                format!("role \"{role}\" named by \"wsusage.role\" does not exist"),
-                "Create the role and grant it UPDATE on the table, or change \"wsusage.role\" and restart the server."
-            );
-        }
-        let (mut user, mut context) = (pg_sys::InvalidOid, 0);
-        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
-        pg_sys::SetUserIdAndSecContext(role_oid, context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as c_int);
-        Some((user, context))
-    }
 }

@@ -106,8 +106,7 @@ pub struct Target {
 #[derive(Clone, PartialEq, Debug)]
 pub struct Definition {
     pub name: String,
-    /// The table's OID, and its name quoted and qualified for SQL.
-    pub relation: Option<(pg_sys::Oid, String)>,
+    pub relation: Option<Relation>,
     /// The table as messages name it: quoted, as the settings name it or as the catalog does.
     pub relation_text: String,
     pub id_column: String,
@@ -126,6 +125,25 @@ pub struct Definition {
     pub from_settings: bool,
 }
 
+/// A target's table as the catalogs name it.
+#[derive(Clone, PartialEq, Debug, Default)]
+pub struct Relation {
+    pub oid: pg_sys::Oid,
+    /// Its schema and name, unquoted.
+    pub schema: String,
+    pub name: String,
+    /// Qualified and quoted where needed, as PostgreSQL prints it (`public.workspaces`).
+    pub display: String,
+}
+
+impl Relation {
+    /// The table in SQL text: both parts always double-quoted, so that the text names exactly
+    /// this schema and table (see `statements`, which checks it still does before each chunk).
+    pub fn sql(&self) -> String {
+        format!("{}.{}", quote(&self.schema), quote(&self.name))
+    }
+}
+
 #[derive(Clone, PartialEq, Debug)]
 pub struct AfterFlush {
     /// As `regprocedure` prints it, for messages.
@@ -134,9 +152,12 @@ pub struct AfterFlush {
     pub call: Option<String>,
     /// Whether it takes (an array of the id type, timestamptz[]).
     pub fits: bool,
-    /// Its owner, and whether that is a superuser or the owner of `wsusage_target`: the function
-    /// runs with the flush's privileges, so no other role may change what it does.
+    /// Its owner, and whether that role has the privileges of the role the flush runs as (a
+    /// superuser has every role's): the function runs with the flush's privileges, so a role
+    /// lacking them must not decide what it does.
     pub owner: (String, bool),
+    /// The role the flush runs as: the table's owner, or `wsusage.role`.
+    pub runs_as: String,
 }
 
 /// What is wrong with a definition, worded as PostgreSQL words the same error.
@@ -149,10 +170,19 @@ pub struct Problem {
 /// How a flush writes a timestamp column of each type.
 fn timestamp_cast(timestamp_type: pg_sys::Oid) -> &'static str {
     match timestamp_type {
-        pg_sys::TIMESTAMPOID => "::timestamp",
-        pg_sys::DATEOID => "::date",
+        pg_sys::TIMESTAMPOID => "::pg_catalog.timestamp",
+        pg_sys::DATEOID => "::pg_catalog.date",
         _ => "",
     }
+}
+
+/// The chunk's keys (`$1`, an array of `keys`) and their mark times (`$2`) as rows `v(id,
+/// marked_at)`. Written out as `ROWS FROM`, which is what the parser makes of `unnest($1, $2)`,
+/// because only the unqualified name gets that rewrite, and every name here is qualified.
+fn marks(keys: &str) -> String {
+    format!(
+        "ROWS FROM (pg_catalog.unnest($1::{keys}), pg_catalog.unnest($2::pg_catalog.timestamptz[])) AS v(id, marked_at)"
+    )
 }
 
 /// SQL text as a string literal.
@@ -230,20 +260,20 @@ impl Definition {
                 format!("function {signature} does not take ({id_type_name}[], timestamp with time zone[])"),
                 "An after_flush function is a plain function taking the ids whose rows a chunk wrote and their mark times, as (ids <the id type>[], marked_at timestamptz[]).",
             ),
-            Some(AfterFlush { signature, owner: (owner, false), .. }) => problem(
+            Some(AfterFlush { signature, owner: (owner, false), runs_as, .. }) => problem(
                 ERRCODE_INSUFFICIENT_PRIVILEGE,
-                format!("function {signature} is owned by role \"{owner}\", neither a superuser nor the owner of wsusage_target"),
-                "An after_flush function runs with the flush's privileges: let a superuser or the owner of wsusage_target own it (ALTER FUNCTION … OWNER TO).",
+                format!("function {signature} is owned by role \"{owner}\", which lacks the privileges of role \"{runs_as}\" that the target's flush runs as"),
+                "An after_flush function runs with the privileges of the flush (the table's owner, or \"wsusage.role\"): let that role, a role with its privileges or a superuser own it (ALTER FUNCTION … OWNER TO).",
             ),
             _ => None,
         }
     }
 
     fn parts(&self) -> (String, String, String, &'static str, &'static str) {
-        let table = self.relation.as_ref().map(|(_, table)| table.clone()).unwrap_or_default();
+        let table = self.relation.as_ref().map(Relation::sql).unwrap_or_default();
         let keys = match self.kind() {
-            Some(Kind::Bigint) => "bigint[]",
-            _ => "uuid[]",
+            Some(Kind::Bigint) => "pg_catalog.int8[]",
+            _ => "pg_catalog.uuid[]",
         };
         let cast = timestamp_cast(self.timestamp_type.as_ref().map_or(pg_sys::TIMESTAMPTZOID, |(oid, _)| *oid));
         (table, quote(&self.id_column), quote(&self.timestamp_column), keys, cast)
@@ -256,12 +286,13 @@ impl Definition {
         let (_, _, ts, _, cast) = self.parts();
         let (min_change, positive) = &self.min_change;
         let threshold = if *positive {
-            let cast = if cast == "::date" { "::timestamp" } else { cast };
-            format!("({marks}.marked_at - {}::interval){cast}", literal(min_change))
+            let cast =
+                if cast == timestamp_cast(pg_sys::DATEOID) { timestamp_cast(pg_sys::TIMESTAMPOID) } else { cast };
+            format!("({marks}.marked_at OPERATOR(pg_catalog.-) {}::pg_catalog.interval){cast}", literal(min_change))
         } else {
             format!("{marks}.marked_at{cast}")
         };
-        format!("(t.{ts} IS NULL OR t.{ts} < {threshold})")
+        format!("(t.{ts} IS NULL OR t.{ts} OPERATOR(pg_catalog.<) {threshold})")
     }
 
     /// Whether a row found but not written counts as skipped by `min_change` (a date column, or
@@ -280,23 +311,27 @@ impl Definition {
         let (table, id, ts, keys, cast) = self.parts();
         let update = format!(
             "UPDATE {table} AS t SET {ts} = v.marked_at{cast} \
-             FROM unnest($1::{keys}, $2::timestamptz[]) AS v(id, marked_at) \
-             WHERE t.{id} = v.id AND {}",
-            self.due("v")
+             FROM {marks} WHERE t.{id} OPERATOR(pg_catalog.=) v.id AND {}",
+            self.due("v"),
+            marks = marks(keys),
         );
         if self.after_flush.is_none() {
             return update;
         }
         format!(
             "WITH w AS ({update} RETURNING t.{id} AS id, v.marked_at) \
-             SELECT count(*), array_agg(id ORDER BY id), array_agg(marked_at ORDER BY id) FROM w"
+             SELECT pg_catalog.count(*), pg_catalog.array_agg(id ORDER BY id), \
+                    pg_catalog.array_agg(marked_at ORDER BY id) FROM w"
         )
     }
 
     /// Counts the ids of $1 that have no row; run only when a chunk updated fewer rows than ids.
     pub fn without_row_sql(&self) -> String {
         let (table, id, _, keys, _) = self.parts();
-        format!("SELECT count(*) FROM unnest($1::{keys}) AS v(id) WHERE NOT EXISTS (SELECT FROM {table} AS t WHERE t.{id} = v.id)")
+        format!(
+            "SELECT pg_catalog.count(*) FROM pg_catalog.unnest($1::{keys}) AS v(id) \
+              WHERE NOT EXISTS (SELECT FROM {table} AS t WHERE t.{id} OPERATOR(pg_catalog.=) v.id)"
+        )
     }
 
     /// The chunk's statement when a row of it is locked: it locks the chunk's rows in id order,
@@ -313,21 +348,24 @@ impl Definition {
     pub fn skip_locked_sql(&self) -> String {
         let (table, id, ts, keys, cast) = self.parts();
         format!(
-            "WITH v AS (SELECT * FROM unnest($1::{keys}, $2::timestamptz[]) AS v(id, marked_at)), \
+            "WITH v AS (SELECT * FROM {marks}), \
              locked AS MATERIALIZED ( \
-                 SELECT v.id, v.marked_at FROM {table} AS t JOIN v ON t.{id} = v.id \
+                 SELECT v.id, v.marked_at FROM {table} AS t JOIN v ON t.{id} OPERATOR(pg_catalog.=) v.id \
                   ORDER BY v.id FOR UPDATE OF t SKIP LOCKED), \
              updated AS ( \
                  UPDATE {table} AS t SET {ts} = l.marked_at{cast} FROM locked AS l \
-                  WHERE t.{id} = l.id AND {due} \
+                  WHERE t.{id} OPERATOR(pg_catalog.=) l.id AND {due} \
                  RETURNING t.{id} AS id, l.marked_at) \
-             SELECT (SELECT count(*) FROM updated), \
-                    ARRAY(SELECT v.id FROM v WHERE NOT EXISTS (SELECT FROM locked AS l WHERE l.id = v.id) \
-                                             AND EXISTS (SELECT FROM {table} AS t WHERE t.{id} = v.id)), \
-                    (SELECT count(*) FROM v WHERE NOT EXISTS (SELECT FROM locked AS l WHERE l.id = v.id)), \
-                    (SELECT array_agg(id ORDER BY id) FROM updated), \
-                    (SELECT array_agg(marked_at ORDER BY id) FROM updated)",
-            due = self.due("l")
+             SELECT (SELECT pg_catalog.count(*) FROM updated), \
+                    ARRAY(SELECT v.id FROM v \
+                           WHERE NOT EXISTS (SELECT FROM locked AS l WHERE l.id OPERATOR(pg_catalog.=) v.id) \
+                             AND EXISTS (SELECT FROM {table} AS t WHERE t.{id} OPERATOR(pg_catalog.=) v.id)), \
+                    (SELECT pg_catalog.count(*) FROM v \
+                      WHERE NOT EXISTS (SELECT FROM locked AS l WHERE l.id OPERATOR(pg_catalog.=) v.id)), \
+                    (SELECT pg_catalog.array_agg(id ORDER BY id) FROM updated), \
+                    (SELECT pg_catalog.array_agg(marked_at ORDER BY id) FROM updated)",
+            due = self.due("l"),
+            marks = marks(keys),
         )
     }
 
@@ -343,22 +381,23 @@ impl Definition {
 /// and `default` from the settings unless a row has that name — with what [`Definition`] holds.
 /// Parameters: $1 the settings' table (quoted and schema-qualified), $2 and $3 their id and
 /// timestamp columns, $4 the role whose UPDATE privilege on the timestamp column is asked, $5 one
-/// target's name, or NULL for all, $6 the settings' table as they write it (for messages).
+/// target's name, or NULL for all, $6 the settings' table as they write it (for messages), $7
+/// `wsusage.role`, or NULL when flushes run as each table's owner. Run under a search path of
+/// `pg_catalog, pg_temp` (see `definitions`).
 pub fn definitions_sql(targets: Option<&str>) -> String {
     let rows = match targets {
         Some(targets) => format!(
             "SELECT name, relation::oid AS rel, relation::text AS rel_text, id_column::text AS idc, \
                     timestamp_column::text AS tsc, min_change, to_regprocedure(after_flush)::oid AS fn, \
-                    after_flush AS fn_text, false AS settings, \
-                    (SELECT relowner FROM pg_class WHERE oid = '{targets}'::regclass) AS owner \
+                    after_flush AS fn_text, false AS settings \
                FROM {targets} \
              UNION ALL \
-             SELECT 'default', to_regclass($1)::oid, $6, $2, $3, interval '0', NULL, NULL, true, NULL \
+             SELECT 'default', to_regclass($1)::oid, $6, $2, $3, interval '0', NULL, NULL, true \
               WHERE NOT EXISTS (SELECT FROM {targets} WHERE name = 'default')"
         ),
         None => "SELECT 'default' AS name, to_regclass($1)::oid AS rel, $6::text AS rel_text, $2::text AS idc, \
                         $3::text AS tsc, interval '0' AS min_change, NULL::oid AS fn, NULL::text AS fn_text, \
-                        true AS settings, NULL::oid AS owner"
+                        true AS settings"
             .into(),
     };
     format!(
@@ -379,8 +418,10 @@ pub fn definitions_sql(targets: Option<&str>) -> String {
                      AND has_column_privilege($4, c.oid, ta.attnum, 'SELECT') \
                      AND has_column_privilege($4, c.oid, ia.attnum, 'SELECT') END, \
                 def.settings, \
-                p.proowner = def.owner OR (SELECT rolsuper FROM pg_roles WHERE oid = p.proowner), \
-                pg_get_userbyid(p.proowner) \
+                coalesce(pg_has_role(p.proowner, runner.oid, 'USAGE'), false), \
+                pg_get_userbyid(p.proowner)::text, \
+                n.nspname::text, c.relname::text, \
+                coalesce($7, pg_get_userbyid(runner.oid)::text) \
            FROM def \
            LEFT JOIN pg_class AS c ON c.oid = def.rel \
            LEFT JOIN pg_namespace AS n ON n.oid = c.relnamespace \
@@ -389,6 +430,8 @@ pub fn definitions_sql(targets: Option<&str>) -> String {
            LEFT JOIN pg_attribute AS ta ON ta.attrelid = c.oid AND ta.attname = def.tsc AND ta.attnum > 0 AND NOT ta.attisdropped \
            LEFT JOIN pg_proc AS p ON p.oid = def.fn \
            LEFT JOIN pg_namespace AS pn ON pn.oid = p.pronamespace \
+           LEFT JOIN LATERAL (SELECT CASE WHEN $7::text IS NULL THEN c.relowner \
+                                          ELSE (SELECT oid FROM pg_roles WHERE rolname = $7) END AS oid) AS runner ON true \
           WHERE $5::text IS NULL OR def.name = $5 \
           ORDER BY def.name"
     )

@@ -68,15 +68,21 @@ pub extern "C" fn pg_finfo_wsusage_target_check() -> &'static pg_sys::Pg_finfo_r
 
 extension_sql!(
     r#"
+-- Every function, operator and type below is qualified: the script runs with the extension's schema
+-- on the search path, where a look-alike planted before CREATE EXTENSION (an operator >= taking
+-- text, say, which an unknown literal would prefer) would otherwise become part of the table.
 CREATE TABLE wsusage_target (
-	name text PRIMARY KEY
-		CONSTRAINT wsusage_target_name_length CHECK (length(name) >= 1 AND octet_length(name) <= 63),
-	relation regclass NOT NULL,
-	id_column name NOT NULL,
-	timestamp_column name NOT NULL,
-	min_change interval NOT NULL DEFAULT '0'
-		CONSTRAINT wsusage_target_min_change_not_negative CHECK (min_change >= '0'),
-	after_flush text
+	name pg_catalog.text PRIMARY KEY
+		CONSTRAINT wsusage_target_name_length
+		CHECK (pg_catalog.length(name) OPERATOR(pg_catalog.>=) 1
+		       AND pg_catalog.octet_length(name) OPERATOR(pg_catalog.<=) 63),
+	relation pg_catalog.regclass NOT NULL,
+	id_column pg_catalog.name NOT NULL,
+	timestamp_column pg_catalog.name NOT NULL,
+	min_change pg_catalog.interval NOT NULL DEFAULT '0'
+		CONSTRAINT wsusage_target_min_change_not_negative
+		CHECK (min_change OPERATOR(pg_catalog.>=) '0'::pg_catalog.interval),
+	after_flush pg_catalog.text
 );
 COMMENT ON TABLE wsusage_target IS 'The columns wsusage debounces in this database, besides the "default" target of its settings';
 SELECT pg_catalog.pg_extension_config_dump('wsusage_target', '');

@@ -328,6 +328,12 @@ impl Cluster {
         dir
     }
 
+    /// A connection to database `postgres` as `role` (a role with LOGIN).
+    pub fn connect_as(&self, role: &str) -> Client {
+        Client::connect(&format!("{} user={role}", self.conninfo("postgres")), NoTls)
+            .unwrap_or_else(|e| panic!("connect as {role}: {e}"))
+    }
+
     pub fn connect_to(&self, database: &str) -> Client {
         Client::connect(&self.conninfo(database), NoTls)
             .unwrap_or_else(|e| panic!("connect to {database}: {e}\nserver log:\n{}", self.log()))
@@ -456,6 +462,24 @@ impl Drop for Cluster {
             );
         }
     }
+}
+
+/// `sql/released/`: each released version's install script and catalog signature.
+pub fn released_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../sql/released")
+}
+
+/// Put an old release's install script, as shipped, beside today's files, so that `CREATE
+/// EXTENSION wsusage VERSION 'V'` installs it. Written under another name and renamed, so that a
+/// test creating the extension at the same moment reads the whole script (tests run at the same
+/// time and install the same ones).
+pub fn install_release_script(version: &str) {
+    let out = Command::new(pg_bin().join("pg_config")).arg("--sharedir").output().expect("run pg_config");
+    let extension_dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("extension");
+    let script = format!("wsusage--{version}.sql");
+    let partial = extension_dir.join(format!("{script}.{}.{:?}", std::process::id(), thread::current().id()));
+    fs::copy(released_dir().join(&script), &partial).expect("copy a released install script");
+    fs::rename(&partial, extension_dir.join(&script)).expect("install a released install script");
 }
 
 /// When the process `pid` started, as pg_stat_activity shows it; `None` once it has gone. Two

@@ -203,8 +203,7 @@ fn nothing_is_callable_by_public_and_monitoring_roles_read_the_stats() {
     admin
         .batch_execute("CREATE ROLE app LOGIN; CREATE ROLE watcher LOGIN IN ROLE pg_monitor; CREATE ROLE nobody LOGIN;")
         .unwrap();
-    let connect_as =
-        |role: &str| Client::connect(&format!("{} user={role}", cluster.conninfo("postgres")), NoTls).unwrap();
+    let connect_as = |role: &str| cluster.connect_as(role);
 
     let mut app = connect_as("app");
     for call in [

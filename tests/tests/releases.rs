@@ -7,7 +7,6 @@
 //! version's frozen files; this test says which are missing.
 
 use std::fs;
-use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -46,22 +45,6 @@ SELECT string_agg(line, E'\n' ORDER BY line) FROM (
 
 fn signature(client: &mut Client) -> String {
     client.query_one(SIGNATURE_SQL, &[]).unwrap().get::<_, Option<String>>(0).unwrap_or_default()
-}
-
-fn released_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../sql/released")
-}
-
-/// Put an old release's install script, as shipped, beside today's files. Written under another
-/// name and renamed, so that a test creating the extension at the same moment reads the whole
-/// script (tests of this file run at the same time and install the same ones).
-fn install_release_script(version: &str) {
-    let out = std::process::Command::new(pg_bin().join("pg_config")).arg("--sharedir").output().unwrap();
-    let extension_dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("extension");
-    let script = format!("wsusage--{version}.sql");
-    let partial = extension_dir.join(format!("{script}.{}.{:?}", std::process::id(), std::thread::current().id()));
-    fs::copy(released_dir().join(&script), &partial).unwrap();
-    fs::rename(&partial, extension_dir.join(&script)).unwrap();
 }
 
 fn current_version(client: &mut Client) -> String {

@@ -73,11 +73,6 @@ fn refusal(client: &mut Client, sql: &str) -> (String, String) {
     (code, message)
 }
 
-fn connect_as(cluster: &Cluster, role: &str) -> Client {
-    Client::connect(&format!("{} user={role}", cluster.conninfo("postgres")), NoTls)
-        .unwrap_or_else(|e| panic!("connect as {role}: {e}"))
-}
-
 /// A key of one of the three targets of the concurrency test.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 enum Marked {
@@ -669,7 +664,7 @@ fn wrong_targets_and_wrong_calls_are_refused_with_their_sqlstate() {
              GRANT EXECUTE ON FUNCTION wsusage_mark(text, uuid), wsusage_mark_bigint(text, bigint) TO app;",
         )
         .unwrap();
-    let mut app = connect_as(&cluster, "app");
+    let mut app = cluster.connect_as("app");
     for sql in [
         insert("mine", "users", "id", "last_seen_at", "NULL"),
         "UPDATE wsusage_target SET min_change = '1 day'".to_owned(),
@@ -678,7 +673,7 @@ fn wrong_targets_and_wrong_calls_are_refused_with_their_sqlstate() {
         let (code, message) = refusal(&mut app, &sql);
         assert_eq!(code, "42501", "{sql}: {message}");
     }
-    let mut watcher = connect_as(&cluster, "watcher");
+    let mut watcher = cluster.connect_as("watcher");
     let seen: Vec<String> =
         watcher.query("SELECT name FROM wsusage_target ORDER BY name", &[]).unwrap().iter().map(|r| r.get(0)).collect();
     assert_eq!(seen, ["api_keys", "users"]);
@@ -699,7 +694,7 @@ fn marking_needs_update_on_the_targets_timestamp_column_checked_again_when_privi
                 TO app;",
         )
         .unwrap();
-    let mut app = connect_as(&cluster, "app");
+    let mut app = cluster.connect_as("app");
     let refused = |app: &mut Client, sql: &str, id: &(dyn ToSql + Sync), table: &str, column: &str| {
         let err = app.execute(sql, &[id]).expect_err(sql);
         let (code, message, _, _) = report(&err);
@@ -750,7 +745,7 @@ fn a_role_cannot_pass_the_privilege_check_through_its_search_path() {
              GRANT EXECUTE ON FUNCTION wsusage_mark(uuid) TO app;",
         )
         .unwrap();
-    let mut app = connect_as(&cluster, "app");
+    let mut app = cluster.connect_as("app");
     app.batch_execute(
         "SET search_path = app, pg_catalog, public;
          CREATE TABLE app.workspaces (id uuid PRIMARY KEY, last_used_at timestamptz);
@@ -781,7 +776,7 @@ fn a_reload_of_the_default_targets_settings_is_checked_again_by_marking_sessions
              GRANT SELECT (id, last_used_at), UPDATE (last_used_at) ON workspaces TO app;",
         )
         .unwrap();
-    let mut app = connect_as(&cluster, "app");
+    let mut app = cluster.connect_as("app");
     app.execute("SELECT wsusage_mark($1)", &[&workspaces[0]]).unwrap();
 
     admin.batch_execute("ALTER SYSTEM SET wsusage.\"table\" = 'secrets'").unwrap();

@@ -326,7 +326,7 @@ fn quote_identifier(name: &str) -> String {
 /// Why wsusage will not act on the default PostgreSQL put in place of a refused `setting`.
 pub fn setting_refused_detail(setting: &str) -> String {
     let wider = if setting == "wsusage.role" {
-        "flushing as the bootstrap superuser instead of the role"
+        "flushing as each table's owner instead of the role named"
     } else {
         "accepting marks in every database instead of the one named"
     };

@@ -5,6 +5,7 @@ use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use pgrx::spi::SpiTupleTable;
 
+use crate::nest_level::NestLevel;
 use crate::settings;
 use crate::target::{AfterFlush, Definition, Relation};
 
@@ -16,7 +17,7 @@ const DEFAULT_SCHEMA: &str = "public";
 /// The search path of the catalog query: PostgreSQL's own functions and operators only. The
 /// query runs as the bootstrap superuser in marking backends (see `resolve`), whose own search
 /// path a role sets: a function of its own there must never run in it.
-const QUERY_SEARCH_PATH: &std::ffi::CStr = c"pg_catalog, pg_temp";
+const QUERY_SEARCH_PATH: &str = "pg_catalog, pg_temp";
 
 /// What the catalogs say of the database's targets.
 pub struct Catalog {
@@ -32,25 +33,16 @@ pub struct Catalog {
 /// make the UPDATE a mark defers. Raises an ERROR when the catalogs cannot be read. Inside a
 /// transaction; the caller reads `wsusage_target` with the privileges it has.
 pub fn read(only: Option<&str>, role: pg_sys::Oid) -> Catalog {
-    // SAFETY: a GUC nest level of our own, popped below; an ERROR in between is unwound by the
-    // transaction's abort, which pops it too.
+    // SAFETY: inside the caller's transaction; the level is popped below, nothing else opened
+    // within it.
     let level = unsafe {
-        let level = pg_sys::NewGUCNestLevel();
-        pg_sys::set_config_option(
-            c"search_path".as_ptr(),
-            QUERY_SEARCH_PATH.as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
+        let level = NestLevel::open();
+        level.set(c"search_path", QUERY_SEARCH_PATH);
         level
     };
     let read = read_under_fixed_search_path(only, role);
-    // SAFETY: pops the level pushed above, restoring the caller's search path.
-    unsafe { pg_sys::AtEOXact_GUC(true, level) };
+    // SAFETY: as above; restores the caller's search path.
+    unsafe { level.pop() };
     read
 }
 
@@ -120,11 +112,12 @@ fn definitions_of(rows: SpiTupleTable<'_>) -> Vec<Definition> {
         let flag = |n| row.get::<bool>(n).ok().flatten();
         Definition {
             name: text(1).unwrap_or_default(),
-            relation: oid(2).map(|oid| Relation {
-                oid,
+            relation: oid(2).map(|relid| Relation {
+                oid: relid,
                 display: text(3).unwrap_or_default(),
                 schema: text(21).unwrap_or_default(),
                 name: text(22).unwrap_or_default(),
+                runs_as: oid(24).unwrap_or(pg_sys::InvalidOid),
             }),
             relation_text: text(4).unwrap_or_default(),
             id_column: text(5).unwrap_or_default(),
@@ -137,6 +130,7 @@ fn definitions_of(rows: SpiTupleTable<'_>) -> Vec<Definition> {
             after_flush: text(14).map(|signature| AfterFlush {
                 signature,
                 call: text(15),
+                function: oid(25).zip(text(26)).zip(text(27)).map(|((oid, schema), name)| (oid, schema, name)),
                 fits: flag(16).unwrap_or(false),
                 owner: (text(20).unwrap_or_default(), flag(19).unwrap_or(false)),
                 runs_as: text(23).unwrap_or_default(),

@@ -325,12 +325,12 @@ fn quote_identifier(name: &str) -> String {
 
 /// Why wsusage will not act on the default PostgreSQL put in place of a refused `setting`.
 pub fn setting_refused_detail(setting: &str) -> String {
-    let wider = if setting == "wsusage.role" {
+    let instead = if setting == "wsusage.role" {
         "flushing as each table's owner instead of the role named"
     } else {
         "accepting marks in every database instead of the one named"
     };
-    format!("PostgreSQL kept the default in its place, and acting on it would mean {wider}.")
+    format!("PostgreSQL kept the default in its place, and acting on it would mean {instead}.")
 }
 
 /// Tell the DBA an id is held back: its row makes the UPDATE fail (`failures`: attempts in a

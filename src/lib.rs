@@ -40,6 +40,7 @@ mod persist;
 mod shmem;
 
 mod errors;
+mod nest_level;
 mod settings;
 mod target;
 

@@ -1,21 +1,25 @@
 //! Who a flush's statements run as: the **owner of the target's table**, as PostgreSQL's own
 //! VACUUM, ANALYZE, CLUSTER, REINDEX and REFRESH MATERIALIZED VIEW do since CVE-2022-1552 (and
 //! logical replication since 16), or the role `wsusage.role` names when a DBA set one (as a
-//! subscription without `run_as_owner` runs as its owner).
+//! subscription with `run_as_owner = true` runs every table's changes as its own owner).
 //!
 //! The worker connects as the bootstrap superuser, so that a missing role or privilege is an
 //! ordinary, logged and retried error rather than a worker that cannot start. But nothing of a
-//! table owner's — a trigger, a CHECK, an index expression, a default, an `after_flush`
-//! function — may run with that privilege: a non-superuser who owns a table would otherwise be
+//! table owner's — a trigger, a CHECK, an index expression, a generated column, an
+//! `after_flush` function — may run with that privilege: a non-superuser who owns a table would otherwise be
 //! a superuser at the next flush. So each chunk, in its own transaction:
 //!
 //! 1. opens a GUC nest level, so that whatever the owner's code sets (`SET`,
 //!    `set_config(…, false)`) is undone when the chunk ends, and reaches neither the next chunk
 //!    nor another target's owner;
 //! 2. locks the table (`ROW EXCLUSIVE`, as the UPDATE will) by OID, and only then reads its
-//!    owner and name: from here to the commit, neither can change (ALTER TABLE … OWNER TO and
-//!    RENAME wait for the lock), and the statements, which name the table, are checked to name
-//!    this one;
+//!    owner: from here to the commit ALTER TABLE … OWNER TO and RENAME wait for the lock. The
+//!    role the chunk runs as must be the one the round checked the target for (its
+//!    `after_flush` function's owner among others). The statements name the table (and the
+//!    function) by schema and name, so before each one those names are checked to still be
+//!    theirs ([`RunAs::check_table`], [`RunAs::check_function`]): a rename of the table's schema
+//!    takes no lock on the table. A change since the round's check is an error of this round;
+//!    the next round checks again;
 //! 3. becomes that role with `SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION`:
 //!    the owner's code cannot `SET ROLE` back, create temporary objects, or leave anything
 //!    behind for the worker's next transaction.
@@ -27,9 +31,9 @@ use std::ffi::{c_int, CStr, CString};
 use pgrx::pg_sys;
 use pgrx::pg_sys::errcodes::PgSqlErrorCode;
 use pgrx::pg_sys::panic::ErrorReport;
-use pgrx::prelude::*;
 use pgrx::PgLogLevel;
 
+use crate::nest_level::NestLevel;
 use crate::settings;
 use crate::target::Relation;
 
@@ -37,7 +41,10 @@ use crate::target::Relation;
 pub struct RunAs {
     saved_user: pg_sys::Oid,
     saved_context: c_int,
-    nest_level: c_int,
+    nest_level: NestLevel,
+    relation: Relation,
+    /// The role the chunk runs as.
+    runner: pg_sys::Oid,
 }
 
 impl RunAs {
@@ -51,22 +58,82 @@ impl RunAs {
         // SAFETY: the caller's transaction; every call below raises an ERROR on failure, whose
         // abort pops the nest level and restores the user.
         unsafe {
-            let nest_level = pg_sys::NewGUCNestLevel();
+            let nest_level = NestLevel::open();
             if let Some(ms) = lock_timeout_ms {
-                set_for_chunk(c"lock_timeout", &ms.to_string());
+                nest_level.set(c"lock_timeout", &ms.to_string());
             }
-            let owner = lock_and_check(relation);
+            let owner = lock(relation);
             let runner = match settings::role() {
                 Some(role) => role_oid(&role),
                 None => owner,
             };
+            if runner != relation.runs_as {
+                raise(
+                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    format!("the owner of relation {} changed during the flush", relation.display),
+                    "Its keys stay pending; the next flush checks the target again and writes them as the new owner.",
+                );
+            }
             let (mut saved_user, mut saved_context) = (pg_sys::InvalidOid, 0);
             pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
             pg_sys::SetUserIdAndSecContext(
                 runner,
                 saved_context | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION) as c_int,
             );
-            RunAs { saved_user, saved_context, nest_level }
+            RunAs { saved_user, saved_context, nest_level, relation: relation.clone(), runner }
+        }
+    }
+
+    /// Before each statement of the chunk: raise unless its name for the table still names it
+    /// (see [`check_named`]).
+    ///
+    /// # Safety
+    /// Inside the transaction `begin` ran in.
+    pub unsafe fn check_table(&self) {
+        // SAFETY: the caller's promise.
+        unsafe { check_named(&self.relation) }
+    }
+
+    /// Before the `after_flush` call: raise unless `function` (its OID, schema and name as the
+    /// round read them) is still called so, and still owned by a role with the privileges of
+    /// the role the chunk runs as — it may have changed hands since the round checked it.
+    ///
+    /// # Safety
+    /// Inside the transaction `begin` ran in.
+    pub unsafe fn check_function(&self, function: &(pg_sys::Oid, String, String), signature: &str) {
+        let (oid, schema, name) = function;
+        // SAFETY: catalog lookups in the caller's transaction; the tuple is released before any
+        // ERROR is raised.
+        let (found, owner) = unsafe {
+            let found = (
+                owned(pg_sys::get_namespace_name(pg_sys::get_func_namespace(*oid))),
+                owned(pg_sys::get_func_name(*oid)),
+            );
+            let tuple =
+                pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::PROCOID as c_int, pg_sys::Datum::from(*oid));
+            let owner = if tuple.is_null() {
+                pg_sys::InvalidOid
+            } else {
+                let owner = (*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_proc>(tuple)).proowner;
+                pg_sys::ReleaseSysCache(tuple);
+                owner
+            };
+            (found, owner)
+        };
+        if (&found.0, &found.1) != (schema, name) {
+            raise(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_FUNCTION,
+                format!("function {signature} was renamed or dropped during the flush"),
+                "Its keys stay pending; the next flush checks the target's after_flush function again.",
+            );
+        }
+        // SAFETY: a membership lookup through the syscache.
+        if owner == pg_sys::InvalidOid || !unsafe { pg_sys::has_privs_of_role(owner, self.runner) } {
+            raise(
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("function {signature} changed hands during the flush"),
+                "Its keys stay pending; the next flush checks who owns it again.",
+            );
         }
     }
 
@@ -76,70 +143,70 @@ impl RunAs {
     /// # Safety
     /// In the transaction `begin` ran in, with no nest level opened since still open.
     pub unsafe fn end(self) {
-        // SAFETY: the caller's promise; `false` restores every value set at or below our level,
-        // as PostgreSQL's VACUUM does after running as a table's owner.
+        // SAFETY: the caller's promise: the level is the innermost open one.
         unsafe {
-            pg_sys::AtEOXact_GUC(false, self.nest_level);
+            self.nest_level.pop();
             pg_sys::SetUserIdAndSecContext(self.saved_user, self.saved_context);
         }
     }
 }
 
-/// Set a GUC for the rest of the current nest level.
-///
-/// # Safety
-/// Inside a transaction, with a nest level of ours open.
-unsafe fn set_for_chunk(name: &CStr, value: &str) {
-    let value = CString::new(value).unwrap_or_default();
-    // SAFETY: a user-settable GUC of this session, saved at our nest level (GUC_ACTION_SAVE), so
-    // popping the level restores it.
-    unsafe {
-        pg_sys::set_config_option(
-            name.as_ptr(),
-            value.as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
-    }
-}
-
-/// Lock `relation` by OID as the UPDATE will, then return its owner, once the catalogs say the
-/// statements' name for it (schema and table) is still its own.
+/// Lock `relation` by OID as the UPDATE will, and return its owner, once [`check_named`].
 ///
 /// # Safety
 /// Inside a transaction.
-unsafe fn lock_and_check(relation: &Relation) -> pg_sys::Oid {
+unsafe fn lock(relation: &Relation) -> pg_sys::Oid {
     // SAFETY: the caller's transaction; the lock is kept until its end (closed with NoLock), and
     // the relcache entry read while open.
     unsafe {
         let rel = pg_sys::try_relation_open(relation.oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
         if rel.is_null() {
-            ereport!(
-                ERROR,
-                PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
-                format!("relation {} was dropped during the flush", relation.display)
-            );
-        }
-        let form = &*(*rel).rd_rel;
-        let owner = form.relowner;
-        let name = CStr::from_ptr(form.relname.data.as_ptr()).to_string_lossy().into_owned();
-        let schema = pg_sys::get_namespace_name(form.relnamespace);
-        let schema =
-            if schema.is_null() { String::new() } else { CStr::from_ptr(schema).to_string_lossy().into_owned() };
-        pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
-        if name != relation.name || schema != relation.schema {
             raise(
                 PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
-                format!("relation {} was renamed during the flush", relation.display),
-                "Its keys stay pending; the next flush writes the table under its new name.",
+                format!("relation {} was dropped during the flush", relation.display),
+                "Its keys stay pending; the next flush finds whether its target still has a table.",
             );
         }
+        let owner = (*(*rel).rd_rel).relowner;
+        pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+        check_named(relation);
         owner
     }
+}
+
+/// Raise unless the statements' name for `relation` (its schema and name) is still its own.
+/// Called after the table is locked and before each statement: name lookups read the catalogs
+/// as of the last invalidations this process took in, which it takes in only when it acquires
+/// a lock, as it does inside a statement; so what this sees is what the next statement's parse
+/// sees, and a rename of the table's schema made meanwhile is caught here rather than letting
+/// the name reach another table.
+///
+/// # Safety
+/// Inside a transaction.
+unsafe fn check_named(relation: &Relation) {
+    // SAFETY: catalog lookups in the caller's transaction; the strings are palloc'd copies.
+    let (schema, name) = unsafe {
+        (
+            owned(pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relation.oid))),
+            owned(pg_sys::get_rel_name(relation.oid)),
+        )
+    };
+    if name != relation.name || schema != relation.schema {
+        raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+            format!("relation {} was renamed during the flush", relation.display),
+            "Its keys stay pending; the next flush writes the table under its new name.",
+        );
+    }
+}
+
+/// A C string PostgreSQL returned (NULL: empty).
+///
+/// # Safety
+/// `text` is NULL or a valid NUL-terminated string.
+unsafe fn owned(text: *const std::ffi::c_char) -> String {
+    // SAFETY: the caller's promise.
+    unsafe { text.as_ref().map(|t| CStr::from_ptr(t).to_string_lossy().into_owned()) }.unwrap_or_default()
 }
 
 /// The OID of role `name` (`wsusage.role`).

@@ -47,7 +47,7 @@ pub struct Statements {
 /// How a chunk's statement meets row locks held by other transactions.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Locking {
-    /// The plain UPDATE, waiting at most [`FAIL_FAST_LOCK_TIMEOUT`] for any lock: no contention,
+    /// The plain UPDATE, waiting at most [`FAIL_FAST_LOCK_TIMEOUT_MS`] for any lock: no contention,
     /// no extra cost; a lock held elsewhere fails it at once (55P03).
     FailFast,
     /// Lock the rows in id order first, skipping those held (see
@@ -206,11 +206,11 @@ pub fn write(statements: &mut Statements, chunk: &[Entry], locking: Locking) -> 
         );
         let arrays = [pg_sys::Datum::from(key_array), pg_sys::Datum::from(time_array)];
         let (written, flushed) = match locking {
-            Locking::FailFast => update(statements, arrays, chunk.len()),
-            Locking::SkipLocked => update_skipping_locked(statements, arrays),
+            Locking::FailFast => update(statements, &run_as, arrays, chunk.len()),
+            Locking::SkipLocked => update_skipping_locked(statements, &run_as, arrays),
         };
         if let Some(flushed) = flushed {
-            call_after_flush(statements, flushed);
+            call_after_flush(statements, &run_as, flushed);
         }
         pg_sys::SPI_finish();
         run_as.end();
@@ -270,11 +270,17 @@ unsafe fn flushed_in_result(ids: c_int, times: c_int) -> Flushed {
 ///
 /// # Safety
 /// As in [`write`]: connected to SPI; `arrays` are the chunk's key and time arrays.
-unsafe fn update(statements: &mut Statements, mut arrays: [pg_sys::Datum; 2], ids: usize) -> (Written, Flushed) {
+unsafe fn update(
+    statements: &mut Statements,
+    run_as: &RunAs,
+    mut arrays: [pg_sys::Datum; 2],
+    ids: usize,
+) -> (Written, Flushed) {
     let mut types = statements.array_types();
     let returns_rows = statements.after_flush_sql.is_some();
     // SAFETY: the caller's promise; SPI errors raise.
     unsafe {
+        run_as.check_table();
         let plan = statements.update.get(&statements.update_sql, &mut types);
         let rc = pg_sys::SPI_execute_plan(plan, arrays.as_mut_ptr(), std::ptr::null(), false, 0);
         let (updated, flushed) = if returns_rows {
@@ -290,6 +296,7 @@ unsafe fn update(statements: &mut Statements, mut arrays: [pg_sys::Datum; 2], id
         };
         let mut without_row = 0;
         if updated < ids as u64 {
+            run_as.check_table();
             let plan = statements.without_row.get(&statements.without_row_sql, &mut types[..1]);
             let rc = pg_sys::SPI_execute_plan(plan, arrays.as_mut_ptr(), std::ptr::null(), true, 1);
             if rc == pg_sys::SPI_OK_SELECT as i32 && pg_sys::SPI_processed == 1 {
@@ -304,12 +311,17 @@ unsafe fn update(statements: &mut Statements, mut arrays: [pg_sys::Datum; 2], id
 ///
 /// # Safety
 /// As in [`update`].
-unsafe fn update_skipping_locked(statements: &mut Statements, mut arrays: [pg_sys::Datum; 2]) -> (Written, Flushed) {
+unsafe fn update_skipping_locked(
+    statements: &mut Statements,
+    run_as: &RunAs,
+    mut arrays: [pg_sys::Datum; 2],
+) -> (Written, Flushed) {
     let mut types = statements.array_types();
     let kind = statements.kind();
     // SAFETY: the caller's promise; the result row is read, and copied out, before the caller's
     // SPI_finish frees it.
     unsafe {
+        run_as.check_table();
         let plan = statements.skip_locked.get(&statements.skip_locked_sql, &mut types);
         let rc = pg_sys::SPI_execute_plan(plan, arrays.as_mut_ptr(), std::ptr::null(), false, 0);
         let rows = pg_sys::SPI_processed;
@@ -341,12 +353,15 @@ unsafe fn update_skipping_locked(statements: &mut Statements, mut arrays: [pg_sy
 ///
 /// # Safety
 /// As in [`write`]; `flushed` are arrays of the id column's type and timestamptz.
-unsafe fn call_after_flush(statements: &mut Statements, mut flushed: [pg_sys::Datum; 2]) {
+unsafe fn call_after_flush(statements: &mut Statements, run_as: &RunAs, mut flushed: [pg_sys::Datum; 2]) {
     let Some(sql) = statements.after_flush_sql.clone() else { return };
+    let Some(after_flush) = statements.definition.as_ref().and_then(|d| d.after_flush.clone()) else { return };
+    let Some(function) = after_flush.function.as_ref() else { return };
     let ids_type = statements.definition.as_ref().and_then(|d| d.id_type.as_ref()).map_or(pg_sys::InvalidOid, |t| t.2);
     IN_AFTER_FLUSH.with(|flag| flag.set(true));
     // SAFETY: the caller's promise; the arrays live until SPI_finish.
     unsafe {
+        run_as.check_function(function, &after_flush.signature);
         let plan = statements.after_flush.get(&sql, &mut [ids_type, pg_sys::TIMESTAMPTZARRAYOID]);
         let rc = pg_sys::SPI_execute_plan(plan, flushed.as_mut_ptr(), std::ptr::null(), false, 0);
         if rc < 0 {

@@ -8,8 +8,15 @@
 //! double-quoted identifier built here, never as raw text: a value such as
 //! `workspaces; DROP TABLE x` is a syntax error, and `"workspaces; DROP TABLE x"` merely names a
 //! table that does not exist. A `wsusage_target` row names its table by OID (`regclass`), so
-//! renaming the table or its schema does not break it, and its names reach SQL quoted by the
-//! catalog query (`format('%I')`).
+//! renaming the table or its schema does not break it; the table reaches SQL as the schema and
+//! name the catalogs give, each double-quoted here ([`Relation::sql`]).
+//!
+//! Every function, aggregate, operator and type the statements use is qualified with
+//! `pg_catalog` (`pg_catalog.unnest`, `OPERATOR(pg_catalog.=)`, `pg_catalog.uuid[]`): they run
+//! as the table's owner (see `run_as`) on the worker's search path, where a look-alike planted in
+//! `public` would otherwise be called — an exact argument type beats pg_catalog's polymorphic
+//! `unnest(anyarray)` wherever it stands on the path (CVE-2018-1058). The search path itself is
+//! left alone, so that the owner's triggers find their own objects as in any session.
 
 use pgrx::pg_sys;
 use pgrx::pg_sys::errcodes::PgSqlErrorCode;
@@ -134,11 +141,13 @@ pub struct Relation {
     pub name: String,
     /// Qualified and quoted where needed, as PostgreSQL prints it (`public.workspaces`).
     pub display: String,
+    /// The role a flush of it runs as, as the catalogs were read: its owner, or `wsusage.role`.
+    pub runs_as: pg_sys::Oid,
 }
 
 impl Relation {
     /// The table in SQL text: both parts always double-quoted, so that the text names exactly
-    /// this schema and table (see `statements`, which checks it still does before each chunk).
+    /// this schema and table (`run_as` checks it still does before each chunk).
     pub fn sql(&self) -> String {
         format!("{}.{}", quote(&self.schema), quote(&self.name))
     }
@@ -150,6 +159,9 @@ pub struct AfterFlush {
     pub signature: String,
     /// Its name, quoted and qualified for SQL; `None` when the function no longer exists.
     pub call: Option<String>,
+    /// Its OID, schema and name, as the catalogs were read: a flush checks before each call
+    /// that the name still names this function (see `run_as`).
+    pub function: Option<(pg_sys::Oid, String, String)>,
     /// Whether it takes (an array of the id type, timestamptz[]).
     pub fits: bool,
     /// Its owner, and whether that role has the privileges of the role the flush runs as (a
@@ -421,7 +433,8 @@ pub fn definitions_sql(targets: Option<&str>) -> String {
                 coalesce(pg_has_role(p.proowner, runner.oid, 'USAGE'), false), \
                 pg_get_userbyid(p.proowner)::text, \
                 n.nspname::text, c.relname::text, \
-                coalesce($7, pg_get_userbyid(runner.oid)::text) \
+                coalesce($7, pg_get_userbyid(runner.oid)::text), runner.oid, \
+                p.oid, pn.nspname::text, p.proname::text \
            FROM def \
            LEFT JOIN pg_class AS c ON c.oid = def.rel \
            LEFT JOIN pg_namespace AS n ON n.oid = c.relnamespace \

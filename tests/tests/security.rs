@@ -229,6 +229,7 @@ fn lookalikes(schema: &str) -> String {
         ("=", "pg_catalog.name", "pg_catalog.text", "pg_catalog.bool"),
         ("<", "pg_catalog.timestamptz", "pg_catalog.timestamptz", "pg_catalog.bool"),
         ("<", "pg_catalog.date", "pg_catalog.date", "pg_catalog.bool"),
+        ("<", "pg_catalog.\"timestamp\"", "pg_catalog.\"timestamp\"", "pg_catalog.bool"),
         ("-", "pg_catalog.timestamptz", "pg_catalog.interval", "pg_catalog.timestamptz"),
         (">", "pg_catalog.interval", "pg_catalog.interval", "pg_catalog.bool"),
     ]
@@ -253,7 +254,7 @@ fn lookalikes(schema: &str) -> String {
 /// by a role that may only create in `public`, and by a table's owner in its own schema, on a
 /// database whose search path puts both before pg_catalog. A flush of every kind of statement
 /// (the UPDATE, its lock-skipping pass, the count of ids without a row, an `after_flush` call; uuid
-/// and bigint keys, timestamptz and date columns, a `min_change`), marks from a session with that
+/// and bigint keys, timestamptz, timestamp and date columns, a `min_change`), marks from a session with that
 /// search path, and the writes to `wsusage_target` never call one.
 #[test]
 fn lookalikes_of_every_name_wsusage_uses_are_never_called() {
@@ -271,12 +272,15 @@ fn lookalikes_of_every_name_wsusage_uses_are_never_called() {
              ALTER TABLE api_keys OWNER TO app;
              CREATE TABLE public.visits (id uuid PRIMARY KEY, last_visit date);
              ALTER TABLE visits OWNER TO app;
+             CREATE TABLE public.sessions (id uuid PRIMARY KEY, last_seen timestamp);
+             ALTER TABLE sessions OWNER TO app;
              GRANT EXECUTE ON FUNCTION wsusage_mark(uuid), wsusage_mark(text, uuid),
                  wsusage_mark_many_bigint(text, bigint[]) TO app;"
         ))
         .unwrap();
     admin.execute("INSERT INTO api_keys (id) SELECT pg_catalog.generate_series(1, 4)", &[]).unwrap();
     admin.execute("INSERT INTO visits (id) SELECT pg_catalog.unnest($1::pg_catalog.uuid[])", &[&ids]).unwrap();
+    admin.execute("INSERT INTO sessions (id) SELECT pg_catalog.unnest($1::pg_catalog.uuid[])", &[&ids]).unwrap();
     let mut mallory = cluster.connect_as("mallory");
     mallory.batch_execute(SPY).unwrap();
     mallory.batch_execute(&lookalikes("public")).unwrap();
@@ -296,7 +300,8 @@ fn lookalikes_of_every_name_wsusage_uses_are_never_called() {
             "INSERT INTO wsusage_target (name, relation, id_column, timestamp_column, min_change, after_flush)
                   VALUES ('api_keys', 'api_keys', 'id', 'last_used', '1 second',
                           'app.bump(bigint[], timestamptz[])'),
-                         ('visits', 'visits', 'id', 'last_visit', '0', NULL);
+                         ('visits', 'visits', 'id', 'last_visit', '0', NULL),
+                         ('sessions', 'sessions', 'id', 'last_seen', '0', NULL);
              ALTER DATABASE postgres SET search_path = \"$user\", public, pg_catalog;",
         )
         .unwrap();
@@ -307,15 +312,16 @@ fn lookalikes_of_every_name_wsusage_uses_are_never_called() {
     for id in ids.iter().chain([&without_row]) {
         marker.execute("SELECT wsusage_mark($1)", &[id]).unwrap();
         marker.execute("SELECT wsusage_mark('visits', $1)", &[id]).unwrap();
+        marker.execute("SELECT wsusage_mark('sessions', $1)", &[id]).unwrap();
     }
     marker.execute("SELECT wsusage_mark_many_bigint('api_keys', $1)", &[&vec![1i64, 2, 3, 4, 5]]).unwrap();
     // A row held: its chunk runs the lock-skipping pass.
     let mut holder = cluster.connect();
     holder.batch_execute("SET search_path = pg_catalog, public; BEGIN").unwrap();
     holder.execute("SELECT FROM workspaces WHERE id = $1 FOR UPDATE", &[&ids[0]]).unwrap();
-    // 4 workspaces and 5 visits ids (one without a row each) and 5 api keys (one without a row),
-    // less the held row.
-    assert_eq!(flush(&mut admin), 14);
+    // 5 ids each of workspaces, visits and sessions and 5 api keys (one without a row each), less
+    // the held row.
+    assert_eq!(flush(&mut admin), 19);
     holder.batch_execute("COMMIT").unwrap();
     assert_eq!(flush(&mut admin), 1);
 
@@ -327,6 +333,7 @@ fn lookalikes_of_every_name_wsusage_uses_are_never_called() {
     let written = |admin: &mut Client, sql: &str| -> i64 { admin.query_one(sql, &[]).unwrap().get(0) };
     assert_eq!(written(&mut admin, "SELECT count(*) FROM api_keys WHERE last_used IS NOT NULL"), 4);
     assert_eq!(written(&mut admin, "SELECT count(*) FROM visits WHERE last_visit IS NOT NULL"), 4);
+    assert_eq!(written(&mut admin, "SELECT count(*) FROM sessions WHERE last_seen IS NOT NULL"), 4);
     let after_flush: Vec<(String, i64)> =
         admin.query("SELECT who, ids FROM app.flushed", &[]).unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
     assert_eq!(after_flush, [("app".to_owned(), 2), ("app".to_owned(), 2)], "after_flush ran as the owner");
@@ -395,7 +402,7 @@ fn what_an_owners_trigger_sets_reaches_neither_the_next_chunk_nor_another_target
              ALTER TABLE workspaces OWNER TO app;
              CREATE TABLE users (id uuid PRIMARY KEY, last_seen_at timestamptz);
              ALTER TABLE users OWNER TO bob;
-             CREATE TABLE public.seen (tbl text, who text, search_path text, leak text);
+             CREATE TABLE public.seen (tbl text, who text, search_path text, leak text, lock_timeout text);
              GRANT INSERT ON public.seen TO PUBLIC;
              INSERT INTO wsusage_target (name, relation, id_column, timestamp_column)
                   VALUES ('users', 'users', 'id', 'last_seen_at');",
@@ -407,7 +414,8 @@ fn what_an_owners_trigger_sets_reaches_neither_the_next_chunk_nor_another_target
             "CREATE FUNCTION {table}_seen() RETURNS trigger LANGUAGE plpgsql AS $$
              BEGIN
                  INSERT INTO public.seen VALUES ('{table}', current_user, pg_catalog.current_setting('search_path'),
-                                                 pg_catalog.current_setting('myapp.leak', true));
+                                                 pg_catalog.current_setting('myapp.leak', true),
+                                                 pg_catalog.current_setting('lock_timeout'));
                  PERFORM pg_catalog.set_config('search_path', 'evil', false);
                  PERFORM pg_catalog.set_config('myapp.leak', 'set by {table}', false);
                  SET lock_timeout = 1;
@@ -427,17 +435,18 @@ fn what_an_owners_trigger_sets_reaches_neither_the_next_chunk_nor_another_target
     assert_eq!(flush(&mut admin), 6);
     assert_eq!(count_used(&mut admin), 3);
 
-    let seen: Vec<(String, String, String, Option<String>)> = admin
-        .query("SELECT tbl, who, search_path, leak FROM public.seen", &[])
+    let seen: Vec<(String, String, String, Option<String>, String)> = admin
+        .query("SELECT tbl, who, search_path, leak, lock_timeout FROM public.seen", &[])
         .unwrap()
         .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
         .collect();
     assert_eq!(seen.len(), 6, "{seen:?}");
-    for (table, who, search_path, leak) in &seen {
+    for (table, who, search_path, leak, lock_timeout) in &seen {
         assert_eq!(who, if table == "workspaces" { "app" } else { "bob" }, "as the table's owner: {seen:?}");
         assert_eq!(search_path, &default_path, "the database's search path, never evil: {seen:?}");
         assert_eq!(leak.as_deref().unwrap_or(""), "", "nothing set by an earlier chunk: {seen:?}");
+        assert_eq!(lock_timeout, "10ms", "a chunk's first attempt, not an earlier trigger's SET: {seen:?}");
     }
     let tables: BTreeSet<&str> = seen.iter().map(|(table, ..)| table.as_str()).collect();
     assert_eq!(tables, BTreeSet::from(["users", "workspaces"]));
@@ -582,4 +591,233 @@ fn an_invalid_wsusage_role_or_database_at_a_reload_changes_nothing_until_the_res
     let mut admin = cluster.connect();
     let err = admin.execute("SELECT wsusage_mark($1)", &[&ids[1]]).unwrap_err();
     assert_eq!(sqlstate(&err), "22023");
+}
+
+/// Look-alikes planted in `public` before CREATE EXTENSION — of every operator and function
+/// `wsusage_target`'s CHECKs use, and `>=` taking text, which an unknown literal could prefer —
+/// are never taken: by the update to 0.3.0 that creates the table (its script runs with pg_catalog
+/// first on the search path, and nothing in it is polymorphic), nor by a fresh install (which
+/// names pg_catalog's). Writing a target then runs none of them.
+#[test]
+fn lookalikes_planted_before_create_extension_are_not_taken_by_its_scripts() {
+    let cluster = Cluster::start(&[]);
+    install_release_script("0.2.0");
+    let mut admin = cluster.connect();
+    admin.batch_execute("CREATE DATABASE fresh").unwrap();
+    admin.batch_execute(MALLORY).unwrap();
+    let mut plant = String::from(SPY);
+    for (n, (op, left, right)) in [
+        (">=", "pg_catalog.interval", "pg_catalog.text"),
+        (">=", "pg_catalog.interval", "pg_catalog.interval"),
+        (">=", "pg_catalog.int4", "pg_catalog.int4"),
+        ("<=", "pg_catalog.int4", "pg_catalog.int4"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        plant.push_str(&format!(
+            "CREATE FUNCTION public.spy_operator_{n}(a {left}, b {right}) RETURNS pg_catalog.bool
+                 LANGUAGE plpgsql AS $$ BEGIN PERFORM public.spy(); RETURN true; END $$;
+             CREATE OPERATOR public.{op} (LEFTARG = {left}, RIGHTARG = {right}, FUNCTION = public.spy_operator_{n});\n"
+        ));
+    }
+    for function in ["length", "octet_length"] {
+        plant.push_str(&format!(
+            "CREATE FUNCTION public.{function}(t pg_catalog.text) RETURNS pg_catalog.int4
+                 LANGUAGE plpgsql AS $$ BEGIN PERFORM public.spy(); RETURN 1; END $$;\n"
+        ));
+    }
+    // Operators and functions that wsusage_target's constraints depend on and are not pg_catalog's.
+    const TAKEN: &str = "
+        SELECT count(*) FROM pg_catalog.pg_depend AS d
+          JOIN pg_catalog.pg_constraint AS c
+            ON d.classid = 'pg_catalog.pg_constraint'::pg_catalog.regclass AND d.objid = c.oid
+          LEFT JOIN pg_catalog.pg_operator AS o
+            ON d.refclassid = 'pg_catalog.pg_operator'::pg_catalog.regclass AND d.refobjid = o.oid
+          LEFT JOIN pg_catalog.pg_proc AS p
+            ON d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND d.refobjid = p.oid
+         WHERE c.conrelid = 'public.wsusage_target'::pg_catalog.regclass
+           AND coalesce(o.oprnamespace, p.pronamespace) <> 'pg_catalog'::pg_catalog.regnamespace";
+    let taken = |client: &mut Client| -> i64 { client.query_one(TAKEN, &[]).unwrap().get(0) };
+
+    cluster.connect_as("mallory").batch_execute(&plant).unwrap();
+    let mut fresh = cluster.connect_to("fresh");
+    fresh.batch_execute("GRANT CREATE ON SCHEMA public TO mallory").unwrap();
+    let conninfo = format!("{} user=mallory", cluster.conninfo("fresh"));
+    Client::connect(&conninfo, NoTls).unwrap().batch_execute(&plant).unwrap();
+    admin.batch_execute("CREATE EXTENSION wsusage VERSION '0.2.0'; ALTER EXTENSION wsusage UPDATE").unwrap();
+    fresh.batch_execute("CREATE EXTENSION wsusage").unwrap();
+    for client in [&mut admin, &mut fresh] {
+        assert_eq!(taken(client), 0);
+        client
+            .batch_execute(
+                "CREATE TABLE users (id uuid PRIMARY KEY, last_seen_at timestamptz);
+                 INSERT INTO wsusage_target (name, relation, id_column, timestamp_column, min_change)
+                      VALUES ('users', 'users', 'id', 'last_seen_at', '1 hour');",
+            )
+            .unwrap();
+        assert_eq!(spy_calls(client), 0);
+    }
+    let made = superusers_made(&mut admin);
+    figures("look-alikes planted before CREATE EXTENSION", &made);
+    assert!(made.is_empty(), "{made:?}");
+}
+
+/// The role a chunk runs as is the one the round checked the target for: a table handed to
+/// another owner while a flush waits for its lock is not written by that flush (its after_flush
+/// function, owned by the old owner, never runs as the new one); the next flush checks the target
+/// again, refuses the function the new owner's privileges would run, and writes once the new
+/// owner owns it.
+#[test]
+fn a_table_handed_to_another_owner_during_a_flush_is_checked_again_before_it_is_written() {
+    let cluster = Cluster::start(&[("wsusage.lock_timeout", "'60s'")]);
+    let (mut admin, ids) = cluster.with_workspaces(1);
+    admin
+        .batch_execute(
+            "CREATE ROLE app LOGIN;
+             CREATE ROLE bob LOGIN;
+             ALTER TABLE workspaces OWNER TO app;
+             CREATE TABLE public.calls (who text);
+             GRANT INSERT ON public.calls TO PUBLIC;
+             CREATE FUNCTION bump(ids uuid[], marked_at timestamptz[]) RETURNS void LANGUAGE sql
+                 AS $$ INSERT INTO public.calls VALUES (current_user) $$;
+             ALTER FUNCTION bump(uuid[], timestamptz[]) OWNER TO app;
+             INSERT INTO wsusage_target (name, relation, id_column, timestamp_column, after_flush)
+                  VALUES ('default', 'workspaces', 'id', 'last_used_at', 'bump(uuid[], timestamptz[])');",
+        )
+        .unwrap();
+    admin.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
+    let mut dba = cluster.connect();
+    dba.batch_execute("BEGIN; LOCK TABLE workspaces IN ACCESS EXCLUSIVE MODE; ALTER TABLE workspaces OWNER TO bob")
+        .unwrap();
+    let mut flusher = cluster.connect();
+    let flushing = std::thread::spawn(move || flush_error(&mut flusher));
+    wait_until("the flush to wait for the table's lock", || {
+        let waiting: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'wsusage' AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        waiting > 0
+    });
+    dba.batch_execute("COMMIT").unwrap();
+    let (code, message, _, _) = flushing.join().unwrap();
+    assert_eq!(code, "55000", "{message}");
+    assert!(message.contains("owner of relation public.workspaces changed"), "{message}");
+
+    let (code, message, _, _) = flush_error(&mut admin);
+    assert_eq!(code, "42501", "{message}");
+    assert!(message.contains("\"app\"") && message.contains("\"bob\""), "{message}");
+    let calls: i64 = admin.query_one("SELECT count(*) FROM public.calls", &[]).unwrap().get(0);
+    assert_eq!(calls, 0, "app's function never ran as bob");
+    assert_eq!(count_used(&mut admin), 0, "kept");
+
+    admin.batch_execute("ALTER FUNCTION bump(uuid[], timestamptz[]) OWNER TO bob").unwrap();
+    assert_eq!(flush(&mut admin), 1);
+    let who: String = admin.query_one("SELECT who FROM public.calls", &[]).unwrap().get(0);
+    assert_eq!(who, "bob");
+}
+
+/// `wsusage.role`, the DBA's explicit choice: every flush, and the after_flush function, runs as
+/// that role, so the function's owner must have that role's privileges — the table's owner's are
+/// not enough.
+#[test]
+fn with_wsusage_role_set_the_flush_and_after_flush_run_as_that_role() {
+    let cluster = Cluster::start(&[("wsusage.role", "'usage_writer'")]);
+    let (mut admin, _) = cluster.with_workspaces(0);
+    admin
+        .batch_execute(
+            "CREATE ROLE usage_writer NOLOGIN;
+             CREATE ROLE app LOGIN;
+             CREATE TABLE api_keys (id bigint PRIMARY KEY, last_used timestamptz);
+             INSERT INTO api_keys VALUES (1);
+             ALTER TABLE api_keys OWNER TO app;
+             GRANT SELECT, UPDATE ON api_keys TO usage_writer;
+             CREATE TABLE public.calls (who text);
+             GRANT INSERT ON public.calls TO PUBLIC;",
+        )
+        .unwrap();
+    for (function, owner) in [("by_app", "app"), ("by_writer", "usage_writer")] {
+        admin
+            .batch_execute(&format!(
+                "CREATE FUNCTION {function}(ids bigint[], marked_at timestamptz[]) RETURNS void LANGUAGE sql
+                     AS $$ INSERT INTO public.calls VALUES (current_user) $$;
+                 ALTER FUNCTION {function}(bigint[], timestamptz[]) OWNER TO {owner};"
+            ))
+            .unwrap();
+    }
+    let target = |function: &str| {
+        format!(
+            "INSERT INTO wsusage_target (name, relation, id_column, timestamp_column, after_flush)
+                  VALUES ('api_keys', 'api_keys', 'id', 'last_used', '{function}(bigint[], timestamptz[])')"
+        )
+    };
+    let (code, message, _, _) = report(&admin.batch_execute(&target("by_app")).expect_err("the owner's is refused"));
+    assert_eq!(code, "42501", "{message}");
+    assert!(message.contains("\"usage_writer\""), "{message}");
+
+    admin.batch_execute(&target("by_writer")).unwrap();
+    admin.execute("SELECT wsusage_mark_bigint('api_keys', 1)", &[]).unwrap();
+    assert_eq!(flush(&mut admin), 1);
+    let who: String = admin.query_one("SELECT who FROM public.calls", &[]).unwrap().get(0);
+    assert_eq!(who, "usage_writer");
+}
+
+/// The statements name the table by schema and name, and a rename of the schema takes no lock on
+/// the table: a schema renamed while a flush waits for the table, with a table of another owner
+/// put under the old name, fails that target's round — the other table is never written — and the
+/// next round writes the target's own table under its new name.
+#[test]
+fn a_schema_renamed_during_a_flush_never_lets_its_name_reach_another_table() {
+    let cluster = Cluster::start(&[("wsusage.lock_timeout", "'60s'")]);
+    let (mut admin, _) = cluster.with_workspaces(0);
+    admin
+        .batch_execute(
+            "CREATE ROLE mallory LOGIN;
+             CREATE SCHEMA app;
+             CREATE TABLE app.users (id uuid PRIMARY KEY, last_seen_at timestamptz);
+             INSERT INTO wsusage_target (name, relation, id_column, timestamp_column)
+                  VALUES ('users', 'app.users', 'id', 'last_seen_at');",
+        )
+        .unwrap();
+    let id = uuid::Uuid::new_v4();
+    admin.execute("INSERT INTO app.users (id) VALUES ($1)", &[&id]).unwrap();
+    admin.execute("SELECT wsusage_mark('users', $1)", &[&id]).unwrap();
+    let mut dba = cluster.connect();
+    dba.batch_execute(
+        "BEGIN;
+         LOCK TABLE app.users IN ACCESS EXCLUSIVE MODE;
+         ALTER SCHEMA app RENAME TO app_old;
+         CREATE SCHEMA app AUTHORIZATION mallory;
+         CREATE TABLE app.users (id uuid PRIMARY KEY, last_seen_at timestamptz);
+         ALTER TABLE app.users OWNER TO mallory;",
+    )
+    .unwrap();
+    dba.execute("INSERT INTO app.users (id) VALUES ($1)", &[&id]).unwrap();
+    let mut flusher = cluster.connect();
+    let flushing = std::thread::spawn(move || flush_error(&mut flusher));
+    wait_until("the flush to wait for the table's lock", || {
+        let waiting: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'wsusage' AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        waiting > 0
+    });
+    dba.batch_execute("COMMIT").unwrap();
+    let (code, message, _, _) = flushing.join().unwrap();
+    assert_eq!(code, "42P01", "{message}");
+    assert!(message.contains("renamed during the flush"), "{message}");
+    let written = |admin: &mut Client, table: &str| -> i64 {
+        admin.query_one(&format!("SELECT count(*) FROM {table} WHERE last_seen_at IS NOT NULL"), &[]).unwrap().get(0)
+    };
+    assert_eq!(written(&mut admin, "app.users"), 0, "the table put under the old name is never written");
+
+    assert_eq!(flush(&mut admin), 1);
+    assert_eq!(written(&mut admin, "app_old.users"), 1, "the target's own table, under its new name");
+    assert_eq!(written(&mut admin, "app.users"), 0);
 }

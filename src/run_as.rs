@@ -6,8 +6,8 @@
 //! The worker connects as the bootstrap superuser, so that a missing role or privilege is an
 //! ordinary, logged and retried error rather than a worker that cannot start. But nothing of a
 //! table owner's — a trigger, a CHECK, an index expression, a generated column, an
-//! `after_flush` function — may run with that privilege: a non-superuser who owns a table would otherwise be
-//! a superuser at the next flush. So each chunk, in its own transaction:
+//! `after_flush` function — may run with that privilege: a non-superuser who owns a table would
+//! otherwise be a superuser at the next flush. So each chunk, in its own transaction:
 //!
 //! 1. opens a GUC nest level, so that whatever the owner's code sets (`SET`,
 //!    `set_config(…, false)`) is undone when the chunk ends, and reaches neither the next chunk

@@ -1,7 +1,8 @@
-//! Who a flush's statements run as: the **owner of the target's table**, as PostgreSQL's own
-//! VACUUM, ANALYZE, CLUSTER, REINDEX and REFRESH MATERIALIZED VIEW do since CVE-2022-1552 (and
-//! logical replication since 16), or the role `wsusage.role` names when a DBA set one (as a
-//! subscription with `run_as_owner = true` runs every table's changes as its own owner).
+//! Who a flush's statements run as: the **owner of the target's table**, as PostgreSQL's VACUUM
+//! and ANALYZE do (and, since CVE-2022-1552, CLUSTER, REINDEX, CREATE INDEX and REFRESH
+//! MATERIALIZED VIEW; logical replication since 16), or the role `wsusage.role` names when a DBA
+//! set one (as a subscription with `run_as_owner = true` applies every change as the
+//! subscription's owner).
 //!
 //! The worker connects as the bootstrap superuser, so that a missing role or privilege is an
 //! ordinary, logged and retried error rather than a worker that cannot start. But nothing of a
@@ -16,15 +17,17 @@
 //!    owner: from here to the commit ALTER TABLE … OWNER TO and RENAME wait for the lock. The
 //!    role the chunk runs as must be the one the round checked the target for (its
 //!    `after_flush` function's owner among others). The statements name the table (and the
-//!    function) by schema and name, so before each one those names are checked to still be
-//!    theirs ([`RunAs::check_table`], [`RunAs::check_function`]): a rename of the table's schema
-//!    takes no lock on the table. A change since the round's check is an error of this round;
-//!    the next round checks again;
+//!    function) by schema and name, so before each one runs, its plan is checked to read them
+//!    and nothing else of that name ([`RunAs::check_plan`], [`RunAs::check_function`]): a rename
+//!    of the table's schema takes no lock on the table. A change since the round's check is an
+//!    error of this round; the next round checks again;
 //! 3. becomes that role with `SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION`:
-//!    the owner's code cannot `SET ROLE` back, create temporary objects, or leave anything
-//!    behind for the worker's next transaction.
+//!    the owner's code cannot `SET ROLE`, create temporary objects or cursors `WITH HOLD`, or
+//!    fire deferred triggers after it, and what it sets is undone by 1.
 //!
-//! [`RunAs::end`] undoes 3 and 1 before the commit; an ERROR's abort undoes both by itself.
+//! [`RunAs::end`] pops 1, then undoes 3, before the commit; an ERROR's abort undoes both. Unlike
+//! VACUUM since PostgreSQL 17, the search path is left as the worker's session has it, so that
+//! the owner's triggers find their objects; the statements qualify every name instead.
 
 use std::ffi::{c_int, CStr, CString};
 
@@ -50,7 +53,8 @@ pub struct RunAs {
 impl RunAs {
     /// Steps 1–3 of the module for `relation`; `lock_timeout_ms`, if given, is the chunk's
     /// `lock_timeout` (the table's lock included). Raises an ERROR when the table is gone or
-    /// renamed, or `wsusage.role` names no role.
+    /// renamed (42P01), its lock not had in time (55P03), `wsusage.role` names no role (42704),
+    /// or the role to run as is not the one the round checked (55000).
     ///
     /// # Safety
     /// Inside a transaction of the worker, before any statement of the chunk.
@@ -84,14 +88,48 @@ impl RunAs {
         }
     }
 
-    /// Before each statement of the chunk: raise unless its name for the table still names it
-    /// (see [`check_named`]).
+    /// Before a statement of the chunk runs: bring its `plan` up to date with the catalogs (made
+    /// again from its text, as running it would, if they changed since), and raise unless the
+    /// plan as it will run reads `expect` — the target's table, or the `after_flush` function —
+    /// and not whatever else now goes by their names (a rename of the table's schema takes no
+    /// lock on the table). Between this and the run, nothing takes in invalidations: the
+    /// plan's locks are held already.
     ///
     /// # Safety
-    /// Inside the transaction `begin` ran in.
-    pub unsafe fn check_table(&self) {
-        // SAFETY: the caller's promise.
-        unsafe { check_named(&self.relation) }
+    /// Inside the transaction `begin` ran in, connected to SPI; `plan` is a kept plan of one
+    /// statement.
+    pub unsafe fn check_plan(&self, plan: pg_sys::SPIPlanPtr, expect: Expect) {
+        // SAFETY: the caller's promise; the cached plan is released before any ERROR is raised,
+        // and the plan source, owned by the kept plan, read while it is.
+        let reads_it = unsafe {
+            let cached = pg_sys::SPI_plan_get_cached_plan(plan);
+            if cached.is_null() {
+                false
+            } else {
+                let sources = pg_sys::SPI_plan_get_plan_sources(plan);
+                let source = (*(*sources).elements).ptr_value.cast::<pg_sys::CachedPlanSource>();
+                let reads_it = match expect {
+                    Expect::Table => pg_sys::list_member_oid((*source).relationOids, self.relation.oid),
+                    Expect::Function(oid) => calls(source, oid),
+                };
+                pg_sys::ReleaseCachedPlan(cached, pg_sys::CurrentResourceOwner);
+                reads_it
+            }
+        };
+        if !reads_it {
+            match expect {
+                Expect::Table => raise(
+                    PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+                    format!("relation {} was renamed during the flush", self.relation.display),
+                    "Its keys stay pending; the next flush writes the table under its new name.",
+                ),
+                Expect::Function(_) => raise(
+                    PgSqlErrorCode::ERRCODE_UNDEFINED_FUNCTION,
+                    "the after_flush function was renamed or dropped during the flush".to_owned(),
+                    "Its keys stay pending; the next flush checks the target's after_flush function again.",
+                ),
+            }
+        }
     }
 
     /// Before the `after_flush` call: raise unless `function` (its OID, schema and name as the
@@ -174,12 +212,10 @@ unsafe fn lock(relation: &Relation) -> pg_sys::Oid {
     }
 }
 
-/// Raise unless the statements' name for `relation` (its schema and name) is still its own.
-/// Called after the table is locked and before each statement: name lookups read the catalogs
-/// as of the last invalidations this process took in, which it takes in only when it acquires
-/// a lock, as it does inside a statement; so what this sees is what the next statement's parse
-/// sees, and a rename of the table's schema made meanwhile is caught here rather than letting
-/// the name reach another table.
+/// Raise unless the statements' name for `relation` (its schema and name) is still its own, once
+/// the table is locked: a rename made since the round read it is told apart here, with a message
+/// saying so; a rename racing the statements themselves is caught on their plans
+/// ([`RunAs::check_plan`]).
 ///
 /// # Safety
 /// Inside a transaction.
@@ -197,6 +233,40 @@ unsafe fn check_named(relation: &Relation) {
             format!("relation {} was renamed during the flush", relation.display),
             "Its keys stay pending; the next flush writes the table under its new name.",
         );
+    }
+}
+
+/// What a statement's plan must read.
+#[derive(Clone, Copy)]
+pub enum Expect {
+    /// The target's table (`relationOids` of the plan holds it).
+    Table,
+    /// The `after_flush` function of this OID, as the call in the statement's select list.
+    Function(pg_sys::Oid),
+}
+
+/// Whether the first select-list entry of `source`'s query is a call of function `oid`.
+///
+/// # Safety
+/// `source` is a valid, up-to-date plan source.
+unsafe fn calls(source: *const pg_sys::CachedPlanSource, oid: pg_sys::Oid) -> bool {
+    // SAFETY: the caller's promise; every pointer is checked before it is followed, and the
+    // node's tag before it is read as a FuncExpr.
+    unsafe {
+        let queries = (*source).query_list;
+        if queries.is_null() || (*queries).length < 1 {
+            return false;
+        }
+        let query = (*(*queries).elements).ptr_value.cast::<pg_sys::Query>();
+        let targets = (*query).targetList;
+        if targets.is_null() || (*targets).length < 1 {
+            return false;
+        }
+        let entry = (*(*targets).elements).ptr_value.cast::<pg_sys::TargetEntry>();
+        let expr = (*entry).expr;
+        !expr.is_null()
+            && (*expr).type_ == pg_sys::NodeTag::T_FuncExpr
+            && (*expr.cast::<pg_sys::FuncExpr>()).funcid == oid
     }
 }
 
@@ -221,7 +291,7 @@ unsafe fn role_oid(name: &str) -> pg_sys::Oid {
         raise(
             PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
             format!("role \"{name}\" named by \"wsusage.role\" does not exist"),
-            "Create the role and grant it UPDATE on the table, or change \"wsusage.role\" and restart the server.",
+            "Create the role and grant it SELECT and UPDATE on the tables, or change \"wsusage.role\" and restart the server.",
         );
     }
     oid

@@ -13,7 +13,7 @@ use pgrx::FromDatum;
 use wsusage_pending_table::Entry;
 
 use crate::key::{self, Kind};
-use crate::run_as::RunAs;
+use crate::run_as::{Expect, RunAs};
 use crate::target::Definition;
 
 /// What writing one chunk did.
@@ -57,6 +57,8 @@ pub enum Locking {
 
 /// The lock timeout of the first attempt at a chunk, in milliseconds.
 const FAIL_FAST_LOCK_TIMEOUT_MS: i32 = 10;
+
+const ALL_CONSTRAINTS_IMMEDIATE: &CStr = c"SET CONSTRAINTS ALL IMMEDIATE";
 
 thread_local! {
     /// The target's `after_flush` function is running: an ERROR now is the function's, not a
@@ -167,6 +169,13 @@ pub fn write(statements: &mut Statements, chunk: &[Entry], locking: Locking) -> 
         let run_as = RunAs::begin(&relation, lock_timeout);
         if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
             error!("could not connect to SPI");
+        }
+        // PostgreSQL refuses to queue a deferred trigger in a restricted operation (it would fire
+        // at the commit, after the chunk is itself again): the owner's deferred constraint
+        // triggers fire at the end of each statement instead, as the owner — the same moment, for
+        // a transaction of one UPDATE.
+        if pg_sys::SPI_execute(ALL_CONSTRAINTS_IMMEDIATE.as_ptr(), false, 0) != pg_sys::SPI_OK_UTILITY as i32 {
+            error!("could not make the constraints of a wsusage flush immediate");
         }
         let nelems = c_int::try_from(chunk.len()).unwrap_or(c_int::MAX);
         let key_array = match statements.kind() {
@@ -280,8 +289,8 @@ unsafe fn update(
     let returns_rows = statements.after_flush_sql.is_some();
     // SAFETY: the caller's promise; SPI errors raise.
     unsafe {
-        run_as.check_table();
         let plan = statements.update.get(&statements.update_sql, &mut types);
+        run_as.check_plan(plan, Expect::Table);
         let rc = pg_sys::SPI_execute_plan(plan, arrays.as_mut_ptr(), std::ptr::null(), false, 0);
         let (updated, flushed) = if returns_rows {
             if rc != pg_sys::SPI_OK_SELECT as i32 || pg_sys::SPI_processed != 1 {
@@ -296,8 +305,8 @@ unsafe fn update(
         };
         let mut without_row = 0;
         if updated < ids as u64 {
-            run_as.check_table();
             let plan = statements.without_row.get(&statements.without_row_sql, &mut types[..1]);
+            run_as.check_plan(plan, Expect::Table);
             let rc = pg_sys::SPI_execute_plan(plan, arrays.as_mut_ptr(), std::ptr::null(), true, 1);
             if rc == pg_sys::SPI_OK_SELECT as i32 && pg_sys::SPI_processed == 1 {
                 without_row = count_in_result(1);
@@ -321,8 +330,8 @@ unsafe fn update_skipping_locked(
     // SAFETY: the caller's promise; the result row is read, and copied out, before the caller's
     // SPI_finish frees it.
     unsafe {
-        run_as.check_table();
         let plan = statements.skip_locked.get(&statements.skip_locked_sql, &mut types);
+        run_as.check_plan(plan, Expect::Table);
         let rc = pg_sys::SPI_execute_plan(plan, arrays.as_mut_ptr(), std::ptr::null(), false, 0);
         let rows = pg_sys::SPI_processed;
         if rc != pg_sys::SPI_OK_SELECT as i32 || rows != 1 {
@@ -356,13 +365,16 @@ unsafe fn update_skipping_locked(
 unsafe fn call_after_flush(statements: &mut Statements, run_as: &RunAs, mut flushed: [pg_sys::Datum; 2]) {
     let Some(sql) = statements.after_flush_sql.clone() else { return };
     let Some(after_flush) = statements.definition.as_ref().and_then(|d| d.after_flush.clone()) else { return };
-    let Some(function) = after_flush.function.as_ref() else { return };
+    let Some(function) = after_flush.function.as_ref() else {
+        error!("the after_flush function of a wsusage flush was not read from the catalogs");
+    };
     let ids_type = statements.definition.as_ref().and_then(|d| d.id_type.as_ref()).map_or(pg_sys::InvalidOid, |t| t.2);
     IN_AFTER_FLUSH.with(|flag| flag.set(true));
     // SAFETY: the caller's promise; the arrays live until SPI_finish.
     unsafe {
         run_as.check_function(function, &after_flush.signature);
         let plan = statements.after_flush.get(&sql, &mut [ids_type, pg_sys::TIMESTAMPTZARRAYOID]);
+        run_as.check_plan(plan, Expect::Function(function.0));
         let rc = pg_sys::SPI_execute_plan(plan, flushed.as_mut_ptr(), std::ptr::null(), false, 0);
         if rc < 0 {
             error!("the after_flush call of a wsusage flush returned SPI code {rc}");

@@ -272,6 +272,15 @@ impl Definition {
                 format!("function {signature} does not take ({id_type_name}[], timestamp with time zone[])"),
                 "An after_flush function is a plain function taking the ids whose rows a chunk wrote and their mark times, as (ids <the id type>[], marked_at timestamptz[]).",
             ),
+            Some(AfterFlush { owner: (_, false), runs_as, .. })
+                if self.relation.as_ref().is_some_and(|relation| relation.runs_as == pg_sys::InvalidOid) =>
+            {
+                problem(
+                    ERRCODE_UNDEFINED_OBJECT,
+                    format!("role \"{runs_as}\" named by \"wsusage.role\" does not exist"),
+                    "Create the role and grant it SELECT and UPDATE on the tables, or change \"wsusage.role\" and restart the server.",
+                )
+            }
             Some(AfterFlush { signature, owner: (owner, false), runs_as, .. }) => problem(
                 ERRCODE_INSUFFICIENT_PRIVILEGE,
                 format!("function {signature} is owned by role \"{owner}\", which lacks the privileges of role \"{runs_as}\" that the target's flush runs as"),

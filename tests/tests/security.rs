@@ -8,8 +8,9 @@
 //! resolved under `search_path = pg_catalog, pg_temp`; `wsusage_target` is found as the
 //! extension's member, never by name.
 //!
-//! Each test is an attack that, on 0.3.0, made a non-superuser a superuser; each ends with no role
-//! made superuser, and the marks written where the owner's own code allows.
+//! Each test is an attack, or a way the owner's code or the catalogs change under a flush, that
+//! ends with no role made superuser, no code run with more privilege than its owner has, and the
+//! marks written where the owner's own code allows (kept, where it does not).
 
 use std::collections::BTreeSet;
 
@@ -54,7 +55,9 @@ fn spy_calls(admin: &mut Client) -> i64 {
 }
 
 /// Attack 1: a table's owner attaches a trigger that makes it a superuser. The flush runs it as
-/// the owner: the trigger runs, the row is written, and the owner stays what it was.
+/// the owner, in a restricted operation: its ALTER ROLE, a temporary table and SET ROLE are
+/// refused (42501), which the trigger catches, so every row is written; the owner stays what it
+/// was.
 #[test]
 fn a_table_owners_trigger_runs_as_the_owner_and_cannot_make_it_superuser() {
     let cluster = Cluster::start(&[]);
@@ -69,7 +72,7 @@ fn a_table_owners_trigger_runs_as_the_owner_and_cannot_make_it_superuser() {
         .unwrap();
     let mut app = cluster.connect_as("app");
     app.batch_execute(
-        "CREATE TABLE trigger_runs (who text, refused text, temp_refused text);
+        "CREATE TABLE trigger_runs (who text, refused text, temp_refused text, set_role_refused text);
          CREATE FUNCTION escalate() RETURNS trigger LANGUAGE plpgsql AS $$
          DECLARE
              refused text;
@@ -79,12 +82,17 @@ fn a_table_owners_trigger_runs_as_the_owner_and_cannot_make_it_superuser() {
              EXCEPTION WHEN insufficient_privilege THEN
                  refused := SQLSTATE;
              END;
-             -- A restricted operation: nothing may outlive it in the worker's session.
+             -- A restricted operation: nothing may outlive it in the worker's session, no SET ROLE.
              BEGIN
                  CREATE TEMP TABLE left_behind ();
                  INSERT INTO trigger_runs VALUES (current_user, refused, NULL);
              EXCEPTION WHEN insufficient_privilege THEN
                  INSERT INTO trigger_runs VALUES (current_user, refused, SQLSTATE);
+             END;
+             BEGIN
+                 SET ROLE app;
+             EXCEPTION WHEN insufficient_privilege THEN
+                 UPDATE trigger_runs SET set_role_refused = SQLSTATE WHERE set_role_refused IS NULL;
              END;
              RETURN NEW;
          END $$;
@@ -100,14 +108,14 @@ fn a_table_owners_trigger_runs_as_the_owner_and_cannot_make_it_superuser() {
     figures("a table owner's trigger", &made);
     assert!(made.is_empty(), "{made:?}");
     assert_eq!(count_used(&mut admin), 3, "the owner's trigger ran and every row was written");
-    let runs: Vec<(String, Option<String>, Option<String>)> = admin
-        .query("SELECT who, refused, temp_refused FROM trigger_runs", &[])
+    // Who ran the trigger, and the SQLSTATEs of its ALTER ROLE, temporary table and SET ROLE.
+    let runs: Vec<(String, String)> = admin
+        .query("SELECT who, concat_ws(' ', refused, temp_refused, set_role_refused) FROM trigger_runs", &[])
         .unwrap()
         .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .map(|r| (r.get(0), r.get(1)))
         .collect();
-    let refused = Some("42501".to_owned());
-    assert_eq!(runs, vec![("app".to_owned(), refused.clone(), refused); 3], "as the owner, restricted");
+    assert_eq!(runs, vec![("app".to_owned(), "42501 42501 42501".to_owned()); 3], "as the owner, restricted");
 }
 
 /// A partition handed to another role: its triggers run as the owner of the table the target
@@ -229,6 +237,8 @@ fn lookalikes(schema: &str) -> String {
         ("=", "pg_catalog.name", "pg_catalog.text", "pg_catalog.bool"),
         ("<", "pg_catalog.timestamptz", "pg_catalog.timestamptz", "pg_catalog.bool"),
         ("<", "pg_catalog.date", "pg_catalog.date", "pg_catalog.bool"),
+        ("<", "pg_catalog.date", "pg_catalog.\"timestamp\"", "pg_catalog.bool"),
+        ("=", "pg_catalog.int4", "pg_catalog.int8", "pg_catalog.bool"),
         ("<", "pg_catalog.\"timestamp\"", "pg_catalog.\"timestamp\"", "pg_catalog.bool"),
         ("-", "pg_catalog.timestamptz", "pg_catalog.interval", "pg_catalog.timestamptz"),
         (">", "pg_catalog.interval", "pg_catalog.interval", "pg_catalog.bool"),
@@ -255,7 +265,7 @@ fn lookalikes(schema: &str) -> String {
 /// database whose search path puts both before pg_catalog. A flush of every kind of statement
 /// (the UPDATE, its lock-skipping pass, the count of ids without a row, an `after_flush` call; uuid
 /// and bigint keys, timestamptz, timestamp and date columns, a `min_change`), marks from a session with that
-/// search path, and the writes to `wsusage_target` never call one.
+/// search path, never call one; the flush's session has that search path.
 #[test]
 fn lookalikes_of_every_name_wsusage_uses_are_never_called() {
     let cluster = Cluster::start(&[("wsusage.batch_size", "2"), ("wsusage.lock_timeout", "0")]);
@@ -287,11 +297,12 @@ fn lookalikes_of_every_name_wsusage_uses_are_never_called() {
     let mut app = cluster.connect_as("app");
     app.batch_execute(&lookalikes("app")).unwrap();
     app.batch_execute(
-        "CREATE TABLE app.flushed (who pg_catalog.text, ids pg_catalog.int8);
+        "CREATE TABLE app.flushed (who pg_catalog.text, ids pg_catalog.int8, search_path pg_catalog.text);
          CREATE FUNCTION app.bump(ids pg_catalog.int8[], marked_at pg_catalog.timestamptz[]) RETURNS void
              LANGUAGE plpgsql AS $$
              BEGIN
-                 INSERT INTO app.flushed VALUES (current_user, pg_catalog.cardinality(ids));
+                 INSERT INTO app.flushed
+                      VALUES (current_user, pg_catalog.cardinality(ids), pg_catalog.current_setting('search_path'));
              END $$;",
     )
     .unwrap();
@@ -334,9 +345,18 @@ fn lookalikes_of_every_name_wsusage_uses_are_never_called() {
     assert_eq!(written(&mut admin, "SELECT count(*) FROM api_keys WHERE last_used IS NOT NULL"), 4);
     assert_eq!(written(&mut admin, "SELECT count(*) FROM visits WHERE last_visit IS NOT NULL"), 4);
     assert_eq!(written(&mut admin, "SELECT count(*) FROM sessions WHERE last_seen IS NOT NULL"), 4);
-    let after_flush: Vec<(String, i64)> =
-        admin.query("SELECT who, ids FROM app.flushed", &[]).unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
-    assert_eq!(after_flush, [("app".to_owned(), 2), ("app".to_owned(), 2)], "after_flush ran as the owner");
+    let after_flush: Vec<(String, i64, String)> = admin
+        .query("SELECT who, ids, search_path FROM app.flushed", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let hostile = "\"$user\", public, pg_catalog".to_owned();
+    assert_eq!(
+        after_flush,
+        [("app".to_owned(), 2, hostile.clone()), ("app".to_owned(), 2, hostile)],
+        "after_flush ran as the owner, on the search path that puts the look-alikes first"
+    );
 }
 
 /// Attack 3: during the upgrade window (the library is new, the database's extension still at
@@ -736,7 +756,11 @@ fn with_wsusage_role_set_the_flush_and_after_flush_run_as_that_role() {
              ALTER TABLE api_keys OWNER TO app;
              GRANT SELECT, UPDATE ON api_keys TO usage_writer;
              CREATE TABLE public.calls (who text);
-             GRANT INSERT ON public.calls TO PUBLIC;",
+             GRANT INSERT ON public.calls TO PUBLIC;
+             CREATE FUNCTION seen() RETURNS trigger LANGUAGE plpgsql AS
+                 $$ BEGIN INSERT INTO public.calls VALUES ('trigger ' || current_user); RETURN NEW; END $$;
+             ALTER FUNCTION seen() OWNER TO app;
+             CREATE TRIGGER seen BEFORE UPDATE ON api_keys FOR EACH ROW EXECUTE FUNCTION seen();",
         )
         .unwrap();
     for (function, owner) in [("by_app", "app"), ("by_writer", "usage_writer")] {
@@ -761,8 +785,36 @@ fn with_wsusage_role_set_the_flush_and_after_flush_run_as_that_role() {
     admin.batch_execute(&target("by_writer")).unwrap();
     admin.execute("SELECT wsusage_mark_bigint('api_keys', 1)", &[]).unwrap();
     assert_eq!(flush(&mut admin), 1);
-    let who: String = admin.query_one("SELECT who FROM public.calls", &[]).unwrap().get(0);
-    assert_eq!(who, "usage_writer");
+    let who: Vec<String> =
+        admin.query("SELECT who FROM public.calls ORDER BY who", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(who, ["trigger usage_writer", "usage_writer"], "the owner's trigger and after_flush, as the role");
+}
+
+/// PostgreSQL queues no deferred trigger in a restricted operation: the table owner's deferred
+/// constraint trigger fires at the end of the chunk's UPDATE instead of at its commit, as the
+/// owner, and the rows are written.
+#[test]
+fn a_deferred_constraint_trigger_fires_within_the_chunk_as_the_owner() {
+    let cluster = Cluster::start(&[]);
+    let (mut admin, ids) = cluster.with_workspaces(2);
+    admin
+        .batch_execute(
+            "CREATE ROLE app LOGIN;
+             ALTER TABLE workspaces OWNER TO app;
+             CREATE TABLE public.seen (who text);
+             GRANT INSERT ON public.seen TO PUBLIC;
+             CREATE FUNCTION seen() RETURNS trigger LANGUAGE plpgsql AS
+                 $$ BEGIN INSERT INTO public.seen VALUES (current_user); RETURN NULL; END $$;
+             ALTER FUNCTION seen() OWNER TO app;
+             CREATE CONSTRAINT TRIGGER seen AFTER UPDATE ON workspaces DEFERRABLE INITIALLY DEFERRED
+                 FOR EACH ROW EXECUTE FUNCTION seen();",
+        )
+        .unwrap();
+    admin.execute("SELECT wsusage_mark_many($1)", &[&ids]).unwrap();
+    assert_eq!(flush(&mut admin), 2);
+    assert_eq!(count_used(&mut admin), 2);
+    let who: Vec<String> = admin.query("SELECT who FROM public.seen", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(who, ["app", "app"]);
 }
 
 /// The statements name the table by schema and name, and a rename of the schema takes no lock on
@@ -820,4 +872,27 @@ fn a_schema_renamed_during_a_flush_never_lets_its_name_reach_another_table() {
     assert_eq!(flush(&mut admin), 1);
     assert_eq!(written(&mut admin, "app_old.users"), 1, "the target's own table, under its new name");
     assert_eq!(written(&mut admin, "app.users"), 0);
+}
+
+/// A table whose owner put itself under its row-level security policies (`FORCE ROW LEVEL
+/// SECURITY`): the flush, as the owner, writes what the policies let the owner write, and an id
+/// whose row they hide counts as having no row — as for any UPDATE of the owner's.
+#[test]
+fn forced_row_level_security_applies_to_the_owners_flush() {
+    let cluster = Cluster::start(&[]);
+    let (mut admin, ids) = cluster.with_workspaces(2);
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE app LOGIN;
+             ALTER TABLE workspaces OWNER TO app;
+             ALTER TABLE workspaces ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
+             CREATE POLICY visible ON workspaces USING (id <> '{}');",
+            ids[1]
+        ))
+        .unwrap();
+    admin.execute("SELECT wsusage_mark_many($1)", &[&ids]).unwrap();
+    assert_eq!(flush(&mut admin), 2);
+    assert_eq!(used_ids(&mut admin), [ids[0]], "the row the policy hides from the owner is not written");
+    let without_row: i64 = admin.query_one("SELECT ids_without_row FROM wsusage_stats", &[]).unwrap().get(0);
+    assert_eq!(without_row, 1);
 }

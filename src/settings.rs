@@ -307,7 +307,8 @@ macro_rules! string_check_hook {
 /// Whether the postmaster refused the configuration file's `wsusage.database` / `wsusage.role`
 /// at start. PostgreSQL then keeps the default, with a WARNING; but the default is not what the
 /// DBA asked for (every database; each table's owner rather than the role named), so wsusage
-/// refuses to act on it instead (see [`refused`]). Set in the postmaster only, inherited by every process it forks.
+/// refuses to act on it instead (see [`refused`]). Set in the postmaster only, inherited by
+/// every process it forks.
 static DATABASE_REFUSED: AtomicBool = AtomicBool::new(false);
 static ROLE_REFUSED: AtomicBool = AtomicBool::new(false);
 

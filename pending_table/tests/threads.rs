@@ -241,6 +241,8 @@ fn inserters_and_a_remover_at_once_leave_each_key_at_its_latest_time_since_its_l
                 thread::yield_now();
             }
         });
+        // Should an inserter panic, the remover must still stop, or the scope waits for it forever.
+        let _stop_remover = SetOnDrop(&done);
         let inserters: Vec<_> = (0..INSERTERS)
             .map(|worker| {
                 let (pool, lock, epoch, clock, operations, removed_keys) =
@@ -290,4 +292,13 @@ fn inserters_and_a_remover_at_once_leave_each_key_at_its_latest_time_since_its_l
     let distinct: HashSet<Key> = pool.iter().copied().collect();
     assert!(removed.len() >= REMOVED_KEYS.min(distinct.len()), "the remover interleaved with the inserters");
     eprintln!("{} operations by {INSERTERS} inserters and a remover", operations.load(Ordering::Relaxed));
+}
+
+/// Sets its flag when dropped, on every path out of the scope that holds it, a panic's included.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
 }

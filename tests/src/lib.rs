@@ -8,8 +8,9 @@
 
 use std::collections::HashMap;
 use std::fs;
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::{self, sleep};
 use std::time::{Duration, Instant};
@@ -491,6 +492,50 @@ pub fn backend_start(client: &mut Client, pid: i32) -> Option<DateTime<Utc>> {
         .map(|row| row.get(0))
 }
 
+/// How long a program the tests build or install with may take (`go build`, `pip install` on a
+/// fresh machine): generous, but a hung one fails the test instead of the whole run's timeout.
+pub const BUILD_PATIENCE: Duration = Duration::from_secs(600);
+
+/// Run `command` to its end, as `Command::output`, but for at most `limit`: a program still
+/// running then is killed and the test fails naming it (a hung program must not hang the suite).
+pub fn output_within(command: &mut Command, what: &str, limit: Duration) -> Output {
+    let mut child =
+        command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("start {what}: {e}"));
+    // Read both pipes meanwhile, or a program filling one would wait for us forever.
+    let readers = [
+        child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
+        child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
+    ]
+    .map(|pipe| {
+        thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    });
+    let status = wait_within(&mut child, limit).unwrap_or_else(|| panic!("{what} did not finish within {limit:?}"));
+    let [stdout, stderr] = readers.map(|reader| reader.join().unwrap_or_default());
+    Output { status, stdout, stderr }
+}
+
+/// Wait for `child` to end, for at most `limit`; killed (and `None`) if it has not by then.
+pub fn wait_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        sleep(Duration::from_millis(50));
+    }
+}
+
 /// Poll `condition` every 50 ms until it holds; panic after [`PATIENCE`].
 pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + PATIENCE;
@@ -657,5 +702,29 @@ impl Drop for Party {
             let mut state = self.gate.state();
             self.gate.break_with(&mut state, "another party panicked".to_owned());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A program still running at its limit is killed and fails the test (a hung `go build` or
+    /// `pip install` must not hang the suite): the failure is the deadline's, not the program's end.
+    #[test]
+    fn a_program_outliving_its_limit_is_killed_and_fails_the_test() {
+        let failure = std::panic::catch_unwind(|| {
+            output_within(Command::new("sleep").arg("600"), "sleep 600", Duration::from_millis(200))
+        })
+        .expect_err("sleep 600 outlives a limit of 200 ms");
+        let message = failure.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(message.contains("sleep 600 did not finish within"), "{message}");
+    }
+
+    #[test]
+    fn a_program_ending_within_its_limit_gives_its_output() {
+        let out = output_within(Command::new("sh").args(["-c", "echo out; echo err >&2"]), "sh", PATIENCE);
+        assert!(out.status.success());
+        assert_eq!((out.stdout.as_slice(), out.stderr.as_slice()), (&b"out\n"[..], &b"err\n"[..]));
     }
 }

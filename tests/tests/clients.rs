@@ -12,11 +12,8 @@ fn ids_env(ids: &[Uuid]) -> String {
 }
 
 fn run_example(mut command: Command, cluster: &Cluster, ids: &[Uuid]) {
-    let out = command
-        .env("WSUSAGE_DSN", cluster.conninfo("postgres"))
-        .env("WORKSPACE_IDS", ids_env(ids))
-        .output()
-        .expect("start the example");
+    command.env("WSUSAGE_DSN", cluster.conninfo("postgres")).env("WORKSPACE_IDS", ids_env(ids));
+    let out = output_within(&mut command, "the example", PATIENCE);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains(&format!("marked {} workspaces", ids.len())), "{stdout}");
@@ -37,15 +34,32 @@ fn python_with_psycopg() -> &'static Path {
     PYTHON.get_or_init(|| {
         let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("examples-venv");
         let python = venv.join("bin/python");
-        let ready = Command::new(&python).args(["-c", "import psycopg"]).status().is_ok_and(|s| s.success());
+        let ready = python.exists()
+            && output_within(Command::new(&python).args(["-c", "import psycopg"]), "python", PATIENCE).status.success();
         if !ready {
-            let made = Command::new("python3").arg("-m").arg("venv").arg(&venv).status().expect("python3 -m venv");
-            assert!(made.success(), "python3 -m venv failed (Debian: apt-get install python3-venv)");
-            let installed = Command::new(&python)
-                .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "psycopg[binary]"])
-                .status()
-                .expect("pip install psycopg");
-            assert!(installed.success(), "pip install psycopg[binary] failed");
+            let made = output_within(
+                Command::new("python3").arg("-m").arg("venv").arg(&venv),
+                "python3 -m venv",
+                BUILD_PATIENCE,
+            );
+            assert!(made.status.success(), "python3 -m venv failed (Debian: apt-get install python3-venv)");
+            let installed = output_within(
+                Command::new(&python).args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    "psycopg[binary]",
+                ]),
+                "pip install psycopg[binary]",
+                BUILD_PATIENCE,
+            );
+            assert!(
+                installed.status.success(),
+                "pip install psycopg[binary] failed: {}",
+                String::from_utf8_lossy(&installed.stderr)
+            );
         }
         python
     })
@@ -69,17 +83,16 @@ fn go_example(name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("go-examples");
     let binary = dir.join(name);
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/go").join(name);
-    let out = Command::new("go")
-        .arg("build")
+    let mut go = Command::new("go");
+    go.arg("build")
         .arg("-o")
         .arg(&binary)
         .arg(".")
         .current_dir(&source)
         .env("GO111MODULE", "off")
         .env("GOPATH", format!("{}:/usr/share/gocode", dir.join("gopath").display()))
-        .env("GOCACHE", dir.join("cache"))
-        .output()
-        .expect("go build (Debian: apt-get install golang-go)");
+        .env("GOCACHE", dir.join("cache"));
+    let out = output_within(&mut go, "go build (Debian: apt-get install golang-go)", BUILD_PATIENCE);
     assert!(out.status.success(), "go build {name}: {}", String::from_utf8_lossy(&out.stderr));
     binary
 }

@@ -69,11 +69,20 @@ pidfile = {dir}/pgbouncer.pid
 
 impl Drop for PgBouncer {
     fn drop(&mut self) {
-        // The child is `runuser`, which waits for PgBouncer: stop PgBouncer itself, by its pid.
-        if let Ok(pid) = std::fs::read_to_string(self.dir.join("pgbouncer.pid")) {
-            let _ = std::process::Command::new("kill").arg(pid.trim()).status();
+        // The child is `runuser`, which waits for PgBouncer: stop PgBouncer itself, by its pid,
+        // or by its configuration file's path should it have written no pid file.
+        match std::fs::read_to_string(self.dir.join("pgbouncer.pid")) {
+            Ok(pid) => {
+                let _ = std::process::Command::new("kill").arg(pid.trim()).status();
+            }
+            Err(_) => {
+                let config = self.dir.join("pgbouncer.ini");
+                let _ = std::process::Command::new("pkill").arg("-f").arg(config).status();
+            }
         }
-        let _ = self.child.wait();
+        if wait_within(&mut self.child, PATIENCE).is_none() {
+            eprintln!("pgbouncer did not stop within {PATIENCE:?}: killed");
+        }
     }
 }
 

@@ -683,6 +683,27 @@ fn lookalikes_planted_before_create_extension_are_not_taken_by_its_scripts() {
     assert!(made.is_empty(), "{made:?}");
 }
 
+/// `wsusage_flush()` from a session of its own, which must fail: `dba`'s open transaction, which
+/// holds a table's lock, commits once the flush worker waits for that lock, that is after the
+/// round read the catalogs and before its chunk runs. The flush's SQLSTATE and message.
+fn flush_failing_once_committed(cluster: &Cluster, admin: &mut Client, dba: &mut Client) -> (String, String) {
+    let mut flusher = cluster.connect();
+    let flushing = std::thread::spawn(move || flush_error(&mut flusher));
+    wait_until("the flush to wait for the table's lock", || {
+        let waiting: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'wsusage' AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        waiting > 0
+    });
+    dba.batch_execute("COMMIT").unwrap();
+    let (code, message, _, _) = flushing.join().unwrap();
+    (code, message)
+}
+
 /// The role a chunk runs as is the one the round checked the target for: a table handed to
 /// another owner while a flush waits for its lock is not written by that flush (its after_flush
 /// function, owned by the old owner, never runs as the new one); the next flush checks the target
@@ -710,20 +731,7 @@ fn a_table_handed_to_another_owner_during_a_flush_is_checked_again_before_it_is_
     let mut dba = cluster.connect();
     dba.batch_execute("BEGIN; LOCK TABLE workspaces IN ACCESS EXCLUSIVE MODE; ALTER TABLE workspaces OWNER TO bob")
         .unwrap();
-    let mut flusher = cluster.connect();
-    let flushing = std::thread::spawn(move || flush_error(&mut flusher));
-    wait_until("the flush to wait for the table's lock", || {
-        let waiting: i64 = admin
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'wsusage' AND wait_event_type = 'Lock'",
-                &[],
-            )
-            .unwrap()
-            .get(0);
-        waiting > 0
-    });
-    dba.batch_execute("COMMIT").unwrap();
-    let (code, message, _, _) = flushing.join().unwrap();
+    let (code, message) = flush_failing_once_committed(&cluster, &mut admin, &mut dba);
     assert_eq!(code, "55000", "{message}");
     assert!(message.contains("owner of relation public.workspaces changed"), "{message}");
 
@@ -848,20 +856,7 @@ fn a_schema_renamed_during_a_flush_never_lets_its_name_reach_another_table() {
     )
     .unwrap();
     dba.execute("INSERT INTO app.users (id) VALUES ($1)", &[&id]).unwrap();
-    let mut flusher = cluster.connect();
-    let flushing = std::thread::spawn(move || flush_error(&mut flusher));
-    wait_until("the flush to wait for the table's lock", || {
-        let waiting: i64 = admin
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'wsusage' AND wait_event_type = 'Lock'",
-                &[],
-            )
-            .unwrap()
-            .get(0);
-        waiting > 0
-    });
-    dba.batch_execute("COMMIT").unwrap();
-    let (code, message, _, _) = flushing.join().unwrap();
+    let (code, message) = flush_failing_once_committed(&cluster, &mut admin, &mut dba);
     assert_eq!(code, "42P01", "{message}");
     assert!(message.contains("renamed during the flush"), "{message}");
     let written = |admin: &mut Client, table: &str| -> i64 {

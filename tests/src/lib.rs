@@ -604,6 +604,40 @@ pub fn sorted(ids: &[Uuid]) -> Vec<Uuid> {
     ids
 }
 
+/// Ask the client's database for a flush without waiting for it (the worker is blocked, say):
+/// `wsusage_flush()`, cancelled once the caller is seen waiting inside it — so that its request is
+/// registered however loaded the machine, which a short `statement_timeout` cannot promise.
+/// Returns the call's error (57014, the cancel) or, should the flush have ended first, its count.
+pub fn request_flush(cluster: &Cluster, client: &mut Client) -> Result<i64, PgError> {
+    let caller: i32 = client.query_one("SELECT pg_backend_pid()", &[]).expect("pg_backend_pid()").get(0);
+    let cancel = client.cancel_token();
+    let returned = std::sync::atomic::AtomicBool::new(false);
+    thread::scope(|scope| {
+        let canceller = scope.spawn(|| {
+            let mut watcher = cluster.connect();
+            let mut waiting = false;
+            wait_until("the caller to wait inside wsusage_flush() or return", || {
+                waiting = watcher
+                    .query_opt(
+                        "SELECT FROM pg_stat_activity WHERE pid = $1 AND state = 'active'
+                            AND wait_event_type = 'Extension' AND query LIKE '%wsusage_flush%'",
+                        &[&caller],
+                    )
+                    .expect("query pg_stat_activity")
+                    .is_some();
+                waiting || returned.load(std::sync::atomic::Ordering::Acquire)
+            });
+            if waiting {
+                cancel.cancel_query(NoTls).expect("cancel wsusage_flush()");
+            }
+        });
+        let result = client.query_one("SELECT wsusage_flush()", &[]).map(|row| row.get(0));
+        returned.store(true, std::sync::atomic::Ordering::Release);
+        canceller.join().expect("the canceller");
+        result
+    })
+}
+
 pub fn flush(client: &mut Client) -> i64 {
     client.query_one("SELECT wsusage_flush()", &[]).expect("wsusage_flush()").get(0)
 }

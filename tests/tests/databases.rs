@@ -78,8 +78,7 @@ fn a_table_locked_in_one_database_does_not_delay_another_databases_flush() {
     let mut holder = cluster.connect_to("stuck");
     holder.batch_execute("BEGIN; LOCK TABLE workspaces IN ACCESS EXCLUSIVE MODE").unwrap();
     stuck.execute("SELECT wsusage_mark_many($1)", &[&ids]).unwrap();
-    stuck.batch_execute("SET statement_timeout = '200ms'").unwrap();
-    assert_eq!(sqlstate(&stuck.execute("SELECT wsusage_flush()", &[]).unwrap_err()), "57014");
+    assert_eq!(sqlstate(&request_flush(&cluster, &mut stuck).unwrap_err()), "57014");
     wait_until("the stuck database's worker to wait on the table lock", || {
         stuck
             .query_opt("SELECT FROM pg_stat_activity WHERE backend_type = 'wsusage' AND datname = 'stuck' AND wait_event_type = 'Lock'", &[])
@@ -94,7 +93,6 @@ fn a_table_locked_in_one_database_does_not_delay_another_databases_flush() {
     assert_eq!(count_used(&mut holder), 0, "the stuck database is still waiting");
 
     holder.batch_execute("COMMIT").unwrap();
-    stuck.batch_execute("RESET statement_timeout").unwrap();
     wait_until("the stuck database's flush once the lock is gone", || count_used(&mut stuck) == 10);
 }
 

@@ -301,9 +301,7 @@ fn a_worker_terminated_during_a_flush_finishes_it_and_loses_nothing() {
 
     client.execute("SELECT wsusage_mark_many($1)", &[&ids]).unwrap();
     // Ask for a flush without waiting for it: the worker's UPDATE now waits on the table lock.
-    client.batch_execute("SET statement_timeout = '100ms'").unwrap();
-    client.execute("SELECT wsusage_flush()", &[]).unwrap_err();
-    client.batch_execute("RESET statement_timeout").unwrap();
+    request_flush(&cluster, &mut client).unwrap_err();
     let mut worker = None;
     wait_until("the flush to wait on the table lock", || {
         worker = client

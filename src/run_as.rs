@@ -92,8 +92,9 @@ impl RunAs {
     /// again from its text, as running it would, if they changed since), and raise unless the
     /// plan as it will run reads `expect` — the target's table, or the `after_flush` function —
     /// and not whatever else now goes by their names (a rename of the table's schema takes no
-    /// lock on the table). Between this and the run, nothing takes in invalidations: the
-    /// plan's locks are held already.
+    /// lock on the table). Once the plan ends up to date here, nothing before the run takes in
+    /// invalidations (the locks the run needs are held by then), so the run does not analyse its
+    /// text again.
     ///
     /// # Safety
     /// Inside the transaction `begin` ran in, connected to SPI; `plan` is a kept plan of one
@@ -102,19 +103,28 @@ impl RunAs {
         // SAFETY: the caller's promise; the cached plan is released before any ERROR is raised,
         // and the plan source, owned by the kept plan, read while it is.
         let reads_it = unsafe {
-            let cached = pg_sys::SPI_plan_get_cached_plan(plan);
-            if cached.is_null() {
-                false
-            } else {
+            let mut reads_it = false;
+            // Bringing the plan up to date takes locks, which take in invalidations: it is
+            // checked only once it ends up to date, so that the run does not analyse it again.
+            for _ in 0..3 {
+                let cached = pg_sys::SPI_plan_get_cached_plan(plan);
+                if cached.is_null() {
+                    break;
+                }
                 let sources = pg_sys::SPI_plan_get_plan_sources(plan);
                 let source = (*(*sources).elements).ptr_value.cast::<pg_sys::CachedPlanSource>();
-                let reads_it = match expect {
-                    Expect::Table => pg_sys::list_member_oid((*source).relationOids, self.relation.oid),
-                    Expect::Function(oid) => calls(source, oid),
-                };
+                let up_to_date = (*source).is_valid;
+                reads_it = up_to_date
+                    && match expect {
+                        Expect::Table => pg_sys::list_member_oid((*source).relationOids, self.relation.oid),
+                        Expect::Function(oid) => calls(source, oid),
+                    };
                 pg_sys::ReleaseCachedPlan(cached, pg_sys::CurrentResourceOwner);
-                reads_it
+                if up_to_date {
+                    break;
+                }
             }
+            reads_it
         };
         if !reads_it {
             match expect {

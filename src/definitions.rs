@@ -130,7 +130,7 @@ fn definitions_of(rows: SpiTupleTable<'_>) -> Vec<Definition> {
             after_flush: text(14).map(|signature| AfterFlush {
                 signature,
                 call: text(15),
-                function: oid(25).zip(text(26)).zip(text(27)).map(|((oid, schema), name)| (oid, schema, name)),
+                function: oid(25),
                 fits: flag(16).unwrap_or(false),
                 owner: (text(20).unwrap_or_default(), flag(19).unwrap_or(false)),
                 runs_as: text(23).unwrap_or_default(),

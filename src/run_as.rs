@@ -18,8 +18,9 @@
 //!    role the chunk runs as must be the one the round checked the target for (its
 //!    `after_flush` function's owner among others). The statements name the table (and the
 //!    function) by schema and name, so before each one runs, its plan is checked to read them
-//!    and nothing else of that name ([`RunAs::check_plan`], [`RunAs::check_function`]): a rename
-//!    of the table's schema takes no lock on the table. A change since the round's check is an
+//!    and nothing else of that name ([`RunAs::check_plan`]; the function's owner,
+//!    [`RunAs::check_function`]): a rename of the table or of its schema made since the round
+//!    read them, or racing the statement, never reaches another table. A change since the round's check is an
 //!    error of this round; the next round checks again;
 //! 3. becomes that role with `SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION`:
 //!    the owner's code cannot `SET ROLE`, create temporary objects or cursors `WITH HOLD`, or
@@ -29,7 +30,7 @@
 //! VACUUM since PostgreSQL 17, the search path is left as the worker's session has it, so that
 //! the owner's triggers find their objects; the statements qualify every name instead.
 
-use std::ffi::{c_int, CStr, CString};
+use std::ffi::{c_int, CString};
 
 use pgrx::pg_sys;
 use pgrx::pg_sys::errcodes::PgSqlErrorCode;
@@ -38,7 +39,7 @@ use pgrx::PgLogLevel;
 
 use crate::nest_level::NestLevel;
 use crate::settings;
-use crate::target::Relation;
+use crate::target::{self, Relation};
 
 /// A chunk's statements running as the table's owner (or `wsusage.role`); see the module.
 pub struct RunAs {
@@ -52,8 +53,8 @@ pub struct RunAs {
 
 impl RunAs {
     /// Steps 1–3 of the module for `relation`; `lock_timeout_ms`, if given, is the chunk's
-    /// `lock_timeout` (the table's lock included). Raises an ERROR when the table is gone or
-    /// renamed (42P01), its lock not had in time (55P03), `wsusage.role` names no role (42704),
+    /// `lock_timeout` (the table's lock included). Raises an ERROR when the table is gone
+    /// (42P01), its lock not had in time (55P03), `wsusage.role` names no role (42704),
     /// or the role to run as is not the one the round checked (55000).
     ///
     /// # Safety
@@ -133,50 +134,33 @@ impl RunAs {
                     format!("relation {} was renamed during the flush", self.relation.display),
                     "Its keys stay pending; the next flush writes the table under its new name.",
                 ),
-                Expect::Function(_) => raise(
-                    PgSqlErrorCode::ERRCODE_UNDEFINED_FUNCTION,
-                    "the after_flush function was renamed or dropped during the flush".to_owned(),
-                    "Its keys stay pending; the next flush checks the target's after_flush function again.",
-                ),
+                Expect::Function(_) => renamed_function(),
             }
         }
     }
 
-    /// Before the `after_flush` call: raise unless `function` (its OID, schema and name as the
-    /// round read them) is still called so, and still owned by a role with the privileges of
-    /// the role the chunk runs as — it may have changed hands since the round checked it.
+    /// Before the `after_flush` call: raise unless function `oid` is still owned by a role with
+    /// the privileges of the role the chunk runs as — it may have changed hands since the round
+    /// checked it. (That its name still calls it is [`RunAs::check_plan`]'s.)
     ///
     /// # Safety
     /// Inside the transaction `begin` ran in.
-    pub unsafe fn check_function(&self, function: &(pg_sys::Oid, String, String), signature: &str) {
-        let (oid, schema, name) = function;
-        // SAFETY: catalog lookups in the caller's transaction; the tuple is released before any
+    pub unsafe fn check_function(&self, oid: pg_sys::Oid, signature: &str) {
+        // SAFETY: a catalog lookup in the caller's transaction; the tuple is released before any
         // ERROR is raised.
-        let (found, owner) = unsafe {
-            let found = (
-                owned(pg_sys::get_namespace_name(pg_sys::get_func_namespace(*oid))),
-                owned(pg_sys::get_func_name(*oid)),
-            );
-            let tuple =
-                pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::PROCOID as c_int, pg_sys::Datum::from(*oid));
-            let owner = if tuple.is_null() {
-                pg_sys::InvalidOid
+        let owner = unsafe {
+            let tuple = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::PROCOID as c_int, pg_sys::Datum::from(oid));
+            if tuple.is_null() {
+                None
             } else {
                 let owner = (*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_proc>(tuple)).proowner;
                 pg_sys::ReleaseSysCache(tuple);
-                owner
-            };
-            (found, owner)
+                Some(owner)
+            }
         };
-        if (&found.0, &found.1) != (schema, name) {
-            raise(
-                PgSqlErrorCode::ERRCODE_UNDEFINED_FUNCTION,
-                format!("function {signature} was renamed or dropped during the flush"),
-                "Its keys stay pending; the next flush checks the target's after_flush function again.",
-            );
-        }
+        let Some(owner) = owner else { renamed_function() };
         // SAFETY: a membership lookup through the syscache.
-        if owner == pg_sys::InvalidOid || !unsafe { pg_sys::has_privs_of_role(owner, self.runner) } {
+        if !unsafe { pg_sys::has_privs_of_role(owner, self.runner) } {
             raise(
                 PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
                 format!("function {signature} changed hands during the flush"),
@@ -199,7 +183,7 @@ impl RunAs {
     }
 }
 
-/// Lock `relation` by OID as the UPDATE will, and return its owner, once [`check_named`].
+/// Lock `relation` by OID as the UPDATE will, and return its owner.
 ///
 /// # Safety
 /// Inside a transaction.
@@ -217,32 +201,7 @@ unsafe fn lock(relation: &Relation) -> pg_sys::Oid {
         }
         let owner = (*(*rel).rd_rel).relowner;
         pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
-        check_named(relation);
         owner
-    }
-}
-
-/// Raise unless the statements' name for `relation` (its schema and name) is still its own, once
-/// the table is locked: a rename made since the round read it is told apart here, with a message
-/// saying so; a rename racing the statements themselves is caught on their plans
-/// ([`RunAs::check_plan`]).
-///
-/// # Safety
-/// Inside a transaction.
-unsafe fn check_named(relation: &Relation) {
-    // SAFETY: catalog lookups in the caller's transaction; the strings are palloc'd copies.
-    let (schema, name) = unsafe {
-        (
-            owned(pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relation.oid))),
-            owned(pg_sys::get_rel_name(relation.oid)),
-        )
-    };
-    if name != relation.name || schema != relation.schema {
-        raise(
-            PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
-            format!("relation {} was renamed during the flush", relation.display),
-            "Its keys stay pending; the next flush writes the table under its new name.",
-        );
     }
 }
 
@@ -280,15 +239,6 @@ unsafe fn calls(source: *const pg_sys::CachedPlanSource, oid: pg_sys::Oid) -> bo
     }
 }
 
-/// A C string PostgreSQL returned (NULL: empty).
-///
-/// # Safety
-/// `text` is NULL or a valid NUL-terminated string.
-unsafe fn owned(text: *const std::ffi::c_char) -> String {
-    // SAFETY: the caller's promise.
-    unsafe { text.as_ref().map(|t| CStr::from_ptr(t).to_string_lossy().into_owned()) }.unwrap_or_default()
-}
-
 /// The OID of role `name` (`wsusage.role`).
 ///
 /// # Safety
@@ -298,13 +248,18 @@ unsafe fn role_oid(name: &str) -> pg_sys::Oid {
     // SAFETY: a catalog lookup inside the caller's transaction.
     let oid = unsafe { pg_sys::get_role_oid(c_name.as_ptr(), true) };
     if oid == pg_sys::InvalidOid {
-        raise(
-            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
-            format!("role \"{name}\" named by \"wsusage.role\" does not exist"),
-            "Create the role and grant it SELECT and UPDATE on the tables, or change \"wsusage.role\" and restart the server.",
-        );
+        let problem = target::missing_role(name);
+        raise(problem.sqlstate, problem.message, &problem.hint);
     }
     oid
+}
+
+fn renamed_function() -> ! {
+    raise(
+        PgSqlErrorCode::ERRCODE_UNDEFINED_FUNCTION,
+        "the after_flush function was renamed or dropped during the flush".to_owned(),
+        "Its keys stay pending; the next flush checks the target's after_flush function again.",
+    )
 }
 
 fn raise(sqlstate: PgSqlErrorCode, message: String, hint: &str) -> ! {

@@ -365,7 +365,7 @@ unsafe fn update_skipping_locked(
 unsafe fn call_after_flush(statements: &mut Statements, run_as: &RunAs, mut flushed: [pg_sys::Datum; 2]) {
     let Some(sql) = statements.after_flush_sql.clone() else { return };
     let Some(after_flush) = statements.definition.as_ref().and_then(|d| d.after_flush.clone()) else { return };
-    let Some(function) = after_flush.function.as_ref() else {
+    let Some(function) = after_flush.function else {
         error!("the after_flush function of a wsusage flush was not read from the catalogs");
     };
     let ids_type = statements.definition.as_ref().and_then(|d| d.id_type.as_ref()).map_or(pg_sys::InvalidOid, |t| t.2);
@@ -374,7 +374,7 @@ unsafe fn call_after_flush(statements: &mut Statements, run_as: &RunAs, mut flus
     unsafe {
         run_as.check_function(function, &after_flush.signature);
         let plan = statements.after_flush.get(&sql, &mut [ids_type, pg_sys::TIMESTAMPTZARRAYOID]);
-        run_as.check_plan(plan, Expect::Function(function.0));
+        run_as.check_plan(plan, Expect::Function(function));
         let rc = pg_sys::SPI_execute_plan(plan, flushed.as_mut_ptr(), std::ptr::null(), false, 0);
         if rc < 0 {
             error!("the after_flush call of a wsusage flush returned SPI code {rc}");

@@ -159,9 +159,9 @@ pub struct AfterFlush {
     pub signature: String,
     /// Its name, quoted and qualified for SQL; `None` when the function no longer exists.
     pub call: Option<String>,
-    /// Its OID, schema and name, as the catalogs were read: a flush checks before each call
-    /// that the name still names this function (see `run_as`).
-    pub function: Option<(pg_sys::Oid, String, String)>,
+    /// Its OID, as the catalogs were read: a flush checks before each call that `call` still
+    /// names this function (see `run_as`).
+    pub function: Option<pg_sys::Oid>,
     /// Whether it takes (an array of the id type, timestamptz[]).
     pub fits: bool,
     /// Its owner, and whether that role has the privileges of the role the flush runs as (a
@@ -177,6 +177,16 @@ pub struct Problem {
     pub sqlstate: PgSqlErrorCode,
     pub message: String,
     pub hint: String,
+}
+
+/// The problem of `wsusage.role` naming role `name`, which does not exist: every flush would fail.
+pub fn missing_role(name: &str) -> Problem {
+    Problem {
+        sqlstate: PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+        message: format!("role \"{name}\" named by \"wsusage.role\" does not exist"),
+        hint: "Create the role and grant it SELECT and UPDATE on the tables, or change \"wsusage.role\" and restart the server."
+            .into(),
+    }
 }
 
 /// How a flush writes a timestamp column of each type.
@@ -275,11 +285,7 @@ impl Definition {
             Some(AfterFlush { owner: (_, false), runs_as, .. })
                 if self.relation.as_ref().is_some_and(|relation| relation.runs_as == pg_sys::InvalidOid) =>
             {
-                problem(
-                    ERRCODE_UNDEFINED_OBJECT,
-                    format!("role \"{runs_as}\" named by \"wsusage.role\" does not exist"),
-                    "Create the role and grant it SELECT and UPDATE on the tables, or change \"wsusage.role\" and restart the server.",
-                )
+                Some(missing_role(runs_as))
             }
             Some(AfterFlush { signature, owner: (owner, false), runs_as, .. }) => problem(
                 ERRCODE_INSUFFICIENT_PRIVILEGE,
@@ -442,8 +448,7 @@ pub fn definitions_sql(targets: Option<&str>) -> String {
                 coalesce(pg_has_role(p.proowner, runner.oid, 'USAGE'), false), \
                 pg_get_userbyid(p.proowner)::text, \
                 n.nspname::text, c.relname::text, \
-                coalesce($7, pg_get_userbyid(runner.oid)::text), runner.oid, \
-                p.oid, pn.nspname::text, p.proname::text \
+                coalesce($7, pg_get_userbyid(runner.oid)::text), runner.oid, p.oid \
            FROM def \
            LEFT JOIN pg_class AS c ON c.oid = def.rel \
            LEFT JOIN pg_namespace AS n ON n.oid = c.relnamespace \

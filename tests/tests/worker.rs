@@ -157,27 +157,7 @@ fn flush_honours_statement_timeout_and_cancel_while_the_worker_is_blocked() {
     // Cancel works too: sent once the caller waits inside wsusage_flush(), so that it cannot
     // arrive before the call and cancel nothing.
     client.batch_execute("RESET statement_timeout").unwrap();
-    let caller: i32 = client.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
-    let cancel = client.cancel_token();
-    let err = std::thread::scope(|scope| {
-        let canceller = scope.spawn(|| {
-            let mut watcher = cluster.connect();
-            wait_until("the caller to wait inside wsusage_flush()", || {
-                watcher
-                    .query_opt(
-                        "SELECT FROM pg_stat_activity WHERE pid = $1 AND state = 'active'
-                            AND wait_event_type = 'Extension' AND query LIKE '%wsusage_flush%'",
-                        &[&caller],
-                    )
-                    .unwrap()
-                    .is_some()
-            });
-            cancel.cancel_query(NoTls).unwrap();
-        });
-        let err = client.execute("SELECT wsusage_flush()", &[]).unwrap_err();
-        canceller.join().unwrap();
-        err
-    });
+    let err = request_flush(&cluster, &mut client).expect_err("the blocked flush is cancelled");
     let (code, message, _, _) = report(&err);
     assert_eq!(code, "57014");
     assert!(message.contains("user request"), "the cancel, not a timeout: {message}");

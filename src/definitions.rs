@@ -1,10 +1,21 @@
-//! Reading targets' definitions from the catalogs (see `target`): every target of the database
-//! for a flush round, one target for a backend's first mark of it. Runs in a transaction.
+//! Reading targets' definitions (see `target`): every target of the database for a flush round,
+//! one target for a backend's first mark of it and for the check of a row as it is written.
+//!
+//! Read without SQL: `wsusage_target` with a scan of its own (a handful of rows), everything else
+//! through the system caches (see `catalog`). A new backend pays for no plan, and nothing here
+//! depends on anyone's search path but the `after_flush` signature's lookup, which runs under
+//! `pg_catalog, pg_temp`. Runs in a transaction; reads regardless of the current role's
+//! privileges (`wsusage_target` is readable by its owner and `pg_monitor` only, while the roles
+//! that mark need not read it), so callers decide what a role may learn.
 
-use pgrx::datum::DatumWithOid;
-use pgrx::prelude::*;
-use pgrx::spi::SpiTupleTable;
+use std::ffi::CStr;
 
+use pgrx::pg_sys;
+use pgrx::pg_sys::errcodes::PgSqlErrorCode;
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::{FromDatum, PgLogLevel};
+
+use crate::catalog;
 use crate::nest_level::NestLevel;
 use crate::settings;
 use crate::target::{AfterFlush, Definition, Relation};
@@ -14,10 +25,9 @@ use crate::target::{AfterFlush, Definition, Relation};
 /// or a role could pass the privilege check on a table of its own of that name.
 const DEFAULT_SCHEMA: &str = "public";
 
-/// The search path of the catalog query: PostgreSQL's own functions and operators only. The
-/// query runs as the bootstrap superuser in marking backends (see `resolve`), whose own search
-/// path a role sets: a function of its own there must never run in it.
-const QUERY_SEARCH_PATH: &str = "pg_catalog, pg_temp";
+/// The search path an `after_flush` signature is looked up on: it is stored qualified (its
+/// trigger writes it so), and its argument types are PostgreSQL's own.
+const SIGNATURE_SEARCH_PATH: &str = "pg_catalog, pg_temp";
 
 /// What the catalogs say of the database's targets.
 pub struct Catalog {
@@ -29,119 +39,258 @@ pub struct Catalog {
     pub extension: bool,
 }
 
+/// A target as declared: a row of `wsusage_target`, or the settings' `default`.
+struct Declared {
+    name: String,
+    /// The table's OID as declared; it may name a table dropped since.
+    relation: Option<pg_sys::Oid>,
+    /// The table as messages name it when it does not exist.
+    relation_text: String,
+    id_column: String,
+    timestamp_column: String,
+    min_change: (String, bool),
+    after_flush: Option<String>,
+    from_settings: bool,
+}
+
 /// The definitions of the database's targets (`only`: of that one), with whether `role` may
-/// make the UPDATE a mark defers. Raises an ERROR when the catalogs cannot be read. Inside a
-/// transaction; the caller reads `wsusage_target` with the privileges it has.
+/// make the UPDATE a mark defers. Inside a transaction; raises an ERROR when `wsusage_target`
+/// cannot be read.
 pub fn read(only: Option<&str>, role: pg_sys::Oid) -> Catalog {
-    // SAFETY: inside the caller's transaction; the level is popped below, nothing else opened
-    // within it.
-    let level = unsafe {
-        let level = NestLevel::open();
-        level.set(c"search_path", QUERY_SEARCH_PATH);
-        level
-    };
-    let read = read_under_fixed_search_path(only, role);
-    // SAFETY: as above; restores the caller's search path.
-    unsafe { level.pop() };
-    read
-}
-
-fn read_under_fixed_search_path(only: Option<&str>, role: pg_sys::Oid) -> Catalog {
-    let (table, id_column, timestamp_column, table_as_written) = match settings::target() {
-        Ok(target) => (
-            Some(target.table.quoted_in(DEFAULT_SCHEMA)),
-            Some(target.id_column.last().to_owned()),
-            Some(target.timestamp_column.last().to_owned()),
-            Some(target.table.quoted()),
-        ),
-        // The check hooks keep invalid names out: this reads as a table that does not exist.
-        Err(_) => (None, None, None, None),
-    };
-    Spi::connect(|client| {
-        // `wsusage_target` is the extension's own table, found as a member of the extension,
-        // never by its name: this reads it with more privilege than whoever could plant a table
-        // or view of that name (in the extension's schema before ALTER EXTENSION UPDATE to 0.3.0
-        // creates the real one, say), whose functions would then run with that privilege. Until
-        // it exists, the settings' target is the only one.
-        let found = match client.select(
-            "SELECT CASE WHEN t.oid IS NOT NULL THEN format('%I.%I', t.nspname, t.relname) END, t.oid \
-               FROM pg_extension AS e \
-               LEFT JOIN LATERAL ( \
-                   SELECT c.oid, n.nspname, c.relname \
-                     FROM pg_depend AS d \
-                     JOIN pg_class AS c ON c.oid = d.objid \
-                     JOIN pg_namespace AS n ON n.oid = c.relnamespace \
-                    WHERE d.refclassid = 'pg_extension'::regclass AND d.refobjid = e.oid AND d.deptype = 'e' \
-                      AND d.classid = 'pg_class'::regclass AND c.relname = 'wsusage_target' AND c.relkind = 'r' \
-               ) AS t ON true \
-              WHERE e.extname = 'wsusage'",
-            Some(1),
-            &[],
-        ) {
-            Ok(rows) if !rows.is_empty() => {
-                let row = rows.first();
-                let table = row.get::<pg_sys::Oid>(2).ok().flatten();
-                Some((table.and(row.get::<String>(1).ok().flatten()), table))
-            }
-            Ok(_) => None,
-            Err(e) => error!("could not read the wsusage extension's schema: {e}"),
+    let extension = catalog::extension(c"wsusage");
+    // `wsusage_target` is the extension's own table, found as a member of the extension, never
+    // by its name: whoever could plant a table or view of that name (in the extension's schema
+    // before ALTER EXTENSION UPDATE to 0.3.0 creates the real one, say) would otherwise decide
+    // what is written where. Until it exists, the settings' target is the only one.
+    let targets_table = extension.and_then(|extension| catalog::extension_table(extension, "wsusage_target"));
+    let mut declared = targets_table.map(|table| declared_rows(table, only)).unwrap_or_default();
+    if !declared.iter().any(|row| row.name == "default") && only.is_none_or(|name| name == "default") {
+        declared.extend(from_settings());
+    }
+    declared.sort_by(|a, b| a.name.cmp(&b.name));
+    let runner_setting = settings::role();
+    let runner_setting = runner_setting.as_deref().map(|name| (name, catalog::role_named(name)));
+    let describe_all = || declared.iter().map(|row| describe(row, role, runner_setting)).collect();
+    let definitions = if declared.iter().any(|row| row.after_flush.is_some()) {
+        // SAFETY: inside the caller's transaction; the level is popped below, nothing else
+        // opened within it.
+        let level = unsafe {
+            let level = NestLevel::open();
+            level.set(c"search_path", SIGNATURE_SEARCH_PATH);
+            level
         };
-        let extension = found.is_some();
-        let (targets, targets_table) = found.unwrap_or_default();
-        let sql = crate::target::definitions_sql(targets.as_deref());
-        let args: [DatumWithOid; 7] = [
-            table.clone().into(),
-            id_column.clone().into(),
-            timestamp_column.clone().into(),
-            role.into(),
-            only.map(str::to_owned).into(),
-            table_as_written.clone().into(),
-            settings::role().into(),
-        ];
-        match client.select(sql.as_str(), None, &args) {
-            Ok(rows) => Catalog { definitions: definitions_of(rows), targets_table, extension },
-            Err(e) => error!("could not read the wsusage targets: {e}"),
+        let definitions = describe_all();
+        // SAFETY: as above; restores the caller's search path.
+        unsafe { level.pop() };
+        definitions
+    } else {
+        describe_all()
+    };
+    Catalog { definitions, targets_table, extension: extension.is_some() }
+}
+
+/// The settings' `default` target; none while the settings do not parse (their check hooks keep
+/// invalid names out, so this reads as a table that does not exist).
+fn from_settings() -> Option<Declared> {
+    let target = settings::target().ok()?;
+    let (schema, table) = target.table.schema_and_name(DEFAULT_SCHEMA);
+    Some(Declared {
+        name: "default".into(),
+        relation: catalog::relation_named(schema, table),
+        relation_text: target.table.quoted(),
+        id_column: target.id_column.last().to_owned(),
+        timestamp_column: target.timestamp_column.last().to_owned(),
+        min_change: ("00:00:00".into(), false),
+        after_flush: None,
+        from_settings: true,
+    })
+}
+
+/// The columns of `wsusage_target` read here, with their types, in the order of [`Declared`].
+const COLUMNS: [(&CStr, pg_sys::Oid); 6] = [
+    (c"name", pg_sys::TEXTOID),
+    (c"relation", pg_sys::REGCLASSOID),
+    (c"id_column", pg_sys::NAMEOID),
+    (c"timestamp_column", pg_sys::NAMEOID),
+    (c"min_change", pg_sys::INTERVALOID),
+    (c"after_flush", pg_sys::TEXTOID),
+];
+
+/// The rows of `wsusage_target` (`only`: the row of that name), read with a snapshot taken now.
+fn declared_rows(table: pg_sys::Oid, only: Option<&str>) -> Vec<Declared> {
+    let mut rows = Vec::new();
+    // SAFETY: the table is opened and locked as a query would, scanned under a registered
+    // snapshot, and closed; each tuple is deformed with the table's own descriptor, and its
+    // values (checked to be of the types named in COLUMNS) are copied out while the scan holds
+    // the tuple.
+    unsafe {
+        let relation = pg_sys::table_open(table, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let descriptor = (*relation).rd_att;
+        let positions = column_positions(descriptor);
+        let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
+        let scan = pg_sys::systable_beginscan(relation, pg_sys::InvalidOid, false, snapshot, 0, std::ptr::null_mut());
+        let width = usize::try_from((*descriptor).natts).unwrap_or(0);
+        let (mut values, mut nulls) = (vec![pg_sys::Datum::from(0); width], vec![true; width]);
+        loop {
+            let tuple = pg_sys::systable_getnext(scan);
+            if tuple.is_null() {
+                break;
+            }
+            pg_sys::heap_deform_tuple(tuple, descriptor, values.as_mut_ptr(), nulls.as_mut_ptr());
+            let value = |column: usize| {
+                let at = positions[column];
+                (!nulls[at]).then_some(values[at])
+            };
+            let Some(name) = value(0).and_then(|datum| String::from_datum(datum, false)) else { continue };
+            if only.is_some_and(|only| only != name) {
+                continue;
+            }
+            let relation = value(1).map(|datum| pg_sys::Oid::from(datum.value() as u32));
+            let name_text = |column| {
+                value(column)
+                    .map(|datum| {
+                        CStr::from_ptr(datum.cast_mut_ptr::<std::ffi::c_char>()).to_string_lossy().into_owned()
+                    })
+                    .unwrap_or_default()
+            };
+            rows.push(Declared {
+                name,
+                relation,
+                // regclass prints a dropped table's OID as a number.
+                relation_text: relation.map(|oid| oid.to_u32().to_string()).unwrap_or_default(),
+                id_column: name_text(2),
+                timestamp_column: name_text(3),
+                min_change: value(4).map(|datum| interval(datum)).unwrap_or_else(|| ("00:00:00".into(), false)),
+                after_flush: value(5).and_then(|datum| String::from_datum(datum, false)),
+                from_settings: false,
+            });
+        }
+        pg_sys::systable_endscan(scan);
+        pg_sys::UnregisterSnapshot(snapshot);
+        pg_sys::table_close(relation, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+    }
+    rows
+}
+
+/// Where each of [`COLUMNS`] is in `wsusage_target`'s descriptor; raises when one is missing or
+/// of another type, which only a table altered by hand can be.
+///
+/// # Safety
+/// `descriptor` is an open relation's.
+unsafe fn column_positions(descriptor: pg_sys::TupleDesc) -> [usize; 6] {
+    // SAFETY: the caller's promise; the wrapper neither frees nor outlives the descriptor.
+    let attributes = unsafe { pgrx::PgTupleDesc::from_pg_unchecked(descriptor) };
+    COLUMNS.map(|(name, type_oid)| {
+        let found = attributes.iter().position(|attribute| {
+            // SAFETY: attname is a NUL-terminated NameData.
+            !attribute.attisdropped && unsafe { CStr::from_ptr(attribute.attname.data.as_ptr()) } == name
+        });
+        match found {
+            Some(at) if attributes.get(at).is_some_and(|attribute| attribute.atttypid == type_oid) => at,
+            _ => {
+                ErrorReport::new(
+                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    format!(
+                        "table wsusage_target has no column \"{}\" of the type wsusage reads",
+                        name.to_string_lossy()
+                    ),
+                    "definitions::read",
+                )
+                .set_hint("The table was altered by hand: restore the column, or drop and create the extension.")
+                .report(PgLogLevel::ERROR);
+                unreachable!("an ERROR report does not return")
+            }
         }
     })
 }
 
-fn definitions_of(rows: SpiTupleTable<'_>) -> Vec<Definition> {
-    rows.map(|row| {
-        let text = |n| row.get::<String>(n).ok().flatten();
-        let oid = |n| row.get::<pg_sys::Oid>(n).ok().flatten();
-        let flag = |n| row.get::<bool>(n).ok().flatten();
-        Definition {
-            name: text(1).unwrap_or_default(),
-            relation: oid(2).map(|relid| Relation {
-                oid: relid,
-                display: text(3).unwrap_or_default(),
-                schema: text(21).unwrap_or_default(),
-                name: text(22).unwrap_or_default(),
-                runs_as: oid(24).unwrap_or(pg_sys::InvalidOid),
-            }),
-            relation_text: text(4).unwrap_or_default(),
-            id_column: text(5).unwrap_or_default(),
-            timestamp_column: text(6).unwrap_or_default(),
-            id_type: oid(7)
-                .zip(text(8))
-                .map(|(oid, name)| (oid, name, self::oid_or_invalid(row.get(9).ok().flatten()))),
-            timestamp_type: oid(10).zip(text(11)),
-            min_change: (text(12).unwrap_or_else(|| "0".into()), flag(13).unwrap_or(false)),
-            after_flush: text(14).map(|signature| AfterFlush {
-                signature,
-                call: text(15),
-                function: oid(25),
-                fits: flag(16).unwrap_or(false),
-                owner: (text(20).unwrap_or_default(), flag(19).unwrap_or(false)),
-                runs_as: text(23).unwrap_or_default(),
-            }),
-            may_update: flag(17),
-            from_settings: flag(18).unwrap_or(false),
-        }
-    })
-    .collect()
+/// An interval as text, and whether it is more than zero (compared as PostgreSQL compares
+/// intervals: a month is 30 days, a day 24 hours).
+///
+/// # Safety
+/// `datum` is an `interval` value.
+unsafe fn interval(datum: pg_sys::Datum) -> (String, bool) {
+    // SAFETY: the caller's promise: a pointer to a 16-byte Interval; interval_out takes it.
+    unsafe {
+        let value = &*datum.cast_mut_ptr::<pg_sys::Interval>();
+        const DAY: i128 = 86_400_000_000;
+        let span = i128::from(value.time) + i128::from(value.day) * DAY + i128::from(value.month) * 30 * DAY;
+        let text = pgrx::direct_function_call::<&CStr>(pg_sys::interval_out, &[Some(datum)])
+            .map(|text| text.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        (text, span > 0)
+    }
 }
 
-fn oid_or_invalid(oid: Option<pg_sys::Oid>) -> pg_sys::Oid {
-    oid.unwrap_or(pg_sys::InvalidOid)
+/// A declared target as the catalogs describe it now, with `role`'s privilege of the UPDATE a
+/// mark defers. `runner_setting`: `wsusage.role`, and its OID if the role exists.
+fn describe(row: &Declared, role: pg_sys::Oid, runner_setting: Option<(&str, Option<pg_sys::Oid>)>) -> Definition {
+    let table = row.relation.and_then(|oid| catalog::relation(oid).map(|table| (oid, table)));
+    let column = |name: &str| table.as_ref().and_then(|(oid, _)| catalog::column(*oid, name));
+    let (id_column, timestamp_column) = (column(&row.id_column), column(&row.timestamp_column));
+    let runner = match runner_setting {
+        Some((_, oid)) => oid,
+        None => table.as_ref().map(|(_, table)| table.owner),
+    };
+    let runs_as = match runner_setting {
+        Some((name, _)) => name.to_owned(),
+        None => runner.map(catalog::role_name).unwrap_or_default(),
+    };
+    let id_array = id_column.map(|(_, type_oid)| catalog::array_type(type_oid));
+    let may_update = table.as_ref().zip(id_column.zip(timestamp_column)).map(|((oid, table), (id, timestamp))| {
+        catalog::may_use_schema(role, table.namespace)
+            && catalog::may_use_column(role, *oid, timestamp.0, pg_sys::ACL_UPDATE)
+            && catalog::may_use_column(role, *oid, timestamp.0, pg_sys::ACL_SELECT)
+            && catalog::may_use_column(role, *oid, id.0, pg_sys::ACL_SELECT)
+    });
+    let after_flush = row.after_flush.as_ref().map(|signature| {
+        let function = catalog::function_named(signature).and_then(|oid| catalog::function(oid).map(|f| (oid, f)));
+        AfterFlush {
+            signature: signature.clone(),
+            call: function.as_ref().map(|(_, f)| {
+                catalog::qualified_name(&catalog::namespace_name(f.namespace).unwrap_or_default(), &f.name)
+            }),
+            function: function.as_ref().map(|(oid, _)| *oid),
+            fits: function.as_ref().is_some_and(|(_, f)| {
+                f.kind == pg_sys::PROKIND_FUNCTION
+                    && f.variadic == pg_sys::InvalidOid
+                    && id_array.is_some_and(|array| f.argument_types == [array, pg_sys::TIMESTAMPTZARRAYOID])
+            }),
+            owner: match &function {
+                Some((_, f)) => (
+                    catalog::role_name(f.owner),
+                    runner.is_some_and(|runner| catalog::has_privileges_of(f.owner, runner)),
+                ),
+                None => (String::new(), false),
+            },
+            runs_as: runs_as.clone(),
+        }
+    });
+    let relation = table.as_ref().map(|(oid, table)| {
+        let schema = catalog::namespace_name(table.namespace).unwrap_or_default();
+        Relation {
+            oid: *oid,
+            display: catalog::qualified_name(&schema, &table.name),
+            schema,
+            name: table.name.clone(),
+            runs_as: runner.unwrap_or(pg_sys::InvalidOid),
+        }
+    });
+    let relation_text = match &relation {
+        Some(relation) if !row.from_settings => format!("\"{}\"", relation.name.replace('"', "\"\"")),
+        _ => row.relation_text.clone(),
+    };
+    Definition {
+        name: row.name.clone(),
+        relation,
+        relation_text,
+        id_column: row.id_column.clone(),
+        timestamp_column: row.timestamp_column.clone(),
+        id_type: id_column.map(|(_, type_oid)| (type_oid, catalog::type_name(type_oid), id_array.unwrap_or_default())),
+        timestamp_type: timestamp_column.map(|(_, type_oid)| (type_oid, catalog::type_name(type_oid))),
+        min_change: row.min_change.clone(),
+        after_flush,
+        may_update,
+        from_settings: row.from_settings,
+    }
 }

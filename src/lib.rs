@@ -44,6 +44,7 @@ mod nest_level;
 mod settings;
 mod target;
 
+mod catalog;
 mod definitions;
 mod resolve;
 mod target_table;

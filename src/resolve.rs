@@ -145,7 +145,7 @@ pub fn with_target<R>(name: &str, takes: Kind, function: &'static str, mark: imp
 /// marks of it are accepted, as before targets existed, and the worker reports the problem.
 fn resolve(name: &str, takes: Kind, function: &'static str, user: pg_sys::Oid) -> Option<Resolved> {
     register_callbacks();
-    let catalog = read_as_bootstrap_superuser(name, user);
+    let catalog = definitions::read(Some(name), user);
     let targets_table = catalog.targets_table;
     let Some(definition) = catalog.definitions.into_iter().next() else {
         UsageError::UnknownTarget { name: name.to_owned() }.raise(function)
@@ -185,26 +185,4 @@ fn resolve(name: &str, takes: Kind, function: &'static str, user: pg_sys::Oid) -
         watched.dedup();
     });
     Some(Resolved { name: name.to_owned(), kind, column_type, slot: None, user })
-}
-
-/// The definition of target `name` with `user`'s privilege on it, read as the bootstrap
-/// superuser: `wsusage_target` is readable by its owner and `pg_monitor` only, while the roles
-/// that mark need not read it.
-fn read_as_bootstrap_superuser(name: &str, user: pg_sys::Oid) -> definitions::Catalog {
-    let (mut saved_user, mut saved_context) = (pg_sys::InvalidOid, 0);
-    // SAFETY: switching the user for the catalog query in the caller's transaction, as
-    // PostgreSQL's own maintenance commands do; an ERROR on the way is cleaned up by the
-    // transaction's abort, which restores the user.
-    unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
-        pg_sys::SetUserIdAndSecContext(
-            pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
-            saved_context
-                | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION) as std::ffi::c_int,
-        );
-    }
-    let read = definitions::read(Some(name), user);
-    // SAFETY: restores what was saved above.
-    unsafe { pg_sys::SetUserIdAndSecContext(saved_user, saved_context) };
-    read
 }

@@ -33,11 +33,11 @@ impl Name {
         self.0.iter().map(|part| quote(part)).collect::<Vec<_>>().join(".")
     }
 
-    /// The name as SQL text, a table's schema given as `schema` when it names none.
-    pub fn quoted_in(&self, schema: &str) -> String {
-        match self.0.len() {
-            1 => Name(vec![schema.to_owned(), self.0[0].clone()]).quoted(),
-            _ => self.quoted(),
+    /// A table's schema and name, the schema `schema` when it names none.
+    pub fn schema_and_name<'a>(&'a self, schema: &'a str) -> (&'a str, &'a str) {
+        match self.0.as_slice() {
+            [schema, name] => (schema, name),
+            _ => (schema, self.last()),
         }
     }
 
@@ -401,65 +401,4 @@ impl Definition {
         let call = self.after_flush.as_ref()?.call.as_ref()?;
         Some(format!("SELECT {call}($1, $2)"))
     }
-}
-
-/// The catalog query describing targets: one row per target of the database — each row of
-/// `wsusage_target` (`{targets}` names it, quoted; without it, only the settings' `default`),
-/// and `default` from the settings unless a row has that name — with what [`Definition`] holds.
-/// Parameters: $1 the settings' table (quoted and schema-qualified), $2 and $3 their id and
-/// timestamp columns, $4 the role whose UPDATE privilege on the timestamp column is asked, $5 one
-/// target's name, or NULL for all, $6 the settings' table as they write it (for messages), $7
-/// `wsusage.role`, or NULL when flushes run as each table's owner. Run under a search path of
-/// `pg_catalog, pg_temp` (see `definitions`).
-pub fn definitions_sql(targets: Option<&str>) -> String {
-    let rows = match targets {
-        Some(targets) => format!(
-            "SELECT name, relation::oid AS rel, relation::text AS rel_text, id_column::text AS idc, \
-                    timestamp_column::text AS tsc, min_change, to_regprocedure(after_flush)::oid AS fn, \
-                    after_flush AS fn_text, false AS settings \
-               FROM {targets} \
-             UNION ALL \
-             SELECT 'default', to_regclass($1)::oid, $6, $2, $3, interval '0', NULL, NULL, true \
-              WHERE NOT EXISTS (SELECT FROM {targets} WHERE name = 'default')"
-        ),
-        None => "SELECT 'default' AS name, to_regclass($1)::oid AS rel, $6::text AS rel_text, $2::text AS idc, \
-                        $3::text AS tsc, interval '0' AS min_change, NULL::oid AS fn, NULL::text AS fn_text, \
-                        true AS settings"
-            .into(),
-    };
-    format!(
-        "WITH def AS ({rows}) \
-         SELECT def.name, c.oid, CASE WHEN c.oid IS NOT NULL THEN format('%I.%I', n.nspname, c.relname) END, \
-                CASE WHEN c.oid IS NOT NULL AND NOT def.settings THEN format('\"%s\"', replace(c.relname, '\"', '\"\"')) \
-                     ELSE def.rel_text END, \
-                def.idc, def.tsc, \
-                ia.atttypid, format_type(ia.atttypid, NULL), it.typarray, \
-                ta.atttypid, format_type(ta.atttypid, NULL), \
-                def.min_change::text, def.min_change > interval '0', \
-                def.fn_text, CASE WHEN p.oid IS NOT NULL THEN format('%I.%I', pn.nspname, p.proname) END, \
-                p.prokind = 'f' AND p.provariadic = 0 AND p.pronargs = 2 \
-                    AND p.proargtypes[0] = it.typarray AND p.proargtypes[1] = 'timestamptz[]'::regtype, \
-                CASE WHEN ta.attnum IS NOT NULL AND ia.attnum IS NOT NULL THEN \
-                     has_schema_privilege($4, c.relnamespace, 'USAGE') \
-                     AND has_column_privilege($4, c.oid, ta.attnum, 'UPDATE') \
-                     AND has_column_privilege($4, c.oid, ta.attnum, 'SELECT') \
-                     AND has_column_privilege($4, c.oid, ia.attnum, 'SELECT') END, \
-                def.settings, \
-                coalesce(pg_has_role(p.proowner, runner.oid, 'USAGE'), false), \
-                pg_get_userbyid(p.proowner)::text, \
-                n.nspname::text, c.relname::text, \
-                coalesce($7, pg_get_userbyid(runner.oid)::text), runner.oid, p.oid \
-           FROM def \
-           LEFT JOIN pg_class AS c ON c.oid = def.rel \
-           LEFT JOIN pg_namespace AS n ON n.oid = c.relnamespace \
-           LEFT JOIN pg_attribute AS ia ON ia.attrelid = c.oid AND ia.attname = def.idc AND ia.attnum > 0 AND NOT ia.attisdropped \
-           LEFT JOIN pg_type AS it ON it.oid = ia.atttypid \
-           LEFT JOIN pg_attribute AS ta ON ta.attrelid = c.oid AND ta.attname = def.tsc AND ta.attnum > 0 AND NOT ta.attisdropped \
-           LEFT JOIN pg_proc AS p ON p.oid = def.fn \
-           LEFT JOIN pg_namespace AS pn ON pn.oid = p.pronamespace \
-           LEFT JOIN LATERAL (SELECT CASE WHEN $7::text IS NULL THEN c.relowner \
-                                          ELSE (SELECT oid FROM pg_roles WHERE rolname = $7) END AS oid) AS runner ON true \
-          WHERE $5::text IS NULL OR def.name = $5 \
-          ORDER BY def.name"
-    )
 }

@@ -49,6 +49,11 @@ pub unsafe extern "C-unwind" fn wsusage_target_check(fcinfo: pg_sys::FunctionCal
 fn check(name: &str) {
     // SAFETY: a plain read of this backend's current role.
     let user = unsafe { pg_sys::GetUserId() };
+    // The row this trigger fires for was written by the current command: make it visible to the
+    // read below, as a query run from here through SPI would.
+    // SAFETY: within the trigger's transaction, as SPI does before each query of a function that
+    // writes.
+    unsafe { pg_sys::CommandCounterIncrement() };
     let catalog = definitions::read(Some(name), user);
     let Some(problem) = catalog.definitions.first().and_then(|definition| definition.problem()) else { return };
     ErrorReport::new(

@@ -26,7 +26,9 @@ at 8), in a rotating order, one ratio per set (see alternated_sets). Then the fl
 1k/10k/100k pending ids with wsusage_flush() against one hand-written UPDATE ... FROM unnest(...)
 of the same rows. Last, wsusage's own cost with no round trip around it (see in_server_cost): one
 statement calls wsusage_mark, then floor_fn, on the same 1M ids, in 1 backend and then in as many
-backends at once as the machine has cores; nanoseconds per call over floor_fn.
+backends at once as the machine has cores; nanoseconds per call over floor_fn. And what a client
+that connects for every call sees (see connection_per_call): SELECT 1, floor_fn and wsusage_mark,
+each call in a new backend, in alternated sets; calls/s and the first call's own latency.
 
 Writes results/<stamp>.md, results/latest.md, results/latest.png (and .json).
 """
@@ -156,9 +158,11 @@ def prepare(cluster: Cluster):
     cluster.sql(
         f"INSERT INTO workspaces SELECT {UUID_OF.format(n='i')}, 'workspace ' || i, NULL FROM generate_series(1, {ROWS}) AS i"
     )
-    # The same column as a named target, to measure what naming a target costs a mark.
-    cluster.sql("INSERT INTO wsusage_target (name, relation, id_column, timestamp_column) "
-                "VALUES ('workspaces', 'workspaces', 'id', 'last_used_at')")
+    # The same column as a named target, to measure what naming a target costs a mark (not in a
+    # build before targets, 0.2.0, measured side by side with later ones).
+    if cluster.sql("SELECT to_regclass('wsusage_target') IS NOT NULL") == "t":
+        cluster.sql("INSERT INTO wsusage_target (name, relation, id_column, timestamp_column) "
+                    "VALUES ('workspaces', 'workspaces', 'id', 'last_used_at')")
     cluster.sql("CREATE UNLOGGED TABLE usage_staging (id uuid PRIMARY KEY, ts timestamptz NOT NULL)")
     cluster.sql("VACUUM ANALYZE workspaces")
     cluster.sql("CHECKPOINT")
@@ -190,13 +194,14 @@ def settle(cluster: Cluster, variant: str):
     time.sleep(0.6)  # let backends' table statistics arrive (asynchronous before PostgreSQL 15)
 
 
-def drive(cluster: Cluster, driver: Path, variant: str, clients: int, seconds: float) -> dict:
+def drive(cluster: Cluster, driver: Path, variant: str, clients: int, seconds: float, connect_per_call=False) -> dict:
     """One run of the driver: what it measured (calls, marks, rates, latencies)."""
     try:
         out = subprocess.run(
             [str(driver), "--socket", str(cluster.dir / ".s.PGSQL.5432"), "--variant", variant,
              "--clients", str(clients), "--seconds", str(seconds),
-             "--rows", str(ROWS), "--hot", str(HOT), "--per-call", str(PER_CALL)],
+             "--rows", str(ROWS), "--hot", str(HOT), "--per-call", str(PER_CALL)]
+            + (["--connect-per-call"] if connect_per_call else []),
             check=True, capture_output=True, text=True,
         )
     except subprocess.CalledProcessError as e:
@@ -315,6 +320,37 @@ def flush_benchmark(cluster: Cluster, sizes, repeats):
     return rows
 
 
+CONNECTING = ["floor", "floor_fn", "mark"]
+
+
+def connection_per_call(cluster: Cluster, driver: Path, clients: int, sets: int, seconds: float):
+    """What a client that opens a connection for every call sees (PHP without persistent
+    connections, serverless functions, cron scripts, pools that recycle connections): each call
+    is a new backend's first, so a mark's first-call work (resolving its target) is paid every
+    time. `clients` threads connect, prepare, call once and disconnect, for `seconds`, for
+    SELECT 1, floor_fn and wsusage_mark back to back, the order rotating from one set to the next.
+    Per set and variant: calls/s, and the median of the first call's own latency (Parse, then
+    Bind/Execute, in the new backend; the connection's own time apart)."""
+    rows = []
+    for n in range(sets):
+        row = {"clients": clients, "set": n + 1}
+        for v in rotated(CONNECTING, n):
+            measured = drive(cluster, driver, v, clients, seconds, connect_per_call=True)
+            row[v] = measured["calls_per_s"]
+            row[f"{v}_first_ms"] = measured["first_call_p50_ms"]
+        rows.append(row)
+    if rows:
+        print(f"a connection per call at {clients} clients: mark / SELECT 1 median "
+              f"{statistics.median(r['mark'] / r['floor'] for r in rows):.3f}, first mark / first floor_fn call "
+              f"{statistics.median(r['mark_first_ms'] / r['floor_fn_first_ms'] for r in rows):.3f} over {sets} sets", flush=True)
+    return rows
+
+
+def connecting_ratios(connect_rows, a, b):
+    """a / b within each set of connection_per_call (a, b: its keys), sorted."""
+    return sorted(r[a] / r[b] for r in connect_rows if r.get(a) and r.get(b))
+
+
 def summarise(results):
     """Median over rounds of each (variant, clients)."""
     groups = {}
@@ -340,7 +376,7 @@ def paired_ratio(results, a, b, key="marks_per_s"):
     return statistics.median(ratios) if ratios else None
 
 
-def targets(results, flush_rows, clients_list, set_rows):
+def targets(results, flush_rows, clients_list, set_rows, connect_rows=()):
     def ratio_of(a, b, key="marks_per_s"):
         return paired_ratio(results, a, b, key)
 
@@ -373,6 +409,12 @@ def targets(results, flush_rows, clients_list, set_rows):
         per_small = small["wsusage_ms"] / small["ids"]
         per_large = large["wsusage_ms"] / large["ids"]
         check(f"flush time per id, {large['ids']} / {small['ids']} ids (linear: ≈ 1 or less)", ratio(per_large, per_small), 1.5, False)
+    if connect_rows:
+        c = connect_rows[0]["clients"]
+        check(f"a connection per call: mark / SELECT 1 at {c} clients (alternated sets)",
+              statistics.median(connecting_ratios(connect_rows, "mark", "floor")), 0.9)
+        check("a new backend's first mark / its first floor_fn call (p50 latency, alternated sets)",
+              statistics.median(connecting_ratios(connect_rows, "mark_first_ms", "floor_fn_first_ms")), 2, False)
     return checks
 
 
@@ -413,8 +455,11 @@ def in_server_cost(cluster: Cluster, calls: int, backends_list, reps: int):
     (floor_fn) and over floor_fn (the mark). mark_target is `wsusage_mark('workspaces', id)`, the
     same column as a named target: what naming one costs. Run after flush_benchmark: its hour-long
     flush interval keeps the worker from emptying the set meanwhile."""
+    named = cluster.sql("SELECT to_regclass('wsusage_target') IS NOT NULL") == "t"
+    measured = [m for m in IN_SERVER if named or m != "mark_target"]
     cluster.sql(f"SELECT wsusage_mark_many(ARRAY({ids_query(ROWS)}))")
-    cluster.sql(f"SELECT wsusage_mark_many('workspaces', ARRAY({ids_query(ROWS)}))")
+    if named:
+        cluster.sql(f"SELECT wsusage_mark_many('workspaces', ARRAY({ids_query(ROWS)}))")
     cluster.sql(f"CREATE TABLE draws AS SELECT {UUID_OF.format(n=f'1 + (random() * {ROWS - 1})::int')} AS id "
                 f"FROM generate_series(1, {calls})")
     cluster.sql("VACUUM ANALYZE draws")
@@ -423,9 +468,9 @@ def in_server_cost(cluster: Cluster, calls: int, backends_list, reps: int):
              "mark_target": "SELECT count(wsusage_mark('workspaces', id)) FROM draws"}
     rows = []
     for backends in backends_list:
-        times = {m: [] for m in IN_SERVER}
+        times = {m: [] for m in measured}
         for rep in range(reps):
-            for m in rotated(IN_SERVER, rep):
+            for m in rotated(measured, rep):
                 took = [0.0] * backends
                 def run(i, m=m, took=took):
                     took[i] = cluster.timed_sql("SET max_parallel_workers_per_gather = 0;", query[m])
@@ -435,16 +480,16 @@ def in_server_cost(cluster: Cluster, calls: int, backends_list, reps: int):
                 for t in threads:
                     t.join()
                 times[m].append(statistics.mean(took))
-        ms = {m: statistics.median(times[m]) for m in IN_SERVER}
+        ms = {m: statistics.median(times[m]) for m in measured}
         rows.append({"backends": backends, "calls": calls, "reps": reps, "ms": ms,
                      "floor_fn_ns": (ms["floor_fn"] - ms["scan"]) * 1e6 / calls,
                      "mark_ns": (ms["mark"] - ms["floor_fn"]) * 1e6 / calls,
-                     "mark_target_ns": (ms["mark_target"] - ms["floor_fn"]) * 1e6 / calls,
+                     "mark_target_ns": (ms["mark_target"] - ms["floor_fn"]) * 1e6 / calls if named else None,
                      "mark_ns_range": [(t - ms["floor_fn"]) * 1e6 / calls for t in (min(times["mark"]), max(times["mark"]))]})
     return rows
 
 
-def markdown(summary, flush_rows, checks, notes, meta, set_rows, in_server_rows):
+def markdown(summary, flush_rows, checks, notes, meta, set_rows, in_server_rows, connect_rows=()):
     lines = [f"# wsusage benchmark — {meta['stamp']}", "",
              f"Machine: {meta['machine']}. PostgreSQL {meta['pg']}, wsusage {meta['build']} build, "
              f"synchronous_commit on, {ROWS:,} workspaces, {meta['seconds']} s per run, {meta['rounds']} interleaved rounds "
@@ -480,8 +525,24 @@ def markdown(summary, flush_rows, checks, notes, meta, set_rows, in_server_rows)
         for r in in_server_rows:
             lo, hi = r["mark_ns_range"]
             lines.append(f"| {r['backends']} | {r['ms']['scan']:.1f} | {r['ms']['floor_fn']:.1f} | {r['ms']['mark']:.1f} | "
-                         f"{r['floor_fn_ns']:.0f} | {r['mark_ns']:.0f} ({lo:.0f} – {hi:.0f}) | {r['mark_target_ns']:.0f} | "
-                         f"{r['mark_target_ns'] / r['mark_ns'] if r['mark_ns'] > 0 else float('nan'):.2f} |")
+                         f"{r['floor_fn_ns']:.0f} | {r['mark_ns']:.0f} ({lo:.0f} – {hi:.0f}) | "
+                         + (f"{r['mark_target_ns']:.0f} | {r['mark_target_ns'] / r['mark_ns'] if r['mark_ns'] > 0 else float('nan'):.2f} |"
+                            if r["mark_target_ns"] is not None else "– | – |"))
+    if connect_rows:
+        c, n = connect_rows[0]["clients"], len(connect_rows)
+        lines += ["", f"A connection per call: {c} clients each connecting, preparing, calling once and disconnecting, "
+                  f"for {meta['connect_seconds']} s a variant, {n} sets, the order rotating; medians over the sets "
+                  "(first call: Parse, then Bind/Execute, in the new backend, p50 of the set):", "",
+                  "| variant | calls/s | / `SELECT 1` (quartiles) | first call ms | first call / `floor_fn`'s (quartiles) |",
+                  "|---|---:|---|---:|---|"]
+        def quartiles(ratios):
+            q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) >= 2 else [ratios[0]] * 3
+            return f"{statistics.median(ratios):.3f} ({q[0]:.3f} – {q[2]:.3f})"
+        for v in CONNECTING:
+            lines.append(f"| {v} | {statistics.median(r[v] for r in connect_rows):,.0f} | "
+                         f"{quartiles(connecting_ratios(connect_rows, v, 'floor'))} | "
+                         f"{statistics.median(r[v + '_first_ms'] for r in connect_rows):.3f} | "
+                         f"{quartiles(connecting_ratios(connect_rows, v + '_first_ms', 'floor_fn_first_ms'))} |")
     lines += ["", "Targets:", "", "A ratio of two variants is the median over rounds of their ratio within each round "
               "(a target marked “alternated sets”: the median over those sets).", "",
               "| target | measured | bound | met |", "|---|---:|---:|---|"]
@@ -534,6 +595,9 @@ def main():
     p.add_argument("--flush-repeats", type=int, default=5)
     p.add_argument("--in-server-calls", type=int, default=1_000_000, help="ids per statement of in_server_cost (0: skip it)")
     p.add_argument("--in-server-reps", type=int, default=7)
+    p.add_argument("--connect-sets", type=int, default=10, help="sets of connection_per_call (0: skip it)")
+    p.add_argument("--connect-seconds", type=float, default=3)
+    p.add_argument("--connect-clients", type=int, default=8)
     p.add_argument("--interval-ms", type=int, default=60000, help="wsusage.flush_interval and the staging apply interval")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--build", default="release")
@@ -569,6 +633,8 @@ def main():
         flush_rows = flush_benchmark(cluster, sizes, args.flush_repeats)
         for r in flush_rows:
             print(f"flush {r['ids']:>7} ids: wsusage {r['wsusage_ms']:.1f} ms, hand-written {r['unnest_ms']:.1f} ms", flush=True)
+        connect_rows = connection_per_call(cluster, Path(args.driver), args.connect_clients, args.connect_sets,
+                                           args.connect_seconds)
         in_server_rows = []
         if args.in_server_calls > 0:
             in_server_rows = in_server_cost(cluster, args.in_server_calls, sorted({1, os.cpu_count() or 1}), args.in_server_reps)
@@ -579,19 +645,20 @@ def main():
         cluster.stop()
 
     summary = summarise(results)
-    checks = targets(results, flush_rows, clients_list, set_rows)
+    checks = targets(results, flush_rows, clients_list, set_rows, connect_rows)
     stamp = time.strftime("%Y-%m-%dT%H%M%SZ", time.gmtime())
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown CPU")
     meta = {"stamp": stamp, "machine": f"{os.cpu_count()} cores ({cpu}), {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB",
             "pg": pg, "build": args.build, "seconds": args.seconds, "rounds": args.rounds, "interval_ms": args.interval_ms,
-            "sets": args.sets, "set_seconds": args.set_seconds}
+            "sets": args.sets, "set_seconds": args.set_seconds, "connect_seconds": args.connect_seconds}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    md = markdown(summary, flush_rows, checks, context(results, clients_list, set_rows), meta, set_rows, in_server_rows)
+    md = markdown(summary, flush_rows, checks, context(results, clients_list, set_rows), meta, set_rows, in_server_rows,
+                  connect_rows)
     (out / f"{stamp}.md").write_text(md)
     (out / "latest.md").write_text(md)
     (out / "latest.json").write_text(json.dumps({"meta": meta, "runs": results, "summary": summary, "flush": flush_rows, "sets": set_rows,
-                                                    "in_server": in_server_rows}, indent=1))
+                                                    "in_server": in_server_rows, "connect": connect_rows}, indent=1))
     if not args.no_plot:
         plot(summary, out / "latest.png")
     print(md)

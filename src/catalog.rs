@@ -17,6 +17,7 @@ pub struct RelationRow {
     pub namespace: pg_sys::Oid,
     pub name: String,
     pub owner: pg_sys::Oid,
+    pub kind: u8,
 }
 
 /// A function as `pg_proc` describes it.
@@ -57,6 +58,7 @@ pub fn relation(oid: pg_sys::Oid) -> Option<RelationRow> {
             namespace: (*form).relnamespace,
             name: owned((*form).relname.data.as_ptr()).unwrap_or_default(),
             owner: (*form).relowner,
+            kind: (*form).relkind as u8,
         };
         pg_sys::ReleaseSysCache(tuple);
         Some(row)

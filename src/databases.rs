@@ -51,7 +51,8 @@ pub fn claim(state: &mut ViewMut<'_>, database: pg_sys::Oid, now: i64) -> Option
     if state.slots[index].in_use() {
         retire_marks(state, index);
     }
-    state.slots[index].assign(database, now);
+    let ticket = state.header.new_declarations_ticket();
+    state.slots[index].assign(database, now, ticket);
     LAST_FOUND.store(index, Ordering::Relaxed);
     Some(index)
 }

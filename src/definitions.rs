@@ -40,30 +40,50 @@ pub struct Catalog {
 }
 
 /// A target as declared: a row of `wsusage_target`, or the settings' `default`.
-struct Declared {
-    name: String,
+pub struct Declared {
+    pub name: String,
     /// The table's OID as declared; it may name a table dropped since.
-    relation: Option<pg_sys::Oid>,
+    pub relation: Option<pg_sys::Oid>,
     /// The table as messages name it when it does not exist.
-    relation_text: String,
-    id_column: String,
-    timestamp_column: String,
-    min_change: (String, bool),
-    after_flush: Option<String>,
-    from_settings: bool,
+    pub relation_text: String,
+    pub id_column: String,
+    pub timestamp_column: String,
+    pub min_change: (String, bool),
+    pub after_flush: Option<String>,
+    pub from_settings: bool,
+}
+
+/// What `wsusage_target` declares: the rows read, and where they were read from.
+pub struct Declarations {
+    pub rows: Vec<Declared>,
+    pub targets_table: Option<pg_sys::Oid>,
+    pub extension: bool,
 }
 
 /// The definitions of the database's targets (`only`: of that one), with whether `role` may
 /// make the UPDATE a mark defers. Inside a transaction; raises an ERROR when `wsusage_target`
 /// cannot be read.
 pub fn read(only: Option<&str>, role: pg_sys::Oid) -> Catalog {
+    describe_declarations(declarations(only), only, role)
+}
+
+/// The rows of `wsusage_target` (`only`: the row of that name). Inside a transaction.
+pub fn declarations(only: Option<&str>) -> Declarations {
     let extension = catalog::extension(c"wsusage");
     // `wsusage_target` is the extension's own table, found as a member of the extension, never
     // by its name: whoever could plant a table or view of that name (in the extension's schema
     // before ALTER EXTENSION UPDATE to 0.3.0 creates the real one, say) would otherwise decide
     // what is written where. Until it exists, the settings' target is the only one.
     let targets_table = extension.and_then(|extension| catalog::extension_table(extension, "wsusage_target"));
-    let mut declared = targets_table.map(|table| declared_rows(table, only)).unwrap_or_default();
+    let rows = targets_table.map(|table| declared_rows(table, only)).unwrap_or_default();
+    Declarations { rows, targets_table, extension: extension.is_some() }
+}
+
+/// The definitions of what `declarations` declare, with the settings' `default` unless a row
+/// has that name (`only`: of that one target), and `role`'s privilege of the UPDATE a mark
+/// defers. Inside a transaction.
+pub fn describe_declarations(declarations: Declarations, only: Option<&str>, role: pg_sys::Oid) -> Catalog {
+    let Declarations { rows: mut declared, targets_table, extension } = declarations;
     if !declared.iter().any(|row| row.name == "default") && only.is_none_or(|name| name == "default") {
         declared.extend(from_settings());
     }
@@ -86,7 +106,7 @@ pub fn read(only: Option<&str>, role: pg_sys::Oid) -> Catalog {
     } else {
         describe_all()
     };
-    Catalog { definitions, targets_table, extension: extension.is_some() }
+    Catalog { definitions, targets_table, extension }
 }
 
 /// The settings' `default` target; none while the settings do not parse (their check hooks keep

@@ -47,6 +47,7 @@ use crate::errors::{self, Failure, Scope};
 use crate::held::HELD_MAX;
 use crate::key::Kind;
 use crate::pending;
+use crate::published;
 use crate::rendezvous;
 use crate::settings;
 use crate::statements::{self, Locking, Statements, Written};
@@ -169,6 +170,10 @@ impl Flusher {
         self.batch.sort_unstable_by_key(|entry| entry.key);
 
         let mut round = Round::default();
+        // Declarations published by marking backends are read again after each round starts: a
+        // change that escaped `wsusage_target`'s trigger (written with triggers disabled) reaches
+        // new backends within an interval.
+        published::invalidate(database);
         // Read after the snapshot: a mark in it was made after its target's row was written.
         match in_transaction(|| definitions::read(None, current_user())) {
             Err(failure) => {

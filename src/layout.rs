@@ -71,9 +71,18 @@ pub struct Header {
     pub rejected: AtomicU64,
     /// Ids whose row makes the flush fail, held back from the others (see `held`).
     pub held: HeldBack,
+    /// The last ticket of targets' declarations handed out (see `published`); bumped under the
+    /// lock in either mode.
+    pub declarations_ticket: AtomicU64,
 }
 
 impl Header {
+    /// A new ticket of targets' declarations, larger than every one taken before (see
+    /// `published`).
+    pub fn new_declarations_ticket(&self) -> u64 {
+        self.declarations_ticket.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
     /// The cluster-wide counters, with what markers count here added in (not the slots' marks).
     pub fn stats(&self) -> Stats {
         Stats { rejected: self.rejected.load(Ordering::Relaxed), ..self.stats }

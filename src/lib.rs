@@ -23,6 +23,7 @@ mod held;
 mod key;
 mod lock;
 mod message;
+mod publication;
 mod requests;
 mod slot;
 mod stripes;
@@ -45,7 +46,9 @@ mod settings;
 mod target;
 
 mod catalog;
+mod changes;
 mod definitions;
+mod published;
 mod resolve;
 mod target_table;
 

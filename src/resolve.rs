@@ -17,6 +17,7 @@ use pgrx::pg_sys;
 use crate::definitions;
 use crate::errors::UsageError;
 use crate::key::Kind;
+use crate::published;
 use crate::settings;
 use crate::targets::SlotRef;
 
@@ -145,7 +146,7 @@ pub fn with_target<R>(name: &str, takes: Kind, function: &'static str, mark: imp
 /// marks of it are accepted, as before targets existed, and the worker reports the problem.
 fn resolve(name: &str, takes: Kind, function: &'static str, user: pg_sys::Oid) -> Option<Resolved> {
     register_callbacks();
-    let catalog = definitions::read(Some(name), user);
+    let catalog = read(name, user);
     let targets_table = catalog.targets_table;
     let Some(definition) = catalog.definitions.into_iter().next() else {
         UsageError::UnknownTarget { name: name.to_owned() }.raise(function)
@@ -185,4 +186,22 @@ fn resolve(name: &str, takes: Kind, function: &'static str, user: pg_sys::Oid) -
         watched.dedup();
     });
     Some(Resolved { name: name.to_owned(), kind, column_type, slot: None, user })
+}
+
+/// The definition of target `name`, with `user`'s privilege on it: its declaration as published
+/// in shared memory if it is current (see `published`), else read from the catalogs and
+/// published for the backends after this one.
+fn read(name: &str, user: pg_sys::Oid) -> definitions::Catalog {
+    // SAFETY: a plain read of the backend's database, set once it connected.
+    let database = unsafe { pg_sys::MyDatabaseId };
+    let declarations = published::lookup(database, name).unwrap_or_else(|| {
+        // The ticket first: a change committed after it was read invalidates what is read here.
+        let ticket = published::ticket(database);
+        let declarations = definitions::declarations(Some(name));
+        if let Some(ticket) = ticket {
+            published::publish(database, name, ticket, &declarations);
+        }
+        declarations
+    });
+    definitions::describe_declarations(declarations, Some(name), user)
 }

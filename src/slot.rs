@@ -47,6 +47,9 @@ pub struct DatabaseSlot {
     pub rejected: AtomicU64,
     /// Ids marked in this database, counted by markers each in its stripe.
     pub marks: StripedCounter,
+    /// The ticket of this database's targets' declarations (see `published`); bumped under the
+    /// lock in either mode.
+    pub declarations_ticket: AtomicU64,
 }
 
 impl DatabaseSlot {
@@ -80,9 +83,11 @@ impl DatabaseSlot {
         *self.rejected.get_mut() = 0;
     }
 
-    /// Serve `database` from now on, as a slot never used before.
-    pub fn assign(&mut self, database: pg_sys::Oid, now: i64) {
+    /// Serve `database` from now on, as a slot never used before, its declarations' ticket
+    /// `ticket` (a new one: what was published under an earlier one is never taken).
+    pub fn assign(&mut self, database: pg_sys::Oid, now: i64, ticket: u64) {
         self.database = database;
+        *self.declarations_ticket.get_mut() = ticket;
         *self.pending.get_mut() = 0;
         self.interval_start = now;
         self.worker_pid = 0;

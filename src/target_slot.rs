@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use pgrx::pg_sys;
 
 use crate::counters::Stats;
+use crate::publication::Publication;
 
 /// Longest target name, in bytes (PostgreSQL's identifier limit).
 pub const NAME_MAX: usize = 63;
@@ -33,6 +34,8 @@ pub struct TargetSlot {
     /// This target's counters (of which the flush's ones are kept: `marks` and `rejected` are
     /// per database).
     pub stats: Stats,
+    /// Its declaration, as a backend read it from the catalogs (see `published`).
+    pub published: Publication,
 }
 
 impl TargetSlot {
@@ -63,10 +66,12 @@ impl TargetSlot {
         self.name_len = len as u8;
         *self.pending.get_mut() = 0;
         self.stats = Stats::since(now);
+        self.published = Publication::NONE;
     }
 
     pub fn free(&mut self) {
         self.database = pg_sys::InvalidOid;
+        self.published = Publication::NONE;
         self.generation = self.generation.wrapping_add(1);
     }
 }

@@ -25,8 +25,10 @@ pub unsafe extern "C-unwind" fn wsusage_target_check(fcinfo: pg_sys::FunctionCal
         }
         let trigger = context.cast::<pg_sys::TriggerData>();
         let relation = (*trigger).tg_relation;
-        // Sent to every backend of the database at commit (and to this one at once).
+        // Sent to every backend of the database at commit (and to this one at once); and once
+        // committed, what new backends take from shared memory is read again (see `changes`).
         pg_sys::CacheInvalidateRelcacheByRelid((*relation).rd_id);
+        crate::changes::note();
         let event = (*trigger).tg_event;
         let row = event & pg_sys::TRIGGER_EVENT_ROW != 0;
         let new = match event & pg_sys::TRIGGER_EVENT_OPMASK {

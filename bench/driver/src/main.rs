@@ -9,8 +9,14 @@
 //! calls, marks, elapsed seconds, calls/s, marks/s and p50/p99 latency in milliseconds, timed
 //! from the moment every connection is ready.
 //!
+//! With `--connect-per-call`, each client is a thread that opens a new connection for every call
+//! and closes it after, as PHP without persistent connections, a serverless function or a cron
+//! script does: every call is a new backend's first. It then also reports the first call's own
+//! latency (Parse, then Bind/Execute, in the new backend) apart from the connection's.
+//!
 //! ```text
 //! wsusage-bench-driver --socket DIR/.s.PGSQL.5432 --variant mark --clients 8 --seconds 15
+//! wsusage-bench-driver --socket DIR/.s.PGSQL.5432 --variant mark --clients 8 --seconds 5 --connect-per-call
 //! ```
 
 mod protocol;
@@ -32,6 +38,7 @@ struct Args {
     clients: usize,
     threads: usize,
     seconds: f64,
+    connect_per_call: bool,
 }
 
 /// What one thread measured.
@@ -40,6 +47,8 @@ struct Tally {
     started: Instant,
     finished: Instant,
     latencies_ns: Vec<u64>,
+    /// With a connection per call: the statement's own part of each call (Parse, Bind/Execute).
+    first_call_ns: Vec<u64>,
 }
 
 fn main() -> ExitCode {
@@ -60,6 +69,9 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> Result<(), String> {
+    if args.connect_per_call {
+        return run_connecting(args);
+    }
     let threads = args.threads.clamp(1, args.clients);
     let ready = Arc::new(Barrier::new(threads));
     let handles: Vec<_> = (0..threads)
@@ -117,7 +129,13 @@ fn drive(mut conns: Vec<Connection>, workload: &Workload, seconds: f64, seed: u6
         conn.send_call(&params_of(&param)).map_err(|e| format!("cannot send: {e}"))?;
         sent_at.push(Instant::now());
     }
-    let mut tally = Tally { calls: 0, started, finished: started, latencies_ns: Vec::with_capacity(1 << 20) };
+    let mut tally = Tally {
+        calls: 0,
+        started,
+        finished: started,
+        latencies_ns: Vec::with_capacity(1 << 20),
+        first_call_ns: Vec::new(),
+    };
     let mut in_flight = conns.len();
     while in_flight > 0 {
         let nfds = libc::nfds_t::try_from(fds.len()).map_err(|_| "too many connections".to_string())?;
@@ -155,6 +173,60 @@ fn drive(mut conns: Vec<Connection>, workload: &Workload, seconds: f64, seed: u6
     Ok(tally)
 }
 
+/// A thread per client, each connecting anew for every call until `seconds` have passed.
+fn run_connecting(args: &Args) -> Result<(), String> {
+    let ready = Arc::new(Barrier::new(args.clients));
+    let handles: Vec<_> = (0..args.clients)
+        .map(|t| {
+            let (socket, user, database) = (args.socket.clone(), args.user.clone(), args.database.clone());
+            let (workload, seconds, ready) = (args.workload, args.seconds, Arc::clone(&ready));
+            std::thread::spawn(move || {
+                ready.wait();
+                connect_per_call(&socket, &user, &database, &workload, seconds, t as u64)
+            })
+        })
+        .collect();
+    let mut tallies = Vec::new();
+    for handle in handles {
+        tallies.push(handle.join().map_err(|_| "a client thread panicked".to_string())??);
+    }
+    report(args, tallies);
+    Ok(())
+}
+
+fn connect_per_call(
+    socket: &std::path::Path,
+    user: &str,
+    database: &str,
+    workload: &Workload,
+    seconds: f64,
+    seed: u64,
+) -> Result<Tally, String> {
+    let (sql, types) = workload.statement();
+    let mut random = Random::new(seed + 1);
+    let mut param = Vec::new();
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(seconds);
+    let mut tally = Tally { calls: 0, started, finished: started, latencies_ns: Vec::new(), first_call_ns: Vec::new() };
+    let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    while Instant::now() < deadline {
+        workload.next_param(&mut random, &mut param);
+        let began = Instant::now();
+        let mut conn = Connection::connect(socket, user, database)
+            .map_err(|e| format!("cannot connect to {}: {e}", socket.display()))?;
+        let connected = Instant::now();
+        conn.prepare(sql, types).map_err(|e| format!("cannot prepare \"{sql}\": {e}"))?;
+        conn.call(&params_of(&param)).map_err(|e| format!("call failed: {e}"))?;
+        let done = Instant::now();
+        conn.close().map_err(|e| format!("cannot close: {e}"))?;
+        tally.calls += 1;
+        tally.latencies_ns.push(nanos(done - began));
+        tally.first_call_ns.push(nanos(done - connected));
+        tally.finished = done;
+    }
+    Ok(tally)
+}
+
 fn params_of(param: &[u8]) -> Vec<&[u8]> {
     if param.is_empty() {
         Vec::new()
@@ -171,23 +243,34 @@ fn report(args: &Args, tallies: Vec<Tally>) {
         (Some(s), Some(f)) => (f - s).as_secs_f64().max(1e-9),
         _ => args.seconds,
     };
+    let mut first_calls: Vec<u64> = tallies.iter().flat_map(|t| t.first_call_ns.iter().copied()).collect();
     let mut latencies: Vec<u64> = tallies.into_iter().flat_map(|t| t.latencies_ns).collect();
     latencies.sort_unstable();
-    let percentile = |p: f64| -> f64 {
-        if latencies.is_empty() {
+    first_calls.sort_unstable();
+    let percentile = |sorted: &[u64], p: f64| -> f64 {
+        if sorted.is_empty() {
             return f64::NAN;
         }
-        let at = ((p * latencies.len() as f64) as usize).min(latencies.len() - 1);
-        latencies[at] as f64 / 1e6
+        let at = ((p * sorted.len() as f64) as usize).min(sorted.len() - 1);
+        sorted[at] as f64 / 1e6
     };
     let marks = calls * args.workload.marks_per_call();
+    let first_call = if args.connect_per_call {
+        format!(
+            ", \"first_call_p50_ms\": {:.6}, \"first_call_p99_ms\": {:.6}",
+            percentile(&first_calls, 0.50),
+            percentile(&first_calls, 0.99)
+        )
+    } else {
+        String::new()
+    };
     println!(
         "{{\"calls\": {calls}, \"marks\": {marks}, \"seconds\": {elapsed:.6}, \"calls_per_s\": {:.3}, \
-         \"marks_per_s\": {:.3}, \"p50_ms\": {:.6}, \"p99_ms\": {:.6}}}",
+         \"marks_per_s\": {:.3}, \"p50_ms\": {:.6}, \"p99_ms\": {:.6}{first_call}}}",
         calls as f64 / elapsed,
         marks as f64 / elapsed,
-        percentile(0.50),
-        percentile(0.99),
+        percentile(&latencies, 0.50),
+        percentile(&latencies, 0.99),
     );
 }
 
@@ -200,6 +283,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut threads = std::thread::available_parallelism().map_or(2, usize::from);
     let mut seconds = 10.0f64;
     let (mut rows, mut hot, mut per_call) = (100_000u64, 10_000u64, 100u64);
+    let mut connect_per_call = false;
     while let Some(flag) = argv.next() {
         let mut value = || argv.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
@@ -216,6 +300,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
             "--rows" => rows = number(&flag, &value()?)?,
             "--hot" => hot = number(&flag, &value()?)?,
             "--per-call" => per_call = number(&flag, &value()?)?,
+            "--connect-per-call" => connect_per_call = true,
             _ => return Err(format!("unknown argument \"{flag}\"")),
         }
     }
@@ -227,7 +312,16 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
     if rows == 0 || hot == 0 || hot > rows || per_call == 0 || per_call > rows {
         return Err("need 1 <= --hot <= --rows and 1 <= --per-call <= --rows".into());
     }
-    Ok(Args { socket, user, database, workload: Workload { variant, rows, hot, per_call }, clients, threads, seconds })
+    Ok(Args {
+        socket,
+        user,
+        database,
+        workload: Workload { variant, rows, hot, per_call },
+        clients,
+        threads,
+        seconds,
+        connect_per_call,
+    })
 }
 
 fn number<T: std::str::FromStr>(flag: &str, text: &str) -> Result<T, String> {

@@ -104,6 +104,17 @@ impl Connection {
         self.take_messages()
     }
 
+    /// Send one call and wait for its answer: a client that makes one call at a time.
+    pub fn call(&mut self, params: &[&[u8]]) -> io::Result<()> {
+        self.send_call(params)?;
+        self.wait_ready()
+    }
+
+    /// End the session as a client library does (Terminate), so the backend exits at once.
+    pub fn close(mut self) -> io::Result<()> {
+        self.stream.write_all(&[b'X', 0, 0, 0, 4])
+    }
+
     pub fn raw_fd(&self) -> i32 {
         use std::os::fd::AsRawFd;
         self.stream.as_raw_fd()

@@ -1,0 +1,148 @@
+//! A new session's first mark: it takes its target's declaration from what an earlier session
+//! published in shared memory, rather than reading `wsusage_target` (see src/published.rs), and
+//! checks its own role's privileges itself. What it takes is never older than the last committed
+//! change of `wsusage_target`, nor than the extension's table: each case below has other sessions
+//! publish the old declaration first, then changes it, then marks from a session that has
+//! resolved nothing yet.
+
+use uuid::Uuid;
+use wsusage_tests::*;
+
+fn add_target(client: &mut Client, name: &str, relation: &str) {
+    client
+        .batch_execute(&format!(
+            "INSERT INTO wsusage_target (name, relation, id_column, timestamp_column)
+                  VALUES ('{name}', '{relation}', 'id', 'last_seen_at')"
+        ))
+        .unwrap_or_else(|e| panic!("register target {name}: {e}"));
+}
+
+/// Mark `id` of target `name` from a session of its own (a new backend), as `role` if given.
+fn mark_in_new_session(cluster: &Cluster, role: Option<&str>, name: &str, id: &Uuid) -> Result<(), String> {
+    let mut client = match role {
+        Some(role) => cluster.connect_as(role),
+        None => cluster.connect(),
+    };
+    client.execute("SELECT wsusage_mark($1, $2)", &[&name, id]).map(|_| ()).map_err(|e| sqlstate(&e))
+}
+
+/// Three sessions mark target `name`: the first claims its slot, the next publish and take it.
+fn publish(cluster: &Cluster, name: &str) {
+    for _ in 0..3 {
+        mark_in_new_session(cluster, None, name, &Uuid::new_v4()).unwrap_or_else(|e| panic!("mark {name}: {e}"));
+    }
+}
+
+fn written(client: &mut Client, table: &str, id: &Uuid) -> bool {
+    let query = format!("SELECT last_seen_at IS NOT NULL FROM {table} WHERE id = $1");
+    client.query_one(&query, &[id]).unwrap().get(0)
+}
+
+#[test]
+fn a_target_deleted_or_pointed_elsewhere_is_seen_by_the_next_new_session() {
+    let cluster = Cluster::start(&[]);
+    let (mut client, _) = cluster.with_workspaces(0);
+    client
+        .batch_execute(
+            "CREATE TABLE users (id uuid PRIMARY KEY, last_seen_at timestamptz);
+             CREATE TABLE members (id uuid PRIMARY KEY, last_seen_at timestamptz);",
+        )
+        .unwrap();
+    add_target(&mut client, "people", "users");
+    publish(&cluster, "people");
+
+    client.batch_execute("DELETE FROM wsusage_target WHERE name = 'people'").unwrap();
+    assert_eq!(mark_in_new_session(&cluster, None, "people", &Uuid::new_v4()), Err("42704".into()));
+
+    add_target(&mut client, "people", "users");
+    publish(&cluster, "people");
+    client.batch_execute("UPDATE wsusage_target SET relation = 'members' WHERE name = 'people'").unwrap();
+    let id = Uuid::new_v4();
+    client.execute("INSERT INTO users (id) VALUES ($1)", &[&id]).unwrap();
+    client.execute("INSERT INTO members (id) VALUES ($1)", &[&id]).unwrap();
+    mark_in_new_session(&cluster, None, "people", &id).unwrap();
+    flush(&mut client);
+    assert!(written(&mut client, "members", &id), "the mark went to the table the target names now");
+    assert!(!written(&mut client, "users", &id), "nothing went to the table it named before");
+}
+
+#[test]
+fn a_published_target_is_still_refused_to_a_role_without_update_and_granted_at_once() {
+    let cluster = Cluster::start(&[]);
+    let (mut client, _) = cluster.with_workspaces(0);
+    client
+        .batch_execute(
+            "CREATE TABLE users (id uuid PRIMARY KEY, last_seen_at timestamptz);
+             CREATE ROLE app LOGIN;
+             GRANT EXECUTE ON FUNCTION wsusage_mark(text, uuid) TO app;
+             GRANT SELECT ON users TO app;",
+        )
+        .unwrap();
+    add_target(&mut client, "people", "users");
+    publish(&cluster, "people");
+
+    assert_eq!(mark_in_new_session(&cluster, Some("app"), "people", &Uuid::new_v4()), Err("42501".into()));
+    client.batch_execute("GRANT UPDATE (last_seen_at) ON users TO app").unwrap();
+    mark_in_new_session(&cluster, Some("app"), "people", &Uuid::new_v4()).unwrap();
+    client.batch_execute("REVOKE UPDATE (last_seen_at) ON users FROM app").unwrap();
+    assert_eq!(mark_in_new_session(&cluster, Some("app"), "people", &Uuid::new_v4()), Err("42501".into()));
+}
+
+#[test]
+fn drop_and_create_extension_forgets_what_was_published() {
+    let cluster = Cluster::start(&[]);
+    let (mut client, _) = cluster.with_workspaces(0);
+    client.batch_execute("CREATE TABLE users (id uuid PRIMARY KEY, last_seen_at timestamptz)").unwrap();
+    add_target(&mut client, "people", "users");
+    publish(&cluster, "people");
+
+    client.batch_execute("DROP EXTENSION wsusage; CREATE EXTENSION wsusage").unwrap();
+    assert_eq!(mark_in_new_session(&cluster, None, "people", &Uuid::new_v4()), Err("42704".into()));
+}
+
+#[test]
+fn a_transaction_that_writes_wsusage_target_cannot_be_prepared() {
+    let cluster = Cluster::start(&[("max_prepared_transactions", "2")]);
+    let (mut client, _) = cluster.with_workspaces(0);
+    client.batch_execute("CREATE TABLE users (id uuid PRIMARY KEY, last_seen_at timestamptz)").unwrap();
+    let error = client
+        .batch_execute(
+            "BEGIN;
+             INSERT INTO wsusage_target (name, relation, id_column, timestamp_column)
+                  VALUES ('people', 'users', 'id', 'last_seen_at');
+             PREPARE TRANSACTION 'people';",
+        )
+        .expect_err("PREPARE TRANSACTION should be refused");
+    let (code, message, _, hint) = report(&error);
+    assert_eq!(code, "0A000");
+    assert_eq!(message, "cannot PREPARE a transaction that has written wsusage_target");
+    assert!(hint.contains("in a transaction of its own"), "{hint}");
+    client.batch_execute("ROLLBACK").unwrap();
+    let prepared: i64 = client.query_one("SELECT count(*) FROM pg_prepared_xacts", &[]).unwrap().get(0);
+    let rows: i64 = client.query_one("SELECT count(*) FROM wsusage_target", &[]).unwrap().get(0);
+    assert_eq!((prepared, rows), (0, 0));
+
+    // A transaction that did not write it prepares as any other.
+    client.batch_execute("BEGIN; INSERT INTO users (id) VALUES (gen_random_uuid()); PREPARE TRANSACTION 'u';").unwrap();
+    client.batch_execute("COMMIT PREPARED 'u'").unwrap();
+}
+
+#[test]
+fn a_change_made_with_triggers_disabled_reaches_new_sessions_at_the_next_flush() {
+    let cluster = Cluster::start(&[]);
+    let (mut client, _) = cluster.with_workspaces(0);
+    client.batch_execute("CREATE TABLE users (id uuid PRIMARY KEY, last_seen_at timestamptz)").unwrap();
+    add_target(&mut client, "people", "users");
+    publish(&cluster, "people");
+
+    // What pg_restore --disable-triggers does: no trigger tells anyone.
+    client
+        .batch_execute(
+            "SET session_replication_role = replica;
+             DELETE FROM wsusage_target WHERE name = 'people';
+             RESET session_replication_role;",
+        )
+        .unwrap();
+    flush(&mut client);
+    assert_eq!(mark_in_new_session(&cluster, None, "people", &Uuid::new_v4()), Err("42704".into()));
+}

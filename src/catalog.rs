@@ -81,6 +81,14 @@ pub fn relation_named(schema: &str, name: &str) -> Option<pg_sys::Oid> {
     (oid != pg_sys::InvalidOid).then_some(oid)
 }
 
+/// Whether relation `oid` is `schema`.`name`.
+pub fn relation_is_named(oid: pg_sys::Oid, schema: &str, name: &str) -> bool {
+    let Some(relation) = relation(oid) else { return false };
+    let schema = c_string(schema);
+    // SAFETY: a syscache lookup by name (missing_ok).
+    relation.name == name && unsafe { pg_sys::get_namespace_oid(schema.as_ptr(), true) } == relation.namespace
+}
+
 pub fn namespace_name(oid: pg_sys::Oid) -> Option<String> {
     // SAFETY: a syscache lookup; NULL when the schema does not exist.
     unsafe { owned(pg_sys::get_namespace_name(oid)) }
@@ -98,6 +106,34 @@ pub fn column(relid: pg_sys::Oid, name: &str) -> Option<(pg_sys::AttrNumber, pg_
         }
         let type_oid = pg_sys::get_atttype(relid, number);
         (type_oid != pg_sys::InvalidOid).then_some((number, type_oid))
+    }
+}
+
+/// Column `number` of relation `relid`, if it is a user column named `name`, not dropped: its
+/// number and type.
+pub fn column_at(
+    relid: pg_sys::Oid,
+    number: pg_sys::AttrNumber,
+    name: &str,
+) -> Option<(pg_sys::AttrNumber, pg_sys::Oid)> {
+    if number <= 0 {
+        return None;
+    }
+    // SAFETY: a syscache lookup in the caller's transaction; the tuple is read and released here.
+    unsafe {
+        let tuple = pg_sys::SearchSysCache2(
+            pg_sys::SysCacheIdentifier::ATTNUM as std::ffi::c_int,
+            pg_sys::Datum::from(relid),
+            pg_sys::Datum::from(number),
+        );
+        if tuple.is_null() {
+            return None;
+        }
+        let form = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_attribute>(tuple);
+        let fits = !(*form).attisdropped && CStr::from_ptr((*form).attname.data.as_ptr()).to_bytes() == name.as_bytes();
+        let type_oid = (*form).atttypid;
+        pg_sys::ReleaseSysCache(tuple);
+        fits.then_some((number, type_oid))
     }
 }
 

@@ -18,7 +18,7 @@ use pgrx::{FromDatum, PgLogLevel};
 use crate::catalog;
 use crate::nest_level::NestLevel;
 use crate::settings;
-use crate::target::{AfterFlush, Definition, Relation};
+use crate::target::{AfterFlush, Definition, Hints, Relation};
 
 /// The schema of the settings' table when `wsusage.table` names none. Not the search path: the
 /// worker and every marking backend must find the same table whatever their own search paths,
@@ -51,6 +51,8 @@ pub struct Declared {
     pub min_change: (String, bool),
     pub after_flush: Option<String>,
     pub from_settings: bool,
+    /// Where its table's columns were found before, if known (see [`Hints`]).
+    pub hints: Hints,
 }
 
 /// What `wsusage_target` declares: the rows read, and where they were read from.
@@ -58,6 +60,8 @@ pub struct Declarations {
     pub rows: Vec<Declared>,
     pub targets_table: Option<pg_sys::Oid>,
     pub extension: bool,
+    /// Where the settings' table and columns were found before, if known.
+    pub settings_hints: Hints,
 }
 
 /// The definitions of the database's targets (`only`: of that one), with whether `role` may
@@ -76,16 +80,16 @@ pub fn declarations(only: Option<&str>) -> Declarations {
     // what is written where. Until it exists, the settings' target is the only one.
     let targets_table = extension.and_then(|extension| catalog::extension_table(extension, "wsusage_target"));
     let rows = targets_table.map(|table| declared_rows(table, only)).unwrap_or_default();
-    Declarations { rows, targets_table, extension: extension.is_some() }
+    Declarations { rows, targets_table, extension: extension.is_some(), settings_hints: Hints::default() }
 }
 
 /// The definitions of what `declarations` declare, with the settings' `default` unless a row
 /// has that name (`only`: of that one target), and `role`'s privilege of the UPDATE a mark
 /// defers. Inside a transaction.
 pub fn describe_declarations(declarations: Declarations, only: Option<&str>, role: pg_sys::Oid) -> Catalog {
-    let Declarations { rows: mut declared, targets_table, extension } = declarations;
+    let Declarations { rows: mut declared, targets_table, extension, settings_hints } = declarations;
     if !declared.iter().any(|row| row.name == "default") && only.is_none_or(|name| name == "default") {
-        declared.extend(from_settings());
+        declared.extend(from_settings(settings_hints));
     }
     declared.sort_by(|a, b| a.name.cmp(&b.name));
     let runner_setting = settings::role();
@@ -111,18 +115,20 @@ pub fn describe_declarations(declarations: Declarations, only: Option<&str>, rol
 
 /// The settings' `default` target; none while the settings do not parse (their check hooks keep
 /// invalid names out, so this reads as a table that does not exist).
-fn from_settings() -> Option<Declared> {
+fn from_settings(hints: Hints) -> Option<Declared> {
     let target = settings::target().ok()?;
     let (schema, table) = target.table.schema_and_name(DEFAULT_SCHEMA);
+    let hinted = hints.relation.filter(|&oid| catalog::relation_is_named(oid, schema, table));
     Some(Declared {
         name: "default".into(),
-        relation: catalog::relation_named(schema, table),
+        relation: hinted.or_else(|| catalog::relation_named(schema, table)),
         relation_text: target.table.quoted(),
         id_column: target.id_column.last().to_owned(),
         timestamp_column: target.timestamp_column.last().to_owned(),
         min_change: ("00:00:00".into(), false),
         after_flush: None,
         from_settings: true,
+        hints,
     })
 }
 
@@ -183,6 +189,7 @@ fn declared_rows(table: pg_sys::Oid, only: Option<&str>) -> Vec<Declared> {
                 min_change: value(4).map(|datum| interval(datum)).unwrap_or_else(|| ("00:00:00".into(), false)),
                 after_flush: value(5).and_then(|datum| String::from_datum(datum, false)),
                 from_settings: false,
+                hints: Hints::default(),
             });
         }
         pg_sys::systable_endscan(scan);
@@ -246,8 +253,12 @@ unsafe fn interval(datum: pg_sys::Datum) -> (String, bool) {
 /// mark defers. `runner_setting`: `wsusage.role`, and its OID if the role exists.
 fn describe(row: &Declared, role: pg_sys::Oid, runner_setting: Option<(&str, Option<pg_sys::Oid>)>) -> Definition {
     let table = row.relation.and_then(|oid| catalog::relation(oid).map(|table| (oid, table)));
-    let column = |name: &str| table.as_ref().and_then(|(oid, _)| catalog::column(*oid, name));
-    let (id_column, timestamp_column) = (column(&row.id_column), column(&row.timestamp_column));
+    let column = |name: &str, hint: Option<pg_sys::AttrNumber>| {
+        let (oid, _) = table.as_ref()?;
+        hint.and_then(|number| catalog::column_at(*oid, number, name)).or_else(|| catalog::column(*oid, name))
+    };
+    let id_column = column(&row.id_column, row.hints.id_column);
+    let timestamp_column = column(&row.timestamp_column, row.hints.timestamp_column);
     let runner = match runner_setting {
         Some((_, oid)) => oid,
         None => table.as_ref().map(|(_, table)| table.owner),
@@ -286,6 +297,7 @@ fn describe(row: &Declared, role: pg_sys::Oid, runner_setting: Option<(&str, Opt
             runs_as: runs_as.clone(),
         }
     });
+    let relation_oid = table.as_ref().map(|(oid, _)| *oid);
     let relation = table.as_ref().map(|(oid, table)| {
         let schema = catalog::namespace_name(table.namespace).unwrap_or_default();
         Relation {
@@ -312,5 +324,10 @@ fn describe(row: &Declared, role: pg_sys::Oid, runner_setting: Option<(&str, Opt
         after_flush,
         may_update,
         from_settings: row.from_settings,
+        found: Hints {
+            relation: row.from_settings.then_some(relation_oid).flatten(),
+            id_column: id_column.map(|(number, _)| number),
+            timestamp_column: timestamp_column.map(|(number, _)| number),
+        },
     }
 }

@@ -22,6 +22,11 @@ pub struct Publication {
     /// NUL-terminated, as NameData.
     pub id_column: [u8; NAME_MAX],
     pub timestamp_column: [u8; NAME_MAX],
+    /// Where the table (the settings' `default`: a row names its own) and its columns were found
+    /// (see `Hints`); InvalidOid and 0 when not.
+    pub relation_hint: pg_sys::Oid,
+    pub id_column_hint: i16,
+    pub timestamp_column_hint: i16,
     /// Length of `after_flush`, `u16::MAX` for NULL.
     pub after_flush_len: u16,
     pub after_flush: [u8; SIGNATURE_MAX],
@@ -37,6 +42,9 @@ impl Publication {
         relation: pg_sys::InvalidOid,
         id_column: [0; NAME_MAX],
         timestamp_column: [0; NAME_MAX],
+        relation_hint: pg_sys::InvalidOid,
+        id_column_hint: 0,
+        timestamp_column_hint: 0,
         after_flush_len: 0,
         after_flush: [0; SIGNATURE_MAX],
     };

@@ -28,10 +28,12 @@ use crate::databases;
 use crate::definitions::{Declarations, Declared};
 use crate::layout;
 use crate::publication::{Publication, NAME_MAX, SIGNATURE_MAX};
+use crate::target::Hints;
 use crate::targets;
 
-/// `declarations` (of one target) as published under `ticket`; `None` when they do not fit.
-fn encode(ticket: u64, declarations: &Declarations) -> Option<Publication> {
+/// `declarations` (of one target) as published under `ticket`, where it was found to be yet to
+/// be added ([`publish`]); `None` when they do not fit.
+pub fn prepare(ticket: u64, declarations: &Declarations) -> Option<Publication> {
     let mut published = Publication {
         ticket,
         targets_table: declarations.targets_table.unwrap_or(pg_sys::InvalidOid),
@@ -73,11 +75,21 @@ fn decode(published: &Publication, name: &str) -> Declarations {
         after_flush: (published.after_flush_len != u16::MAX)
             .then(|| text(&published.after_flush[..usize::from(published.after_flush_len).min(SIGNATURE_MAX)])),
         from_settings: false,
+        hints: hints_of(published),
     });
     Declarations {
+        settings_hints: if published.row { Hints::default() } else { hints_of(published) },
         rows: row.into_iter().collect(),
         targets_table: (published.targets_table != pg_sys::InvalidOid).then_some(published.targets_table),
         extension: published.extension,
+    }
+}
+
+fn hints_of(published: &Publication) -> Hints {
+    Hints {
+        relation: (published.relation_hint != pg_sys::InvalidOid).then_some(published.relation_hint),
+        id_column: (published.id_column_hint > 0).then_some(published.id_column_hint),
+        timestamp_column: (published.timestamp_column_hint > 0).then_some(published.timestamp_column_hint),
     }
 }
 
@@ -134,10 +146,14 @@ pub fn lookup(database: pg_sys::Oid, name: &str) -> Option<Declarations> {
     Some(declarations)
 }
 
-/// Publish `declarations` of target `name` of `database`, read under `ticket`, unless the
-/// target has no slot (it is claimed by its first mark) or the ticket is no longer current.
-pub fn publish(database: pg_sys::Oid, name: &str, ticket: u64, declarations: &Declarations) {
-    let Some(publication) = encode(ticket, declarations) else { return };
+/// Publish what [`prepare`] made of target `name` of `database`, with where its table and
+/// columns were `found`, unless the target has no slot (it is claimed by its first mark) or the
+/// ticket it was read under is no longer current.
+pub fn publish(database: pg_sys::Oid, name: &str, mut publication: Publication, found: Hints) {
+    let ticket = publication.ticket;
+    publication.relation_hint = found.relation.unwrap_or(pg_sys::InvalidOid);
+    publication.id_column_hint = found.id_column.unwrap_or(0);
+    publication.timestamp_column_hint = found.timestamp_column.unwrap_or(0);
     layout::with_exclusive(|state| {
         let Some(index) = databases::find(state.slots, database) else { return };
         if state.slots[index].declarations_ticket.load(Ordering::Acquire) != ticket {

@@ -194,14 +194,16 @@ fn resolve(name: &str, takes: Kind, function: &'static str, user: pg_sys::Oid) -
 fn read(name: &str, user: pg_sys::Oid) -> definitions::Catalog {
     // SAFETY: a plain read of the backend's database, set once it connected.
     let database = unsafe { pg_sys::MyDatabaseId };
-    let declarations = published::lookup(database, name).unwrap_or_else(|| {
-        // The ticket first: a change committed after it was read invalidates what is read here.
-        let ticket = published::ticket(database);
-        let declarations = definitions::declarations(Some(name));
-        if let Some(ticket) = ticket {
-            published::publish(database, name, ticket, &declarations);
-        }
-        declarations
-    });
-    definitions::describe_declarations(declarations, Some(name), user)
+    if let Some(declarations) = published::lookup(database, name) {
+        return definitions::describe_declarations(declarations, Some(name), user);
+    }
+    // The ticket first: a change committed after it was read invalidates what is read here.
+    let ticket = published::ticket(database);
+    let declarations = definitions::declarations(Some(name));
+    let publication = ticket.and_then(|ticket| published::prepare(ticket, &declarations));
+    let catalog = definitions::describe_declarations(declarations, Some(name), user);
+    if let (Some(publication), Some(definition)) = (publication, catalog.definitions.first()) {
+        published::publish(database, name, publication, definition.found);
+    }
+    catalog
 }

@@ -130,6 +130,22 @@ pub struct Definition {
 
     /// Defined by the settings, not by a row of `wsusage_target`.
     pub from_settings: bool,
+    /// Where its table and columns were found, for the next backend to look first (see
+    /// `published`).
+    pub found: Hints,
+}
+
+/// Where a target's table and columns were last found, as published (see `published`): each
+/// hint is checked against the catalogs before it is taken, and a wrong one is ignored. Found
+/// by OID and column number, they come from caches PostgreSQL keeps in every backend's initial
+/// state, where looking a table or column up by name first builds an index's cache entry, a
+/// third of a new backend's first mark.
+#[derive(Clone, Copy, Default, PartialEq, Debug)]
+pub struct Hints {
+    /// The settings' table (a row names its table by OID).
+    pub relation: Option<pg_sys::Oid>,
+    pub id_column: Option<pg_sys::AttrNumber>,
+    pub timestamp_column: Option<pg_sys::AttrNumber>,
 }
 
 /// A target's table as the catalogs name it.

@@ -146,3 +146,57 @@ fn a_change_made_with_triggers_disabled_reaches_new_sessions_at_the_next_flush()
     flush(&mut client);
     assert_eq!(mark_in_new_session(&cluster, None, "people", &Uuid::new_v4()), Err("42704".into()));
 }
+
+#[test]
+fn where_a_column_or_the_settings_table_was_found_before_is_checked_before_it_is_taken() {
+    let cluster = Cluster::start(&[]);
+    let (mut client, workspaces) = cluster.with_workspaces(1);
+    client
+        .batch_execute(
+            "CREATE TABLE users (id uuid PRIMARY KEY, last_seen_at timestamptz);
+             CREATE TABLE accounts (id uuid PRIMARY KEY, last_used_at timestamptz);",
+        )
+        .unwrap();
+    add_target(&mut client, "people", "users");
+    publish(&cluster, "people");
+
+    // The column dropped and added again: another column number.
+    client
+        .batch_execute(
+            "ALTER TABLE users DROP COLUMN last_seen_at; ALTER TABLE users ADD COLUMN last_seen_at timestamptz",
+        )
+        .unwrap();
+    let id = Uuid::new_v4();
+    client.execute("INSERT INTO users (id) VALUES ($1)", &[&id]).unwrap();
+    mark_in_new_session(&cluster, None, "people", &id).unwrap();
+    flush(&mut client);
+    assert!(written(&mut client, "users", &id));
+
+    // The column renamed: the number found before names another column now.
+    publish(&cluster, "people");
+    client.batch_execute("ALTER TABLE users RENAME COLUMN last_seen_at TO seen_at").unwrap();
+    assert_eq!(mark_in_new_session(&cluster, None, "people", &Uuid::new_v4()), Err("42703".into()));
+    client.batch_execute("ALTER TABLE users RENAME COLUMN seen_at TO last_seen_at").unwrap();
+
+    // The settings' table changed: the table found before is not the one they name.
+    let mut default_mark = || {
+        let mut session = cluster.connect();
+        session.execute("SELECT wsusage_mark($1)", &[&workspaces[0]]).unwrap();
+    };
+    default_mark();
+    default_mark();
+    client.batch_execute(r#"ALTER SYSTEM SET wsusage."table" = 'accounts'"#).unwrap();
+    client.batch_execute("SELECT pg_reload_conf()").unwrap();
+    wait_until("the reload", || {
+        cluster.connect().query_one(r#"SHOW wsusage."table""#, &[]).unwrap().get::<_, String>(0) == "accounts"
+    });
+    let account = Uuid::new_v4();
+    client.execute("INSERT INTO accounts (id) VALUES ($1)", &[&account]).unwrap();
+    let mut session = cluster.connect();
+    session.execute("SELECT wsusage_mark($1)", &[&account]).unwrap();
+    flush(&mut client);
+    let written =
+        |client: &mut Client, query: &str, id: &Uuid| client.query_one(query, &[id]).unwrap().get::<_, bool>(0);
+    assert!(written(&mut client, "SELECT last_used_at IS NOT NULL FROM accounts WHERE id = $1", &account));
+    assert!(!written(&mut client, "SELECT EXISTS (SELECT FROM workspaces WHERE id = $1)", &account));
+}

@@ -19,15 +19,18 @@
 //! - Shared mode ([`with_shared`], a [`View`] of `&` references): readers, and markers, new ids
 //!   included. Markers insert into the table at the same time as one another (how, in the table's
 //!   crate), raise an entry's time, add to their slot's `pending`, `marks` and `rejected`, the
-//!   header's `rejected`, and set `high_water_wake_sent` — all atomics. Nothing else changes under
-//!   the shared lock, so everything else may be read plainly.
+//!   header's `rejected`, and set `high_water_wake_sent`; a commit that changed `wsusage_target`, and
+//!   each flush round, replaces a database's declarations ticket (see `published`) — all atomics.
+//!   Nothing else changes under the shared lock, so everything else may be read plainly.
 //! - Exclusive mode ([`with_exclusive`], a [`ViewMut`]: `&mut` to the header and slots, and the
 //!   table's [`Exclusive`] token): whatever removes entries or changes a slot — a worker's
 //!   snapshot of its database's entries (a copy into a buffer it allocated beforehand), a worker
 //!   forgetting what it wrote or discarding a deleted target's keys, the launcher discarding a
 //!   dropped database's entries, the rendezvous bookkeeping, counters of a flush, a stats reset,
-//!   holding a key back, and the first mark of a database or target, which claims it a slot. No other process touches the guarded memory meanwhile, so `&mut` is sound; the
-//!   condition variable, which other processes use without the lock, lies outside what it covers.
+//!   holding a key back, the first mark of a database or target, which claims it a slot, and a
+//!   target's declaration published (see `published`). No other process touches the guarded
+//!   memory meanwhile, so `&mut` is sound; the condition variable, which other processes use
+//!   without the lock, lies outside what it covers.
 //!
 //! A mark thus waits for nothing but an exclusive holder (mostly a flush's snapshot or forget: a
 //! copy or a walk of the set, once per interval; the rest is short bookkeeping). Nothing done under the lock can raise an error,

@@ -1,6 +1,8 @@
-//! Which target a mark names, as a backend sees it: resolved from the catalogs at a backend's
-//! first mark of it (see `definitions`), checked (it exists, its key type is the function's, the
-//! role may UPDATE its timestamp column), and remembered, so that a mark costs no catalog query.
+//! Which target a mark names, as a backend sees it: resolved at a backend's first mark of it —
+//! its declaration as an earlier backend published it (see `published`), else read from the
+//! catalogs (see `definitions`) — checked in this backend's catalog caches (it exists, its key
+//! type is the function's, the role may UPDATE its timestamp column), and remembered, so that a
+//! mark costs no catalog lookup.
 //!
 //! What is remembered is forgotten when it may have changed: an invalidation of
 //! `wsusage_target` (its trigger sends one at every change), of a target's table (a GRANT or

@@ -6,7 +6,8 @@
 //! dropped (see `databases`).
 //!
 //! Who changes what (the lock is `layout`'s): markers, holding the lock in shared mode, only add
-//! to `pending`, `marks` and `rejected` and clear `extension_missing`, atomically; every other
+//! to `pending`, `marks` and `rejected` and clear `extension_missing`, atomically, as a commit that
+//! changed `wsusage_target` or a flush round replaces `declarations_ticket`; every other
 //! field changes only under the lock held exclusively (then through `&mut`), and is read plainly
 //! under either mode.
 

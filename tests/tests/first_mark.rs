@@ -33,6 +33,17 @@ fn publish(cluster: &Cluster, name: &str) {
     }
 }
 
+/// A cluster whose target `people` over table `users` (and the tables of `more_sql`) has been
+/// published by earlier sessions; the client of its first database.
+fn with_people_published(cluster: &Cluster, more_sql: &str) -> Client {
+    let (mut client, _) = cluster.with_workspaces(0);
+    client.batch_execute("CREATE TABLE users (id uuid PRIMARY KEY, last_seen_at timestamptz)").unwrap();
+    client.batch_execute(more_sql).unwrap();
+    add_target(&mut client, "people", "users");
+    publish(cluster, "people");
+    client
+}
+
 fn written(client: &mut Client, table: &str, id: &Uuid) -> bool {
     let query = format!("SELECT last_seen_at IS NOT NULL FROM {table} WHERE id = $1");
     client.query_one(&query, &[id]).unwrap().get(0)
@@ -41,15 +52,8 @@ fn written(client: &mut Client, table: &str, id: &Uuid) -> bool {
 #[test]
 fn a_target_deleted_or_pointed_elsewhere_is_seen_by_the_next_new_session() {
     let cluster = Cluster::start(&[]);
-    let (mut client, _) = cluster.with_workspaces(0);
-    client
-        .batch_execute(
-            "CREATE TABLE users (id uuid PRIMARY KEY, last_seen_at timestamptz);
-             CREATE TABLE members (id uuid PRIMARY KEY, last_seen_at timestamptz);",
-        )
-        .unwrap();
-    add_target(&mut client, "people", "users");
-    publish(&cluster, "people");
+    let mut client =
+        with_people_published(&cluster, "CREATE TABLE members (id uuid PRIMARY KEY, last_seen_at timestamptz)");
 
     client.batch_execute("DELETE FROM wsusage_target WHERE name = 'people'").unwrap();
     assert_eq!(mark_in_new_session(&cluster, None, "people", &Uuid::new_v4()), Err("42704".into()));
@@ -69,17 +73,12 @@ fn a_target_deleted_or_pointed_elsewhere_is_seen_by_the_next_new_session() {
 #[test]
 fn a_published_target_is_still_refused_to_a_role_without_update_and_granted_at_once() {
     let cluster = Cluster::start(&[]);
-    let (mut client, _) = cluster.with_workspaces(0);
-    client
-        .batch_execute(
-            "CREATE TABLE users (id uuid PRIMARY KEY, last_seen_at timestamptz);
-             CREATE ROLE app LOGIN;
-             GRANT EXECUTE ON FUNCTION wsusage_mark(text, uuid) TO app;
-             GRANT SELECT ON users TO app;",
-        )
-        .unwrap();
-    add_target(&mut client, "people", "users");
-    publish(&cluster, "people");
+    let mut client = with_people_published(
+        &cluster,
+        "CREATE ROLE app LOGIN;
+         GRANT EXECUTE ON FUNCTION wsusage_mark(text, uuid) TO app;
+         GRANT SELECT ON users TO app;",
+    );
 
     assert_eq!(mark_in_new_session(&cluster, Some("app"), "people", &Uuid::new_v4()), Err("42501".into()));
     client.batch_execute("GRANT UPDATE (last_seen_at) ON users TO app").unwrap();
@@ -91,10 +90,7 @@ fn a_published_target_is_still_refused_to_a_role_without_update_and_granted_at_o
 #[test]
 fn drop_and_create_extension_forgets_what_was_published() {
     let cluster = Cluster::start(&[]);
-    let (mut client, _) = cluster.with_workspaces(0);
-    client.batch_execute("CREATE TABLE users (id uuid PRIMARY KEY, last_seen_at timestamptz)").unwrap();
-    add_target(&mut client, "people", "users");
-    publish(&cluster, "people");
+    let mut client = with_people_published(&cluster, "");
 
     client.batch_execute("DROP EXTENSION wsusage; CREATE EXTENSION wsusage").unwrap();
     assert_eq!(mark_in_new_session(&cluster, None, "people", &Uuid::new_v4()), Err("42704".into()));
@@ -130,10 +126,7 @@ fn a_transaction_that_writes_wsusage_target_cannot_be_prepared() {
 #[test]
 fn a_change_made_with_triggers_disabled_reaches_new_sessions_at_the_next_flush() {
     let cluster = Cluster::start(&[]);
-    let (mut client, _) = cluster.with_workspaces(0);
-    client.batch_execute("CREATE TABLE users (id uuid PRIMARY KEY, last_seen_at timestamptz)").unwrap();
-    add_target(&mut client, "people", "users");
-    publish(&cluster, "people");
+    let mut client = with_people_published(&cluster, "");
 
     // What pg_restore --disable-triggers does: no trigger tells anyone.
     client
@@ -150,15 +143,10 @@ fn a_change_made_with_triggers_disabled_reaches_new_sessions_at_the_next_flush()
 #[test]
 fn where_a_column_or_the_settings_table_was_found_before_is_checked_before_it_is_taken() {
     let cluster = Cluster::start(&[]);
-    let (mut client, workspaces) = cluster.with_workspaces(1);
-    client
-        .batch_execute(
-            "CREATE TABLE users (id uuid PRIMARY KEY, last_seen_at timestamptz);
-             CREATE TABLE accounts (id uuid PRIMARY KEY, last_used_at timestamptz);",
-        )
-        .unwrap();
-    add_target(&mut client, "people", "users");
-    publish(&cluster, "people");
+    let mut client =
+        with_people_published(&cluster, "CREATE TABLE accounts (id uuid PRIMARY KEY, last_used_at timestamptz)");
+    let workspace = Uuid::new_v4();
+    client.execute("INSERT INTO workspaces (id) VALUES ($1)", &[&workspace]).unwrap();
 
     // The column dropped and added again: another column number.
     client
@@ -181,7 +169,7 @@ fn where_a_column_or_the_settings_table_was_found_before_is_checked_before_it_is
     // The settings' table changed: the table found before is not the one they name.
     let mut default_mark = || {
         let mut session = cluster.connect();
-        session.execute("SELECT wsusage_mark($1)", &[&workspaces[0]]).unwrap();
+        session.execute("SELECT wsusage_mark($1)", &[&workspace]).unwrap();
     };
     default_mark();
     default_mark();

@@ -88,6 +88,11 @@ fn run(args: &Args) -> Result<(), String> {
             })
         })
         .collect();
+    report_when_done(args, handles)
+}
+
+/// Wait for every client thread, then print what they measured.
+fn report_when_done(args: &Args, handles: Vec<std::thread::JoinHandle<Result<Tally, String>>>) -> Result<(), String> {
     let mut tallies = Vec::new();
     for handle in handles {
         tallies.push(handle.join().map_err(|_| "a client thread panicked".to_string())??);
@@ -186,12 +191,7 @@ fn run_connecting(args: &Args) -> Result<(), String> {
             })
         })
         .collect();
-    let mut tallies = Vec::new();
-    for handle in handles {
-        tallies.push(handle.join().map_err(|_| "a client thread panicked".to_string())??);
-    }
-    report(args, tallies);
-    Ok(())
+    report_when_done(args, handles)
 }
 
 fn connect_per_call(

@@ -120,15 +120,27 @@ pub fn with_target<R>(name: &str, takes: Kind, function: &'static str, mark: imp
             return Err(mark);
         };
         if target.kind != takes {
-            let column_type = target.column_type.clone();
-            UsageError::WrongKeyType { name: name.to_owned(), column_type, takes }.raise(function);
+            refuse_key_type(target, takes, function);
         }
         Ok(mark(target))
     });
-    let mark = match mark {
-        Ok(result) => return result,
-        Err(mark) => mark,
-    };
+    match mark {
+        Ok(result) => result,
+        Err(mark) => resolve_and_mark(name, takes, function, user, mark),
+    }
+}
+
+/// A backend's first mark of a target: kept out of [`with_target`], whose every other call
+/// then runs in a small frame with nothing of this path inlined.
+#[cold]
+#[inline(never)]
+fn resolve_and_mark<R>(
+    name: &str,
+    takes: Kind,
+    function: &'static str,
+    user: pg_sys::Oid,
+    mark: impl FnOnce(&mut Resolved) -> R,
+) -> R {
     match resolve(name, takes, function, user) {
         Some(resolved) => RESOLVED.with(|all| {
             let mut all = all.borrow_mut();
@@ -142,6 +154,13 @@ pub fn with_target<R>(name: &str, takes: Kind, function: &'static str, mark: imp
             mark(&mut Resolved { name: name.to_owned(), kind: takes, column_type: String::new(), slot: None, user })
         }
     }
+}
+
+#[cold]
+#[inline(never)]
+fn refuse_key_type(target: &Resolved, takes: Kind, function: &'static str) -> ! {
+    let column_type = target.column_type.clone();
+    UsageError::WrongKeyType { name: target.name.clone(), column_type, takes }.raise(function)
 }
 
 /// Read and check target `name`. `None` for the settings' `default` whose table does not fit:

@@ -1,8 +1,9 @@
 //! Reading targets' definitions (see `target`): every target of the database for a flush round,
-//! one target for a backend's first mark of it and for the check of a row as it is written.
+//! one target for a backend's first mark of it (its row possibly taken from shared memory, see
+//! `published`) and for the check of a row as it is written.
 //!
-//! Read without SQL: `wsusage_target` with a scan of its own (a handful of rows), everything else
-//! through the system caches (see `catalog`). A new backend pays for no plan, and nothing here
+//! Read without SQL: `wsusage_target` found through `pg_depend`'s index and read with a scan of its
+//! own (a handful of rows), everything else through the system caches (see `catalog`). A new backend pays for no plan, and nothing here
 //! depends on anyone's search path but the `after_flush` signature's lookup, which runs under
 //! `pg_catalog, pg_temp`. Runs in a transaction; reads regardless of the current role's
 //! privileges (`wsusage_target` is readable by its owner and `pg_monitor` only, while the roles

@@ -10,7 +10,7 @@
 //! - **"wsusage"**, one [`Shared`] struct followed by `wsusage.max_databases` [`DatabaseSlot`]s
 //!   and `wsusage.max_targets` [`TargetSlot`]s.
 //!   `Shared` holds the lock's address, a condition variable broadcast after every flush, and the
-//!   [`Header`]: the launcher's identity and latch and the cluster-wide counters. A slot holds what
+//!   [`Header`]: the launcher's identity and latch, the cluster-wide counters and the last declarations ticket. A slot holds what
 //!   is per database (see `slot`), a target slot what is per target (see `target_slot`).
 //!
 //! Locking. One lock (see `lock`: striped, shared or exclusive) guards the table, the header and
@@ -20,7 +20,8 @@
 //!   included. Markers insert into the table at the same time as one another (how, in the table's
 //!   crate), raise an entry's time, add to their slot's `pending`, `marks` and `rejected`, the
 //!   header's `rejected`, and set `high_water_wake_sent`; a commit that changed `wsusage_target`, and
-//!   each flush round, replaces a database's declarations ticket (see `published`) — all atomics.
+//!   each flush round, replaces a database's declarations ticket with a new one from the header's
+//!   counter (see `published`) — all atomics.
 //!   Nothing else changes under the shared lock, so everything else may be read plainly.
 //! - Exclusive mode ([`with_exclusive`], a [`ViewMut`]: `&mut` to the header and slots, and the
 //!   table's [`Exclusive`] token): whatever removes entries or changes a slot — a worker's

@@ -14,6 +14,21 @@ use crate::stripes::{self, STRIPES};
 
 const TRANCHE_NAME: &CStr = c"wsusage";
 
+// PostgreSQL's LWLockAcquire and LWLockRelease, declared here without pgrx's guard, which costs
+// each call a sigsetjmp: every mark takes and releases the lock once, and the two guards were 2.7% of
+// the profile of a statement marking pending ids (the LWLock calls themselves 9%). Neither raises an ERROR where we call them: LWLockAcquire raises only when
+// a process already holds MAX_SIMULTANEOUS_LWLOCKS (200) LWLocks, and we take at most STRIPES (16)
+// and never within another hold of ours, from code that holds no LWLock of its own (a SQL
+// function, the worker's or the launcher's loop, a transaction callback after the commit);
+// LWLockRelease only for a lock not held, and `Held` releases exactly what was taken. (A failure
+// to wait on the process's semaphore is FATAL, which exits the process without unwinding.)
+unsafe extern "C" {
+    #[link_name = "LWLockAcquire"]
+    fn lwlock_acquire_unguarded(lock: *mut pg_sys::LWLock, mode: pg_sys::LWLockMode::Type) -> bool;
+    #[link_name = "LWLockRelease"]
+    fn lwlock_release_unguarded(lock: *mut pg_sys::LWLock);
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Shared,
@@ -48,8 +63,9 @@ pub struct Held {
 impl Drop for Held {
     fn drop(&mut self) {
         for stripe in self.stripes.clone().rev() {
-            // SAFETY: a lock of our tranche that acquire() took, released exactly once.
-            unsafe { pg_sys::LWLockRelease(&raw mut (*self.locks.add(stripe)).lock) }
+            // SAFETY: a lock of our tranche that acquire() took, released exactly once; it cannot
+            // raise (see the declaration).
+            unsafe { lwlock_release_unguarded(&raw mut (*self.locks.add(stripe)).lock) }
         }
     }
 }
@@ -68,8 +84,9 @@ pub unsafe fn acquire(locks: *mut pg_sys::LWLockPadded, mode: Mode) -> Held {
     };
     for stripe in stripes.clone() {
         // SAFETY: one of the tranche's STRIPES locks (the caller's promise); released by Held,
-        // or by PostgreSQL's LWLockReleaseAll should this process error out.
-        unsafe { pg_sys::LWLockAcquire(&raw mut (*locks.add(stripe)).lock, lw_mode) };
+        // or by PostgreSQL's LWLockReleaseAll should this process error out. It cannot raise
+        // here (see the declaration).
+        unsafe { lwlock_acquire_unguarded(&raw mut (*locks.add(stripe)).lock, lw_mode) };
     }
     Held { locks, stripes }
 }

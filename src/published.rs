@@ -1,23 +1,27 @@
 //! Targets' declarations published in shared memory, so that a new backend's first mark of a
 //! target need not open `wsusage_target` (nor find it through `pg_depend`): building those
-//! relation cache entries in a backend that has none cost a mark about 0.2 ms, a quarter of a
-//! new connection's first call. A backend that had to read a declaration from the catalogs
-//! publishes it in the target's slot; the next backends take it from there and only check, in
-//! their own catalog caches, what their role may do with the table it names (see `resolve`).
+//! relation cache entries in a backend that has none cost a first mark about 0.2 ms
+//! (bench/results/2026-12-07-first-mark.md). A backend that had to read a declaration
+//! from the catalogs publishes it in the target's slot; the next backends take the row from there
+//! and check everything else in their own catalog caches — the table, its columns and their
+//! types, the `after_flush` function and its owner — with their own role's privileges (see
+//! `resolve`).
 //!
 //! A publication is only as good as its **ticket**. Each database's slot holds the ticket of its
 //! declarations, a number taken from a cluster-wide counter whenever they may have changed
 //! ([`invalidate`]): once a transaction that wrote `wsusage_target` has committed and is visible
-//! (see `changes`), when an extension is created, updated or dropped in the database, and at each
-//! flush round of the database (which bounds how long a change made with the table's triggers
-//! disabled can go unseen to one interval). A backend reads the ticket *before* it reads the
-//! catalogs and publishes what it read under that ticket, and a publication is taken only while
-//! its ticket is the database's: a read that may have missed a change carries a ticket older
-//! than the one the change's commit took, and is never taken again. Tickets only grow, and a
-//! database slot given to a database gets a new one, so a ticket is never reused.
+//! (see `changes`), and at each flush round of the database that has keys to write (which bounds
+//! how long a change made with the table's triggers disabled goes unseen). A backend reads the
+//! ticket *before* it reads the catalogs and publishes what it read under that ticket, and a
+//! publication is taken only while its ticket is the database's: a read that may have missed a
+//! change carries a ticket older than the one the change's commit took, and is never taken
+//! again. Tickets only grow, and a database slot given to a database gets a new one, so a ticket
+//! is never reused. DROP and CREATE EXTENSION write no row: a publication whose `wsusage_target`
+//! is no longer a table of that name is refused by [`lookup`].
 //!
 //! Publications live in the target slots under the wsusage lock (see `layout`): written with it
-//! exclusive, read with it shared; the tickets are atomics, bumped under the shared lock.
+//! exclusive, read with it shared. A database's ticket is set when its slot is claimed (lock
+//! exclusive) and replaced with `fetch_max` under the lock in either mode.
 
 use std::sync::atomic::Ordering;
 

@@ -6,8 +6,9 @@
 //! dropped (see `databases`).
 //!
 //! Who changes what (the lock is `layout`'s): markers, holding the lock in shared mode, only add
-//! to `pending`, `marks` and `rejected` and clear `extension_missing`, atomically, as a commit that
-//! changed `wsusage_target` or a flush round replaces `declarations_ticket`; every other
+//! to `pending`, `marks` and `rejected` and clear `extension_missing`, atomically; a commit that
+//! wrote `wsusage_target` and each flush round also replace `declarations_ticket` under the shared
+//! lock (`fetch_max`), and a claim sets it under the exclusive one; every other
 //! field changes only under the lock held exclusively (then through `&mut`), and is read plainly
 //! under either mode.
 

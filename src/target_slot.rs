@@ -1,5 +1,5 @@
 //! One target's state in shared memory: a [`TargetSlot`] per (database, target name) with keys
-//! pending or counters kept. The slot's index is the `target` of its keys in the pending set, so
+//! pending or counters kept, and its declaration as a backend published it (see `published`). The slot's index is the `target` of its keys in the pending set, so
 //! a key names its target in two bytes.
 //!
 //! A slot is claimed by the first mark of a target in a database, freed by that database's

@@ -1,7 +1,9 @@
 //! The table `wsusage_target`, one row per target of the database, and its trigger: a row is
 //! checked when written (its table, columns, their types, its `after_flush` function), worded as
 //! PostgreSQL words the same errors, and every change — row or TRUNCATE — tells the backends
-//! that remember targets (see `resolve`) to read them again once it commits.
+//! that remember targets (see `resolve`) to read them again once it commits, and invalidates the
+//! declarations published for new backends at its commit (see `changes`; such a transaction
+//! cannot be prepared).
 
 use std::ffi::CStr;
 

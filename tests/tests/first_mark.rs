@@ -167,7 +167,7 @@ fn where_a_column_or_the_settings_table_was_found_before_is_checked_before_it_is
     client.batch_execute("ALTER TABLE users RENAME COLUMN seen_at TO last_seen_at").unwrap();
 
     // The settings' table changed: the table found before is not the one they name.
-    let mut default_mark = || {
+    let default_mark = || {
         let mut session = cluster.connect();
         session.execute("SELECT wsusage_mark($1)", &[&workspace]).unwrap();
     };

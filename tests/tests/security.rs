@@ -164,7 +164,8 @@ fn a_partitions_trigger_runs_as_the_owner_of_the_partitioned_table() {
 fn lookalikes(schema: &str) -> String {
     let s = schema;
     let mut sql = String::new();
-    // Functions of the flush statements and of the catalog queries, with their real types.
+    // Functions of the flush statements and of the catalog queries before 0.4.0 (the catalogs are
+    // now read without SQL), with their real types.
     for (name, args, returns, body) in [
         ("unnest", "a pg_catalog.uuid[]", "SETOF pg_catalog.uuid", "RETURN QUERY SELECT pg_catalog.unnest(a)"),
         ("unnest", "a pg_catalog.int8[]", "SETOF pg_catalog.int8", "RETURN QUERY SELECT pg_catalog.unnest(a)"),
@@ -229,7 +230,7 @@ fn lookalikes(schema: &str) -> String {
             "CREATE AGGREGATE {s}.array_agg({element}) (SFUNC = {s}.spy_append, STYPE = {element}[]);\n"
         ));
     }
-    // Operators: the flush's =, < and -, and the catalog queries' = and >.
+    // Operators: the flush's =, < and -, and the = and > of the catalog queries before 0.4.0.
     for (n, (op, left, right, returns)) in [
         ("=", "pg_catalog.uuid", "pg_catalog.uuid", "pg_catalog.bool"),
         ("=", "pg_catalog.int8", "pg_catalog.int8", "pg_catalog.bool"),
@@ -260,9 +261,9 @@ fn lookalikes(schema: &str) -> String {
     sql
 }
 
-/// Attack 2: look-alikes of every name the flush statements and the catalog queries use, planted
-/// by a role that may only create in `public`, and by a table's owner in its own schema, on a
-/// database whose search path puts both before pg_catalog. A flush of every kind of statement
+/// Attack 2: look-alikes of every name the flush statements use and the catalog queries before
+/// 0.4.0 used, planted by a role that may only create in `public`, and by a table's owner in its
+/// own schema, on a database whose search path puts both before pg_catalog. A flush of every kind of statement
 /// (the UPDATE, its lock-skipping pass, the count of ids without a row, an `after_flush` call; uuid
 /// and bigint keys, timestamptz, timestamp and date columns, a `min_change`), marks from a session with that
 /// search path, never call one; the flush's session has that search path.

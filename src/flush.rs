@@ -156,9 +156,15 @@ impl Flusher {
     pub fn flush(&mut self) -> u64 {
         let database = self.database;
         let started_at = now();
-        let up_to_request = pending::snapshot(database, &mut self.batch, started_at);
-        // Held-back keys wait for their turn; the rest go now.
-        pending::held_waiting(database, started_at, &mut self.waiting);
+        let (up_to_request, requested) = pending::snapshot(database, &mut self.batch, started_at);
+        // Held-back keys wait for their turn at the worker's own rounds; the rest go now. A
+        // `wsusage_flush()` caller — an operator who has just fixed a refused row, say — has
+        // them tried at once.
+        if requested {
+            self.waiting.clear();
+        } else {
+            pending::held_waiting(database, started_at, &mut self.waiting);
+        }
         let waiting = &self.waiting;
         self.batch.retain(|entry| waiting.binary_search(&entry.key).is_err());
         if self.batch.is_empty() {

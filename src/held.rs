@@ -1,8 +1,9 @@
 //! Keys held back: pending keys whose own row makes the flush's UPDATE fail (a trigger or check
 //! that raises for that row, a value the column refuses), isolated by splitting the failing chunk
-//! (see `flush`). Each stays pending and is retried at a slowing pace — one interval after the
-//! first failure, then 2, 4 … up to [`MAX_BACKOFF_INTERVALS`] — while every other id is written
-//! at once; the error is shown by `wsusage_pending()` and the count by the stats.
+//! (see `flush`). Each stays pending and is retried by the worker's rounds at a slowing pace — one
+//! interval after the first failure, then 2, 4 … up to [`MAX_BACKOFF_INTERVALS`] — and at once by
+//! a round a `wsusage_flush()` caller waits for (an operator who fixed the row), while every other
+//! id is written at once; the error is shown by `wsusage_pending()` and the count by the stats.
 //!
 //! Kept in shared memory, in the layout's header, for backends to read: a fixed pool of
 //! [`HELD_MAX`] places for the whole cluster, changed only with the lock held exclusively (by

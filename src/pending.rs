@@ -234,8 +234,8 @@ fn copy_of(state: &View<'_>, database: pg_sys::Oid, out: &mut Vec<Entry>) -> boo
 
 /// Copy the entries of `database` into `out`, whose capacity must be `max_pending` (the
 /// worker's buffer), start the database's next interval at `now`, and return the newest
-/// `wsusage_flush()` request the copy covers.
-pub fn snapshot(database: pg_sys::Oid, out: &mut Vec<Entry>, now: i64) -> u64 {
+/// `wsusage_flush()` request the copy covers, and whether a caller waits for it.
+pub fn snapshot(database: pg_sys::Oid, out: &mut Vec<Entry>, now: i64) -> (u64, bool) {
     layout::with_exclusive(|state| {
         let copied = copy_of(&state.view(), database, out);
         debug_assert!(copied, "the worker's buffer holds max_pending entries");
@@ -243,9 +243,11 @@ pub fn snapshot(database: pg_sys::Oid, out: &mut Vec<Entry>, now: i64) -> u64 {
         if let Some(index) = databases::find(state.slots, database) {
             state.slots[index].interval_start = now;
         }
-        rendezvous::newest_request(&state.view(), database)
+        let requested =
+            databases::find(state.slots, database).is_some_and(|index| state.slots[index].requests.waiting());
+        (rendezvous::newest_request(&state.view(), database), requested)
     })
-    .unwrap_or(0)
+    .unwrap_or((0, false))
 }
 
 /// A copy of the pending entries of `database`, for inspection; `None` when not preloaded.

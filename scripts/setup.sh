@@ -46,7 +46,8 @@ ensure_apt_packages() {
 # What the test suite runs besides PostgreSQL: Go with the drivers the examples use (built offline
 # in GOPATH mode), PgBouncer and the Prometheus exporter, all from Debian.
 ensure_test_packages() {
-    ensure_apt golang-go golang-github-lib-pq-dev golang-github-jackc-pgx-v4-dev pgbouncer prometheus-postgres-exporter
+    ensure_apt golang-go golang-github-lib-pq-dev golang-github-jackc-pgx-v4-dev pgbouncer prometheus-postgres-exporter \
+        prometheus
 }
 
 ensure_cargo_pgrx() {

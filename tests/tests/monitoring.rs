@@ -133,3 +133,134 @@ fn the_alert_rules_name_only_metrics_the_exporter_serves() {
     }
     assert!(named >= 5, "the rules name the metrics they watch");
 }
+
+/// What one scrape of the exporter says of `wsusage`: every `wsusage_…` sample, as (series,
+/// value), the series as Prometheus names it (`name{labels}`).
+fn wsusage_samples(exporter: &Exporter) -> Vec<(String, f64)> {
+    let metrics = exporter.try_scrape().expect("scrape");
+    metrics
+        .lines()
+        .filter(|line| line.starts_with("wsusage_"))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The `summary` and `description` of alert `name` in alerts.yml (both plain text there).
+fn annotations_of(name: &str) -> (String, String) {
+    let rules = std::fs::read_to_string(monitoring_file("alerts.yml")).unwrap();
+    let rule = rules.split("- alert: ").find(|rule| rule.starts_with(&format!("{name}\n"))).expect("the alert");
+    let field = |key: &str| {
+        let line = rule.lines().find_map(|line| line.trim().strip_prefix(key)).expect("the annotation");
+        line.trim().trim_matches('"').to_owned()
+    };
+    (field("summary:"), field("description:"))
+}
+
+/// What the alerts do over 15 minutes of the series of `samples` — each held at its scraped value,
+/// but for the time without a flush, which grows by a minute a minute when `flushing` is false —
+/// as `promtool test rules` evaluates alerts.yml: `firing` alerts fire at minute 10, every other
+/// alert of `watched` stays quiet. Panics with promtool's report otherwise.
+fn assert_alerts(case: &str, samples: &[(String, f64)], flushing: bool, watched: &[&str], firing: &[&str]) {
+    let mut test = format!(
+        "rule_files:\n  - {}\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n",
+        monitoring_file("alerts.yml").display()
+    );
+    for (series, value) in samples {
+        let grows = !flushing && series.starts_with("wsusage_seconds_without_flush");
+        let values = if grows { format!("{value}+60x15") } else { format!("{value}x15") };
+        test.push_str(&format!("      - series: '{series}'\n        values: '{values}'\n"));
+    }
+    let labels_of = |name: &str| -> String {
+        let (series, _) = samples.iter().find(|(series, _)| series.starts_with(&format!("{name}{{"))).expect(name);
+        let labels = series.split_once('{').unwrap().1.trim_end_matches('}');
+        labels.split(',').filter_map(|label| label.split_once('=')).map(|(k, v)| format!("{k}: {v}, ")).collect()
+    };
+    test.push_str("    alert_rule_test:\n");
+    for alert in watched {
+        test.push_str(&format!("      - eval_time: 10m\n        alertname: {alert}\n        exp_alerts:\n"));
+        if firing.contains(alert) {
+            // Both alerts carry the labels of the cluster-wide family (the exporter's `server`).
+            let (summary, description) = annotations_of(alert);
+            test.push_str(&format!(
+                "          - exp_labels: {{{}}}\n            exp_annotations: {{summary: \"{summary}\", description: \"{description}\"}}\n",
+                labels_of("wsusage_pending")
+            ));
+        } else {
+            test.truncate(test.len() - 1);
+            test.push_str(" []\n");
+        }
+    }
+    let path =
+        std::env::temp_dir().join(format!("wsusage-alerts-{}-{}.yml", std::process::id(), case.replace(' ', "-")));
+    std::fs::write(&path, &test).unwrap();
+    let out = output_within(Command::new("promtool").arg("test").arg("rules").arg(&path), "promtool", PATIENCE);
+    let _ = std::fs::remove_file(&path);
+    assert!(
+        out.status.success(),
+        "{case}: promtool test rules failed:\n{}{}\n{test}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+const LAUNCHER_DOWN: &str = "WsusageLauncherDown";
+const NO_FLUSH: &str = "WsusageNoFlush";
+
+/// The two alerts whose mistakes an install makes likely, on series scraped from the real exporter
+/// of real clusters: each fires when it should (no launcher on a primary; keys pending and no
+/// flush for three intervals, none ever included) and stays quiet on a hot standby, a fresh server
+/// and a server whose flushes succeed.
+#[test]
+fn the_launcher_and_flush_alerts_fire_when_they_should_and_only_then() {
+    let minute = [("wsusage.flush_interval", "'1min'")];
+    let watched = [LAUNCHER_DOWN, NO_FLUSH];
+
+    // Healthy: marks flushed, flushes going on.
+    let primary = Cluster::start(&minute);
+    let (mut client, ids) = primary.with_workspaces(2);
+    client.execute("SELECT wsusage_mark_many($1)", &[&ids]).unwrap();
+    flush(&mut client);
+    client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
+    let exporter = Exporter::start(&primary);
+    exporter.value("wsusage_in_recovery");
+    assert_alerts("healthy", &wsusage_samples(&exporter), true, &watched, &[]);
+    drop(exporter);
+
+    // A hot standby of it: no launcher there, by design.
+    let standby = Cluster::standby_of(&primary);
+    let exporter = Exporter::start(&standby);
+    assert_eq!(exporter.value("wsusage_in_recovery"), 1.0);
+    assert_eq!(exporter.value("wsusage_launcher_up"), 0.0);
+    assert_alerts("standby", &wsusage_samples(&exporter), false, &watched, &[]);
+    drop(exporter);
+
+    // A fresh server: nothing marked, so no flush yet is no fault.
+    let fresh = Cluster::start(&minute);
+    let (_client, _) = fresh.with_workspaces(1);
+    let exporter = Exporter::start(&fresh);
+    assert_eq!(exporter.value("wsusage_seconds_since_last_flush"), -1.0);
+    assert_alerts("fresh", &wsusage_samples(&exporter), false, &watched, &[]);
+    drop(exporter);
+
+    // No slot for a worker (the logical replication launcher and ours take both): keys pending,
+    // no flush ever.
+    let no_worker = Cluster::start(&[minute[0], ("max_worker_processes", "2")]);
+    let (mut client, ids) = no_worker.with_workspaces_and_no_worker(1);
+    no_worker.wait_for_launcher(&mut client);
+    client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
+    let exporter = Exporter::start(&no_worker);
+    assert_eq!(exporter.value("wsusage_launcher_up"), 1.0);
+    assert_eq!(exporter.value("wsusage_seconds_since_last_flush"), -1.0);
+    assert_alerts("no worker slot", &wsusage_samples(&exporter), false, &watched, &[NO_FLUSH]);
+    drop(exporter);
+
+    // No launcher on a primary.
+    let no_launcher = Cluster::start(&[minute[0], ("max_worker_processes", "0")]);
+    let (_client, _) = no_launcher.with_workspaces_and_no_worker(1);
+    let exporter = Exporter::start(&no_launcher);
+    assert_eq!(exporter.value("wsusage_launcher_up"), 0.0);
+    assert_alerts("no launcher", &wsusage_samples(&exporter), false, &watched, &[LAUNCHER_DOWN]);
+}

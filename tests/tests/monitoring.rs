@@ -148,50 +148,82 @@ fn wsusage_samples(exporter: &Exporter) -> Vec<(String, f64)> {
         .collect()
 }
 
-/// The `summary` and `description` of alert `name` in alerts.yml (both plain text there).
-fn annotations_of(name: &str) -> (String, String) {
+/// How the scraped values go on over the test's 15 minutes: each held at its value, but for the
+/// time without a flush, which grows by a minute a minute unless flushes succeed, and the count of
+/// refused keys, which grows by its value a minute while marks keep being refused.
+#[derive(Clone, Copy)]
+struct Course {
+    flushing: bool,
+    refusing: bool,
+}
+
+const ALERTS: [&str; 5] =
+    ["WsusageLauncherDown", "WsusageFlushFailing", "WsusagePendingHigh", "WsusageRejecting", "WsusageNoFlush"];
+
+/// The labels of series `name` (the first whose value passes `pick`), as a YAML map's entries,
+/// and its value.
+fn labels_and_value(samples: &[(String, f64)], name: &str, pick: impl Fn(f64) -> bool) -> (String, f64) {
+    let (series, value) = samples
+        .iter()
+        .find(|(series, value)| series.starts_with(&format!("{name}{{")) && pick(*value))
+        .unwrap_or_else(|| panic!("no {name} sample: {samples:?}"));
+    let labels = series.split_once('{').unwrap().1.trim_end_matches('}');
+    let entries = labels.split(',').filter_map(|label| label.split_once('=')).map(|(k, v)| format!("{k}: {v}, "));
+    (entries.collect(), *value)
+}
+
+/// The `summary` and `description` of alert `name` in alerts.yml, their templates filled as
+/// Prometheus fills them for an alert of database `datname` and value `value`.
+fn annotations_of(name: &str, datname: &str, value: f64) -> (String, String) {
     let rules = std::fs::read_to_string(monitoring_file("alerts.yml")).unwrap();
     let rule = rules.split("- alert: ").find(|rule| rule.starts_with(&format!("{name}\n"))).expect("the alert");
     let field = |key: &str| {
         let line = rule.lines().find_map(|line| line.trim().strip_prefix(key)).expect("the annotation");
-        line.trim().trim_matches('"').to_owned()
+        line.trim()
+            .trim_matches('"')
+            .replace("{{ $labels.datname }}", datname)
+            .replace("{{ $value }}", &value.to_string())
     };
     (field("summary:"), field("description:"))
 }
 
-/// What the alerts do over 15 minutes of the series of `samples` — each held at its scraped value,
-/// but for the time without a flush, which grows by a minute a minute when `flushing` is false —
-/// as `promtool test rules` evaluates alerts.yml: `firing` alerts fire at minute 10, every other
-/// alert of `watched` stays quiet. Panics with promtool's report otherwise.
-fn assert_alerts(case: &str, samples: &[(String, f64)], flushing: bool, watched: &[&str], firing: &[&str]) {
+/// What the alerts of alerts.yml do over 15 minutes of the series of `samples` going on as
+/// `course` says, as `promtool test rules` evaluates them: `firing` fire at minute 10, the others
+/// stay quiet. Panics with promtool's report otherwise.
+fn assert_alerts(case: &str, samples: &[(String, f64)], course: Course, firing: &[&str]) {
     let mut test = format!(
         "rule_files:\n  - {}\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n",
         monitoring_file("alerts.yml").display()
     );
     for (series, value) in samples {
-        let grows = !flushing && series.starts_with("wsusage_seconds_without_flush");
-        let values = if grows { format!("{value}+60x15") } else { format!("{value}x15") };
+        let values = if !course.flushing && series.starts_with("wsusage_seconds_without_flush{") {
+            format!("{value}+60x15")
+        } else if course.refusing && series.starts_with("wsusage_rejected{") {
+            format!("{value}+{value}x15")
+        } else {
+            format!("{value}x15")
+        };
         test.push_str(&format!("      - series: '{series}'\n        values: '{values}'\n"));
     }
-    let labels_of = |name: &str| -> String {
-        let (series, _) = samples.iter().find(|(series, _)| series.starts_with(&format!("{name}{{"))).expect(name);
-        let labels = series.split_once('{').unwrap().1.trim_end_matches('}');
-        labels.split(',').filter_map(|label| label.split_once('=')).map(|(k, v)| format!("{k}: {v}, ")).collect()
-    };
     test.push_str("    alert_rule_test:\n");
-    for alert in watched {
-        test.push_str(&format!("      - eval_time: 10m\n        alertname: {alert}\n        exp_alerts:\n"));
-        if firing.contains(alert) {
-            // Both alerts carry the labels of the cluster-wide family (the exporter's `server`).
-            let (summary, description) = annotations_of(alert);
-            test.push_str(&format!(
-                "          - exp_labels: {{{}}}\n            exp_annotations: {{summary: \"{summary}\", description: \"{description}\"}}\n",
-                labels_of("wsusage_pending")
-            ));
-        } else {
-            test.truncate(test.len() - 1);
+    for alert in ALERTS {
+        test.push_str(&format!("      - eval_time: 10m\n        alertname: {alert}\n        exp_alerts:"));
+        if !firing.contains(&alert) {
             test.push_str(" []\n");
+            continue;
         }
+        // The failing database's series for its alert; the cluster-wide family's for the others.
+        let (labels, value, datname) = if alert == "WsusageFlushFailing" {
+            let (labels, value) = labels_and_value(samples, "wsusage_database_consecutive_failures", |v| v >= 3.0);
+            (labels, value, "postgres")
+        } else {
+            let (labels, value) = labels_and_value(samples, "wsusage_pending", |_| true);
+            (labels, value, "")
+        };
+        let (summary, description) = annotations_of(alert, datname, value);
+        test.push_str(&format!(
+            "\n          - exp_labels: {{{labels}}}\n            exp_annotations: {{summary: \"{summary}\", description: \"{description}\"}}\n"
+        ));
     }
     let path =
         std::env::temp_dir().join(format!("wsusage-alerts-{}-{}.yml", std::process::id(), case.replace(' ', "-")));
@@ -206,17 +238,16 @@ fn assert_alerts(case: &str, samples: &[(String, f64)], flushing: bool, watched:
     );
 }
 
-const LAUNCHER_DOWN: &str = "WsusageLauncherDown";
-const NO_FLUSH: &str = "WsusageNoFlush";
+const FLUSHING: Course = Course { flushing: true, refusing: false };
+const STALLED: Course = Course { flushing: false, refusing: false };
 
-/// The two alerts whose mistakes an install makes likely, on series scraped from the real exporter
-/// of real clusters: each fires when it should (no launcher on a primary; keys pending and no
-/// flush for three intervals, none ever included) and stays quiet on a hot standby, a fresh server
-/// and a server whose flushes succeed.
+/// Every alert of alerts.yml, on series scraped from the real exporter of real clusters: each
+/// fires when it should (no launcher on a primary; keys pending and no flush for three intervals,
+/// none ever included; a database's rounds failing; the set over half full; marks refused) and
+/// stays quiet on a hot standby, a fresh server and a server whose flushes succeed.
 #[test]
-fn the_launcher_and_flush_alerts_fire_when_they_should_and_only_then() {
+fn the_alerts_fire_when_they_should_and_only_then() {
     let minute = [("wsusage.flush_interval", "'1min'")];
-    let watched = [LAUNCHER_DOWN, NO_FLUSH];
 
     // Healthy: marks flushed, flushes going on.
     let primary = Cluster::start(&minute);
@@ -226,7 +257,7 @@ fn the_launcher_and_flush_alerts_fire_when_they_should_and_only_then() {
     client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
     let exporter = Exporter::start(&primary);
     exporter.value("wsusage_in_recovery");
-    assert_alerts("healthy", &wsusage_samples(&exporter), true, &watched, &[]);
+    assert_alerts("healthy", &wsusage_samples(&exporter), FLUSHING, &[]);
     drop(exporter);
 
     // A hot standby of it: no launcher there, by design.
@@ -234,7 +265,7 @@ fn the_launcher_and_flush_alerts_fire_when_they_should_and_only_then() {
     let exporter = Exporter::start(&standby);
     assert_eq!(exporter.value("wsusage_in_recovery"), 1.0);
     assert_eq!(exporter.value("wsusage_launcher_up"), 0.0);
-    assert_alerts("standby", &wsusage_samples(&exporter), false, &watched, &[]);
+    assert_alerts("standby", &wsusage_samples(&exporter), STALLED, &[]);
     drop(exporter);
 
     // A fresh server: nothing marked, so no flush yet is no fault.
@@ -242,7 +273,7 @@ fn the_launcher_and_flush_alerts_fire_when_they_should_and_only_then() {
     let (_client, _) = fresh.with_workspaces(1);
     let exporter = Exporter::start(&fresh);
     assert_eq!(exporter.value("wsusage_seconds_since_last_flush"), -1.0);
-    assert_alerts("fresh", &wsusage_samples(&exporter), false, &watched, &[]);
+    assert_alerts("fresh", &wsusage_samples(&exporter), STALLED, &[]);
     drop(exporter);
 
     // No slot for a worker (the logical replication launcher and ours take both): keys pending,
@@ -254,7 +285,7 @@ fn the_launcher_and_flush_alerts_fire_when_they_should_and_only_then() {
     let exporter = Exporter::start(&no_worker);
     assert_eq!(exporter.value("wsusage_launcher_up"), 1.0);
     assert_eq!(exporter.value("wsusage_seconds_since_last_flush"), -1.0);
-    assert_alerts("no worker slot", &wsusage_samples(&exporter), false, &watched, &[NO_FLUSH]);
+    assert_alerts("no worker slot", &wsusage_samples(&exporter), STALLED, &["WsusageNoFlush"]);
     drop(exporter);
 
     // No launcher on a primary.
@@ -262,5 +293,33 @@ fn the_launcher_and_flush_alerts_fire_when_they_should_and_only_then() {
     let (_client, _) = no_launcher.with_workspaces_and_no_worker(1);
     let exporter = Exporter::start(&no_launcher);
     assert_eq!(exporter.value("wsusage_launcher_up"), 0.0);
-    assert_alerts("no launcher", &wsusage_samples(&exporter), false, &watched, &[LAUNCHER_DOWN]);
+    assert_alerts("no launcher", &wsusage_samples(&exporter), STALLED, &["WsusageLauncherDown"]);
+    drop(exporter);
+
+    // A database whose rounds keep failing (its table renamed away).
+    let failing = Cluster::start(&[]);
+    let (mut client, ids) = failing.with_workspaces(1);
+    client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
+    client.batch_execute("ALTER TABLE workspaces RENAME TO gone").unwrap();
+    for _ in 0..3 {
+        assert_eq!(flush_error(&mut client).0, "42P01");
+    }
+    let exporter = Exporter::start(&failing);
+    assert_eq!(exporter.value("wsusage_database_consecutive_failures{datname=\"postgres\"}"), 3.0);
+    assert_alerts("failing", &wsusage_samples(&exporter), FLUSHING, &["WsusageFlushFailing"]);
+    drop(exporter);
+
+    // The set over half full, and marks refused once full (and still refused). No worker may
+    // start (as above), or the full set would be flushed early; with an hour's interval, three
+    // intervals without a flush are not reached.
+    let full = Cluster::start(&[("wsusage.max_pending", "16"), ("max_worker_processes", "2")]);
+    let (mut client, ids) = full.with_workspaces_and_no_worker(20);
+    full.wait_for_launcher(&mut client);
+    let error = client.execute("SELECT wsusage_mark_many($1)", &[&ids]).expect_err("the set is full");
+    assert_eq!(sqlstate(&error), "53400");
+    let exporter = Exporter::start(&full);
+    assert_eq!(exporter.value("wsusage_pending"), 16.0);
+    assert!(exporter.value("wsusage_rejected") > 0.0);
+    let refusing = Course { flushing: false, refusing: true };
+    assert_alerts("full", &wsusage_samples(&exporter), refusing, &["WsusagePendingHigh", "WsusageRejecting"]);
 }

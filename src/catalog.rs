@@ -47,24 +47,39 @@ fn c_string(text: &str) -> CString {
     CString::new(text).unwrap_or_default()
 }
 
-/// The relation with OID `oid`, if it exists.
-pub fn relation(oid: pg_sys::Oid) -> Option<RelationRow> {
-    // SAFETY: a syscache lookup in the caller's transaction; the tuple is read and released here.
+/// What `read` makes of the row of the one-key system cache `cache` whose key is `oid`, if there
+/// is one; the cached tuple is released before returning.
+///
+/// # Safety
+/// Inside a transaction; `T` is the struct of the catalog `cache` caches (`FormData_pg_class` for
+/// `RELOID` …); `read` raises no ERROR.
+unsafe fn cached_row<T, R>(
+    cache: pg_sys::SysCacheIdentifier::Type,
+    oid: pg_sys::Oid,
+    read: impl FnOnce(&T) -> R,
+) -> Option<R> {
+    // SAFETY: the caller's promise; the tuple's fixed part is read while the cache pins it.
     unsafe {
-        let tuple =
-            pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::RELOID as std::ffi::c_int, pg_sys::Datum::from(oid));
+        let tuple = pg_sys::SearchSysCache1(cache as std::ffi::c_int, pg_sys::Datum::from(oid));
         if tuple.is_null() {
             return None;
         }
-        let form = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_class>(tuple);
-        let row = RelationRow {
-            namespace: (*form).relnamespace,
-            name: owned((*form).relname.data.as_ptr()).unwrap_or_default(),
-            owner: (*form).relowner,
-            kind: (*form).relkind as u8,
-        };
+        let row = read(&*pg_sys::heap_tuple_get_struct::<T>(tuple));
         pg_sys::ReleaseSysCache(tuple);
         Some(row)
+    }
+}
+
+/// The relation with OID `oid`, if it exists.
+pub fn relation(oid: pg_sys::Oid) -> Option<RelationRow> {
+    // SAFETY: RELOID caches pg_class; the closure reads its row and raises nothing.
+    unsafe {
+        cached_row(pg_sys::SysCacheIdentifier::RELOID, oid, |form: &pg_sys::FormData_pg_class| RelationRow {
+            namespace: form.relnamespace,
+            name: owned(form.relname.data.as_ptr()).unwrap_or_default(),
+            owner: form.relowner,
+            kind: form.relkind as u8,
+        })
     }
 }
 
@@ -233,26 +248,20 @@ pub fn has_privileges_of(member: pg_sys::Oid, role: pg_sys::Oid) -> bool {
 
 /// The function with OID `oid`, if it exists.
 pub fn function(oid: pg_sys::Oid) -> Option<FunctionRow> {
-    // SAFETY: a syscache lookup in the caller's transaction; the tuple is read and released here.
-    // proargtypes is the fixed-width oidvector of pg_proc's struct, `pronargs` long.
+    // SAFETY: PROCOID caches pg_proc; the closure reads its row and raises nothing. proargtypes is
+    // the fixed-width oidvector of pg_proc's struct, `pronargs` long.
     unsafe {
-        let tuple =
-            pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::PROCOID as std::ffi::c_int, pg_sys::Datum::from(oid));
-        if tuple.is_null() {
-            return None;
-        }
-        let form = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_proc>(tuple);
-        let arguments = usize::try_from((*form).proargtypes.dim1).unwrap_or(0);
-        let row = FunctionRow {
-            name: owned((*form).proname.data.as_ptr()).unwrap_or_default(),
-            namespace: (*form).pronamespace,
-            owner: (*form).proowner,
-            kind: (*form).prokind as u8,
-            variadic: (*form).provariadic,
-            argument_types: (*form).proargtypes.values.as_slice(arguments).to_vec(),
-        };
-        pg_sys::ReleaseSysCache(tuple);
-        Some(row)
+        cached_row(pg_sys::SysCacheIdentifier::PROCOID, oid, |form: &pg_sys::FormData_pg_proc| {
+            let arguments = usize::try_from(form.proargtypes.dim1).unwrap_or(0);
+            FunctionRow {
+                name: owned(form.proname.data.as_ptr()).unwrap_or_default(),
+                namespace: form.pronamespace,
+                owner: form.proowner,
+                kind: form.prokind as u8,
+                variadic: form.provariadic,
+                argument_types: form.proargtypes.values.as_slice(arguments).to_vec(),
+            }
+        })
     }
 }
 

@@ -243,9 +243,8 @@ pub fn snapshot(database: pg_sys::Oid, out: &mut Vec<Entry>, now: i64) -> (u64, 
         if let Some(index) = databases::find(state.slots, database) {
             state.slots[index].interval_start = now;
         }
-        let requested =
-            databases::find(state.slots, database).is_some_and(|index| state.slots[index].requests.waiting());
-        (rendezvous::newest_request(&state.view(), database), requested)
+        let view = state.view();
+        (rendezvous::newest_request(&view, database), rendezvous::waiting(&view, database))
     })
     .unwrap_or((0, false))
 }

@@ -92,12 +92,15 @@ pub fn newest_request(state: &View<'_>, database: pg_sys::Oid) -> u64 {
     databases::find(state.slots, database).map_or(0, |index| state.slots[index].requests.made)
 }
 
+/// Whether a `wsusage_flush()` caller of `database` waits for a flush. Caller must hold the lock
+/// (either mode).
+pub fn waiting(state: &View<'_>, database: pg_sys::Oid) -> bool {
+    databases::find(state.slots, database).is_some_and(|index| state.slots[index].requests.waiting())
+}
+
 /// Whether a `wsusage_flush()` caller of `database` waits for a flush.
 pub fn flush_requested(database: pg_sys::Oid) -> bool {
-    layout::with_shared(|state| {
-        databases::find(state.slots, database).is_some_and(|index| state.slots[index].requests.waiting())
-    })
-    .unwrap_or(false)
+    layout::with_shared(|state| waiting(state, database)).unwrap_or(false)
 }
 
 /// Publish the outcome of the flush of `database` whose snapshot covered requests up to

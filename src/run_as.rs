@@ -37,6 +37,7 @@ use pgrx::pg_sys::errcodes::PgSqlErrorCode;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::PgLogLevel;
 
+use crate::catalog;
 use crate::nest_level::NestLevel;
 use crate::settings;
 use crate::target::{self, Relation};
@@ -146,21 +147,8 @@ impl RunAs {
     /// # Safety
     /// Inside the transaction `begin` ran in.
     pub unsafe fn check_function(&self, oid: pg_sys::Oid, signature: &str) {
-        // SAFETY: a catalog lookup in the caller's transaction; the tuple is released before any
-        // ERROR is raised.
-        let owner = unsafe {
-            let tuple = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::PROCOID as c_int, pg_sys::Datum::from(oid));
-            if tuple.is_null() {
-                None
-            } else {
-                let owner = (*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_proc>(tuple)).proowner;
-                pg_sys::ReleaseSysCache(tuple);
-                Some(owner)
-            }
-        };
-        let Some(owner) = owner else { renamed_function() };
-        // SAFETY: a membership lookup through the syscache.
-        if !unsafe { pg_sys::has_privs_of_role(owner, self.runner) } {
+        let Some(function) = catalog::function(oid) else { renamed_function() };
+        if !catalog::has_privileges_of(function.owner, self.runner) {
             raise(
                 PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
                 format!("function {signature} changed hands during the flush"),

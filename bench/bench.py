@@ -90,7 +90,7 @@ max_connections = 200
 shared_buffers = '256MB'
 shared_preload_libraries = 'wsusage'
 wsusage.flush_interval = '{flush_interval_ms}ms'
-wsusage.max_pending = 262144
+wsusage.max_pending = 524288
 """
             )
         self.as_owner([str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.dir / "server.log"), "-w", "start"])
@@ -445,6 +445,50 @@ def context(results, clients_list, set_rows):
 IN_SERVER = ["scan", "floor_fn", "mark", "mark_target"]
 
 
+class Session:
+    """One psql session kept open, so that its backend's own CPU time can be read around a
+    statement: on a 2-core machine, two backends and the harness share the cores, and a
+    statement's wall time counts the moments its backend waited for one; its CPU time (the
+    kernel's run-time account of the backend, /proc/PID/schedstat) counts only the work, and a
+    mark's cost to the other backend (a cache line taken away) is still in it."""
+
+    def __init__(self, cluster: Cluster, setup: str):
+        self.psql = subprocess.Popen(
+            [str(cluster.bin / "psql"), "-h", str(cluster.dir), "-U", "postgres", "-X", "-q", "-A", "-t",
+             "-v", "ON_ERROR_STOP=1"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.pid = int(self.ask(f"{setup};\nSELECT pg_backend_pid()"))
+        self.ask("\\timing on\nSELECT 1")
+        self.psql.stdout.readline()  # SELECT 1's timing
+
+    def ask(self, statements: str) -> str:
+        """Run `statements`, the last of which returns one line, and return that line."""
+        self.psql.stdin.write(statements + ";\n")
+        self.psql.stdin.flush()
+        line = self.psql.stdout.readline()
+        if not line:
+            raise RuntimeError(f"psql ended on {statements!r}")
+        return line.strip()
+
+    def cpu_ns(self) -> int:
+        return int(Path(f"/proc/{self.pid}/schedstat").read_text().split()[0])
+
+    def timed(self, query: str):
+        """(wall ms as psql's \\timing has it, CPU ns of the backend) of `query`, which returns one row."""
+        before = self.cpu_ns()
+        self.ask(query)
+        timing = self.psql.stdout.readline()
+        after = self.cpu_ns()
+        found = re.match(r"Time: ([0-9.]+) ms", timing)
+        if not found:
+            raise RuntimeError(f"no timing after {query!r}: {timing!r}")
+        return float(found.group(1)), after - before
+
+    def close(self):
+        self.psql.stdin.close()
+        self.psql.wait()
+
+
 def in_server_cost(cluster: Cluster, calls: int, backends_list, reps: int):
     """What a mark costs inside the server, without the round trip whose noise hides it in
     marks/s: `SELECT count(f(id)) FROM draws` over `calls` ids drawn uniformly from the 100k, all
@@ -452,7 +496,8 @@ def in_server_cost(cluster: Cluster, calls: int, backends_list, reps: int):
     (the bare scan), floor_fn and wsusage_mark, in a rotating order, `reps` times; the same
     statement in `backends` sessions at once shows what marking backends cost one another.
     Returns per backend count the median milliseconds of each, and ns per call over the bare scan
-    (floor_fn) and over floor_fn (the mark). mark_target is `wsusage_mark('workspaces', id)`, the
+    (floor_fn) and over floor_fn (the mark), of wall time and of each backend's own CPU time (see
+    Session: the figure that compares builds, the wall time varying with what else ran). mark_target is `wsusage_mark('workspaces', id)`, the
     same column as a named target: what naming one costs. Run after flush_benchmark: its hour-long
     flush interval keeps the worker from emptying the set meanwhile."""
     named = cluster.sql("SELECT to_regclass('wsusage_target') IS NOT NULL") == "t"
@@ -468,24 +513,36 @@ def in_server_cost(cluster: Cluster, calls: int, backends_list, reps: int):
              "mark_target": "SELECT count(wsusage_mark('workspaces', id)) FROM draws"}
     rows = []
     for backends in backends_list:
+        sessions = [Session(cluster, "SET max_parallel_workers_per_gather = 0") for _ in range(backends)]
         times = {m: [] for m in measured}
-        for rep in range(reps):
-            for m in rotated(measured, rep):
-                took = [0.0] * backends
-                def run(i, m=m, took=took):
-                    took[i] = cluster.timed_sql("SET max_parallel_workers_per_gather = 0;", query[m])
-                threads = [threading.Thread(target=run, args=(i,)) for i in range(backends)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-                times[m].append(statistics.mean(took))
+        cpu = {m: [] for m in measured}
+        try:
+            for rep in range(reps):
+                for m in rotated(measured, rep):
+                    took = [(0.0, 0)] * backends
+                    def run(i, m=m, took=took):
+                        took[i] = sessions[i].timed(query[m])
+                    threads = [threading.Thread(target=run, args=(i,)) for i in range(backends)]
+                    for t in threads:
+                        t.start()
+                    for t in threads:
+                        t.join()
+                    times[m].append(statistics.mean(ms for ms, _ in took))
+                    cpu[m].append(statistics.mean(ns for _, ns in took))
+        finally:
+            for session in sessions:
+                session.close()
         ms = {m: statistics.median(times[m]) for m in measured}
+        cpu_ns = {m: statistics.median(cpu[m]) / calls for m in measured}
         rows.append({"backends": backends, "calls": calls, "reps": reps, "ms": ms,
                      "floor_fn_ns": (ms["floor_fn"] - ms["scan"]) * 1e6 / calls,
                      "mark_ns": (ms["mark"] - ms["floor_fn"]) * 1e6 / calls,
                      "mark_target_ns": (ms["mark_target"] - ms["floor_fn"]) * 1e6 / calls if named else None,
-                     "mark_ns_range": [(t - ms["floor_fn"]) * 1e6 / calls for t in (min(times["mark"]), max(times["mark"]))]})
+                     "mark_ns_range": [(t - ms["floor_fn"]) * 1e6 / calls for t in (min(times["mark"]), max(times["mark"]))],
+                     "cpu_ns": cpu_ns,
+                     "mark_cpu_ns": cpu_ns["mark"] - cpu_ns["floor_fn"],
+                     "mark_target_cpu_ns": cpu_ns["mark_target"] - cpu_ns["floor_fn"] if named else None,
+                     "mark_cpu_ns_range": [t / calls - cpu_ns["floor_fn"] for t in (min(cpu["mark"]), max(cpu["mark"]))]})
     return rows
 
 
@@ -528,6 +585,15 @@ def markdown(summary, flush_rows, checks, notes, meta, set_rows, in_server_rows,
                          f"{r['floor_fn_ns']:.0f} | {r['mark_ns']:.0f} ({lo:.0f} – {hi:.0f}) | "
                          + (f"{r['mark_target_ns']:.0f} | {r['mark_target_ns'] / r['mark_ns'] if r['mark_ns'] > 0 else float('nan'):.2f} |"
                             if r["mark_target_ns"] is not None else "– | – |"))
+        lines += ["", "The same statements in each backend's own CPU time (the kernel's account of it: what a mark costs, "
+                  "without the moments a backend waited for a core), ns per call:", "",
+                  "| backends at once | floor_fn (with the scan) | wsusage_mark over floor_fn (fastest – slowest run) | "
+                  "wsusage_mark('workspaces', id) over floor_fn |", "|---:|---:|---|---:|"]
+        for r in in_server_rows:
+            lo, hi = r["mark_cpu_ns_range"]
+            named = r["mark_target_cpu_ns"]
+            lines.append(f"| {r['backends']} | {r['cpu_ns']['floor_fn']:.0f} | {r['mark_cpu_ns']:.0f} ({lo:.0f} – {hi:.0f}) | "
+                         + (f"{named:.0f} |" if named is not None else "– |"))
     if connect_rows:
         c, n = connect_rows[0]["clients"], len(connect_rows)
         lines += ["", f"A connection per call: {c} clients each connecting, preparing, calling once and disconnecting, "
@@ -639,8 +705,8 @@ def main():
         if args.in_server_calls > 0:
             in_server_rows = in_server_cost(cluster, args.in_server_calls, sorted({1, os.cpu_count() or 1}), args.in_server_reps)
         for r in in_server_rows:
-            print(f"in the server, {r['backends']} backend(s) at once: wsusage_mark {r['mark_ns']:.0f} ns per call over floor_fn",
-                  flush=True)
+            print(f"in the server, {r['backends']} backend(s) at once: wsusage_mark {r['mark_ns']:.0f} ns per call over floor_fn, "
+                  f"{r['mark_cpu_ns']:.0f} ns of the backend's CPU", flush=True)
     finally:
         cluster.stop()
 

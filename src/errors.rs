@@ -1,7 +1,7 @@
 //! The errors and warnings of the SQL functions and of a flush, each with its SQLSTATE, detail
 //! and hint, worded after PostgreSQL's error message style guide. (The processes' own log lines
 //! live beside what they report: the launcher's in `launcher`, a worker's in `worker` and
-//! `flush`, the saved set's in `persist`, the trigger's in `target_table`.)
+//! `flush::round`, the saved set's in `saved_set`, the trigger's in `targets::table`.)
 
 use std::time::Duration;
 
@@ -11,9 +11,9 @@ use pgrx::PgLogLevel;
 
 use wsusage_pending_table::{Key, Stuck};
 
-use crate::key::{self, Kind};
+use crate::memory::key::{self, Kind};
 use crate::settings;
-use crate::target::Problem;
+use crate::targets::definition::Problem;
 
 /// A database error that ended a chunk of a flush, or a check, with what the DBA and the caller
 /// need to know.
@@ -181,7 +181,7 @@ impl UsageError {
                     .set_hint("Increase \"wsusage.max_targets\" (needs a restart), or shorten \"wsusage.flush_interval\" so that targets free their places sooner.")
             }
             UsageError::NullId { element } => {
-                let report = ErrorReport::new(ERRCODE_NULL_VALUE_NOT_ALLOWED, "workspace id must not be null", function);
+                let report = ErrorReport::new(ERRCODE_NULL_VALUE_NOT_ALLOWED, "id must not be null", function);
                 match element {
                     Some(n) => report.set_detail(format!("Element {n} of the array is null; no id of the array was marked.")),
                     None => report,
@@ -298,18 +298,32 @@ pub fn report_target_problem(failure: &Failure) {
     .report(PgLogLevel::WARNING);
 }
 
-/// A place of the pending set stayed claimed, by a process that stopped between two
-/// instructions that cannot fail: shared memory can no longer be trusted, so, as PostgreSQL does
-/// for a stuck spinlock, PANIC, which makes the postmaster reinitialise it.
-pub fn report_stuck(stuck: Stuck) -> ! {
+/// A place of the pending set stayed claimed by a process that has not run since (see
+/// `wsusage_pending_table::STUCK_AFTER`): this call's marks from that id on are refused, those
+/// before it were recorded, and the set is whole, so an ERROR for this caller, nothing for the
+/// server (a PANIC would lose every pending mark with the shared memory).
+pub fn report_stuck(stuck: Stuck, function: &'static str, marked: usize, requested: usize) -> ! {
+    let detail = if requested == 1 {
+        "The id was not marked.".to_owned()
+    } else {
+        format!("{marked} of the {requested} ids were marked; the others were not.")
+    };
     ErrorReport::new(
-        PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-        format!("wsusage pending set place {} stuck for {} ms", stuck.place, stuck.waited.as_millis()),
-        "wsusage_mark",
+        PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
+        format!(
+            "{function}: a place of the wsusage pending set was held by another process for {} ms",
+            stuck.waited.as_millis()
+        ),
+        function,
     )
-    .set_detail("Another process claimed the place and never published it.")
-    .report(PgLogLevel::PANIC);
-    unreachable!("a PANIC report does not return")
+    .set_detail(format!(
+        "{detail} The process that claimed place {} has not run since: stopped (SIGSTOP, a debugger) or \
+         starved of CPU. Marks already pending are kept.",
+        stuck.place
+    ))
+    .set_hint("Mark again. If it keeps failing, look for a stopped server process (pg_stat_activity, ps).")
+    .report(PgLogLevel::ERROR);
+    unreachable!("an ERROR report does not return")
 }
 
 /// `name` as an SQL identifier, quoted when it must be.
@@ -342,7 +356,7 @@ pub fn report_held_back(database: &str, key: Key, failures: Option<u32>, failure
         ),
         None => format!(
             "wsusage holds back at most {} ids, so this one is isolated again at every flush; the other ids are written.",
-            crate::held::HELD_MAX
+            crate::memory::held_back::HELD_MAX
         ),
     };
     ErrorReport::new(

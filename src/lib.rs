@@ -6,8 +6,10 @@
 //!   (`wsusage_target`, and the `default` target of the settings);
 //! - the **pending** set holds, per key of a target, the latest time it was marked and not yet
 //!   written;
-//! - a **flush** writes the pending set to the table in one statement and forgets what it wrote;
-//! - the **launcher** starts a flush **worker** per database with marks due for a flush.
+//! - a **flush** writes a database's pending keys to their targets' tables, one `UPDATE` per chunk
+//!   of a target's keys, and forgets what it wrote;
+//! - the **launcher** starts a flush **worker** per database with marks pending (or a
+//!   `wsusage_flush()` caller waiting), as many at once as it has places for.
 //!
 //! This file is wiring only; each concept lives in the module named for it.
 
@@ -15,55 +17,21 @@
 
 use pgrx::prelude::*;
 
-// From the bottom up: the lock and shared-memory pieces, the structures kept there, the layout
-// composing them, what operates on them, and the processes and SQL functions using those.
+// From the bottom up, as a mark and a flush go through them: the settings, shared memory and the
+// state kept there, the targets a flush writes, the errors reported, the flush, the processes
+// that run it, and the SQL functions applications and DBAs call.
 mod clock;
-mod counters;
-mod held;
-mod key;
-mod lock;
-mod message;
-mod publication;
-mod requests;
-mod slot;
-mod stripes;
-mod target_slot;
+mod settings;
 
-mod layout;
-
-mod databases;
-mod pending;
-mod rendezvous;
-mod stats;
+mod memory;
+mod state;
 mod targets;
 
-mod persist;
-mod shmem;
-
 mod errors;
-mod nest_level;
-mod settings;
-mod target;
-
-mod catalog;
-mod changes;
-mod definitions;
-mod published;
-mod resolve;
-mod target_table;
-
-mod run_as;
-mod statements;
-mod transaction;
 
 mod flush;
-mod launcher;
-mod worker;
-
-mod rows;
-
-mod api;
-mod monitor;
+mod processes;
+mod sql;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -77,6 +45,6 @@ pub extern "C-unwind" fn _PG_init() {
         return;
     }
     settings::init();
-    shmem::init();
-    launcher::register();
+    processes::postmaster::init();
+    processes::launcher::register();
 }

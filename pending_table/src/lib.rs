@@ -40,12 +40,12 @@
 //!
 //! Waiting on a claimed place is bounded: a claim is published a few instructions after it is
 //! made, so the waiter spins, then yields, then sleeps, and after [`STUCK_AFTER`] gives up with
-//! [`Stuck`], as PostgreSQL's spinlocks report a stuck lock instead of spinning forever.
+//! [`Stuck`] instead of waiting forever.
 
 use std::cell::UnsafeCell;
 use std::marker::PhantomData;
 use std::mem::{align_of, size_of};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicI64, AtomicU8, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// What the table is keyed by: a key is pending per database (an OID) and target (the index of
@@ -71,10 +71,52 @@ pub struct Entry {
 }
 
 /// How long a reader waits on a place another process claimed before it reports [`Stuck`].
+///
+/// A claim is published a few instructions after it is made, so a claim this old means its
+/// process is not running: stopped (SIGSTOP, a debugger), or descheduled on a starved machine, or
+/// in a VM that was paused. It runs again some day and publishes its claim, and nothing is lost
+/// meanwhile, so a wait that ends here is not damage: the waiter reports it to its caller and
+/// goes (an ERROR for a mark), unlike PostgreSQL's stuck spinlock, which PANICs after about a
+/// minute and would lose every pending mark with the shared memory. The bound is short because
+/// the waiter cannot be interrupted meanwhile (it holds the lock, and PostgreSQL holds interrupts
+/// with an LWLock): ten seconds is as long as a client should wait for a mark with neither
+/// statement_timeout nor a cancel reaching it, and far longer than any running process takes.
 #[cfg(not(test))]
 pub const STUCK_AFTER: Duration = Duration::from_secs(10);
 #[cfg(test)]
 pub const STUCK_AFTER: Duration = Duration::from_millis(200);
+
+/// A change in progress, marked in `flag` for as long as this lives: set when made, cleared when
+/// dropped. A process killed in the middle of the change (an immediate shutdown: SIGQUIT, then
+/// SIGKILL, at any instruction) never drops it, and leaves the flag set for whoever checks the
+/// memory after every process has gone. A panic unwinding through the change drops it: the
+/// change stopped between two of its steps, each of which leaves the memory whole (callers make
+/// no call that can panic in the middle of one), and the server goes on using that memory, so
+/// that memory is whole as far as the flag can tell.
+pub struct ChangeMark<'a>(&'a AtomicBool);
+
+impl<'a> ChangeMark<'a> {
+    pub fn new(flag: &'a AtomicBool) -> Self {
+        flag.store(true, Ordering::Relaxed);
+        // The flag is set before any write of the change: a process killed after one of them
+        // was made leaves the flag set with it.
+        fence(Ordering::SeqCst);
+        ChangeMark(flag)
+    }
+}
+
+impl Drop for ChangeMark<'_> {
+    fn drop(&mut self) {
+        // Every write of the change comes before the flag is cleared (see `is_marked`).
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// Whether `flag` says a change was interrupted; what the change wrote before the flag was
+/// cleared is visible to whoever finds it clear.
+pub fn is_marked(flag: &AtomicBool) -> bool {
+    flag.load(Ordering::Acquire)
+}
 
 /// Alignment the table's memory needs.
 pub const ALIGN: usize = align_of::<Header>();
@@ -190,8 +232,8 @@ impl Backoff {
     }
 }
 
-/// A place stayed claimed for [`STUCK_AFTER`]: the process that claimed it stopped between the
-/// claim and its publication, which nothing in the table's code can cause.
+/// A place stayed claimed for [`STUCK_AFTER`]: the process that claimed it has not run since
+/// (see there). The table is whole; the claim is published when that process runs again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stuck {
     pub place: usize,
@@ -388,9 +430,8 @@ impl Table<'_> {
     /// Remove the entry at `index`, moving later entries of its run back into the hole so that
     /// every remaining entry stays reachable from its home.
     pub fn remove_at(&self, exclusive: &Exclusive<'_>, index: usize) {
-        self.header.changing.store(true, Ordering::Relaxed);
+        let _changing = ChangeMark::new(&self.header.changing);
         self.remove_at_unmarked(exclusive, index);
-        self.header.changing.store(false, Ordering::Relaxed);
     }
 
     fn remove_at_unmarked(&self, _: &Exclusive<'_>, index: usize) {
@@ -434,7 +475,9 @@ impl Table<'_> {
         // Walk once round from a free place: no run crosses it, so a removal only moves entries
         // not yet visited back into the place being visited, which is then looked at again.
         let Some(start) = (0..places).position(|index| !held(index)) else { return 0 };
-        self.header.changing.store(true, Ordering::Relaxed);
+        // `keep` runs between two removals, each of which leaves the table whole: should it
+        // panic, the mark's drop says so.
+        let _changing = ChangeMark::new(&self.header.changing);
         let mut removed = 0;
         let mut step = 1;
         while step < places {
@@ -446,7 +489,6 @@ impl Table<'_> {
                 step += 1;
             }
         }
-        self.header.changing.store(false, Ordering::Relaxed);
         removed
     }
 
@@ -454,7 +496,7 @@ impl Table<'_> {
     /// instruction may have left behind (an immediate shutdown): no removal interrupted, no claim
     /// pending, every entry reachable from its home, the count right. Returns the entries held.
     pub fn verify(&self, exclusive: &Exclusive<'_>) -> Result<usize, Damage> {
-        if self.header.changing.load(Ordering::Relaxed) {
+        if is_marked(&self.header.changing) {
             return Err(Damage::ChangeInterrupted);
         }
         let mut counted = 0;
@@ -518,7 +560,40 @@ mod tests {
         // SAFETY: this thread is the table's only user.
         let exclusive = unsafe { Exclusive::new() };
         assert_eq!(table.verify(&exclusive), Ok(1));
-        table.header.changing.store(true, Ordering::Relaxed);
+        // A process killed in the middle of a removal never drops its mark.
+        std::mem::forget(ChangeMark::new(&table.header.changing));
         assert_eq!(table.verify(&exclusive), Err(Damage::ChangeInterrupted));
+    }
+
+    #[test]
+    fn a_panic_in_the_middle_of_a_retain_leaves_the_table_whole_and_says_so() {
+        let mut memory = table_memory(64);
+        // SAFETY: as above.
+        let table = unsafe { create(memory.as_mut_ptr().cast(), 64, [3, 4]) };
+        for n in 0..40u8 {
+            table.insert(&Key { database: 1, target: 0, kind: 0, id: [n; 16] }, i64::from(n)).unwrap();
+        }
+        // SAFETY: this thread is the table's only user.
+        let exclusive = unsafe { Exclusive::new() };
+        let mut seen = 0;
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            table.retain(&exclusive, |entry| {
+                seen += 1;
+                assert!(seen < 20, "a bug in the caller's predicate");
+                entry.key.id[0] % 2 == 0
+            })
+        }));
+        assert!(panicked.is_err());
+        // Not taken for an interrupted change (which would discard the whole set at the next
+        // clean shutdown), and rightly so: every entry kept is still found, the count is exact.
+        let left = table.verify(&exclusive).expect("the table is whole after the panic");
+        assert_eq!(left, table.len());
+        assert!((20..40).contains(&left), "some odd ids were removed before the panic, not all: {left}");
+        for entry in table.entries() {
+            assert_eq!(table.find(&exclusive, &entry.key).map(|index| table.entry(&exclusive, index)), Some(entry));
+        }
+        // And the table goes on: the rest removed by the next retain.
+        assert_eq!(table.retain(&exclusive, |entry| entry.key.id[0] % 2 == 0) as usize, left - 20);
+        assert_eq!(table.verify(&exclusive), Ok(20));
     }
 }

@@ -1,6 +1,6 @@
 //! One flush round of a database: snapshot its pending keys, read its targets' definitions (see
-//! `definitions`), write each target's keys in chunks of `wsusage.batch_size`, each chunk one
-//! statement (see `target`) in its own transaction (see `transaction`), and forget what each
+//! `targets::lookup`), write each target's keys in chunks of `wsusage.batch_size`, each chunk one
+//! statement (see `targets::definition`) in its own transaction (see `transaction`), and forget what each
 //! committed chunk wrote. Runs in the worker only.
 //!
 //! Targets are independent: one that fails (its table dropped, a privilege revoked, its
@@ -21,7 +21,7 @@
 //! - a chunk that fails with an error that may be one row's (a trigger or check raising for it,
 //!   a value its column refuses; see `errors::Scope`) is split in halves, and the halves retried,
 //!   until the failing ids are isolated; everything else commits in the same round. An isolated
-//!   id stays pending, held back with its error (see `held`) and retried at a slowing pace. At
+//!   id stays pending, held back with its error (see `memory::held_back`) and retried at a slowing pace. At
 //!   most [`SPLIT_BUDGET`] statements and [`HELD_PER_ROUND`] isolated ids a round, so a table
 //!   whose every row fails costs a round a few hundred statements, not two per id, and fails the
 //!   target's part of the round as any error would;
@@ -41,20 +41,20 @@ use pgrx::prelude::*;
 use wsusage_pending_table::{Entry, Key};
 
 use crate::clock::now;
-use crate::databases;
-use crate::definitions;
 use crate::errors::{self, Failure, Scope};
-use crate::held::HELD_MAX;
-use crate::key::Kind;
-use crate::pending;
-use crate::published;
-use crate::rendezvous;
+use crate::flush::statements::{self, Locking, Statements, Written};
+use crate::flush::transaction::in_transaction;
+use crate::memory::held_back::HELD_MAX;
+use crate::memory::key::Kind;
 use crate::settings;
-use crate::statements::{self, Locking, Statements, Written};
-use crate::stats::{self, ChunkOutcome};
-use crate::target::Definition;
-use crate::targets::SlotRef;
-use crate::transaction::in_transaction;
+use crate::state::counting::{self, ChunkOutcome};
+use crate::state::databases;
+use crate::state::pending;
+use crate::state::rendezvous;
+use crate::state::target_slots::SlotRef;
+use crate::targets::definition::Definition;
+use crate::targets::lookup;
+use crate::targets::published;
 
 /// Statements a round may spend splitting failing chunks: enough to isolate a dozen bad rows in
 /// a chunk of thousands (about two statements per halving).
@@ -76,7 +76,8 @@ pub struct Flusher {
     waiting: Vec<Key>,
     /// The last failure message logged, so a repeated failure is not logged every interval.
     last_logged_failure: Option<String>,
-    extension_missing_logged: bool,
+    /// The last round found the extension missing from the database (and said so, once).
+    extension_was_missing: bool,
     /// The target problems last logged by a start-up or reload check, so a reload that changes
     /// nothing does not repeat them.
     last_target_problems: Vec<String>,
@@ -136,7 +137,7 @@ impl Flusher {
             batch: Vec::with_capacity(settings::max_pending()),
             waiting: Vec::with_capacity(HELD_MAX),
             last_logged_failure: None,
-            extension_missing_logged: false,
+            extension_was_missing: false,
             last_target_problems: Vec::new(),
             missing: Vec::new(),
         }
@@ -147,8 +148,8 @@ impl Flusher {
     }
 
     /// Whether the last flush found the extension missing from the database.
-    pub fn extension_is_missing(&self) -> bool {
-        self.extension_missing_logged
+    pub fn extension_was_missing(&self) -> bool {
+        self.extension_was_missing
     }
 
     /// Flush whatever of the database is pending and publish the outcome to `wsusage_flush()`
@@ -168,7 +169,7 @@ impl Flusher {
         let waiting = &self.waiting;
         self.batch.retain(|entry| waiting.binary_search(&entry.key).is_err());
         if self.batch.is_empty() {
-            rendezvous::publish(database, up_to_request, &rendezvous::Result::Applied { ids: 0, held_back: 0 });
+            rendezvous::publish(database, up_to_request, &rendezvous::Flushed::Applied { ids: 0, held_back: 0 });
             return 0;
         }
         let ids = self.batch.len() as u64;
@@ -181,16 +182,16 @@ impl Flusher {
         // new backends within an interval.
         published::invalidate(database);
         // Read after the snapshot: a mark in it was made after its target's row was written.
-        match in_transaction(|| definitions::read(None, current_user())) {
+        match in_transaction(|| lookup::read(None, current_user())) {
             Err(failure) => {
-                stats::record_chunk(database, None, &ChunkOutcome::Failed { message: &failure.message }, now());
+                counting::record_chunk(database, None, &ChunkOutcome::Failed { message: &failure.message }, now());
                 round.failure = Some(failure);
             }
-            // Its targets are kept until CREATE EXTENSION brings them back (see `worker`).
+            // Its targets are kept until CREATE EXTENSION brings them back (see `processes::worker`).
             Ok(catalog) if !catalog.extension => round.extension_missing = true,
             Ok(catalog) => {
                 let batch = std::mem::take(&mut self.batch);
-                let slots = stats::target_slots().unwrap_or_default();
+                let slots = counting::target_slots().unwrap_or_default();
                 let mut missing = Vec::new();
                 for group in batch.chunk_by(|a, b| a.key.target == b.key.target) {
                     let index = group[0].key.target;
@@ -224,21 +225,21 @@ impl Flusher {
         let failure = if round.extension_missing {
             Some(self.extension_missing())
         } else {
-            self.extension_missing_logged = false;
+            self.extension_was_missing = false;
             round.failure
         };
-        let failed_before = stats::consecutive_failures(database);
-        let consecutive = stats::record_flush(database, failure.is_some(), started_at, now());
+        let failed_before = counting::consecutive_failures(database);
+        let consecutive = counting::record_flush(database, failure.is_some(), started_at, now());
         let result = match failure {
             None => {
                 self.report_success(round.taken, failed_before);
-                rendezvous::Result::Applied { ids: round.taken, held_back: round.held_back }
+                rendezvous::Flushed::Applied { ids: round.taken, held_back: round.held_back }
             }
             Some(failure) => {
                 if !round.extension_missing {
                     self.report_failure(ids, consecutive, &failure);
                 }
-                rendezvous::Result::Failed { ids, sqlstate: failure.sqlstate, message: failure.message }
+                rendezvous::Flushed::Failed { ids, sqlstate: failure.sqlstate, message: failure.message }
             }
         };
         rendezvous::publish(database, up_to_request, &result);
@@ -263,7 +264,7 @@ impl Flusher {
             "wsusage discarded {discarded} pending keys of target \"{name}\" in database \"{}\": {why}",
             self.database_name
         );
-        stats::count_discarded_in(self.database, discarded);
+        counting::count_discarded_in(self.database, discarded);
     }
 
     /// Write the keys of one target (`group`, sorted by kind and key) in chunks.
@@ -273,9 +274,14 @@ impl Flusher {
         round.target_failed = false;
         if let Some(problem) = part.definition.problem() {
             let failure = part.failure(Failure { sqlstate: problem.sqlstate as i32, message: problem.message });
-            stats::record_chunk(database, Some(part.slot), &ChunkOutcome::Failed { message: &failure.message }, now());
+            counting::record_chunk(
+                database,
+                Some(part.slot),
+                &ChunkOutcome::Failed { message: &failure.message },
+                now(),
+            );
             round.fail(failure);
-            stats::record_target_round(database, part.slot, true, now());
+            counting::record_target_round(database, part.slot, true, now());
             return;
         }
         let kind = part.definition.kind().unwrap_or(Kind::Uuid);
@@ -300,7 +306,7 @@ impl Flusher {
                 break;
             }
         }
-        stats::record_target_round(database, part.slot, round.target_failed, now());
+        counting::record_target_round(database, part.slot, round.target_failed, now());
     }
 
     /// Write `chunk` (sorted by key) in one transaction; if it fails because of a row, split it
@@ -321,7 +327,12 @@ impl Flusher {
             result = attempt(Locking::SkipLocked);
         }
         let record_failed = |failure: &Failure| {
-            stats::record_chunk(database, Some(part.slot), &ChunkOutcome::Failed { message: &failure.message }, now());
+            counting::record_chunk(
+                database,
+                Some(part.slot),
+                &ChunkOutcome::Failed { message: &failure.message },
+                now(),
+            );
         };
         match result {
             Ok(Written::Rows { updated, without_row, mut skipped }) => {
@@ -338,7 +349,7 @@ impl Flusher {
                     ids_skipped_locked: skipped.len() as u64,
                     ids_skipped_by_min_change: if part.definition.skips_by_min_change() { not_written } else { 0 },
                 };
-                stats::record_chunk(database, Some(part.slot), &outcome, now());
+                counting::record_chunk(database, Some(part.slot), &outcome, now());
             }
             Ok(Written::ExtensionMissing) => {
                 round.extension_missing = true;
@@ -381,13 +392,13 @@ impl Flusher {
 
     fn extension_missing(&mut self) -> Failure {
         let message = format!("extension \"wsusage\" does not exist in database \"{}\"", self.database_name);
-        if !self.extension_missing_logged {
+        if !self.extension_was_missing {
             log!(
                 "wsusage flush worker is leaving: {message}; its pending marks are kept until CREATE EXTENSION wsusage"
             );
-            self.extension_missing_logged = true;
+            self.extension_was_missing = true;
         }
-        stats::record_chunk(self.database, None, &ChunkOutcome::Failed { message: &message }, now());
+        counting::record_chunk(self.database, None, &ChunkOutcome::Failed { message: &message }, now());
         Failure { sqlstate: PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT as i32, message }
     }
 
@@ -439,7 +450,7 @@ fn database_name(database: pg_sys::Oid) -> String {
 /// Check the targets in a transaction of its own (at start and after a reload), so a
 /// misconfiguration is reported before any mark waits on it.
 pub fn validate_targets(flusher: &mut Flusher) {
-    let problems: Vec<Failure> = match in_transaction(|| definitions::read(None, current_user())) {
+    let problems: Vec<Failure> = match in_transaction(|| lookup::read(None, current_user())) {
         Err(failure) => vec![failure],
         Ok(catalog) => catalog
             .definitions
@@ -453,7 +464,7 @@ pub fn validate_targets(flusher: &mut Flusher) {
     };
     let mut logged = Vec::with_capacity(problems.len());
     for failure in problems {
-        stats::record_problem(flusher.database, None, &failure.message, now());
+        counting::record_problem(flusher.database, None, &failure.message, now());
         if !flusher.last_target_problems.contains(&failure.message) {
             errors::report_target_problem(&failure);
         }

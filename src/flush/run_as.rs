@@ -37,10 +37,10 @@ use pgrx::pg_sys::errcodes::PgSqlErrorCode;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::PgLogLevel;
 
-use crate::catalog;
-use crate::nest_level::NestLevel;
 use crate::settings;
-use crate::target::{self, Relation};
+use crate::settings::nest_level::NestLevel;
+use crate::targets::catalog;
+use crate::targets::definition::{self, Relation};
 
 /// A chunk's statements running as the table's owner (or `wsusage.role`); see the module.
 pub struct RunAs {
@@ -236,7 +236,7 @@ unsafe fn role_oid(name: &str) -> pg_sys::Oid {
     // SAFETY: a catalog lookup inside the caller's transaction.
     let oid = unsafe { pg_sys::get_role_oid(c_name.as_ptr(), true) };
     if oid == pg_sys::InvalidOid {
-        let problem = target::missing_role(name);
+        let problem = definition::missing_role(name);
         raise(problem.sqlstate, problem.message, &problem.hint);
     }
     oid

@@ -1,5 +1,5 @@
 //! The statements a flush worker runs for a target, prepared once per definition (see
-//! `target`): the chunk's UPDATE, the count of ids without a row, the lock-skipping variant and
+//! `targets::definition`): the chunk's UPDATE, the count of ids without a row, the lock-skipping variant and
 //! the call of the target's `after_flush` function, with what they need around them (SPI, and
 //! running as the table's owner: see `run_as`). Each function here runs inside a transaction of
 //! `transaction`.
@@ -12,9 +12,9 @@ use pgrx::prelude::*;
 use pgrx::FromDatum;
 use wsusage_pending_table::Entry;
 
-use crate::key::{self, Kind};
-use crate::run_as::{Expect, RunAs};
-use crate::target::Definition;
+use crate::flush::run_as::{Expect, RunAs};
+use crate::memory::key::{self, Kind};
+use crate::targets::definition::Definition;
 
 /// What writing one chunk did.
 pub enum Written {
@@ -156,7 +156,7 @@ impl Statements {
 pub fn write(statements: &mut Statements, chunk: &[Entry], locking: Locking) -> Written {
     // SAFETY: in a transaction with an active snapshot (in_transaction); SPI calls raise ERROR on
     // failure, which in_transaction catches and rolls back. The datums handed to
-    // construct_array point into `keys` and `times`, alive across the calls; construct_array
+    // construct_array point into `ids` and `times`, alive across the calls; construct_array
     // copies them.
     unsafe {
         if pg_sys::get_extension_oid(c"wsusage".as_ptr(), true) == pg_sys::InvalidOid {
@@ -368,7 +368,8 @@ unsafe fn call_after_flush(statements: &mut Statements, run_as: &RunAs, mut flus
     let Some(function) = after_flush.function else {
         error!("the after_flush function of a wsusage flush was not read from the catalogs");
     };
-    let ids_type = statements.definition.as_ref().and_then(|d| d.id_type.as_ref()).map_or(pg_sys::InvalidOid, |t| t.2);
+    let ids_type =
+        statements.definition.as_ref().and_then(|d| d.id_type.as_ref()).map_or(pg_sys::InvalidOid, |t| t.array);
     IN_AFTER_FLUSH.with(|flag| flag.set(true));
     // SAFETY: the caller's promise; the arrays live until SPI_finish.
     unsafe {

@@ -3,7 +3,7 @@
 //! A slot is claimed by the first mark made in a database (or its first `wsusage_flush()`),
 //! holds that database's pending count, flush worker, rendezvous and counters, and is recycled
 //! when idle and another database needs one, or freed by the launcher once the database is
-//! dropped (see `databases`).
+//! dropped (see `state::databases`).
 //!
 //! Who changes what (the lock is `layout`'s): markers, holding the lock in shared mode, only add
 //! to `pending`, `marks` and `rejected` and clear `extension_missing`, atomically; a commit that
@@ -16,9 +16,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use pgrx::pg_sys;
 
-use crate::counters::Stats;
-use crate::requests::Requests;
-use crate::stripes::StripedCounter;
+use crate::memory::requests::Requests;
+use crate::memory::stats::Stats;
+use crate::memory::stripes::StripedCounter;
 
 #[repr(C)]
 pub struct DatabaseSlot {
@@ -49,7 +49,7 @@ pub struct DatabaseSlot {
     pub rejected: AtomicU64,
     /// Ids marked in this database, counted by markers each in its stripe.
     pub marks: StripedCounter,
-    /// The ticket of this database's targets' declarations (see `published`); bumped under the
+    /// The ticket of this database's targets' declarations (see `targets::published`); bumped under the
     /// lock in either mode.
     pub declarations_ticket: AtomicU64,
 }

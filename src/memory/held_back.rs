@@ -1,6 +1,6 @@
 //! Keys held back: pending keys whose own row makes the flush's UPDATE fail (a trigger or check
 //! that raises for that row, a value the column refuses), isolated by splitting the failing chunk
-//! (see `flush`). Each stays pending and is retried by the worker's rounds at a slowing pace — one
+//! (see `flush::round`). Each stays pending and is retried by the worker's rounds at a slowing pace — one
 //! interval after the first failure, then 2, 4 … up to [`MAX_BACKOFF_INTERVALS`] — and at once by
 //! a round a `wsusage_flush()` caller waits for (an operator who fixed the row), while every other
 //! id is written at once; the error is shown by `wsusage_pending()` and the count by the stats.
@@ -14,7 +14,7 @@
 use pgrx::pg_sys;
 use wsusage_pending_table::Key;
 
-use crate::message::{self, Message};
+use crate::memory::message::{self, Message};
 
 /// Places in the pool, for every database together.
 pub const HELD_MAX: usize = 256;

@@ -1,6 +1,6 @@
 //! wsusage's shared memory: what lives there, how big it is, and who may touch it.
 //!
-//! Two allocations, both made at server start (by `shmem`):
+//! Two allocations, both made at server start (by `processes::postmaster`):
 //!
 //! - **"wsusage pending"**, the pending set's hash table (the `wsusage-pending-table` crate) from
 //!   (database OID, workspace id) to the latest time that id was marked in that database, with
@@ -11,7 +11,7 @@
 //!   and `wsusage.max_targets` [`TargetSlot`]s.
 //!   `Shared` holds the lock's address, a condition variable broadcast after every flush, and the
 //!   [`Header`]: the launcher's identity and latch, the cluster-wide counters and the last declarations ticket. A slot holds what
-//!   is per database (see `slot`), a target slot what is per target (see `target_slot`).
+//!   is per database (see `database_slot`), a target slot what is per target (see `target_slot`).
 //!
 //! Locking. One lock (see `lock`: striped, shared or exclusive) guards the table, the header and
 //! every slot; the condition variable synchronises itself, and the lock's address and the slot
@@ -19,9 +19,10 @@
 //! - Shared mode ([`with_shared`], a [`View`] of `&` references): readers, and markers, new ids
 //!   included. Markers insert into the table at the same time as one another (how, in the table's
 //!   crate), raise an entry's time, add to their slot's `pending`, `marks` and `rejected`, the
-//!   header's `rejected`, and set `high_water_wake_sent`; a commit that changed `wsusage_target`, and
+//!   header's `rejected`, set `high_water_wake_sent` and clear their slot's `extension_missing`; a
+//!   commit that changed `wsusage_target`, and
 //!   each flush round, replaces a database's declarations ticket with a new one from the header's
-//!   counter (see `published`) — all atomics.
+//!   counter (see `targets::published`) — all atomics.
 //!   Nothing else changes under the shared lock, so everything else may be read plainly.
 //! - Exclusive mode ([`with_exclusive`], a [`ViewMut`]: `&mut` to the header and slots, and the
 //!   table's [`Exclusive`] token): whatever removes entries or changes a slot — a worker's
@@ -29,7 +30,7 @@
 //!   forgetting what it wrote or discarding a deleted target's keys, the launcher discarding a
 //!   dropped database's entries, the rendezvous bookkeeping, counters of a flush, a stats reset,
 //!   holding a key back, the first mark of a database or target, which claims it a slot, and a
-//!   target's declaration published (see `published`). No other process touches the guarded
+//!   target's declaration published (see `targets::published`). No other process touches the guarded
 //!   memory meanwhile, so `&mut` is sound; the condition variable, which other processes use
 //!   without the lock, lies outside what it covers.
 //!
@@ -40,7 +41,7 @@
 //!
 //! What survives what: the set lives as long as the postmaster's shared memory. A worker or
 //! launcher exit or restart loses nothing; at a shutdown, what the workers' final flushes leave is
-//! saved to a file by the postmaster and restored at the next start (see `persist`); a crash of
+//! saved to a file by the postmaster and restored at the next start (see `state::saved_set`); a crash of
 //! any backend makes the postmaster reinitialise shared memory, which loses the marks made since
 //! the last flush (at most one interval's worth).
 
@@ -49,13 +50,13 @@ use std::ptr::null_mut;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 
 use pgrx::pg_sys;
-use wsusage_pending_table::{self as pending_table, Exclusive, Table};
+use wsusage_pending_table::{self as pending_table, ChangeMark, Exclusive, Table};
 
-use crate::counters::Stats;
-use crate::held::HeldBack;
-use crate::lock::{self, Mode};
-use crate::slot::DatabaseSlot;
-use crate::target_slot::TargetSlot;
+use crate::memory::database_slot::DatabaseSlot;
+use crate::memory::held_back::HeldBack;
+use crate::memory::lock::{self, Mode};
+use crate::memory::stats::Stats;
+use crate::memory::target_slot::TargetSlot;
 
 /// What the lock guards besides the slots and the table. All-zero is its empty state.
 #[repr(C)]
@@ -73,9 +74,9 @@ pub struct Header {
     pub stats: Stats,
     /// Ids refused in every database; markers add to it.
     pub rejected: AtomicU64,
-    /// Ids whose row makes the flush fail, held back from the others (see `held`).
+    /// Ids whose row makes the flush fail, held back from the others (see `held_back`).
     pub held: HeldBack,
-    /// The last ticket of targets' declarations handed out (see `published`); bumped under the
+    /// The last ticket of targets' declarations handed out (see `targets::published`); bumped under the
     /// lock in either mode.
     pub declarations_ticket: AtomicU64,
 }
@@ -164,7 +165,12 @@ pub unsafe fn create_pending(memory: *mut u8, max_pending: usize, seed: [u64; 2]
 }
 
 /// Remember where the two allocations are, for every process forked from this one.
-pub fn publish(shared: *mut u8, pending: *mut u8) {
+///
+/// # Safety
+/// `shared` and `pending` are the "wsusage" and "wsusage pending" allocations, made by
+/// [`create_shared`] and [`create_pending`] (in this process or the postmaster) with the sizes the
+/// settings give, and live as long as this process: every function here trusts what they point to.
+pub unsafe fn publish(shared: *mut u8, pending: *mut u8) {
     PENDING.store(pending, Ordering::Release);
     SHARED.store(shared.cast(), Ordering::Release);
 }
@@ -231,14 +237,12 @@ pub fn with_exclusive<R>(f: impl FnOnce(&mut ViewMut<'_>) -> R) -> Option<R> {
     }
     // SAFETY: as in with_shared.
     let _held = unsafe { lock::acquire((*shared).locks, Mode::Exclusive) };
-    // SAFETY: `changing` is an atomic outside what the view covers.
-    let changing = unsafe { &(*shared).changing };
-    changing.store(true, Ordering::Relaxed);
+    // SAFETY: `changing` is an atomic outside what the view covers. Declared after `_held`, the
+    // mark is dropped first: cleared while the lock is still held, also when `f` panics.
+    let _changing = ChangeMark::new(unsafe { &(*shared).changing });
     // SAFETY: with the lock exclusive, no other process touches the header, the slots or the
     // table until we release it.
-    let result = f(&mut unsafe { exclusive_view(shared) });
-    changing.store(false, Ordering::Relaxed);
-    Some(result)
+    Some(f(&mut unsafe { exclusive_view(shared) }))
 }
 
 /// Whether a process was killed while it held the lock exclusively (read by the postmaster once
@@ -246,19 +250,22 @@ pub fn with_exclusive<R>(f: impl FnOnce(&mut ViewMut<'_>) -> R) -> Option<R> {
 pub fn exclusive_holder_was_interrupted() -> bool {
     let shared = SHARED.load(Ordering::Acquire);
     // SAFETY: as in with_shared; an atomic read.
-    !shared.is_null() && unsafe { (*shared).changing.load(Ordering::Relaxed) }
+    !shared.is_null() && pending_table::is_marked(unsafe { &(*shared).changing })
 }
 
-/// Run `f` on the state without the lock: only for the postmaster, at start before any other
-/// process exists and at exit after every other process has gone. (The postmaster never takes
+/// Run `f` on the state without the lock, as the postmaster does at start, before any other
+/// process exists, and at exit, after every other process has gone. (The postmaster never takes
 /// LWLocks.)
-pub fn postmaster_exclusive<R>(f: impl FnOnce(&mut ViewMut<'_>) -> R) -> Option<R> {
+///
+/// # Safety
+/// No other process uses wsusage's shared memory while this runs: the caller is the postmaster
+/// and has no child, or none left.
+pub unsafe fn postmaster_exclusive<R>(f: impl FnOnce(&mut ViewMut<'_>) -> R) -> Option<R> {
     let shared = SHARED.load(Ordering::Acquire);
     if shared.is_null() {
         return None;
     }
-    // SAFETY: no other process can touch the memory meanwhile: the caller is the postmaster
-    // with no children.
+    // SAFETY: no other process can touch the memory meanwhile (the caller's promise).
     Some(f(&mut unsafe { exclusive_view(shared) }))
 }
 

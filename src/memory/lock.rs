@@ -10,7 +10,7 @@ use std::ffi::CStr;
 
 use pgrx::pg_sys;
 
-use crate::stripes::{self, STRIPES};
+use crate::memory::stripes::{self, STRIPES};
 
 const TRANCHE_NAME: &CStr = c"wsusage";
 
@@ -20,7 +20,7 @@ const TRANCHE_NAME: &CStr = c"wsusage";
 // a process already holds MAX_SIMULTANEOUS_LWLOCKS (200) LWLocks, and we take at most STRIPES (16)
 // and never within another hold of ours, from code that holds no LWLock of its own (a SQL
 // function, the worker's or the launcher's loop, a transaction callback after the commit);
-// LWLockRelease only for a lock not held, and `Held` releases exactly what was taken. (A failure
+// LWLockRelease only for a lock not held, and `Guard` releases exactly what was taken. (A failure
 // to wait on the process's semaphore is FATAL, which exits the process without unwinding.)
 unsafe extern "C" {
     #[link_name = "LWLockAcquire"]
@@ -55,13 +55,21 @@ pub unsafe fn tranche() -> *mut pg_sys::LWLockPadded {
 }
 
 /// The stripes' locks this process holds, released when dropped (last taken, first released).
-pub struct Held {
+pub struct Guard {
     locks: *mut pg_sys::LWLockPadded,
     stripes: std::ops::Range<usize>,
 }
 
-impl Drop for Held {
+/// Whether this process holds the lock, in debug builds (the tests'): taking it again while
+/// holding it would wait on ourselves forever, with interrupts held (an exclusive request behind
+/// our own shared hold, or our own exclusive hold), so a nested `with_*` is caught at once.
+#[cfg(debug_assertions)]
+static HOLDING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+impl Drop for Guard {
     fn drop(&mut self) {
+        #[cfg(debug_assertions)]
+        HOLDING.store(false, std::sync::atomic::Ordering::Relaxed);
         for stripe in self.stripes.clone().rev() {
             // SAFETY: a lock of our tranche that acquire() took, released exactly once; it cannot
             // raise (see the declaration).
@@ -74,7 +82,12 @@ impl Drop for Held {
 ///
 /// # Safety
 /// `locks` is what [`tranche`] returned.
-pub unsafe fn acquire(locks: *mut pg_sys::LWLockPadded, mode: Mode) -> Held {
+pub unsafe fn acquire(locks: *mut pg_sys::LWLockPadded, mode: Mode) -> Guard {
+    #[cfg(debug_assertions)]
+    assert!(
+        !HOLDING.swap(true, std::sync::atomic::Ordering::Relaxed),
+        "the wsusage lock taken again by the process that holds it: it would wait on itself"
+    );
     let (stripes, lw_mode) = match mode {
         Mode::Shared => {
             let mine = stripes::mine();
@@ -83,10 +96,10 @@ pub unsafe fn acquire(locks: *mut pg_sys::LWLockPadded, mode: Mode) -> Held {
         Mode::Exclusive => (0..STRIPES, pg_sys::LWLockMode::LW_EXCLUSIVE),
     };
     for stripe in stripes.clone() {
-        // SAFETY: one of the tranche's STRIPES locks (the caller's promise); released by Held,
+        // SAFETY: one of the tranche's STRIPES locks (the caller's promise); released by Guard,
         // or by PostgreSQL's LWLockReleaseAll should this process error out. It cannot raise
         // here (see the declaration).
         unsafe { lwlock_acquire_unguarded(&raw mut (*locks.add(stripe)).lock, lw_mode) };
     }
-    Held { locks, stripes }
+    Guard { locks, stripes }
 }

@@ -1,4 +1,4 @@
-//! A target's declaration as published in its slot in shared memory (see `published`): plain
+//! A target's declaration as published in its slot in shared memory (see `targets::published`): plain
 //! data of a fixed size, copied out whole under the wsusage lock.
 
 use pgrx::pg_sys;

@@ -1,8 +1,8 @@
 //! One database's `wsusage_flush()` requests and the outcomes of its recent flushes, kept in its
 //! slot: a request counter and a ring of outcomes, so that a caller that wakes late still finds
-//! its own outcome, not a later flush's. The protocol around them is `rendezvous`'s.
+//! its own outcome, not a later flush's. The protocol around them is `state::rendezvous`'s.
 
-use crate::message::{self, Message};
+use crate::memory::message::{self, Message};
 
 /// How many flush outcomes a database slot remembers for `wsusage_flush()` callers that have
 /// not yet woken up to read theirs. A caller misses its outcome only if this many flushes of its

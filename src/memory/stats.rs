@@ -15,14 +15,14 @@
 //!   row locked; they stayed pending for the next flush;
 //! - `ids_discarded`: pending ids of databases dropped, or targets deleted, before they were
 //!   flushed;
-//! - `held_back` (not kept here: read from the pool, see `held`): ids whose own row makes the
+//! - `held_back` (not kept here: read from the pool, see `held_back`): ids whose own row makes the
 //!   UPDATE fail, isolated from the others and retried at a slowing pace. Each isolation counts
 //!   as a failure.
 //!
 //! Markers count with the lock in shared mode, so what they count (`marks`, `rejected`) is kept
-//! beside this struct in atomics (see `slot` and `layout`), and filled into a copy of it when read.
+//! beside this struct in atomics (see `database_slot` and `layout`), and filled into a copy of it when read.
 
-use crate::message::{self, Message};
+use crate::memory::message::{self, Message};
 
 #[repr(C)]
 #[derive(Clone, Copy)]

@@ -1,5 +1,5 @@
 //! One target's state in shared memory: a [`TargetSlot`] per (database, target name) with keys
-//! pending or counters kept, and its declaration as a backend published it (see `published`). The slot's index is the `target` of its keys in the pending set, so
+//! pending or counters kept, and its declaration as a backend published it (see `targets::published`). The slot's index is the `target` of its keys in the pending set, so
 //! a key names its target in two bytes.
 //!
 //! A slot is claimed by the first mark of a target in a database, freed by that database's
@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use pgrx::pg_sys;
 
-use crate::counters::Stats;
-use crate::publication::Publication;
+use crate::memory::publication::Publication;
+use crate::memory::stats::Stats;
 
 /// Longest target name, in bytes (PostgreSQL's identifier limit).
 pub const NAME_MAX: usize = 63;
@@ -34,7 +34,7 @@ pub struct TargetSlot {
     /// This target's counters (of which the flush's ones are kept: `marks` and `rejected` are
     /// per database).
     pub stats: Stats,
-    /// Its declaration, as a backend read it from the catalogs (see `published`).
+    /// Its declaration, as a backend read it from the catalogs (see `targets::published`).
     pub published: Publication,
 }
 

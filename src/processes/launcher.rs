@@ -21,14 +21,13 @@ use pgrx::pg_sys::errcodes::PgSqlErrorCode;
 use pgrx::prelude::*;
 
 use crate::clock::now;
-use crate::databases;
 use crate::errors;
-use crate::layout;
-use crate::pending;
-use crate::rendezvous;
+use crate::processes::worker;
 use crate::settings;
-use crate::stats;
-use crate::worker;
+use crate::state::counting;
+use crate::state::databases;
+use crate::state::pending;
+use crate::state::rendezvous;
 
 /// Seconds the postmaster waits before restarting the launcher after it exits or fails.
 const RESTART_DELAY: Duration = Duration::from_secs(5);
@@ -126,43 +125,9 @@ struct Launcher {
     refused_setting_logged: bool,
 }
 
-/// A slot as the launcher sees it in one round.
-struct SlotView {
-    database: pg_sys::Oid,
-    pending: u64,
-    waiting: bool,
-    worker_pid: i32,
-    worker_latch: *mut pg_sys::Latch,
-    worker_starts: u64,
-    yield_requested: bool,
-    interval_start: i64,
-    extension_missing: bool,
-}
-
-fn slots() -> Vec<SlotView> {
-    let mut out = Vec::with_capacity(settings::max_databases());
-    layout::with_shared(|state| {
-        for slot in databases::in_use(state.slots) {
-            // The buffer has a place per slot: no push allocates under the lock.
-            out.push(SlotView {
-                database: slot.database,
-                pending: slot.pending(),
-                waiting: slot.requests.waiting(),
-                worker_pid: slot.worker_pid,
-                worker_latch: slot.worker_latch,
-                worker_starts: slot.worker_starts,
-                yield_requested: slot.yield_requested,
-                interval_start: slot.interval_start,
-                extension_missing: slot.extension_missing(),
-            });
-        }
-    });
-    out
-}
-
 impl Launcher {
     fn round(&mut self) {
-        let mut views = slots();
+        let mut views = databases::views(settings::max_databases());
         let failed = self.reap(&views);
         self.forget_dropped(&mut views);
         for database in failed {
@@ -183,7 +148,7 @@ impl Launcher {
 
     /// Forget the workers that stopped; returns the databases whose worker stopped without ever
     /// attaching (it could not connect).
-    fn reap(&mut self, views: &[SlotView]) -> Vec<pg_sys::Oid> {
+    fn reap(&mut self, views: &[databases::SlotView]) -> Vec<pg_sys::Oid> {
         let mut failed = Vec::new();
         self.started.retain(|database, started| {
             if !started.handle.stopped() {
@@ -201,7 +166,7 @@ impl Launcher {
     }
 
     /// Discard the marks of databases that no longer exist.
-    fn forget_dropped(&mut self, views: &mut Vec<SlotView>) {
+    fn forget_dropped(&mut self, views: &mut Vec<databases::SlotView>) {
         if views.is_empty() {
             return;
         }
@@ -219,7 +184,7 @@ impl Launcher {
                 "wsusage discarded {discarded} pending ids of database {}, which no longer exists",
                 view.database.to_u32()
             );
-            stats::count_discarded(discarded);
+            counting::count_discarded(discarded);
             self.retry_at.remove(&view.database);
             self.extension_retry_at.remove(&view.database);
             self.connect_failures.remove(&view.database);
@@ -230,12 +195,12 @@ impl Launcher {
     /// Tell the database's callers and the DBA that no worker could serve it, and wait a while
     /// before the next attempt.
     fn worker_unavailable(&mut self, database: pg_sys::Oid, code: PgSqlErrorCode, message: &str) {
-        stats::record_problem(database, None, message, now());
+        counting::record_problem(database, None, message, now());
         rendezvous::fail_waiting(database, code as i32, message);
         self.retry_at.insert(database, Instant::now() + RETRY_DELAY);
     }
 
-    fn start_due(&mut self, views: &[SlotView]) {
+    fn start_due(&mut self, views: &[databases::SlotView]) {
         // A database whose extension was dropped (its last worker left for want of it) gets a
         // worker again at once when someone marks there or waits on wsusage_flush(), both of
         // which need the extension back; otherwise only now and then, to find it re-created.
@@ -248,7 +213,7 @@ impl Launcher {
                 self.extension_retry_at.remove(&view.database);
             }
         }
-        let extension_looked_for = |view: &SlotView| {
+        let extension_looked_for = |view: &databases::SlotView| {
             !view.extension_missing
                 || view.waiting
                 || self.extension_retry_at.get(&view.database).is_some_and(|at| Instant::now() >= *at)
@@ -260,14 +225,14 @@ impl Launcher {
         let total: u64 = views.iter().map(|view| view.pending).sum();
         let busy = views.iter().filter(|view| view.pending > 0).count() as u64;
         let past_high_water = total as usize >= pending::high_water_mark();
-        let is_due = |view: &SlotView| {
+        let is_due = |view: &databases::SlotView| {
             view.waiting
                 || (past_high_water && pending::holds_even_share(view.pending, busy, total))
                 || view.interval_start.saturating_add(interval_us) <= now
         };
-        let has_place = |view: &&SlotView| view.worker_pid != 0 || self.started.contains_key(&view.database);
+        let has_place = |view: &&databases::SlotView| view.worker_pid != 0 || self.started.contains_key(&view.database);
         let mut running = views.iter().filter(has_place).count();
-        let mut wanting: Vec<&SlotView> = views
+        let mut wanting: Vec<&databases::SlotView> = views
             .iter()
             .filter(|view| !has_place(view) && (view.waiting || view.pending > 0))
             .filter(|view| self.retry_at.get(&view.database).is_none_or(|at| Instant::now() >= *at))
@@ -281,7 +246,7 @@ impl Launcher {
         // Places already being given up, and the workers that could give theirs: attached, not
         // due, the most recently flushed last (popped first).
         let mut being_freed = views.iter().filter(|view| view.worker_pid != 0 && view.yield_requested).count();
-        let mut could_yield: Vec<&SlotView> =
+        let mut could_yield: Vec<&databases::SlotView> =
             views.iter().filter(|view| view.worker_pid != 0 && !view.yield_requested && !is_due(view)).collect();
         could_yield.sort_by_key(|view| view.interval_start);
 
@@ -307,7 +272,7 @@ impl Launcher {
         }
     }
 
-    fn start(&mut self, view: &SlotView) {
+    fn start(&mut self, view: &databases::SlotView) {
         if let Some(setting) = settings::refused() {
             let message = format!("no wsusage flush worker runs: the server refused the value of \"{setting}\"");
             if !self.refused_setting_logged {

@@ -1,16 +1,16 @@
 //! Getting shared memory from PostgreSQL: the hooks that reserve it (with the lock's tranche) at
-//! server start, create the layout (see `layout`) in it, bring back the set saved at the last
-//! clean shutdown, and save it again when the postmaster exits (see `persist`).
+//! server start, create the layout (see `memory::layout`) in it, bring back the set saved at the last
+//! clean shutdown, and save it again when the postmaster exits (see `state::saved_set`).
 
 use std::ffi::CStr;
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-use crate::layout;
-use crate::lock;
-use crate::persist;
+use crate::memory::layout;
+use crate::memory::lock;
 use crate::settings;
+use crate::state::saved_set;
 
 const SHARED_NAME: &CStr = c"wsusage";
 const PENDING_NAME: &CStr = c"wsusage pending";
@@ -74,7 +74,8 @@ unsafe extern "C-unwind" fn shmem_startup() {
     }
     // SAFETY: AddinShmemInitLock (MainLWLockArray[21], a C macro without a binding) serialises
     // shared-memory creation against other libraries; ShmemInitStruct returns memory of the
-    // requested size (MAXALIGNed), initialised by whoever finds it new.
+    // requested size (MAXALIGNed), initialised by whoever finds it new; `publish` is given those
+    // two allocations, and `postmaster_exclusive` runs in the postmaster before it forks a child.
     unsafe {
         let addin_shmem_init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
         pg_sys::LWLockAcquire(addin_shmem_init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
@@ -95,13 +96,15 @@ unsafe extern "C-unwind" fn shmem_startup() {
             layout::create_pending(pending, max_pending, random_seed());
         }
         pg_sys::LWLockRelease(addin_shmem_init_lock);
+        // The two allocations, made or found above with the sizes the settings give.
         layout::publish(shared, pending);
 
         // The postmaster, alone at this point, brings back what the last clean shutdown saved,
         // and saves what is pending when it exits.
         if !pg_sys::IsUnderPostmaster {
             if !found {
-                layout::postmaster_exclusive(|state| persist::load(state, pg_sys::GetCurrentTimestamp()));
+                // The postmaster at start: no child exists yet.
+                layout::postmaster_exclusive(|state| saved_set::load(state, pg_sys::GetCurrentTimestamp()));
             }
             pg_sys::on_shmem_exit(Some(save_at_exit), pg_sys::Datum::from(0));
         }
@@ -124,11 +127,13 @@ fn random_seed() -> [u64; 2] {
 #[pg_guard]
 unsafe extern "C-unwind" fn save_at_exit(code: std::ffi::c_int, _arg: pg_sys::Datum) {
     // After a crash (non-zero code) shared memory is suspect, and reinitialised. An immediate
-    // shutdown exits with 0 too, its children killed at any instruction: persist::save checks the
+    // shutdown exits with 0 too, its children killed at any instruction: saved_set::save checks the
     // set itself before writing it.
     if code == 0 {
         // SAFETY: reads the clock.
         let now = unsafe { pg_sys::GetCurrentTimestamp() };
-        layout::postmaster_exclusive(|state| persist::save(state, now));
+        // SAFETY: the postmaster's exit, after every child has gone (on_shmem_exit, registered
+        // by the postmaster only).
+        unsafe { layout::postmaster_exclusive(|state| saved_set::save(state, now)) };
     }
 }

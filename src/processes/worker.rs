@@ -24,13 +24,13 @@ use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTi
 use pgrx::prelude::*;
 
 use crate::clock::now;
-use crate::databases;
-use crate::flush::{self, Flusher};
-use crate::pending;
-use crate::rendezvous;
+use crate::flush::round::{self, Flusher};
+use crate::flush::transaction;
 use crate::settings;
-use crate::stats;
-use crate::transaction;
+use crate::state::counting;
+use crate::state::databases;
+use crate::state::pending;
+use crate::state::rendezvous;
 
 /// Longest a worker sleeps without checking whether its database is being dropped: well inside
 /// the 5 seconds `DROP DATABASE` waits for other sessions to leave.
@@ -123,7 +123,7 @@ pub(crate) fn wait(timeout: Duration) {
 /// and after every reload.
 fn apply_settings(flusher: &mut Flusher) {
     transaction::apply_session_settings();
-    flush::validate_targets(flusher);
+    round::validate_targets(flusher);
 }
 
 #[pg_guard]
@@ -183,11 +183,11 @@ pub extern "C-unwind" fn wsusage_worker_main(arg: pg_sys::Datum) {
         // Early only after a round that took ids: a set kept full by ids that cannot be written
         // now (rows locked, held back, a failing table) waits for the interval, not a busy loop.
         let past_high_water =
-            last_took && stats::consecutive_failures(database) == 0 && pending::past_high_water_for(database);
+            last_took && counting::consecutive_failures(database) == 0 && pending::past_high_water_for(database);
         if until_due <= 0 || rendezvous::flush_requested(database) || past_high_water {
             let taken = flusher.flush();
             last_took = taken > 0;
-            if flusher.extension_is_missing() {
+            if flusher.extension_was_missing() {
                 break Exit::ExtensionMissing;
             }
             if taken == 0 && pending::len_of(database) == 0 {

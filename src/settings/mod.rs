@@ -1,18 +1,26 @@
-//! Every `wsusage.*` setting: private statics, one [`init`], typed getters.
+//! Every `wsusage.*` setting: private statics, typed getters, and one table of them that [`init`]
+//! gives PostgreSQL (`registry`).
 //!
 //! The prefix is reserved, so a misspelt `wsusage.*` name in postgresql.conf is reported instead of
-//! silently becoming a placeholder.
+//! silently becoming a placeholder. The settings' table and column [`names`] are SQL
+//! identifiers, parsed there; a [`nest_level`] of our own scopes what wsusage sets for a while.
+
+pub mod names;
+pub mod nest_level;
+mod registry;
+
+pub use registry::init;
 
 use std::ffi::{c_char, CStr, CString};
 use std::ptr::null_mut;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::guc::GucSetting;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-use crate::target::{self, Target};
+use names::Target;
 
 pub const FLUSH_INTERVAL_MS_DEFAULT: i32 = 60_000;
 pub const FLUSH_INTERVAL_MS_MIN: i32 = 10;
@@ -77,172 +85,10 @@ static STATEMENT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(STATEMENT_
 /// The role every flush runs as instead of the owner of each target's table; empty: the owner.
 static mut ROLE: *mut c_char = null_mut();
 
-/// The table the worker writes, and its two columns, in SQL identifier syntax (see `target`).
+/// The table the worker writes, and its two columns, in SQL identifier syntax (see `names`).
 static mut TABLE: *mut c_char = null_mut();
 static mut ID_COLUMN: *mut c_char = null_mut();
 static mut TIMESTAMP_COLUMN: *mut c_char = null_mut();
-
-pub fn init() {
-    GucRegistry::define_int_guc(
-        c"wsusage.flush_interval",
-        c"Time between flushes of pending marks to the table.",
-        c"A shorter interval makes last-used times fresher and costs one more write transaction each time.",
-        &FLUSH_INTERVAL_MS,
-        FLUSH_INTERVAL_MS_MIN,
-        FLUSH_INTERVAL_MS_MAX,
-        GucContext::Sighup,
-        GucFlags::UNIT_MS,
-    );
-    // SAFETY: _PG_init, single-threaded; the variable is a static that lives forever, and the
-    // boot value a static string GUC code copies.
-    unsafe {
-        pg_sys::DefineCustomStringVariable(
-            c"wsusage.database".as_ptr(),
-            c"Restricts wsusage to one database; empty: every database where the extension is installed.".as_ptr(),
-            c"When set, marks are accepted only in this database.".as_ptr(),
-            &raw mut DATABASE,
-            c"".as_ptr(),
-            pg_sys::GucContext::PGC_POSTMASTER,
-            0,
-            Some(check_database),
-            None,
-            None,
-        );
-    }
-    GucRegistry::define_int_guc(
-        c"wsusage.max_pending",
-        c"Maximum number of distinct ids waiting for the next flush.",
-        c"Sizes the shared memory reserved at server start; a mark of a new id fails when the set is full.",
-        &MAX_PENDING,
-        MAX_PENDING_MIN,
-        MAX_PENDING_MAX,
-        GucContext::Postmaster,
-        GucFlags::empty(),
-    );
-    GucRegistry::define_int_guc(
-        c"wsusage.max_databases",
-        c"Maximum number of databases that can have marks pending at once.",
-        c"Sizes the shared memory reserved at server start; a database with no marks pending gives its place up.",
-        &MAX_DATABASES,
-        MAX_DATABASES_MIN,
-        MAX_DATABASES_MAX,
-        GucContext::Postmaster,
-        GucFlags::empty(),
-    );
-    GucRegistry::define_int_guc(
-        c"wsusage.max_targets",
-        c"Maximum number of targets, of every database together, that can have marks pending or counters at once.",
-        c"Sizes the shared memory reserved at server start; a target with nothing pending gives its place up when another needs one.",
-        &MAX_TARGETS,
-        MAX_TARGETS_MIN,
-        MAX_TARGETS_MAX,
-        GucContext::Postmaster,
-        GucFlags::empty(),
-    );
-    GucRegistry::define_int_guc(
-        c"wsusage.max_workers",
-        c"Maximum number of flush workers running at once, each serving one database.",
-        c"Beyond it, databases take turns. Each worker takes a max_worker_processes slot, as does the launcher.",
-        &MAX_WORKERS,
-        MAX_WORKERS_MIN,
-        MAX_WORKERS_MAX,
-        GucContext::Postmaster,
-        GucFlags::empty(),
-    );
-    GucRegistry::define_int_guc(
-        c"wsusage.batch_size",
-        c"Ids the worker writes per transaction.",
-        c"Smaller transactions hold row locks for less time. A chunk failing on a lock or timeout stays pending alone; one failing on a row's error is split until that row is found.",
-        &BATCH_SIZE,
-        BATCH_SIZE_MIN,
-        BATCH_SIZE_MAX,
-        GucContext::Sighup,
-        GucFlags::empty(),
-    );
-    GucRegistry::define_int_guc(
-        c"wsusage.lock_timeout",
-        c"How long a flush's second attempt at a chunk waits for a lock on the table before it retries that chunk later; 0 waits forever.",
-        c"A chunk's first statement waits at most 10 ms for any lock; a row an application holds locked is then skipped and stays pending.",
-        &LOCK_TIMEOUT_MS,
-        0,
-        TIMEOUT_MS_MAX,
-        GucContext::Sighup,
-        GucFlags::UNIT_MS,
-    );
-    GucRegistry::define_int_guc(
-        c"wsusage.statement_timeout",
-        c"Longest time each attempt at a chunk of a flush may run before it is cancelled and retried; 0: no limit.",
-        c"",
-        &STATEMENT_TIMEOUT_MS,
-        0,
-        TIMEOUT_MS_MAX,
-        GucContext::Sighup,
-        GucFlags::UNIT_MS,
-    );
-    // SAFETY: as for wsusage.database.
-    unsafe {
-        pg_sys::DefineCustomStringVariable(
-            c"wsusage.role".as_ptr(),
-            c"Role every flush runs as, instead of the owner of each target's table; empty: the table's owner.".as_ptr(),
-            c"The tables' triggers, checks and after_flush functions then run with this role's privileges, whoever wrote them: never name a role with more privileges than the tables' owners (a superuser makes every table owner one). It needs SELECT and UPDATE on the tables.".as_ptr(),
-            &raw mut ROLE,
-            c"".as_ptr(),
-            pg_sys::GucContext::PGC_POSTMASTER,
-            0,
-            Some(check_role),
-            None,
-            None,
-        );
-    }
-    define_target_name(
-        c"wsusage.table",
-        c"Table the worker writes last-used times to; may be schema-qualified.",
-        &raw mut TABLE,
-        c"workspaces",
-        Some(check_table),
-    );
-    define_target_name(
-        c"wsusage.id_column",
-        c"Column of wsusage.table that holds the id (type uuid) of the default target.",
-        &raw mut ID_COLUMN,
-        c"id",
-        Some(check_column),
-    );
-    define_target_name(
-        c"wsusage.timestamp_column",
-        c"Column of wsusage.table that holds the last-used time (timestamptz, timestamp or date) of the default target.",
-        &raw mut TIMESTAMP_COLUMN,
-        c"last_used_at",
-        Some(check_column),
-    );
-    reserve_prefix();
-}
-
-fn define_target_name(
-    name: &'static CStr,
-    description: &'static CStr,
-    variable: *mut *mut c_char,
-    boot: &'static CStr,
-    check: pg_sys::GucStringCheckHook,
-) {
-    // SAFETY: _PG_init, single-threaded; the variable is a static that lives forever, and the
-    // boot value a static string GUC code copies.
-    unsafe {
-        pg_sys::DefineCustomStringVariable(
-            name.as_ptr(),
-            description.as_ptr(),
-            c"SQL identifier syntax: unquoted names are folded to lower case, double-quoted ones kept as written."
-                .as_ptr(),
-            variable,
-            boot.as_ptr(),
-            pg_sys::GucContext::PGC_SIGHUP,
-            0,
-            check,
-            Some(target_changed),
-            None,
-        );
-    }
-}
 
 /// Changed whenever `wsusage.table`, `wsusage.id_column` or `wsusage.timestamp_column` is set (in
 /// this process: at start and on a reload), so that what a backend checked of the `default`
@@ -330,8 +176,8 @@ fn check_remembered(value: &str, refused: &AtomicBool) -> Result<(), String> {
 
 string_check_hook!(check_database, |value| check_remembered(value, &DATABASE_REFUSED));
 string_check_hook!(check_role, |value| check_remembered(value, &ROLE_REFUSED));
-string_check_hook!(check_table, |value| target::parse(value, 2).map(drop));
-string_check_hook!(check_column, |value| target::parse(value, 1).map(drop));
+string_check_hook!(check_table, |value| names::parse(value, 2).map(drop));
+string_check_hook!(check_column, |value| names::parse(value, 1).map(drop));
 
 /// The current value of a string setting defined above.
 fn string_setting(variable: *const *mut c_char) -> String {
@@ -411,9 +257,9 @@ pub fn role() -> Option<String> {
 /// The table and columns the worker writes, parsed; the detail of the problem otherwise.
 pub fn target() -> Result<Target, String> {
     Ok(Target {
-        table: target::parse(&string_setting(&raw const TABLE), 2)?,
-        id_column: target::parse(&string_setting(&raw const ID_COLUMN), 1)?,
-        timestamp_column: target::parse(&string_setting(&raw const TIMESTAMP_COLUMN), 1)?,
+        table: names::parse(&string_setting(&raw const TABLE), 2)?,
+        id_column: names::parse(&string_setting(&raw const ID_COLUMN), 1)?,
+        timestamp_column: names::parse(&string_setting(&raw const TIMESTAMP_COLUMN), 1)?,
     })
 }
 

@@ -7,15 +7,15 @@ use pgrx::prelude::*;
 use pgrx::{Array, Uuid};
 
 use crate::clock;
-use crate::databases;
 use crate::errors::{self, UsageError};
-use crate::key::{self, Kind};
-use crate::layout;
-use crate::message;
-use crate::pending::{self, MarkError, Marking};
-use crate::rendezvous::{self, Lookup, Request};
-use crate::resolve;
+use crate::memory::key::{self, Kind};
+use crate::memory::layout;
+use crate::memory::message;
 use crate::settings;
+use crate::sql::resolve;
+use crate::state::databases;
+use crate::state::pending::{self, MarkError, Marking};
+use crate::state::rendezvous::{self, Lookup, Request};
 
 /// The target `wsusage_mark(uuid)` and `wsusage_mark_many(uuid[])` mark.
 const DEFAULT_TARGET: &str = "default";
@@ -186,7 +186,7 @@ fn mark(target: &str, kind: Kind, ids: &[[u8; 16]], function: &'static str) {
             Err(MarkError::Full { marked }) => {
                 UsageError::SetFull { capacity: settings::max_pending(), marked, requested: ids.len() }.raise(function)
             }
-            Err(MarkError::Stuck(stuck)) => errors::report_stuck(stuck),
+            Err(MarkError::Stuck { stuck, marked }) => errors::report_stuck(stuck, function, marked, ids.len()),
         }
     })
 }

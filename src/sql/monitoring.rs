@@ -13,16 +13,16 @@ use pgrx::prelude::*;
 
 use wsusage_pending_table::{Entry, Key};
 
-use crate::api::this_database;
-use crate::counters::Stats;
-use crate::databases;
 use crate::errors::UsageError;
-use crate::key::{self, Kind};
-use crate::message;
-use crate::pending;
-use crate::rows::{self, Column, Value};
+use crate::memory::key::{self, Kind};
+use crate::memory::message;
+use crate::memory::stats::Stats;
 use crate::settings;
-use crate::stats;
+use crate::sql::functions::this_database;
+use crate::sql::rows::{self, Column, Value};
+use crate::state::counting;
+use crate::state::databases;
+use crate::state::pending;
 
 fn timestamp(micros: i64) -> Value {
     if micros == 0 {
@@ -72,7 +72,7 @@ fn counter(s: &Stats, name: &str) -> Option<Value> {
     })
 }
 
-/// The counters both views return (see `counter`).
+/// The counters both views return (see `memory::stats`).
 const COUNTER_COLUMNS: &[Column] = &[
     column("marks", pg_sys::INT8OID),
     column("flushes", pg_sys::INT8OID),
@@ -109,13 +109,13 @@ const STATS_COLUMNS: &[Column] = &[
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn wsusage_stats_wrapper(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     const FUNCTION: &str = "wsusage_stats";
-    let Some(totals) = stats::totals() else { UsageError::NotPreloaded.raise(FUNCTION) };
+    let Some(totals) = counting::totals() else { UsageError::NotPreloaded.raise(FUNCTION) };
     let this_worker = || {
-        stats::by_database()
+        counting::by_database()
             .and_then(|rows| rows.into_iter().find(|row| row.database == this_database()))
             .map_or(0, |row| row.worker_pid)
     };
-    let value = |totals: &stats::Totals, name: &str| match name {
+    let value = |totals: &counting::Totals, name: &str| match name {
         "pending" => count(totals.pending),
         "capacity" => count(settings::max_pending() as u64),
         "databases" => count(totals.databases),
@@ -143,8 +143,8 @@ const BY_DATABASE_COLUMNS: &[Column] = &[
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn wsusage_stats_by_database_wrapper(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     const FUNCTION: &str = "wsusage_stats_by_database";
-    let Some(rows) = stats::by_database() else { UsageError::NotPreloaded.raise(FUNCTION) };
-    let value = |row: &stats::DatabaseStats, name: &str| match name {
+    let Some(rows) = counting::by_database() else { UsageError::NotPreloaded.raise(FUNCTION) };
+    let value = |row: &counting::DatabaseStats, name: &str| match name {
         "datid" => Value::Oid(row.database),
         "datname" => databases::name(row.database).map_or(Value::Null, Value::Text),
         "pending" => count(row.pending),
@@ -165,8 +165,8 @@ const BY_TARGET_COLUMNS: &[Column] =
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn wsusage_stats_by_target_wrapper(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     const FUNCTION: &str = "wsusage_stats_by_target";
-    let Some(rows) = stats::by_target() else { UsageError::NotPreloaded.raise(FUNCTION) };
-    let value = |row: &stats::TargetStats, name: &str| match name {
+    let Some(rows) = counting::by_target() else { UsageError::NotPreloaded.raise(FUNCTION) };
+    let value = |row: &counting::TargetStats, name: &str| match name {
         "database" => databases::name(row.database).map_or(Value::Null, Value::Text),
         "target" => Value::Text(row.name.clone()),
         "pending" => count(row.pending),
@@ -193,7 +193,7 @@ pub unsafe extern "C-unwind" fn wsusage_pending_wrapper(fcinfo: pg_sys::Function
     const FUNCTION: &str = "wsusage_pending";
     let Some(mut entries) = pending::entries(this_database()) else { UsageError::NotPreloaded.raise(FUNCTION) };
     entries.sort_unstable_by_key(|entry| entry.key);
-    let names = stats::target_names().unwrap_or_default();
+    let names = counting::target_names().unwrap_or_default();
     let mut held = pending::held_of(this_database());
     held.sort_unstable_by_key(|held| held.key);
     let held_of = |key: &Key| held.binary_search_by_key(key, |held| held.key).ok().map(|index| &held[index]);
@@ -234,13 +234,13 @@ finfo_v1!(
     pg_finfo_wsusage_pending_wrapper
 );
 
-/// Zero the counters of `wsusage_stats` and `wsusage_stats_by_database`; what is pending stays
-/// pending.
+/// Zero the counters of `wsusage_stats`, `wsusage_stats_by_database` and
+/// `wsusage_stats_by_target`; what is pending stays pending.
 #[pg_extern(volatile, parallel_unsafe)]
 fn wsusage_stats_reset() {
     // SAFETY: reads the clock.
     let now = unsafe { pg_sys::GetCurrentTimestamp() };
-    if !stats::reset(now) {
+    if !counting::reset(now) {
         UsageError::NotPreloaded.raise("wsusage_stats_reset");
     }
 }

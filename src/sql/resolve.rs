@@ -1,6 +1,6 @@
 //! Which target a mark names, as a backend sees it: resolved at a backend's first mark of it —
 //! its declaration as an earlier backend published it (see `published`), else read from the
-//! catalogs (see `definitions`) — checked in this backend's catalog caches (it exists, its key
+//! catalogs (see `targets::lookup`) — checked in this backend's catalog caches (it exists, its key
 //! type is the function's, the role may UPDATE its timestamp column), and remembered, so that a
 //! mark costs no catalog lookup.
 //!
@@ -16,12 +16,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use pgrx::pg_sys;
 
-use crate::definitions;
 use crate::errors::UsageError;
-use crate::key::Kind;
-use crate::published;
+use crate::memory::key::Kind;
 use crate::settings;
-use crate::targets::SlotRef;
+use crate::state::target_slots::SlotRef;
+use crate::targets::lookup;
+use crate::targets::published;
 
 /// A target a mark may name, as checked.
 pub struct Resolved {
@@ -192,7 +192,7 @@ fn resolve(name: &str, takes: Kind, function: &'static str, user: pg_sys::Oid) -
         UsageError::TargetProblem { name: name.to_owned(), problem }.raise(function);
     }
     let kind = definition.kind().unwrap_or(Kind::Uuid);
-    let column_type = definition.id_type.as_ref().map(|(_, name, _)| name.clone()).unwrap_or_default();
+    let column_type = definition.id_type.as_ref().map(|column| column.name.clone()).unwrap_or_default();
     if kind != takes {
         UsageError::WrongKeyType { name: name.to_owned(), column_type, takes }.raise(function);
     }
@@ -212,17 +212,17 @@ fn resolve(name: &str, takes: Kind, function: &'static str, user: pg_sys::Oid) -
 /// The definition of target `name`, with `user`'s privilege on it: its declaration as published
 /// in shared memory if it is current (see `published`), else read from the catalogs and
 /// published for the backends after this one.
-fn read(name: &str, user: pg_sys::Oid) -> definitions::Catalog {
+fn read(name: &str, user: pg_sys::Oid) -> lookup::Catalog {
     // SAFETY: a plain read of the backend's database, set once it connected.
     let database = unsafe { pg_sys::MyDatabaseId };
     if let Some(declarations) = published::lookup(database, name) {
-        return definitions::describe_declarations(declarations, Some(name), user);
+        return lookup::describe_declarations(declarations, Some(name), user);
     }
     // The ticket first: a change committed after it was read invalidates what is read here.
     let ticket = published::ticket(database);
-    let declarations = definitions::declarations(Some(name));
+    let declarations = lookup::declarations(Some(name));
     let publication = ticket.and_then(|ticket| published::prepare(ticket, &declarations));
-    let catalog = definitions::describe_declarations(declarations, Some(name), user);
+    let catalog = lookup::describe_declarations(declarations, Some(name), user);
     if let (Some(publication), Some(definition)) = (publication, catalog.definitions.first()) {
         published::publish(database, name, publication, definition.found);
     }

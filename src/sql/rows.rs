@@ -1,5 +1,5 @@
 //! Rows for the columns the caller's SQL declares, matched by name: how the set-returning
-//! functions of `monitor` stay safe across versions.
+//! functions of `monitoring` stay safe across versions.
 //!
 //! Between the restart that loads a new library and `ALTER EXTENSION wsusage UPDATE`, the
 //! database still holds the old release's declarations: `wsusage_stats()` of 0.1.0 declares 16

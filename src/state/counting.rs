@@ -1,8 +1,8 @@
-//! Counting for the DBA (the counters are defined in `counters`), under the wsusage lock, so they
+//! Counting for the DBA (the counters are defined in `memory::stats`), under the wsusage lock, so they
 //! are exact however many backends mark at once. Each event is counted in the cluster-wide
 //! totals, which outlive databases, in its database's slot, and a flush's in its target's slot. Marks are the
 //! exception: counted in their database's slot only, in a counter striped like the lock (see
-//! `stripes`), they join the totals' own count when the slot is given up, and the totals add the
+//! `memory::stripes`), they join the totals' own count when the slot is given up, and the totals add the
 //! slots in use when read. Every mark would otherwise change one more cache line, and one that
 //! every marking backend shares.
 
@@ -10,10 +10,10 @@ use std::sync::atomic::Ordering;
 
 use pgrx::pg_sys;
 
-use crate::counters::Stats;
-use crate::databases;
-use crate::layout::{self, View, ViewMut};
-use crate::targets::SlotRef;
+use crate::memory::layout::{self, View, ViewMut};
+use crate::memory::stats::Stats;
+use crate::state::databases;
+use crate::state::target_slots::SlotRef;
 
 /// What one chunk of a flush did.
 pub enum ChunkOutcome<'a> {
@@ -249,7 +249,7 @@ pub fn target_names() -> Option<Vec<String>> {
 /// The name (empty when free) and generation of each target slot, by index.
 pub fn target_slots() -> Option<Vec<(String, u32)>> {
     let count = crate::settings::max_targets();
-    let mut buffer = vec![([0u8; crate::target_slot::NAME_MAX], 0usize, 0u32); count];
+    let mut buffer = vec![([0u8; crate::memory::target_slot::NAME_MAX], 0usize, 0u32); count];
     layout::with_shared(|state| {
         for (index, slot) in state.targets.iter().enumerate().take(count).filter(|(_, slot)| slot.in_use()) {
             let name = slot.name().as_bytes();

@@ -1,5 +1,5 @@
-//! Finding, claiming and giving up a database's slot (see `slot`), and the launcher's requests
-//! to a database's worker. Functions taking a view run under the wsusage lock (see `layout`); the
+//! Finding, claiming and giving up a database's slot (see `memory::database_slot`), and the launcher's requests
+//! to a database's worker. Functions taking a view run under the wsusage lock (see `memory::layout`); the
 //! others take it themselves. [`is_being_changed`] tells a worker, or the launcher, when a DDL
 //! command waits for the database's sessions to leave.
 
@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use pgrx::pg_sys;
 
-use crate::layout::{self, ViewMut};
-use crate::slot::DatabaseSlot;
+use crate::memory::database_slot::DatabaseSlot;
+use crate::memory::layout::{self, ViewMut};
 
 /// The slots serving a database.
 pub fn in_use(slots: &[DatabaseSlot]) -> impl Iterator<Item = &DatabaseSlot> {
@@ -113,4 +113,40 @@ pub fn is_being_changed(database: pg_sys::Oid) -> bool {
         pg_sys::LockRelease(&tag, mode, true);
     }
     false
+}
+
+/// A slot as the launcher sees it in one round.
+pub struct SlotView {
+    pub database: pg_sys::Oid,
+    pub pending: u64,
+    pub waiting: bool,
+    pub worker_pid: i32,
+    pub worker_latch: *mut pg_sys::Latch,
+    pub worker_starts: u64,
+    pub yield_requested: bool,
+    pub interval_start: i64,
+    pub extension_missing: bool,
+}
+
+/// What the launcher reads of each slot in use, copied under the lock into a buffer with a place
+/// for each of `max_databases` slots.
+pub fn views(max_databases: usize) -> Vec<SlotView> {
+    let mut out = Vec::with_capacity(max_databases);
+    layout::with_shared(|state| {
+        for slot in in_use(state.slots) {
+            // The buffer has a place per slot: no push allocates under the lock.
+            out.push(SlotView {
+                database: slot.database,
+                pending: slot.pending(),
+                waiting: slot.requests.waiting(),
+                worker_pid: slot.worker_pid,
+                worker_latch: slot.worker_latch,
+                worker_starts: slot.worker_starts,
+                yield_requested: slot.yield_requested,
+                interval_start: slot.interval_start,
+                extension_missing: slot.extension_missing(),
+            });
+        }
+    });
+    out
 }

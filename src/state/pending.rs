@@ -12,14 +12,14 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use wsusage_pending_table::{Entry, Inserted, Key, Stuck};
 
-use crate::databases;
-use crate::held::{HeldId, HELD_MAX};
-use crate::key::Kind;
-use crate::layout::{self, View, ViewMut};
-use crate::rendezvous;
+use crate::memory::held_back::{HeldId, HELD_MAX};
+use crate::memory::key::Kind;
+use crate::memory::layout::{self, View, ViewMut};
 use crate::settings;
-use crate::stats;
-use crate::targets::{self, SlotRef};
+use crate::state::counting;
+use crate::state::databases;
+use crate::state::rendezvous;
+use crate::state::target_slots::{self, SlotRef};
 
 /// Fraction of `wsusage.max_pending` at which a mark wakes the launcher to flush early.
 const HIGH_WATER_NUMERATOR: usize = 1;
@@ -59,8 +59,12 @@ pub enum MarkError {
     NoSlot,
     /// Every target slot serves another target that still has marks pending.
     NoTargetSlot,
-    /// A place of the set stayed claimed by another process far longer than a claim takes.
-    Stuck(Stuck),
+    /// A place of the set stayed claimed by another process far longer than a claim takes;
+    /// `marked` ids (a prefix of the input) were recorded before it.
+    Stuck {
+        stuck: Stuck,
+        marked: usize,
+    },
 }
 
 /// Record that each id of the target was used at `now` (keeping each id's latest time), a chunk
@@ -74,6 +78,7 @@ pub fn mark_all(target: &mut Marking<'_>, ids: &[[u8; 16]], now: i64) -> Result<
         let beyond = ids.len() - n * MARK_CHUNK - chunk.len();
         mark_chunk(target, chunk, beyond, now).map_err(|error| match error {
             MarkError::Full { marked } => MarkError::Full { marked: n * MARK_CHUNK + marked },
+            MarkError::Stuck { stuck, marked } => MarkError::Stuck { stuck, marked: n * MARK_CHUNK + marked },
             other => other,
         })?;
     }
@@ -82,7 +87,7 @@ pub fn mark_all(target: &mut Marking<'_>, ids: &[[u8; 16]], now: i64) -> Result<
 
 fn mark_chunk(target: &mut Marking<'_>, ids: &[[u8; 16]], beyond: usize, now: i64) -> Result<(), MarkError> {
     let database = target.database;
-    // Markers hold the lock in shared mode, new ids included (see `layout`): they never wait for
+    // Markers hold the lock in shared mode, new ids included (see `memory::layout`): they never wait for
     // one another, nor for one descheduled while holding the lock. Only the first mark of a
     // database or target without a slot (or whose slot was given away) takes it exclusively, to
     // claim one.
@@ -96,11 +101,11 @@ fn mark_chunk(target: &mut Marking<'_>, ids: &[[u8; 16]], beyond: usize, now: i6
         Some(Some(marked)) => marked,
         Some(None) => layout::with_exclusive(|state| {
             let Some(slot) = databases::claim(state, database, now) else {
-                stats::count_refused_without_slot(state, ids.len() + beyond);
+                counting::count_refused_without_slot(state, ids.len() + beyond);
                 return (Err(MarkError::NoSlot), None);
             };
-            let Some(target_slot) = targets::claim(state, database, target.name, now) else {
-                stats::count_refused_without_slot(state, ids.len() + beyond);
+            let Some(target_slot) = target_slots::claim(state, database, target.name, now) else {
+                counting::count_refused_without_slot(state, ids.len() + beyond);
                 return (Err(MarkError::NoTargetSlot), None);
             };
             *target.slot = Some(target_slot);
@@ -119,7 +124,7 @@ fn mark_chunk(target: &mut Marking<'_>, ids: &[[u8; 16]], beyond: usize, now: i6
 /// Mark `ids` of target slot `target` in `database`, whose slot is `slot`, `beyond` more ids of
 /// the same call waiting behind them; returns the outcome and the launcher's latch when this
 /// mark must wake it. Caller must hold the lock, in shared mode being enough: the table takes
-/// concurrent inserts, and the counts change atomically (see `layout`).
+/// concurrent inserts, and the counts change atomically (see `memory::layout`).
 #[allow(clippy::too_many_arguments)]
 fn mark_in(
     state: &View<'_>,
@@ -142,17 +147,17 @@ fn mark_in(
                 break;
             }
             Err(stuck) => {
-                outcome = Err(MarkError::Stuck(stuck));
+                outcome = Err(MarkError::Stuck { stuck, marked: i });
                 break;
             }
         }
     }
     let accepted = match outcome {
-        Err(MarkError::Full { marked }) => marked,
+        Err(MarkError::Full { marked } | MarkError::Stuck { marked, .. }) => marked,
         _ => ids.len(),
     };
     let refused = if matches!(outcome, Err(MarkError::Full { .. })) { ids.len() - accepted + beyond } else { 0 };
-    stats::count_marks(state, slot, accepted, refused);
+    counting::count_marks(state, slot, accepted, refused);
     let slot = &state.slots[slot];
     // A mark needs the extension: a worker that left for want of it may come back.
     let extension_back = slot.extension_missing() && slot.extension_missing.swap(false, Ordering::Relaxed);
@@ -261,7 +266,7 @@ pub fn entries(database: pg_sys::Oid) -> Option<Vec<Entry>> {
     }
 }
 
-/// Every pending entry, of every database. Postmaster only (see `persist`): the copy allocates,
+/// Every pending entry, of every database. Postmaster only (see `saved_set`): the copy allocates,
 /// and nothing else runs. The walk is bounded by the table (at most `max_pending` entries).
 pub fn all_entries(state: &ViewMut<'_>) -> Vec<Entry> {
     let mut out = Vec::with_capacity(state.pending.len().min(state.pending.limit()));
@@ -277,7 +282,7 @@ pub struct SavedTarget {
 
 /// Put saved entries back into the set, claiming their databases' and targets' slots (an
 /// entry's `key.target` is the index of its target in `saved_targets`); returns how many could
-/// not be (set or slots full). Postmaster only (see `persist`), with entries it validated.
+/// not be (set or slots full). Postmaster only (see `saved_set`), with entries it validated.
 pub fn restore(state: &mut ViewMut<'_>, saved_targets: &[SavedTarget], entries: &[Entry], now: i64) -> usize {
     let mut refused = 0;
     // Claimed at a target's first entry: a slot claimed before its keys are in could be taken
@@ -293,7 +298,7 @@ pub fn restore(state: &mut ViewMut<'_>, saved_targets: &[SavedTarget], entries: 
         let target = match claimed.get(file_index) {
             Some(Some(found)) => Some(*found),
             Some(None) => {
-                let found = targets::claim(state, database, &saved_targets[file_index].name, now);
+                let found = target_slots::claim(state, database, &saved_targets[file_index].name, now);
                 claimed[file_index] = found;
                 found
             }
@@ -325,7 +330,7 @@ pub fn forget(database: pg_sys::Oid, written: &[Entry]) {
 /// Discard `entries` (of one target slot of `database`, from a snapshot), except those marked
 /// again since, as [`forget`] does; give the target's slot up when `give_up_slot` and nothing of
 /// it is left. Returns how many were discarded, which the caller counts
-/// (`stats::count_discarded_in`) once it has said so in the log.
+/// (`counting::count_discarded_in`) once it has said so in the log.
 pub fn discard_target(database: pg_sys::Oid, target: SlotRef, entries: &[Entry], give_up_slot: bool) -> u64 {
     layout::with_exclusive(|state| {
         let index = usize::from(target.index);
@@ -368,7 +373,7 @@ fn remove_unless_marked_again(state: &mut ViewMut<'_>, database: pg_sys::Oid, en
 }
 
 /// The keys of `database` held back whose next try is after `now`, into `out` (cleared first;
-/// its capacity is `held::HELD_MAX`, so nothing allocates under the lock), sorted.
+/// its capacity is `held_back::HELD_MAX`, so nothing allocates under the lock), sorted.
 pub fn held_waiting(database: pg_sys::Oid, now: i64, out: &mut Vec<Key>) {
     out.clear();
     let interval_us = settings::flush_interval_us();
@@ -392,7 +397,7 @@ pub fn held_of(database: pg_sys::Oid) -> Vec<HeldId> {
 }
 
 /// Discard every entry of a database that no longer exists, and free its slot; returns how many
-/// ids were discarded, which the caller counts (`stats::count_discarded`) once it has said so in
+/// ids were discarded, which the caller counts (`counting::count_discarded`) once it has said so in
 /// the log. Launcher only.
 pub fn discard(database: pg_sys::Oid) -> u64 {
     layout::with_exclusive(|state| {
@@ -400,7 +405,7 @@ pub fn discard(database: pg_sys::Oid) -> u64 {
         if let Some(index) = databases::find(state.slots, database) {
             databases::free(state, index);
         }
-        targets::free_database(state, database);
+        target_slots::free_database(state, database);
         state.header.held.forget_database(database);
         discarded
     })

@@ -13,13 +13,13 @@ use std::ptr::null_mut;
 
 use pgrx::pg_sys;
 
-use crate::databases;
-use crate::layout::{self, View};
-use crate::message;
-use crate::requests::FlushOutcome;
+use crate::memory::layout::{self, View};
+use crate::memory::message;
+use crate::memory::requests::FlushOutcome;
+use crate::state::databases;
 
 /// How a flush ended, as the worker reports it.
-pub enum Result {
+pub enum Flushed {
     Applied { ids: u64, held_back: u64 },
     Failed { ids: u64, sqlstate: i32, message: String },
 }
@@ -105,15 +105,15 @@ pub fn flush_requested(database: pg_sys::Oid) -> bool {
 
 /// Publish the outcome of the flush of `database` whose snapshot covered requests up to
 /// `up_to_request`, and wake every waiting caller.
-pub fn publish(database: pg_sys::Oid, up_to_request: u64, result: &Result) {
+pub fn publish(database: pg_sys::Oid, up_to_request: u64, result: &Flushed) {
     let mut outcome = FlushOutcome::NONE;
     outcome.up_to_request = up_to_request;
     match result {
-        Result::Applied { ids, held_back } => {
+        Flushed::Applied { ids, held_back } => {
             outcome.ids = *ids;
             outcome.held_back = *held_back;
         }
-        Result::Failed { ids, sqlstate, message } => {
+        Flushed::Failed { ids, sqlstate, message } => {
             outcome.ids = *ids;
             outcome.failed = true;
             outcome.sqlstate = *sqlstate;
@@ -136,7 +136,7 @@ pub fn publish(database: pg_sys::Oid, up_to_request: u64, result: &Result) {
 /// Fail every request of `database` made so far: no worker could serve them. Launcher only.
 pub fn fail_waiting(database: pg_sys::Oid, sqlstate: i32, message: &str) {
     let newest = layout::with_shared(|state| newest_request(state, database)).unwrap_or(0);
-    publish(database, newest, &Result::Failed { ids: 0, sqlstate, message: message.to_owned() });
+    publish(database, newest, &Flushed::Failed { ids: 0, sqlstate, message: message.to_owned() });
 }
 
 /// Announce this process as the flush worker of `database`: marks and requests now wake it.

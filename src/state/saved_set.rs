@@ -37,10 +37,10 @@ use pgrx::prelude::*;
 use wsusage_pending_table::{Entry, Key};
 
 use crate::clock;
-use crate::key::Kind;
-use crate::layout::{self, ViewMut};
-use crate::pending::{self, SavedTarget};
-use crate::target_slot::NAME_MAX;
+use crate::memory::key::Kind;
+use crate::memory::layout::{self, ViewMut};
+use crate::memory::target_slot::NAME_MAX;
+use crate::state::pending::{self, SavedTarget};
 
 /// Relative to the data directory, the postmaster's working directory; beside
 /// pg_stat_statements' file, in the directory PostgreSQL keeps across clean restarts.

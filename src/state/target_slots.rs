@@ -1,10 +1,10 @@
-//! Finding, claiming and giving up a target's slot (see `target_slot`). Functions taking a view
-//! run under the wsusage lock (see `layout`).
+//! Finding, claiming and giving up a target's slot (see `memory::target_slot`). Functions taking a view
+//! run under the wsusage lock (see `memory::layout`).
 
 use pgrx::pg_sys;
 
-use crate::layout::{View, ViewMut};
-use crate::target_slot::TargetSlot;
+use crate::memory::layout::{View, ViewMut};
+use crate::memory::target_slot::TargetSlot;
 
 /// A target's slot as a backend remembers it: valid while the slot keeps its generation.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

@@ -2,7 +2,7 @@
 //! the system caches (`SearchSysCache`, `lsyscache.c`), index scans of `pg_extension`
 //! (`get_extension_oid`) and `pg_depend`, `to_regprocedure` (on the current search path: the
 //! caller sets it), and the ACL functions that `has_column_privilege()` calls — never by planning
-//! SQL. A backend's first mark resolves its target with these (see `resolve`); planning the
+//! SQL. A backend's first mark resolves its target with these (see `sql::resolve`); planning the
 //! catalog query that did it before cost a new backend milliseconds (26–28 ms p50 with 8 clients
 //! connecting at once on 2 cores, bench/results/2026-12-07-first-mark.md), more than the call it
 //! was meant to make free.

@@ -14,7 +14,7 @@ use pgrx::pg_sys::errcodes::PgSqlErrorCode;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::PgLogLevel;
 
-use crate::published;
+use crate::targets::published;
 
 /// The current transaction wrote `wsusage_target`.
 static CHANGED: AtomicBool = AtomicBool::new(false);

@@ -2,12 +2,8 @@
 //! target of the settings `wsusage.table`, `wsusage.id_column`, `wsusage.timestamp_column` — as
 //! read from the catalogs, whether it fits, and the statements that write it.
 //!
-//! The settings use SQL identifier syntax, as `search_path` does: unquoted names are folded to
-//! lower case, double-quoted ones are taken as written (`""` is a quote), and the table may be
-//! schema-qualified (`"My Schema"."usage.log"`). Whatever they hold reaches SQL only as a
-//! double-quoted identifier built here, never as raw text: a value such as
-//! `workspaces; DROP TABLE x` is a syntax error, and `"workspaces; DROP TABLE x"` merely names a
-//! table that does not exist. A `wsusage_target` row names its table by OID (`regclass`), so
+//! The settings' names are parsed as SQL identifiers (see `settings::names`) and reach SQL only
+//! double-quoted. A `wsusage_target` row names its table by OID (`regclass`), so
 //! renaming the table or its schema does not break it; the table reaches SQL as the schema and
 //! name the catalogs give, each double-quoted here ([`Relation::sql`]).
 //!
@@ -21,92 +17,8 @@
 use pgrx::pg_sys;
 use pgrx::pg_sys::errcodes::PgSqlErrorCode;
 
-use crate::key::Kind;
-
-/// A parsed name: one part (column, or table on the search path) or two (schema, table).
-#[derive(Clone, PartialEq, Eq, Debug)]
-pub struct Name(Vec<String>);
-
-impl Name {
-    /// The name as SQL text, every part double-quoted.
-    pub fn quoted(&self) -> String {
-        self.0.iter().map(|part| quote(part)).collect::<Vec<_>>().join(".")
-    }
-
-    /// A table's schema and name, the schema `schema` when it names none.
-    pub fn schema_and_name<'a>(&'a self, schema: &'a str) -> (&'a str, &'a str) {
-        match self.0.as_slice() {
-            [schema, name] => (schema, name),
-            _ => (schema, self.last()),
-        }
-    }
-
-    pub fn last(&self) -> &str {
-        self.0.last().map(String::as_str).unwrap_or_default()
-    }
-}
-
-/// Parse `value` as PostgreSQL parses a possibly qualified identifier, allowing at most
-/// `max_parts` parts. The error is a detail sentence for the user.
-pub fn parse(value: &str, max_parts: usize) -> Result<Name, String> {
-    let mut parts = Vec::new();
-    let mut chars = value.chars().peekable();
-    loop {
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        let mut part = String::new();
-        if chars.next_if_eq(&'"').is_some() {
-            loop {
-                match chars.next() {
-                    None => return Err("A double-quoted name is not closed.".into()),
-                    Some('"') if chars.next_if_eq(&'"').is_some() => part.push('"'),
-                    Some('"') => break,
-                    Some(c) => part.push(c),
-                }
-            }
-            if part.is_empty() {
-                return Err("A double-quoted name is empty.".into());
-            }
-        } else {
-            while let Some(c) = chars.next_if(|c| *c != '.' && *c != '"' && !c.is_whitespace()) {
-                part.push(c.to_ascii_lowercase());
-            }
-            if part.is_empty() {
-                return Err("A name is missing; write it as name or schema.name.".into());
-            }
-        }
-        if part.len() >= pg_sys::NAMEDATALEN as usize {
-            return Err(format!("The name \"{part}\" is longer than 63 bytes."));
-        }
-        parts.push(part);
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        match chars.next() {
-            None => break,
-            Some('.') => continue,
-            Some(c) => {
-                return Err(format!(
-                    "Unexpected \"{c}\" after the name \"{}\"; quote a name that contains it.",
-                    parts.last().map(String::as_str).unwrap_or_default()
-                ))
-            }
-        }
-    }
-    if parts.len() > max_parts {
-        return Err(if max_parts == 1 {
-            "A column name cannot be qualified.".into()
-        } else {
-            "Write the table as name or schema.name.".into()
-        });
-    }
-    Ok(Name(parts))
-}
-
-/// The settings' target (`default`), parsed.
-#[derive(Clone, PartialEq, Eq, Debug)]
-pub struct Target {
-    pub table: Name,
-    pub id_column: Name,
-    pub timestamp_column: Name,
-}
+use crate::memory::key::Kind;
+use crate::settings::names::quote;
 
 /// A target as the catalogs describe it now. Fields are `None` where the catalogs have nothing
 /// (a table or column dropped, a function gone): [`Definition::problem`] says what.
@@ -118,11 +30,10 @@ pub struct Definition {
     pub relation_text: String,
     pub id_column: String,
     pub timestamp_column: String,
-    /// The id column's type, its name, and the type of an array of it.
-    pub id_type: Option<(pg_sys::Oid, String, pg_sys::Oid)>,
-    pub timestamp_type: Option<(pg_sys::Oid, String)>,
-    /// As interval text, and whether it is more than zero.
-    pub min_change: (String, bool),
+    /// The id column's type.
+    pub id_type: Option<ColumnType>,
+    pub timestamp_type: Option<ColumnType>,
+    pub min_change: MinChange,
     pub after_flush: Option<AfterFlush>,
     /// Whether the role asked about may run the UPDATE a mark defers: USAGE on the schema,
     /// UPDATE and SELECT on the timestamp column, SELECT on the id column.
@@ -133,6 +44,31 @@ pub struct Definition {
     /// Where its table and columns were found, for the next backend to look first (see
     /// `published`).
     pub found: Hints,
+}
+
+/// A column's type as the catalogs give it.
+#[derive(Clone, PartialEq, Debug)]
+pub struct ColumnType {
+    pub oid: pg_sys::Oid,
+    /// As `format_type` prints it, for messages.
+    pub name: String,
+    /// The type of an array of it (the key column's only: its keys reach SQL as one).
+    pub array: pg_sys::Oid,
+}
+
+/// A target's `min_change`: the least a stored time must move before a flush rewrites it.
+#[derive(Clone, PartialEq, Debug)]
+pub struct MinChange {
+    /// As `interval` prints it, for SQL (as a literal) and messages.
+    pub text: String,
+    /// Whether it is more than zero.
+    pub positive: bool,
+}
+
+impl MinChange {
+    pub fn zero() -> Self {
+        MinChange { text: "00:00:00".into(), positive: false }
+    }
 }
 
 /// Where a target's table and columns were last found, as published (see `published`): each
@@ -228,15 +164,10 @@ fn literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
-/// `name` as a double-quoted SQL identifier.
-fn quote(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
 impl Definition {
     /// The kind of key marks of this target carry.
     pub fn kind(&self) -> Option<Kind> {
-        match self.id_type.as_ref()?.0 {
+        match self.id_type.as_ref()?.oid {
             pg_sys::UUIDOID => Some(Kind::Uuid),
             pg_sys::INT8OID | pg_sys::INT4OID => Some(Kind::Bigint),
             _ => None,
@@ -263,7 +194,7 @@ impl Definition {
                 fix,
             )
         };
-        let Some((_, id_type_name, _)) = &self.id_type else { return missing(&self.id_column) };
+        let Some(ColumnType { name: id_type_name, .. }) = &self.id_type else { return missing(&self.id_column) };
         if self.kind().is_none() {
             return problem(
                 ERRCODE_DATATYPE_MISMATCH,
@@ -274,7 +205,7 @@ impl Definition {
                 fix,
             );
         }
-        let Some((timestamp_type, timestamp_type_name)) = &self.timestamp_type else {
+        let Some(ColumnType { oid: timestamp_type, name: timestamp_type_name, .. }) = &self.timestamp_type else {
             return missing(&self.timestamp_column);
         };
         if ![pg_sys::TIMESTAMPTZOID, pg_sys::TIMESTAMPOID, pg_sys::DATEOID].contains(timestamp_type) {
@@ -318,7 +249,7 @@ impl Definition {
             Some(Kind::Bigint) => "pg_catalog.int8[]",
             _ => "pg_catalog.uuid[]",
         };
-        let cast = timestamp_cast(self.timestamp_type.as_ref().map_or(pg_sys::TIMESTAMPTZOID, |(oid, _)| *oid));
+        let cast = timestamp_cast(self.timestamp_type.as_ref().map_or(pg_sys::TIMESTAMPTZOID, |column| column.oid));
         (table, quote(&self.id_column), quote(&self.timestamp_column), keys, cast)
     }
 
@@ -327,7 +258,7 @@ impl Definition {
     /// compared at the time, not the day, the change allows (a day of `1 day` is then every day).
     fn due(&self, marks: &str) -> String {
         let (_, _, ts, _, cast) = self.parts();
-        let (min_change, positive) = &self.min_change;
+        let MinChange { text: min_change, positive } = &self.min_change;
         let threshold = if *positive {
             let cast =
                 if cast == timestamp_cast(pg_sys::DATEOID) { timestamp_cast(pg_sys::TIMESTAMPOID) } else { cast };
@@ -341,7 +272,7 @@ impl Definition {
     /// Whether a row found but not written counts as skipped by `min_change` (a date column, or
     /// a positive `min_change`), rather than as already newer.
     pub fn skips_by_min_change(&self) -> bool {
-        self.min_change.1 || self.timestamp_type.as_ref().is_some_and(|(oid, _)| *oid == pg_sys::DATEOID)
+        self.min_change.positive || self.timestamp_type.as_ref().is_some_and(|column| column.oid == pg_sys::DATEOID)
     }
 
     /// The statement a flush chunk runs first: each id's own time, never backwards. It locks

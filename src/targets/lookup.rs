@@ -1,4 +1,4 @@
-//! Reading targets' definitions (see `target`): every target of the database for a flush round,
+//! Reading targets' definitions (see `definition`): every target of the database for a flush round,
 //! one target for a backend's first mark of it (its row possibly taken from shared memory, see
 //! `published`) and for the check of a row as it is written.
 //!
@@ -16,10 +16,10 @@ use pgrx::pg_sys::errcodes::PgSqlErrorCode;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::{FromDatum, PgLogLevel};
 
-use crate::catalog;
-use crate::nest_level::NestLevel;
 use crate::settings;
-use crate::target::{AfterFlush, Definition, Hints, Relation};
+use crate::settings::nest_level::NestLevel;
+use crate::targets::catalog;
+use crate::targets::definition::{AfterFlush, ColumnType, Definition, Hints, MinChange, Relation};
 
 /// The schema of the settings' table when `wsusage.table` names none. Not the search path: the
 /// worker and every marking backend must find the same table whatever their own search paths,
@@ -49,7 +49,7 @@ pub struct Declared {
     pub relation_text: String,
     pub id_column: String,
     pub timestamp_column: String,
-    pub min_change: (String, bool),
+    pub min_change: MinChange,
     pub after_flush: Option<String>,
     pub from_settings: bool,
     /// Where its table's columns were found before, if known (see [`Hints`]).
@@ -126,7 +126,7 @@ fn from_settings(hints: Hints) -> Option<Declared> {
         relation_text: target.table.quoted(),
         id_column: target.id_column.last().to_owned(),
         timestamp_column: target.timestamp_column.last().to_owned(),
-        min_change: ("00:00:00".into(), false),
+        min_change: MinChange::zero(),
         after_flush: None,
         from_settings: true,
         hints,
@@ -187,7 +187,7 @@ fn declared_rows(table: pg_sys::Oid, only: Option<&str>) -> Vec<Declared> {
                 relation_text: relation.map(|oid| oid.to_u32().to_string()).unwrap_or_default(),
                 id_column: name_text(2),
                 timestamp_column: name_text(3),
-                min_change: value(4).map(|datum| interval(datum)).unwrap_or_else(|| ("00:00:00".into(), false)),
+                min_change: value(4).map(|datum| interval(datum)).unwrap_or_else(MinChange::zero),
                 after_flush: value(5).and_then(|datum| String::from_datum(datum, false)),
                 from_settings: false,
                 hints: Hints::default(),
@@ -222,7 +222,7 @@ unsafe fn column_positions(descriptor: pg_sys::TupleDesc) -> [usize; 6] {
                         "table wsusage_target has no column \"{}\" of the type wsusage reads",
                         name.to_string_lossy()
                     ),
-                    "definitions::read",
+                    "lookup::read",
                 )
                 .set_hint("The table was altered by hand: restore the column, or drop and create the extension.")
                 .report(PgLogLevel::ERROR);
@@ -232,12 +232,12 @@ unsafe fn column_positions(descriptor: pg_sys::TupleDesc) -> [usize; 6] {
     })
 }
 
-/// An interval as text, and whether it is more than zero (compared as PostgreSQL compares
+/// A `min_change` interval as text, and whether it is more than zero (compared as PostgreSQL compares
 /// intervals: a month is 30 days, a day 24 hours).
 ///
 /// # Safety
 /// `datum` is an `interval` value.
-unsafe fn interval(datum: pg_sys::Datum) -> (String, bool) {
+unsafe fn interval(datum: pg_sys::Datum) -> MinChange {
     // SAFETY: the caller's promise: a pointer to a 16-byte Interval; interval_out takes it.
     unsafe {
         let value = &*datum.cast_mut_ptr::<pg_sys::Interval>();
@@ -246,7 +246,7 @@ unsafe fn interval(datum: pg_sys::Datum) -> (String, bool) {
         let text = pgrx::direct_function_call::<&CStr>(pg_sys::interval_out, &[Some(datum)])
             .map(|text| text.to_string_lossy().into_owned())
             .unwrap_or_default();
-        (text, span > 0)
+        MinChange { text, positive: span > 0 }
     }
 }
 
@@ -319,8 +319,16 @@ fn describe(row: &Declared, role: pg_sys::Oid, runner_setting: Option<(&str, Opt
         relation_text,
         id_column: row.id_column.clone(),
         timestamp_column: row.timestamp_column.clone(),
-        id_type: id_column.map(|(_, type_oid)| (type_oid, catalog::type_name(type_oid), id_array.unwrap_or_default())),
-        timestamp_type: timestamp_column.map(|(_, type_oid)| (type_oid, catalog::type_name(type_oid))),
+        id_type: id_column.map(|(_, oid)| ColumnType {
+            oid,
+            name: catalog::type_name(oid),
+            array: id_array.unwrap_or_default(),
+        }),
+        timestamp_type: timestamp_column.map(|(_, oid)| ColumnType {
+            oid,
+            name: catalog::type_name(oid),
+            array: pg_sys::InvalidOid,
+        }),
         min_change: row.min_change.clone(),
         after_flush,
         may_update,

@@ -5,7 +5,7 @@
 //! from the catalogs publishes it in the target's slot; the next backends take the row from there
 //! and check everything else in their own catalog caches — the table, its columns and their
 //! types, the `after_flush` function and its owner — with their own role's privileges (see
-//! `resolve`).
+//! `sql::resolve`).
 //!
 //! A publication is only as good as its **ticket**. Each database's slot holds the ticket of its
 //! declarations, a number taken from a cluster-wide counter whenever they may have changed
@@ -19,21 +19,16 @@
 //! is never reused. DROP and CREATE EXTENSION write no row: a publication whose `wsusage_target`
 //! is no longer a table of that name is refused by [`lookup`].
 //!
-//! Publications live in the target slots under the wsusage lock (see `layout`): written with it
-//! exclusive, read with it shared. A database's ticket is set when its slot is claimed (lock
-//! exclusive) and replaced with `fetch_max` under the lock in either mode.
-
-use std::sync::atomic::Ordering;
+//! Publications live in the target slots in shared memory, kept there by `state::publications`.
 
 use pgrx::pg_sys;
 
-use crate::catalog;
-use crate::databases;
-use crate::definitions::{Declarations, Declared};
-use crate::layout;
-use crate::publication::{Publication, NAME_MAX, SIGNATURE_MAX};
-use crate::target::Hints;
-use crate::targets;
+use crate::memory::publication::{Publication, NAME_MAX, SIGNATURE_MAX};
+use crate::state::publications;
+pub use crate::state::publications::{invalidate, ticket};
+use crate::targets::catalog;
+use crate::targets::definition::{Hints, MinChange};
+use crate::targets::lookup::{Declarations, Declared};
 
 /// `declarations` (of one target) as published under `ticket`, where it was found to be yet to
 /// be added ([`publish`]); `None` when they do not fit.
@@ -75,7 +70,7 @@ fn decode(published: &Publication, name: &str) -> Declarations {
         relation_text: published.relation.to_u32().to_string(),
         id_column: text(&published.id_column),
         timestamp_column: text(&published.timestamp_column),
-        min_change: ("00:00:00".into(), false),
+        min_change: MinChange::zero(),
         after_flush: (published.after_flush_len != u16::MAX)
             .then(|| text(&published.after_flush[..usize::from(published.after_flush_len).min(SIGNATURE_MAX)])),
         from_settings: false,
@@ -106,39 +101,11 @@ fn name_bytes(name: &str) -> Option<[u8; NAME_MAX]> {
     })
 }
 
-/// The declarations of `database` may have changed: no publication made before is taken again.
-/// Raises nothing (it runs in a commit callback).
-pub fn invalidate(database: pg_sys::Oid) {
-    layout::with_shared(|state| {
-        if let Some(index) = databases::find(state.slots, database) {
-            let ticket = state.header.new_declarations_ticket();
-            state.slots[index].declarations_ticket.fetch_max(ticket, Ordering::AcqRel);
-        }
-    });
-}
-
-/// The current ticket of `database`'s declarations: what a read of them from the catalogs is
-/// published under. `None` while the database has no slot (nothing of it is published).
-pub fn ticket(database: pg_sys::Oid) -> Option<u64> {
-    layout::with_shared(|state| {
-        let index = databases::find(state.slots, database)?;
-        Some(state.slots[index].declarations_ticket.load(Ordering::Acquire))
-    })
-    .flatten()
-}
-
 /// The published declarations of target `name` of `database`, if published under its current
 /// ticket and `wsusage_target` is still the table they were read from (DROP EXTENSION drops it,
 /// and CREATE EXTENSION makes another, writing no row of it). Inside a transaction.
 pub fn lookup(database: pg_sys::Oid, name: &str) -> Option<Declarations> {
-    let published = layout::with_shared(|state| {
-        let index = databases::find(state.slots, database)?;
-        let ticket = state.slots[index].declarations_ticket.load(Ordering::Acquire);
-        let slot = targets::find(state.targets, database, name)?;
-        let published = state.targets[usize::from(slot.index)].published;
-        (published.ticket == ticket && ticket != 0).then_some(published)
-    })
-    .flatten()?;
+    let published = publications::current(database, name)?;
     let declarations = decode(&published, name);
     if let Some(table) = declarations.targets_table {
         let same = catalog::relation(table)
@@ -158,13 +125,5 @@ pub fn publish(database: pg_sys::Oid, name: &str, mut publication: Publication, 
     publication.relation_hint = found.relation.unwrap_or(pg_sys::InvalidOid);
     publication.id_column_hint = found.id_column.unwrap_or(0);
     publication.timestamp_column_hint = found.timestamp_column.unwrap_or(0);
-    layout::with_exclusive(|state| {
-        let Some(index) = databases::find(state.slots, database) else { return };
-        if state.slots[index].declarations_ticket.load(Ordering::Acquire) != ticket {
-            return;
-        }
-        if let Some(slot) = targets::find(state.targets, database, name) {
-            state.targets[usize::from(slot.index)].published = publication;
-        }
-    });
+    publications::store(database, name, publication, ticket);
 }

@@ -1,7 +1,7 @@
 //! The table `wsusage_target`, one row per target of the database, and its trigger: a row is
 //! checked when written (its table, columns, their types, its `after_flush` function), worded as
 //! PostgreSQL words the same errors, and every change — row or TRUNCATE — tells the backends
-//! that remember targets (see `resolve`) to read them again once it commits, and invalidates the
+//! that remember targets (see `sql::resolve`) to read them again once it commits, and invalidates the
 //! declarations published for new backends at its commit (see `changes`; such a transaction
 //! cannot be prepared).
 
@@ -12,7 +12,7 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::PgLogLevel;
 
-use crate::definitions;
+use crate::targets::lookup;
 
 /// The trigger function of `wsusage_target` (AFTER, for each row and for TRUNCATE).
 #[pg_guard]
@@ -30,7 +30,7 @@ pub unsafe extern "C-unwind" fn wsusage_target_check(fcinfo: pg_sys::FunctionCal
         // Sent to every backend of the database at commit (and to this one at once); and once
         // committed, what new backends take from shared memory is read again (see `changes`).
         pg_sys::CacheInvalidateRelcacheByRelid((*relation).rd_id);
-        crate::changes::note();
+        crate::targets::changes::note();
         let event = (*trigger).tg_event;
         let row = event & pg_sys::TRIGGER_EVENT_ROW != 0;
         let new = match event & pg_sys::TRIGGER_EVENT_OPMASK {
@@ -58,7 +58,7 @@ fn check(name: &str) {
     // SAFETY: within the trigger's transaction, as SPI does before each query of a function that
     // writes.
     unsafe { pg_sys::CommandCounterIncrement() };
-    let catalog = definitions::read(Some(name), user);
+    let catalog = lookup::read(Some(name), user);
     let Some(problem) = catalog.definitions.first().and_then(|definition| definition.problem()) else { return };
     ErrorReport::new(
         problem.sqlstate,

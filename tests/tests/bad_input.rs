@@ -10,7 +10,7 @@ fn a_null_id_is_rejected_with_22004() {
 
     let err = client.execute("SELECT wsusage_mark(NULL)", &[]).unwrap_err();
     let (code, message, _, _) = report(&err);
-    assert_eq!((code.as_str(), message.as_str()), ("22004", "workspace id must not be null"));
+    assert_eq!((code.as_str(), message.as_str()), ("22004", "id must not be null"));
 
     let err = client.execute("SELECT wsusage_mark_many(NULL)", &[]).unwrap_err();
     assert_eq!(sqlstate(&err), "22004");

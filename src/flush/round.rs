@@ -1,7 +1,8 @@
 //! One flush round of a database: snapshot its pending keys, read its targets' definitions (see
-//! `targets::lookup`), write each target's keys in chunks of `wsusage.batch_size`, each chunk one
-//! statement (see `targets::definition`) in its own transaction (see `transaction`), and forget what each
-//! committed chunk wrote. Runs in the worker only.
+//! `targets::lookup`), write each target's keys in chunks of `wsusage.batch_size` (see `chunks`),
+//! each chunk one statement (see `targets::definition`) in its own transaction (see
+//! `transaction`), forget what each committed chunk wrote, and count, log (see `failure_log`)
+//! and publish the outcome. Runs in the worker only.
 //!
 //! Targets are independent: one that fails (its table dropped, a privilege revoked, its
 //! `after_flush` function raising) keeps its keys pending and is reported, and the round goes on
@@ -41,8 +42,9 @@ use pgrx::prelude::*;
 use wsusage_pending_table::{Entry, Key};
 
 use crate::clock::now;
-use crate::errors::{self, Failure, Scope};
-use crate::flush::statements::{self, Locking, Statements, Written};
+use crate::errors::{self, Failure};
+use crate::flush::failure_log::FailureLog;
+use crate::flush::statements::Statements;
 use crate::flush::transaction::in_transaction;
 use crate::memory::held_back::HELD_MAX;
 use crate::memory::key::Kind;
@@ -68,61 +70,61 @@ pub const HELD_PER_ROUND: u64 = 8;
 /// buffers big enough for the whole set, allocated once so that nothing allocates under the
 /// pending lock.
 pub struct Flusher {
-    database: pg_sys::Oid,
-    database_name: String,
-    statements: HashMap<String, Statements>,
-    batch: Vec<Entry>,
+    pub(super) database: pg_sys::Oid,
+    pub(super) database_name: String,
+    pub(super) statements: HashMap<String, Statements>,
+    pub(super) batch: Vec<Entry>,
     /// Held-back keys not yet due again, sorted.
-    waiting: Vec<Key>,
-    /// The last failure message logged, so a repeated failure is not logged every interval.
-    last_logged_failure: Option<String>,
+    pub(super) waiting: Vec<Key>,
+    /// The failures logged, so that a repeated failure is not logged every interval.
+    pub(super) failure_log: FailureLog,
     /// The last round found the extension missing from the database (and said so, once).
-    extension_was_missing: bool,
+    pub(super) extension_was_missing: bool,
     /// The target problems last logged by a start-up or reload check, so a reload that changes
     /// nothing does not repeat them.
-    last_target_problems: Vec<String>,
+    pub(super) last_target_problems: Vec<String>,
     /// Slots with keys pending whose target had no row at the last round.
-    missing: Vec<SlotRef>,
+    pub(super) missing: Vec<SlotRef>,
 }
 
 /// What a round did so far.
 #[derive(Default)]
-struct Round {
+pub(super) struct Round {
     /// Ids written (or found without a row): taken from the set.
-    taken: u64,
+    pub(super) taken: u64,
     /// Ids isolated this round, held back.
-    held_back: u64,
+    pub(super) held_back: u64,
     /// The first failure of the round.
-    failure: Option<Failure>,
+    pub(super) failure: Option<Failure>,
     /// Statements spent splitting.
-    splits: u32,
+    pub(super) splits: u32,
     /// The current target's part of the round is over.
-    stop_target: bool,
+    pub(super) stop_target: bool,
     /// The current target failed.
-    target_failed: bool,
+    pub(super) target_failed: bool,
     /// The whole round is over (the database is going, or the extension is missing).
-    stop: bool,
-    extension_missing: bool,
+    pub(super) stop: bool,
+    pub(super) extension_missing: bool,
 }
 
 impl Round {
-    fn fail(&mut self, failure: Failure) {
+    pub(super) fn fail(&mut self, failure: Failure) {
         self.target_failed = true;
         self.failure.get_or_insert(failure);
     }
 }
 
 /// The part of a round writing one target.
-struct Part<'a> {
+pub(super) struct Part<'a> {
     /// The target's slot, whose index its keys carry.
-    slot: SlotRef,
+    pub(super) slot: SlotRef,
     /// For messages: the target named, unless it is `default`.
-    prefix: String,
-    definition: &'a Definition,
+    pub(super) prefix: String,
+    pub(super) definition: &'a Definition,
 }
 
 impl Part<'_> {
-    fn failure(&self, failure: Failure) -> Failure {
+    pub(super) fn failure(&self, failure: Failure) -> Failure {
         Failure { message: format!("{}{}", self.prefix, failure.message), ..failure }
     }
 }
@@ -136,7 +138,7 @@ impl Flusher {
             statements: HashMap::new(),
             batch: Vec::with_capacity(settings::max_pending()),
             waiting: Vec::with_capacity(HELD_MAX),
-            last_logged_failure: None,
+            failure_log: FailureLog::default(),
             extension_was_missing: false,
             last_target_problems: Vec::new(),
             missing: Vec::new(),
@@ -155,73 +157,89 @@ impl Flusher {
     /// Flush whatever of the database is pending and publish the outcome to `wsusage_flush()`
     /// callers; returns the number of keys taken from the set.
     pub fn flush(&mut self) -> u64 {
-        let database = self.database;
         let started_at = now();
-        let (up_to_request, requested) = pending::snapshot(database, &mut self.batch, started_at);
+        let up_to_request = self.snapshot(started_at);
+        if self.batch.is_empty() {
+            let nothing = rendezvous::Flushed::Applied { ids: 0, held_back: 0 };
+            rendezvous::publish(self.database, up_to_request, &nothing);
+            return 0;
+        }
+        let ids = self.batch.len() as u64;
+        let mut round = Round::default();
+        self.write_targets(&mut round);
+        self.finish(round, ids, started_at, up_to_request)
+    }
+
+    /// Copy the database's pending keys into the batch, but those held back and not yet due,
+    /// sorted by target, then kind, then key (each target's keys in one run, in key order);
+    /// returns the newest `wsusage_flush()` request the snapshot serves.
+    fn snapshot(&mut self, started_at: i64) -> u64 {
+        let (up_to_request, requested) = pending::snapshot(self.database, &mut self.batch, started_at);
         // Held-back keys wait for their turn at the worker's own rounds; the rest go now. A
         // `wsusage_flush()` caller — an operator who has just fixed a refused row, say — has
         // them tried at once.
         if requested {
             self.waiting.clear();
         } else {
-            pending::held_waiting(database, started_at, &mut self.waiting);
+            pending::held_waiting(self.database, started_at, &mut self.waiting);
         }
         let waiting = &self.waiting;
         self.batch.retain(|entry| waiting.binary_search(&entry.key).is_err());
-        if self.batch.is_empty() {
-            rendezvous::publish(database, up_to_request, &rendezvous::Flushed::Applied { ids: 0, held_back: 0 });
-            return 0;
-        }
-        let ids = self.batch.len() as u64;
-        // By target, then kind, then key: each target's keys in one run, in key order.
         self.batch.sort_unstable_by_key(|entry| entry.key);
+        up_to_request
+    }
 
-        let mut round = Round::default();
+    /// Write the batch, target by target, as the targets' definitions say now.
+    fn write_targets(&mut self, round: &mut Round) {
+        let database = self.database;
         // Declarations published by marking backends are read again after each round starts: a
         // change that escaped `wsusage_target`'s trigger (written with triggers disabled) reaches
         // new backends within an interval.
         published::invalidate(database);
         // Read after the snapshot: a mark in it was made after its target's row was written.
-        match in_transaction(|| lookup::read(None, current_user())) {
+        let catalog = match in_transaction(|| lookup::read(None, current_user())) {
             Err(failure) => {
                 counting::record_chunk(database, None, &ChunkOutcome::Failed { message: &failure.message }, now());
                 round.failure = Some(failure);
+                return;
             }
             // Its targets are kept until CREATE EXTENSION brings them back (see `processes::worker`).
-            Ok(catalog) if !catalog.extension => round.extension_missing = true,
-            Ok(catalog) => {
-                let batch = std::mem::take(&mut self.batch);
-                let slots = counting::target_slots().unwrap_or_default();
-                let mut missing = Vec::new();
-                for group in batch.chunk_by(|a, b| a.key.target == b.key.target) {
-                    let index = group[0].key.target;
-                    let (name, generation) = slots.get(usize::from(index)).cloned().unwrap_or_default();
-                    let slot = SlotRef { index, generation };
-                    match catalog.definitions.iter().find(|definition| definition.name == name && !name.is_empty()) {
-                        Some(definition) => {
-                            self.write_target(
-                                &Part { slot, prefix: failure_prefix(&name), definition },
-                                group,
-                                &mut round,
-                            );
-                        }
-                        // No row (yet: the extension not updated to 0.3.0): kept.
-                        None if catalog.targets_table.is_none() => {}
-                        // Deleted: discarded when still missing a round later, so that a row
-                        // deleted and written again, or marked by the transaction writing it
-                        // before it commits, loses nothing.
-                        None if self.missing.contains(&slot) => self.discard(slot, &name, None, group),
-                        None => missing.push(slot),
-                    }
-                    if round.stop {
-                        break;
-                    }
+            Ok(catalog) if !catalog.extension => {
+                round.extension_missing = true;
+                return;
+            }
+            Ok(catalog) => catalog,
+        };
+        let batch = std::mem::take(&mut self.batch);
+        let slots = counting::target_slots().unwrap_or_default();
+        let mut missing = Vec::new();
+        for group in batch.chunk_by(|a, b| a.key.target == b.key.target) {
+            let index = group[0].key.target;
+            let (name, generation) = slots.get(usize::from(index)).cloned().unwrap_or_default();
+            let slot = SlotRef { index, generation };
+            match catalog.definitions.iter().find(|definition| definition.name == name && !name.is_empty()) {
+                Some(definition) => {
+                    self.write_target(&Part { slot, prefix: failure_prefix(&name), definition }, group, round);
                 }
-                self.missing = missing;
-                self.batch = batch;
+                // No row (yet: the extension not updated to 0.3.0): kept.
+                None if catalog.targets_table.is_none() => {}
+                // Deleted: discarded when still missing a round later, so that a row deleted and
+                // written again, or marked by the transaction writing it before it commits,
+                // loses nothing.
+                None if self.missing.contains(&slot) => self.discard(slot, &name, None, group),
+                None => missing.push(slot),
+            }
+            if round.stop {
+                break;
             }
         }
+        self.missing = missing;
+        self.batch = batch;
+    }
 
+    /// Count, log and publish what the round did; returns the number of keys taken from the set.
+    fn finish(&mut self, round: Round, ids: u64, started_at: i64, up_to_request: u64) -> u64 {
+        let database = self.database;
         let failure = if round.extension_missing {
             Some(self.extension_missing())
         } else {
@@ -232,12 +250,15 @@ impl Flusher {
         let consecutive = counting::record_flush(database, failure.is_some(), started_at, now());
         let result = match failure {
             None => {
-                self.report_success(round.taken, failed_before);
+                self.failure_log.succeeded();
+                if failed_before > 0 {
+                    log!("wsusage flush succeeded again: {} pending ids were applied", round.taken);
+                }
                 rendezvous::Flushed::Applied { ids: round.taken, held_back: round.held_back }
             }
             Some(failure) => {
-                if !round.extension_missing {
-                    self.report_failure(ids, consecutive, &failure);
+                if !round.extension_missing && self.failure_log.should_log(&failure.message, consecutive) {
+                    errors::report_flush_failure(ids, consecutive, &failure);
                 }
                 rendezvous::Flushed::Failed { ids, sqlstate: failure.sqlstate, message: failure.message }
             }
@@ -249,7 +270,7 @@ impl Flusher {
     /// Discard `entries` of target slot `slot` — its keys, when its target was deleted (`kind`
     /// `None`), or those of `kind` when the target's keys are no longer of that kind — and say
     /// so.
-    fn discard(&self, slot: SlotRef, name: &str, kind: Option<Kind>, entries: &[Entry]) {
+    pub(super) fn discard(&self, slot: SlotRef, name: &str, kind: Option<Kind>, entries: &[Entry]) {
         let discarded = pending::discard_target(self.database, slot, entries, kind.is_none());
         if discarded == 0 {
             return;
@@ -267,129 +288,6 @@ impl Flusher {
         counting::count_discarded_in(self.database, discarded);
     }
 
-    /// Write the keys of one target (`group`, sorted by kind and key) in chunks.
-    fn write_target(&mut self, part: &Part<'_>, group: &[Entry], round: &mut Round) {
-        let database = self.database;
-        round.stop_target = false;
-        round.target_failed = false;
-        if let Some(problem) = part.definition.problem() {
-            let failure = part.failure(Failure { sqlstate: problem.sqlstate as i32, message: problem.message });
-            counting::record_chunk(
-                database,
-                Some(part.slot),
-                &ChunkOutcome::Failed { message: &failure.message },
-                now(),
-            );
-            round.fail(failure);
-            counting::record_target_round(database, part.slot, true, now());
-            return;
-        }
-        let kind = part.definition.kind().unwrap_or(Kind::Uuid);
-        let (own, other): (Vec<Entry>, Vec<Entry>) = group.iter().partition(|entry| entry.key.kind == kind as u8);
-        if let Some(stale) = other.first() {
-            self.discard(part.slot, &part.definition.name, Kind::of(stale.key.kind), &other);
-        }
-        self.statements.entry(part.definition.name.clone()).or_default().use_definition(part.definition);
-        for (n, chunk) in own.chunks(settings::batch_size()).enumerate() {
-            // A DROP DATABASE (or RENAME) waits for this process to leave: do not make it wait
-            // for the remaining chunks, which stay pending.
-            if (n > 0 || round.taken > 0) && databases::is_being_changed(database) {
-                round.fail(Failure {
-                    sqlstate: PgSqlErrorCode::ERRCODE_OBJECT_IN_USE as i32,
-                    message: "the database is being dropped, renamed or copied".into(),
-                });
-                round.stop = true;
-                break;
-            }
-            self.write(part, chunk, round);
-            if round.stop || round.stop_target {
-                break;
-            }
-        }
-        counting::record_target_round(database, part.slot, round.target_failed, now());
-    }
-
-    /// Write `chunk` (sorted by key) in one transaction; if it fails because of a row, split it
-    /// until the rows that fail are isolated and held back.
-    fn write(&mut self, part: &Part<'_>, chunk: &[Entry], round: &mut Round) {
-        let database = self.database;
-        let Some(statements) = self.statements.get_mut(&part.definition.name) else { return };
-        let mut attempt = |locking| {
-            let result = in_transaction(|| statements::write(statements, chunk, locking));
-            // An ERROR of the after_flush function is the function's: never split for it.
-            let in_after_flush = statements::failed_in_after_flush();
-            result.map_err(|failure| (part.failure(failure), in_after_flush))
-        };
-        let mut result = attempt(Locking::FailFast);
-        if matches!(&result, Err((failure, _)) if failure.sqlstate == PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE as i32)
-        {
-            // A row (or the table) is locked elsewhere: again, skipping the rows held.
-            result = attempt(Locking::SkipLocked);
-        }
-        let record_failed = |failure: &Failure| {
-            counting::record_chunk(
-                database,
-                Some(part.slot),
-                &ChunkOutcome::Failed { message: &failure.message },
-                now(),
-            );
-        };
-        match result {
-            Ok(Written::Rows { updated, without_row, mut skipped }) => {
-                skipped.sort_unstable();
-                let written: Vec<Entry> =
-                    chunk.iter().filter(|entry| skipped.binary_search(&entry.key.id).is_err()).copied().collect();
-                pending::forget(database, &written);
-                round.taken += written.len() as u64;
-                let not_written = (written.len() as u64).saturating_sub(updated + without_row);
-                let outcome = ChunkOutcome::Committed {
-                    ids: written.len() as u64,
-                    rows_updated: updated,
-                    ids_without_row: without_row,
-                    ids_skipped_locked: skipped.len() as u64,
-                    ids_skipped_by_min_change: if part.definition.skips_by_min_change() { not_written } else { 0 },
-                };
-                counting::record_chunk(database, Some(part.slot), &outcome, now());
-            }
-            Ok(Written::ExtensionMissing) => {
-                round.extension_missing = true;
-                round.stop = true;
-            }
-            Err((failure, in_after_flush)) => match if in_after_flush { Scope::Round } else { failure.scope() } {
-                Scope::Rows if chunk.len() > 1 && round.splits < SPLIT_BUDGET && round.held_back < HELD_PER_ROUND => {
-                    round.splits += 2;
-                    let (first, second) = chunk.split_at(chunk.len() / 2);
-                    self.write(part, first, round);
-                    if !round.stop && !round.stop_target {
-                        self.write(part, second, round);
-                    }
-                }
-                Scope::Rows if chunk.len() == 1 && round.held_back < HELD_PER_ROUND => {
-                    record_failed(&failure);
-                    self.hold_back(chunk[0].key, &failure);
-                    round.held_back += 1;
-                    round.target_failed = true;
-                }
-                scope => {
-                    record_failed(&failure);
-                    // A row's error left unsplit (the round's budget spent) is the table's
-                    // trouble now: stop the target, as for an error no row causes.
-                    round.stop_target = scope != Scope::Chunk;
-                    round.fail(failure);
-                }
-            },
-        }
-    }
-
-    /// Hold back `key`, whose row makes the UPDATE fail: WARNING the first time, and at the 2nd,
-    /// 4th, 8th … failure in a row.
-    fn hold_back(&self, key: Key, failure: &Failure) {
-        let failures = pending::hold(key, &failure.message, now());
-        if failures.is_none_or(|failures| failures.is_power_of_two()) {
-            errors::report_held_back(&self.database_name, key, failures, failure);
-        }
-    }
-
     fn extension_missing(&mut self) -> Failure {
         let message = format!("extension \"wsusage\" does not exist in database \"{}\"", self.database_name);
         if !self.extension_was_missing {
@@ -400,23 +298,6 @@ impl Flusher {
         }
         counting::record_chunk(self.database, None, &ChunkOutcome::Failed { message: &message }, now());
         Failure { sqlstate: PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT as i32, message }
-    }
-
-    fn report_success(&mut self, ids: u64, failed_before: u64) {
-        self.last_logged_failure = None;
-        if failed_before > 0 {
-            log!("wsusage flush succeeded again: {ids} pending ids were applied");
-        }
-    }
-
-    /// WARNING on the first failure, when the error changes, and at the 2nd, 4th, 8th …
-    /// consecutive failure, so a lasting fault is visible without flooding the log.
-    fn report_failure(&mut self, ids: u64, consecutive: u64, failure: &Failure) {
-        let changed = self.last_logged_failure.as_deref() != Some(failure.message.as_str());
-        if changed || (consecutive > 1 && consecutive.is_power_of_two()) {
-            errors::report_flush_failure(ids, consecutive, failure);
-            self.last_logged_failure = Some(failure.message.clone());
-        }
     }
 }
 

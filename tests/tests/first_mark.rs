@@ -1,5 +1,5 @@
 //! A new session's first mark: it takes its target's declaration from what an earlier session
-//! published in shared memory, rather than reading `wsusage_target` (see src/published.rs), and
+//! published in shared memory, rather than reading `wsusage_target` (see src/targets/published.rs), and
 //! checks its own role's privileges itself. What it takes is never older than the last committed
 //! change of `wsusage_target`, nor than the extension's table: each case below has other sessions
 //! publish the old declaration first, then changes it, then marks from a session that has

@@ -22,6 +22,7 @@ use pgrx::prelude::*;
 
 use crate::clock::now;
 use crate::errors;
+use crate::processes::plan::{plan, Round};
 use crate::processes::worker;
 use crate::settings;
 use crate::state::counting;
@@ -108,16 +109,31 @@ struct Started {
     starts_before: u64,
 }
 
+/// What the launcher keeps of one database from a round to the next.
+#[derive(Default)]
+struct Known {
+    /// The worker this launcher started and has not yet seen stop.
+    started: Option<Started>,
+    /// Its worker could not start or connect: when to try again.
+    retry_at: Option<Instant>,
+    /// Its extension was dropped with marks pending: when to look again.
+    extension_retry_at: Option<Instant>,
+    /// How many of its workers in a row could not connect.
+    connect_failures: u32,
+}
+
+impl Known {
+    fn is_forgettable(&self) -> bool {
+        self.started.is_none()
+            && self.retry_at.is_none()
+            && self.extension_retry_at.is_none()
+            && self.connect_failures == 0
+    }
+}
+
 #[derive(Default)]
 struct Launcher {
-    /// Workers this launcher started and has not yet seen stop.
-    started: HashMap<pg_sys::Oid, Started>,
-    /// Databases whose worker could not start or connect, and when to try again.
-    retry_at: HashMap<pg_sys::Oid, Instant>,
-    /// Databases whose extension was dropped with marks pending, and when to look again.
-    extension_retry_at: HashMap<pg_sys::Oid, Instant>,
-    /// Databases whose last workers could not connect, and how many in a row.
-    connect_failures: HashMap<pg_sys::Oid, u32>,
+    databases: HashMap<pg_sys::Oid, Known>,
     /// Whether the last failure to register a worker was logged, so a lasting shortage of
     /// background worker slots is said once.
     register_failure_logged: bool,
@@ -134,34 +150,32 @@ impl Launcher {
             if !views.iter().any(|view| view.database == database) {
                 continue;
             }
-            let failures = self.connect_failures.entry(database).or_default();
-            *failures += 1;
-            if *failures < CONNECT_ATTEMPTS {
-                self.retry_at.insert(database, Instant::now() + RECONNECT_DELAY);
+            let known = self.databases.entry(database).or_default();
+            known.connect_failures += 1;
+            if known.connect_failures < CONNECT_ATTEMPTS {
+                known.retry_at = Some(Instant::now() + RECONNECT_DELAY);
             } else {
                 let message = format!("wsusage flush worker could not connect to database {}", database.to_u32());
                 self.worker_unavailable(database, PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE, &message);
             }
         }
         self.start_due(&views);
+        self.databases.retain(|_, known| !known.is_forgettable());
     }
 
     /// Forget the workers that stopped; returns the databases whose worker stopped without ever
     /// attaching (it could not connect).
     fn reap(&mut self, views: &[databases::SlotView]) -> Vec<pg_sys::Oid> {
         let mut failed = Vec::new();
-        self.started.retain(|database, started| {
-            if !started.handle.stopped() {
-                return true;
-            }
+        for (database, known) in &mut self.databases {
+            let Some(started) = known.started.take_if(|started| started.handle.stopped()) else { continue };
             let starts = views.iter().find(|view| view.database == *database).map(|view| view.worker_starts);
             if starts.is_some_and(|starts| starts == started.starts_before) {
                 failed.push(*database);
             } else {
-                self.connect_failures.remove(database);
+                known.connect_failures = 0;
             }
-            false
-        });
+        }
         failed
     }
 
@@ -185,9 +199,10 @@ impl Launcher {
                 view.database.to_u32()
             );
             counting::count_discarded(discarded);
-            self.retry_at.remove(&view.database);
-            self.extension_retry_at.remove(&view.database);
-            self.connect_failures.remove(&view.database);
+            if let Some(known) = self.databases.get_mut(&view.database) {
+                // What it started, if anything, is still reaped.
+                *known = Known { started: known.started.take(), ..Known::default() };
+            }
             false
         });
     }
@@ -197,74 +212,56 @@ impl Launcher {
     fn worker_unavailable(&mut self, database: pg_sys::Oid, code: PgSqlErrorCode, message: &str) {
         counting::record_problem(database, None, message, now());
         rendezvous::fail_waiting(database, code as i32, message);
-        self.retry_at.insert(database, Instant::now() + RETRY_DELAY);
+        self.databases.entry(database).or_default().retry_at = Some(Instant::now() + RETRY_DELAY);
     }
 
+    /// Start a worker for each database that needs one, as [`plan`] says, and ask workers to
+    /// give their places to due databases.
     fn start_due(&mut self, views: &[databases::SlotView]) {
+        let now_instant = Instant::now();
         // A database whose extension was dropped (its last worker left for want of it) gets a
         // worker again at once when someone marks there or waits on wsusage_flush(), both of
         // which need the extension back; otherwise only now and then, to find it re-created.
         for view in views {
+            let known = self.databases.entry(view.database).or_default();
             if view.extension_missing {
-                self.extension_retry_at
-                    .entry(view.database)
-                    .or_insert_with(|| Instant::now() + extension_retry_delay());
+                known.extension_retry_at.get_or_insert_with(|| now_instant + extension_retry_delay());
             } else {
-                self.extension_retry_at.remove(&view.database);
+                known.extension_retry_at = None;
             }
         }
-        let extension_looked_for = |view: &databases::SlotView| {
-            !view.extension_missing
-                || view.waiting
-                || self.extension_retry_at.get(&view.database).is_some_and(|at| Instant::now() >= *at)
+        let known = &self.databases;
+        let round = Round {
+            now: now(),
+            interval_us: settings::flush_interval_us(),
+            high_water: pending::high_water_mark(),
+            max_workers: settings::max_workers(),
         };
-        let now = now();
-        let interval_us = settings::flush_interval_us();
-        // Past the high-water mark, the databases holding an even share of the set or more are
-        // due at once (see pending::past_high_water_for).
-        let total: u64 = views.iter().map(|view| view.pending).sum();
-        let busy = views.iter().filter(|view| view.pending > 0).count() as u64;
-        let past_high_water = total as usize >= pending::high_water_mark();
-        let is_due = |view: &databases::SlotView| {
-            view.waiting
-                || (past_high_water && pending::holds_even_share(view.pending, busy, total))
-                || view.interval_start.saturating_add(interval_us) <= now
-        };
-        let has_place = |view: &&databases::SlotView| view.worker_pid != 0 || self.started.contains_key(&view.database);
-        let mut running = views.iter().filter(has_place).count();
-        let mut wanting: Vec<&databases::SlotView> = views
-            .iter()
-            .filter(|view| !has_place(view) && (view.waiting || view.pending > 0))
-            .filter(|view| self.retry_at.get(&view.database).is_none_or(|at| Instant::now() >= *at))
-            .filter(|view| extension_looked_for(view))
-            // A database being dropped, renamed or copied would turn a new worker away (FATAL);
-            // once dropped, its marks are discarded in a later round.
-            .filter(|view| !databases::is_being_changed(view.database))
-            .collect();
-        // Due databases first, the longest waiting first among them.
-        wanting.sort_by_key(|view| (!is_due(view), view.interval_start));
-        // Places already being given up, and the workers that could give theirs: attached, not
-        // due, the most recently flushed last (popped first).
-        let mut being_freed = views.iter().filter(|view| view.worker_pid != 0 && view.yield_requested).count();
-        let mut could_yield: Vec<&databases::SlotView> =
-            views.iter().filter(|view| view.worker_pid != 0 && !view.yield_requested && !is_due(view)).collect();
-        could_yield.sort_by_key(|view| view.interval_start);
-
-        for view in wanting {
-            if running < settings::max_workers() {
+        let decided = plan(
+            views,
+            &round,
+            |database| known.get(&database).is_some_and(|known| known.started.is_some()),
+            |view| {
+                let known = known.get(&view.database);
+                let retry_due = known.and_then(|known| known.retry_at).is_none_or(|at| now_instant >= at);
+                let extension_looked_for = !view.extension_missing
+                    || view.waiting
+                    || known.and_then(|known| known.extension_retry_at).is_some_and(|at| now_instant >= at);
+                // A database being dropped, renamed or copied would turn a new worker away
+                // (FATAL); once dropped, its marks are discarded in a later round.
+                retry_due && extension_looked_for && !databases::is_being_changed(view.database)
+            },
+        );
+        for database in decided.start {
+            if let Some(view) = views.iter().find(|view| view.database == database) {
                 self.start(view);
-                running += 1;
-            } else if is_due(view) {
-                if being_freed > 0 {
-                    being_freed -= 1;
-                } else if let Some(yielding) = could_yield.pop() {
-                    databases::request_yield(yielding.database);
-                }
             }
         }
-
+        for database in decided.ask_to_yield {
+            databases::request_yield(database);
+        }
         // Running workers flush early too when the set is past its high-water mark.
-        if past_high_water {
+        if decided.wake_running {
             for view in views.iter().filter(|view| !view.worker_latch.is_null()) {
                 // SAFETY: a latch in a PGPROC, in shared memory for the server's lifetime.
                 unsafe { pg_sys::SetLatch(view.worker_latch) };
@@ -286,9 +283,10 @@ impl Launcher {
         let launcher_pid = unsafe { pg_sys::MyProcPid };
         match worker::start(view.database, launcher_pid) {
             Some(handle) => {
-                self.started.insert(view.database, Started { handle, starts_before: view.worker_starts });
-                self.retry_at.remove(&view.database);
-                self.extension_retry_at.remove(&view.database);
+                let known = self.databases.entry(view.database).or_default();
+                known.started = Some(Started { handle, starts_before: view.worker_starts });
+                known.retry_at = None;
+                known.extension_retry_at = None;
                 self.register_failure_logged = false;
             }
             None => {

@@ -27,8 +27,6 @@ mod memory;
 mod state;
 mod targets;
 
-mod errors;
-
 mod flush;
 mod processes;
 mod sql;

@@ -7,7 +7,7 @@ use pgrx::pg_sys::errcodes::PgSqlErrorCode;
 use wsusage_pending_table::{Entry, Key};
 
 use crate::clock::now;
-use crate::errors::{self, Failure, Scope};
+use crate::flush::failure::{self, Failure, Scope};
 use crate::flush::failure_log;
 use crate::flush::round::{Flusher, Part, Round, HELD_PER_ROUND, SPLIT_BUDGET};
 use crate::flush::statements::{self, Locking, Statements, Written};
@@ -129,7 +129,7 @@ impl Flusher {
     fn hold_back(&self, key: Key, failure: &Failure) {
         let failures = pending::hold(key, &failure.message, now());
         if failures.is_none_or(|failures| failure_log::is_logged(u64::from(failures))) {
-            errors::report_held_back(&self.database_name, key, failures, failure);
+            failure::report_held_back(&self.database_name, key, failures, failure);
         }
     }
 }

@@ -1,8 +1,11 @@
-//! The flush: a [`round`] of one database (snapshot its pending keys, write each target, forget
-//! what was written, hold back what keeps failing), the [`statements`] it runs per target, each
-//! chunk in a [`transaction`] of its own, [`run_as`] the table's owner.
+//! The flush: a [`round`] of one database (snapshot its pending keys, write each target, count,
+//! log and publish the outcome), the writing of a target's [`chunks`] (split to find a failing
+//! row, held back), the [`statements`] it runs per target, each chunk in a [`transaction`] of its
+//! own, [`run_as`] the table's owner; its [`failure`]s and how often they are logged
+//! ([`failure_log`]).
 
 pub mod chunks;
+pub mod failure;
 pub mod failure_log;
 pub mod round;
 pub mod run_as;

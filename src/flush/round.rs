@@ -20,7 +20,7 @@
 //!   when it meets a lock is the chunk run again locking its rows first (see `statements`), so
 //!   flushes pay for the lock pass only when an application holds a row;
 //! - a chunk that fails with an error that may be one row's (a trigger or check raising for it,
-//!   a value its column refuses; see `errors::Scope`) is split in halves, and the halves retried,
+//!   a value its column refuses; see `failure::Scope`) is split in halves, and the halves retried,
 //!   until the failing ids are isolated; everything else commits in the same round. An isolated
 //!   id stays pending, held back with its error (see `memory::held_back`) and retried at a slowing pace. At
 //!   most [`SPLIT_BUDGET`] statements and [`HELD_PER_ROUND`] isolated ids a round, so a table
@@ -42,7 +42,7 @@ use pgrx::prelude::*;
 use wsusage_pending_table::{Entry, Key};
 
 use crate::clock::now;
-use crate::errors::{self, Failure};
+use crate::flush::failure::{self, Failure};
 use crate::flush::failure_log::FailureLog;
 use crate::flush::statements::Statements;
 use crate::flush::transaction::in_transaction;
@@ -258,7 +258,7 @@ impl Flusher {
             }
             Some(failure) => {
                 if !round.extension_missing && self.failure_log.should_log(&failure.message, consecutive) {
-                    errors::report_flush_failure(ids, consecutive, &failure);
+                    failure::report_flush_failure(ids, consecutive, &failure);
                 }
                 rendezvous::Flushed::Failed { ids, sqlstate: failure.sqlstate, message: failure.message }
             }
@@ -347,7 +347,7 @@ pub fn validate_targets(flusher: &mut Flusher) {
     for failure in problems {
         counting::record_problem(flusher.database, None, &failure.message, now());
         if !flusher.last_target_problems.contains(&failure.message) {
-            errors::report_target_problem(&failure);
+            failure::report_target_problem(&failure);
         }
         logged.push(failure.message);
     }

@@ -7,7 +7,7 @@ use std::panic::AssertUnwindSafe;
 
 use pgrx::pg_sys::{self, PgTryBuilder};
 
-use crate::errors::Failure;
+use crate::flush::failure::Failure;
 use crate::settings;
 
 /// Send this process's table counters to the cumulative statistics now.

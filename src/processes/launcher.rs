@@ -21,7 +21,6 @@ use pgrx::pg_sys::errcodes::PgSqlErrorCode;
 use pgrx::prelude::*;
 
 use crate::clock::now;
-use crate::errors;
 use crate::processes::plan::{plan, Round};
 use crate::processes::worker;
 use crate::settings;
@@ -273,7 +272,7 @@ impl Launcher {
         if let Some(setting) = settings::refused() {
             let message = format!("no wsusage flush worker runs: the server refused the value of \"{setting}\"");
             if !self.refused_setting_logged {
-                warning!("{message}; {} The marks stay pending.", errors::setting_refused_detail(setting));
+                warning!("{message}; {} The marks stay pending.", settings::refused_detail(setting));
                 self.refused_setting_logged = true;
             }
             self.worker_unavailable(view.database, PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, &message);

@@ -249,6 +249,16 @@ pub fn refused() -> Option<&'static str> {
     }
 }
 
+/// Why wsusage will not act on the default PostgreSQL put in place of a refused `setting`.
+pub fn refused_detail(setting: &str) -> String {
+    let instead = if setting == "wsusage.role" {
+        "flushing as each table's owner instead of the role named"
+    } else {
+        "accepting marks in every database instead of the one named"
+    };
+    format!("PostgreSQL kept the default in its place, and acting on it would mean {instead}.")
+}
+
 /// The role flushes run as instead of each table's owner, if one is set.
 pub fn role() -> Option<String> {
     Some(string_setting(&raw const ROLE)).filter(|r| !r.is_empty())

@@ -1,8 +1,14 @@
 //! What SQL sees: the [`functions`] applications call (marks, whose target a backend
 //! [`resolve`]s at its first mark, and `wsusage_flush()`), the [`monitoring`] functions and views
-//! a DBA reads, and the [`rows`] they return.
+//! a DBA reads, and the [`rows`] they return. Their errors, by audience, each a [`report`]:
+//! wsusage not available here ([`availability`]), a mark refused ([`mark_errors`]), a
+//! `wsusage_flush()` that could not wait for its flush ([`flush_errors`]).
 
+pub mod availability;
+pub mod flush_errors;
 pub mod functions;
+pub mod mark_errors;
 pub mod monitoring;
+pub mod report;
 pub mod resolve;
 pub mod rows;

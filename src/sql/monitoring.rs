@@ -13,12 +13,13 @@ use pgrx::prelude::*;
 
 use wsusage_pending_table::{Entry, Key};
 
-use crate::errors::UsageError;
 use crate::memory::key::{self, Kind};
 use crate::memory::message;
 use crate::memory::stats::Stats;
 use crate::settings;
-use crate::sql::functions::this_database;
+use crate::sql::availability::this_database;
+use crate::sql::availability::Unavailable;
+use crate::sql::report::Report;
 use crate::sql::rows::{self, Column, Value};
 use crate::state::counting;
 use crate::state::databases;
@@ -109,7 +110,7 @@ const STATS_COLUMNS: &[Column] = &[
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn wsusage_stats_wrapper(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     const FUNCTION: &str = "wsusage_stats";
-    let Some(totals) = counting::totals() else { UsageError::NotPreloaded.raise(FUNCTION) };
+    let Some(totals) = counting::totals() else { Unavailable::NotPreloaded.raise(FUNCTION) };
     let this_worker = || {
         counting::by_database()
             .and_then(|rows| rows.into_iter().find(|row| row.database == this_database()))
@@ -143,7 +144,7 @@ const BY_DATABASE_COLUMNS: &[Column] = &[
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn wsusage_stats_by_database_wrapper(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     const FUNCTION: &str = "wsusage_stats_by_database";
-    let Some(rows) = counting::by_database() else { UsageError::NotPreloaded.raise(FUNCTION) };
+    let Some(rows) = counting::by_database() else { Unavailable::NotPreloaded.raise(FUNCTION) };
     let value = |row: &counting::DatabaseStats, name: &str| match name {
         "datid" => Value::Oid(row.database),
         "datname" => databases::name(row.database).map_or(Value::Null, Value::Text),
@@ -165,7 +166,7 @@ const BY_TARGET_COLUMNS: &[Column] =
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn wsusage_stats_by_target_wrapper(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     const FUNCTION: &str = "wsusage_stats_by_target";
-    let Some(rows) = counting::by_target() else { UsageError::NotPreloaded.raise(FUNCTION) };
+    let Some(rows) = counting::by_target() else { Unavailable::NotPreloaded.raise(FUNCTION) };
     let value = |row: &counting::TargetStats, name: &str| match name {
         "database" => databases::name(row.database).map_or(Value::Null, Value::Text),
         "target" => Value::Text(row.name.clone()),
@@ -191,7 +192,7 @@ const PENDING_COLUMNS: &[Column] = &[
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn wsusage_pending_wrapper(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     const FUNCTION: &str = "wsusage_pending";
-    let Some(mut entries) = pending::entries(this_database()) else { UsageError::NotPreloaded.raise(FUNCTION) };
+    let Some(mut entries) = pending::entries(this_database()) else { Unavailable::NotPreloaded.raise(FUNCTION) };
     entries.sort_unstable_by_key(|entry| entry.key);
     let names = counting::target_names().unwrap_or_default();
     let mut held = pending::held_of(this_database());
@@ -241,7 +242,7 @@ fn wsusage_stats_reset() {
     // SAFETY: reads the clock.
     let now = unsafe { pg_sys::GetCurrentTimestamp() };
     if !counting::reset(now) {
-        UsageError::NotPreloaded.raise("wsusage_stats_reset");
+        Unavailable::NotPreloaded.raise("wsusage_stats_reset");
     }
 }
 

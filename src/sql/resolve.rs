@@ -16,9 +16,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use pgrx::pg_sys;
 
-use crate::errors::UsageError;
 use crate::memory::key::Kind;
 use crate::settings;
+use crate::sql::mark_errors::MarkRefused;
+use crate::sql::report::Report;
 use crate::state::target_slots::SlotRef;
 use crate::targets::lookup;
 use crate::targets::published;
@@ -160,7 +161,7 @@ fn resolve_and_mark<R>(
 #[inline(never)]
 fn refuse_key_type(target: &Resolved, takes: Kind, function: &'static str) -> ! {
     let column_type = target.column_type.clone();
-    UsageError::WrongKeyType { name: target.name.clone(), column_type, takes }.raise(function)
+    MarkRefused::WrongKeyType { name: target.name.clone(), column_type, takes }.raise(function)
 }
 
 /// Read and check target `name`. `None` for the settings' `default` whose table does not fit:
@@ -170,10 +171,10 @@ fn resolve(name: &str, takes: Kind, function: &'static str, user: pg_sys::Oid) -
     let catalog = read(name, user);
     let targets_table = catalog.targets_table;
     let Some(definition) = catalog.definitions.into_iter().next() else {
-        UsageError::UnknownTarget { name: name.to_owned() }.raise(function)
+        MarkRefused::UnknownTarget { name: name.to_owned() }.raise(function)
     };
     let relation = definition.relation.clone().unwrap_or_default();
-    let refused = || UsageError::NoPrivilege {
+    let refused = || MarkRefused::NoPrivilege {
         id_column: definition.id_column.clone(),
         name: name.to_owned(),
         table: relation.display.clone(),
@@ -189,12 +190,12 @@ fn resolve(name: &str, takes: Kind, function: &'static str, user: pg_sys::Oid) -
             }
             return None;
         }
-        UsageError::TargetProblem { name: name.to_owned(), problem }.raise(function);
+        MarkRefused::TargetProblem { name: name.to_owned(), problem }.raise(function);
     }
     let kind = definition.kind().unwrap_or(Kind::Uuid);
     let column_type = definition.id_type.as_ref().map(|column| column.name.clone()).unwrap_or_default();
     if kind != takes {
-        UsageError::WrongKeyType { name: name.to_owned(), column_type, takes }.raise(function);
+        MarkRefused::WrongKeyType { name: name.to_owned(), column_type, takes }.raise(function);
     }
     if definition.may_update != Some(true) {
         refused().raise(function);

@@ -26,7 +26,8 @@ at 8), in a rotating order, one ratio per set (see alternated_sets). Then the fl
 1k/10k/100k pending ids with wsusage_flush() against one hand-written UPDATE ... FROM unnest(...)
 of the same rows. Last, wsusage's own cost with no round trip around it (see in_server_cost): one
 statement calls wsusage_mark, then floor_fn, on the same 1M ids, in 1 backend and then in as many
-backends at once as the machine has cores; nanoseconds per call over floor_fn. And what a client
+backends at once as the machine has cores; nanoseconds per call over floor_fn, of wall time and of
+each backend's own CPU time. And what a client
 that connects for every call sees (see connection_per_call): SELECT 1, floor_fn and wsusage_mark,
 each call in a new backend, in alternated sets; calls/s and the first call's own latency.
 

@@ -18,8 +18,8 @@
 use pgrx::prelude::*;
 
 // From the bottom up, as a mark and a flush go through them: the settings, shared memory and the
-// state kept there, the targets a flush writes, the errors reported, the flush, the processes
-// that run it, and the SQL functions applications and DBAs call.
+// state kept there, the targets a flush writes, the flush, the processes that run it, and the SQL
+// functions applications and DBAs call.
 mod clock;
 mod settings;
 

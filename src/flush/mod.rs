@@ -4,10 +4,10 @@
 //! own, [`run_as`] the table's owner; its [`failure`]s and how often they are logged
 //! ([`failure_log`]).
 
-pub mod chunks;
-pub mod failure;
-pub mod failure_log;
+mod chunks;
+mod failure;
+mod failure_log;
 pub mod round;
-pub mod run_as;
-pub mod statements;
+mod run_as;
+mod statements;
 pub mod transaction;

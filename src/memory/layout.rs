@@ -3,7 +3,7 @@
 //! Two allocations, both made at server start (by `processes::postmaster`):
 //!
 //! - **"wsusage pending"**, the pending set's hash table (the `wsusage-pending-table` crate) from
-//!   (database OID, workspace id) to the latest time that id was marked in that database, with
+//!   (database OID, target slot, key) to the latest time that key was marked, with
 //!   `1.5 × wsusage.max_pending` places allocated up front. It refuses a new id exactly when
 //!   `max_pending` are held: the set never borrows from the server's spare shared memory, and a
 //!   full set is a clean, reportable condition. All databases share it.
@@ -246,7 +246,7 @@ pub fn with_exclusive<R>(f: impl FnOnce(&mut ViewMut<'_>) -> R) -> Option<R> {
 }
 
 /// Whether a process was killed while it held the lock exclusively (read by the postmaster once
-/// every other process has gone; see `persist`).
+/// every other process has gone; see `state::saved_set`).
 pub fn exclusive_holder_was_interrupted() -> bool {
     let shared = SHARED.load(Ordering::Acquire);
     // SAFETY: as in with_shared; an atomic read.

@@ -4,7 +4,7 @@
 //! [`stripes`]. The other files are the plain records kept there: a database's slot
 //! ([`database_slot`]) with its `wsusage_flush()` [`requests`] and [`stats`], a target's slot
 //! ([`target_slot`]) with its [`publication`], the keys [`held_back`], a [`key`], a
-//! [`message`]. Nothing here calls into PostgreSQL but to take the lock; what the state means is
+//! [`message`]. Nothing here calls into PostgreSQL but to take the lock and to initialise a condition variable; what the state means is
 //! `state`'s to say.
 
 pub mod database_slot;
@@ -16,5 +16,5 @@ pub mod message;
 pub mod publication;
 pub mod requests;
 pub mod stats;
-pub mod stripes;
+mod stripes;
 pub mod target_slot;

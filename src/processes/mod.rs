@@ -3,6 +3,6 @@
 //! per database.
 
 pub mod launcher;
-pub mod plan;
+mod plan;
 pub mod postmaster;
 pub mod worker;

@@ -4,11 +4,11 @@
 //! wsusage not available here ([`availability`]), a mark refused ([`mark_errors`]), a
 //! `wsusage_flush()` that could not wait for its flush ([`flush_errors`]).
 
-pub mod availability;
-pub mod flush_errors;
+mod availability;
+mod flush_errors;
 pub mod functions;
-pub mod mark_errors;
+mod mark_errors;
 pub mod monitoring;
-pub mod report;
-pub mod resolve;
-pub mod rows;
+mod report;
+mod resolve;
+mod rows;

@@ -1,9 +1,9 @@
 //! What a DBA reads: `wsusage_stats()` (cluster-wide, and the `wsusage_stats` view),
-//! `wsusage_stats_by_database()` (and its view), `wsusage_pending()`, and
-//! `wsusage_stats_reset()`. Reading works in any database and on a standby: it touches only
+//! `wsusage_stats_by_database()` and `wsusage_stats_by_target()` (and their views),
+//! `wsusage_pending()`, and `wsusage_stats_reset()`. Reading works in any database and on a standby: it touches only
 //! shared memory.
 //!
-//! The three set-returning functions are C entry points of our own rather than `#[pg_extern]`s,
+//! The four set-returning functions are C entry points of our own rather than `#[pg_extern]`s,
 //! and fill whatever columns the database's declaration of them asks for, by name (see `rows`):
 //! every released version's SQL keeps working against this library, between a restart and
 //! `ALTER EXTENSION wsusage UPDATE`. Their SQL, the current version's, is below.

@@ -133,7 +133,14 @@ fn from_settings(hints: Hints) -> Option<Declared> {
     })
 }
 
-/// The columns of `wsusage_target` read here, with their types, in the order of [`Declared`].
+/// The columns of `wsusage_target` read here, with their types; each is found by name in the
+/// table's descriptor (see [`column_positions`]) and read as its index here.
+const NAME: usize = 0;
+const RELATION: usize = 1;
+const ID_COLUMN: usize = 2;
+const TIMESTAMP_COLUMN: usize = 3;
+const MIN_CHANGE: usize = 4;
+const AFTER_FLUSH: usize = 5;
 const COLUMNS: [(&CStr, pg_sys::Oid); 6] = [
     (c"name", pg_sys::TEXTOID),
     (c"relation", pg_sys::REGCLASSOID),
@@ -168,11 +175,11 @@ fn declared_rows(table: pg_sys::Oid, only: Option<&str>) -> Vec<Declared> {
                 let at = positions[column];
                 (!nulls[at]).then_some(values[at])
             };
-            let Some(name) = value(0).and_then(|datum| String::from_datum(datum, false)) else { continue };
+            let Some(name) = value(NAME).and_then(|datum| String::from_datum(datum, false)) else { continue };
             if only.is_some_and(|only| only != name) {
                 continue;
             }
-            let relation = value(1).map(|datum| pg_sys::Oid::from(datum.value() as u32));
+            let relation = value(RELATION).map(|datum| pg_sys::Oid::from(datum.value() as u32));
             let name_text = |column| {
                 value(column)
                     .map(|datum| {
@@ -185,10 +192,10 @@ fn declared_rows(table: pg_sys::Oid, only: Option<&str>) -> Vec<Declared> {
                 relation,
                 // regclass prints a dropped table's OID as a number.
                 relation_text: relation.map(|oid| oid.to_u32().to_string()).unwrap_or_default(),
-                id_column: name_text(2),
-                timestamp_column: name_text(3),
-                min_change: value(4).map(|datum| interval(datum)).unwrap_or_else(MinChange::zero),
-                after_flush: value(5).and_then(|datum| String::from_datum(datum, false)),
+                id_column: name_text(ID_COLUMN),
+                timestamp_column: name_text(TIMESTAMP_COLUMN),
+                min_change: value(MIN_CHANGE).map(|datum| interval(datum)).unwrap_or_else(MinChange::zero),
+                after_flush: value(AFTER_FLUSH).and_then(|datum| String::from_datum(datum, false)),
                 from_settings: false,
                 hints: Hints::default(),
             });

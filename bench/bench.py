@@ -207,7 +207,8 @@ def drive(cluster: Cluster, driver: Path, variant: str, clients: int, seconds: f
         )
     except subprocess.CalledProcessError as e:
         sys.exit(f"the driver failed on {variant} at {clients} clients: {e.stderr.strip()}")
-    return json.loads(out.stdout)
+    # A latency is null when no call completed.
+    return {k: float("nan") if v is None else v for k, v in json.loads(out.stdout).items()}
 
 
 # The targets whose bound lies within this machine's noise of what wsusage reaches are also

@@ -122,9 +122,9 @@ fn the_alert_rules_name_only_metrics_the_exporter_serves() {
     let exporter = Exporter::start(&cluster);
     exporter.value("wsusage_database_pending{datname=\"postgres\"}");
     let served = exporter.metric_names();
-    let rules = std::fs::read_to_string(monitoring_file("alerts.yml")).unwrap();
     let mut named = 0;
-    let expressions = rules.lines().filter_map(|line| line.trim().strip_prefix("expr:"));
+    let rules = alert_rules();
+    let expressions = rules.iter().map(|rule| rule.expr.as_str());
     for word in expressions.flat_map(|expr| expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))) {
         if word.starts_with("wsusage_") {
             named += 1;
@@ -132,6 +132,12 @@ fn the_alert_rules_name_only_metrics_the_exporter_serves() {
         }
     }
     assert!(named >= 5, "the rules name the metrics they watch");
+    // Every alert of the file is one the_alerts_fire_when_they_should_and_only_then runs.
+    let mut alerts: Vec<&str> = rules.iter().map(|rule| rule.alert.as_str()).collect();
+    alerts.sort_unstable();
+    let mut tested = ALERTS.to_vec();
+    tested.sort_unstable();
+    assert_eq!(alerts, tested);
 }
 
 /// What one scrape of the exporter says of `wsusage`: every `wsusage_…` sample, as (series,
@@ -172,19 +178,43 @@ fn labels_and_value(samples: &[(String, f64)], name: &str, pick: impl Fn(f64) ->
     (entries.collect(), *value)
 }
 
+/// The alert rules of alerts.yml, as Prometheus reads the file.
+#[derive(serde::Deserialize)]
+struct RuleFile {
+    groups: Vec<RuleGroup>,
+}
+
+#[derive(serde::Deserialize)]
+struct RuleGroup {
+    rules: Vec<AlertRule>,
+}
+
+#[derive(serde::Deserialize)]
+struct AlertRule {
+    alert: String,
+    expr: String,
+    #[serde(default)]
+    annotations: std::collections::BTreeMap<String, String>,
+}
+
+fn alert_rules() -> Vec<AlertRule> {
+    let text = std::fs::read_to_string(monitoring_file("alerts.yml")).unwrap();
+    let file: RuleFile = serde_yaml_ng::from_str(&text).expect("alerts.yml is a Prometheus rule file");
+    file.groups.into_iter().flat_map(|group| group.rules).collect()
+}
+
 /// The `summary` and `description` of alert `name` in alerts.yml, their templates filled as
 /// Prometheus fills them for an alert of database `datname` and value `value`.
 fn annotations_of(name: &str, datname: &str, value: f64) -> (String, String) {
-    let rules = std::fs::read_to_string(monitoring_file("alerts.yml")).unwrap();
-    let rule = rules.split("- alert: ").find(|rule| rule.starts_with(&format!("{name}\n"))).expect("the alert");
+    let rule = alert_rules().into_iter().find(|rule| rule.alert == name).expect("the alert");
     let field = |key: &str| {
-        let line = rule.lines().find_map(|line| line.trim().strip_prefix(key)).expect("the annotation");
-        line.trim()
-            .trim_matches('"')
+        rule.annotations
+            .get(key)
+            .expect("the annotation")
             .replace("{{ $labels.datname }}", datname)
             .replace("{{ $value }}", &value.to_string())
     };
-    (field("summary:"), field("description:"))
+    (field("summary"), field("description"))
 }
 
 /// What the alerts of alerts.yml do over 15 minutes of the series of `samples` going on as

@@ -30,6 +30,47 @@ use std::time::{Duration, Instant};
 use protocol::{Connection, Progress};
 use workload::{Random, Variant, Workload};
 
+/// The command line.
+#[derive(clap::Parser)]
+#[command(name = "wsusage-bench-driver", about = "The benchmark's client: each variant's one statement, prepared once")]
+struct Cli {
+    /// The server's Unix socket file (DIR/.s.PGSQL.5432).
+    #[arg(long)]
+    socket: PathBuf,
+    #[arg(long, default_value = "postgres")]
+    user: String,
+    #[arg(long, default_value = "postgres")]
+    database: String,
+    #[arg(long, value_enum)]
+    variant: Variant,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    clients: u64,
+    /// Threads driving the connections (default: one per core).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    threads: Option<u64>,
+    #[arg(long, default_value_t = 10.0, value_parser = positive_seconds)]
+    seconds: f64,
+    /// Workspaces in the table: ids are drawn from 1..=rows.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    rows: u64,
+    /// The hot subset `mark_hot` draws from: 1..=hot.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    hot: u64,
+    /// Ids per `mark_many` call.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    per_call: u64,
+    /// Open a new connection for every call, and close it after.
+    #[arg(long)]
+    connect_per_call: bool,
+}
+
+fn positive_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(seconds) if seconds.is_finite() && seconds > 0.0 => Ok(seconds),
+        _ => Err(format!("a positive number of seconds, not \"{text}\"")),
+    }
+}
+
 struct Args {
     socket: PathBuf,
     user: String,
@@ -39,6 +80,46 @@ struct Args {
     threads: usize,
     seconds: f64,
     connect_per_call: bool,
+}
+
+impl Args {
+    fn from(cli: Cli) -> Result<Args, String> {
+        if cli.hot > cli.rows || cli.per_call > cli.rows {
+            return Err("need --hot <= --rows and --per-call <= --rows".into());
+        }
+        let count = |n: u64| usize::try_from(n).map_err(|_| format!("{n} is too large"));
+        let threads = match cli.threads {
+            Some(threads) => count(threads)?,
+            None => std::thread::available_parallelism().map_or(2, usize::from),
+        };
+        Ok(Args {
+            socket: cli.socket,
+            user: cli.user,
+            database: cli.database,
+            workload: Workload { variant: cli.variant, rows: cli.rows, hot: cli.hot, per_call: cli.per_call },
+            clients: count(cli.clients)?,
+            threads,
+            seconds: cli.seconds,
+            connect_per_call: cli.connect_per_call,
+        })
+    }
+}
+
+/// What the driver prints: one JSON object. A latency is `null` when no call completed.
+#[derive(serde::Serialize)]
+struct Report {
+    calls: u64,
+    marks: u64,
+    seconds: f64,
+    calls_per_s: f64,
+    marks_per_s: f64,
+    p50_ms: Option<f64>,
+    p99_ms: Option<f64>,
+    /// With a connection per call: the statement's own part of each call.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    first_call_p50_ms: Option<Option<f64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    first_call_p99_ms: Option<Option<f64>>,
 }
 
 /// What one thread measured.
@@ -52,7 +133,7 @@ struct Tally {
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args(std::env::args().skip(1)) {
+    let args = match Args::from(<Cli as clap::Parser>::parse()) {
         Ok(args) => args,
         Err(message) => {
             eprintln!("wsusage-bench-driver: {message}");
@@ -247,83 +328,25 @@ fn report(args: &Args, tallies: Vec<Tally>) {
     let mut latencies: Vec<u64> = tallies.into_iter().flat_map(|t| t.latencies_ns).collect();
     latencies.sort_unstable();
     first_calls.sort_unstable();
-    let percentile = |sorted: &[u64], p: f64| -> f64 {
-        if sorted.is_empty() {
-            return f64::NAN;
-        }
-        let at = ((p * sorted.len() as f64) as usize).min(sorted.len() - 1);
-        sorted[at] as f64 / 1e6
+    let percentile = |sorted: &[u64], p: f64| -> Option<f64> {
+        let at = ((p * sorted.len() as f64) as usize).min(sorted.len().checked_sub(1)?);
+        Some(sorted[at] as f64 / 1e6)
     };
     let marks = calls * args.workload.marks_per_call();
-    let first_call = if args.connect_per_call {
-        format!(
-            ", \"first_call_p50_ms\": {:.6}, \"first_call_p99_ms\": {:.6}",
-            percentile(&first_calls, 0.50),
-            percentile(&first_calls, 0.99)
-        )
-    } else {
-        String::new()
+    let connecting = args.connect_per_call;
+    let report = Report {
+        calls,
+        marks,
+        seconds: elapsed,
+        calls_per_s: calls as f64 / elapsed,
+        marks_per_s: marks as f64 / elapsed,
+        p50_ms: percentile(&latencies, 0.50),
+        p99_ms: percentile(&latencies, 0.99),
+        first_call_p50_ms: connecting.then(|| percentile(&first_calls, 0.50)),
+        first_call_p99_ms: connecting.then(|| percentile(&first_calls, 0.99)),
     };
-    println!(
-        "{{\"calls\": {calls}, \"marks\": {marks}, \"seconds\": {elapsed:.6}, \"calls_per_s\": {:.3}, \
-         \"marks_per_s\": {:.3}, \"p50_ms\": {:.6}, \"p99_ms\": {:.6}{first_call}}}",
-        calls as f64 / elapsed,
-        marks as f64 / elapsed,
-        percentile(&latencies, 0.50),
-        percentile(&latencies, 0.99),
-    );
-}
-
-fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
-    let mut socket = None;
-    let mut user = "postgres".to_string();
-    let mut database = "postgres".to_string();
-    let mut variant = None;
-    let mut clients = 1usize;
-    let mut threads = std::thread::available_parallelism().map_or(2, usize::from);
-    let mut seconds = 10.0f64;
-    let (mut rows, mut hot, mut per_call) = (100_000u64, 10_000u64, 100u64);
-    let mut connect_per_call = false;
-    while let Some(flag) = argv.next() {
-        let mut value = || argv.next().ok_or_else(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--socket" => socket = Some(PathBuf::from(value()?)),
-            "--user" => user = value()?,
-            "--database" => database = value()?,
-            "--variant" => {
-                let name = value()?;
-                variant = Some(Variant::parse(&name).ok_or_else(|| format!("unknown variant \"{name}\""))?);
-            }
-            "--clients" => clients = number(&flag, &value()?)?,
-            "--threads" => threads = number(&flag, &value()?)?,
-            "--seconds" => seconds = value()?.parse().map_err(|_| format!("{flag} needs a number of seconds"))?,
-            "--rows" => rows = number(&flag, &value()?)?,
-            "--hot" => hot = number(&flag, &value()?)?,
-            "--per-call" => per_call = number(&flag, &value()?)?,
-            "--connect-per-call" => connect_per_call = true,
-            _ => return Err(format!("unknown argument \"{flag}\"")),
-        }
+    match serde_json::to_string(&report) {
+        Ok(json) => println!("{json}"),
+        Err(error) => eprintln!("wsusage-bench-driver: could not write the report: {error}"),
     }
-    let socket = socket.ok_or("--socket is required (the server's Unix socket file)")?;
-    let variant = variant.ok_or("--variant is required")?;
-    if clients == 0 || !seconds.is_finite() || seconds <= 0.0 {
-        return Err("--clients and --seconds must be positive".into());
-    }
-    if rows == 0 || hot == 0 || hot > rows || per_call == 0 || per_call > rows {
-        return Err("need 1 <= --hot <= --rows and 1 <= --per-call <= --rows".into());
-    }
-    Ok(Args {
-        socket,
-        user,
-        database,
-        workload: Workload { variant, rows, hot, per_call },
-        clients,
-        threads,
-        seconds,
-        connect_per_call,
-    })
-}
-
-fn number<T: std::str::FromStr>(flag: &str, text: &str) -> Result<T, String> {
-    text.parse().map_err(|_| format!("{flag} needs a positive whole number, not \"{text}\""))
 }

@@ -18,7 +18,9 @@ pub struct Workload {
     pub per_call: u64,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// The variants, named on the command line as `bench.py` names them (`floor_fn`, `mark_hot` …).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
 pub enum Variant {
     Floor,
     FloorId,
@@ -28,22 +30,6 @@ pub enum Variant {
     MarkMany,
     Update,
     Staging,
-}
-
-impl Variant {
-    pub fn parse(name: &str) -> Option<Variant> {
-        Some(match name {
-            "floor" => Variant::Floor,
-            "floor_id" => Variant::FloorId,
-            "floor_fn" => Variant::FloorFn,
-            "mark" => Variant::Mark,
-            "mark_hot" => Variant::MarkHot,
-            "mark_many" => Variant::MarkMany,
-            "update" => Variant::Update,
-            "staging" => Variant::Staging,
-            _ => return None,
-        })
-    }
 }
 
 impl Workload {

@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use wsusage_pending_table::{Entry, Inserted, Key, Stuck};
+use wsusage_saved_set::Target;
 
 use crate::memory::held_back::{HeldId, HELD_MAX};
 use crate::memory::key::Kind;
@@ -274,16 +275,10 @@ pub fn all_entries(state: &ViewMut<'_>) -> Vec<Entry> {
     out
 }
 
-/// A target of a saved set: entries name it by their index in the file's list.
-pub struct SavedTarget {
-    pub database: u32,
-    pub name: String,
-}
-
 /// Put saved entries back into the set, claiming their databases' and targets' slots (an
 /// entry's `key.target` is the index of its target in `saved_targets`); returns how many could
 /// not be (set or slots full). Postmaster only (see `saved_set`), with entries it validated.
-pub fn restore(state: &mut ViewMut<'_>, saved_targets: &[SavedTarget], entries: &[Entry], now: i64) -> usize {
+pub fn restore(state: &mut ViewMut<'_>, saved_targets: &[Target], entries: &[Entry], now: i64) -> usize {
     let mut refused = 0;
     // Claimed at a target's first entry: a slot claimed before its keys are in could be taken
     // again, as idle, by the next target's claim.

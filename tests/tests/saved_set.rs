@@ -6,9 +6,9 @@ use std::path::PathBuf;
 
 use chrono::{DateTime, Duration as Span, Utc};
 use uuid::Uuid;
+use wsusage_saved_set::{self as format, legacy, Mark, SavedSet, Target};
 use wsusage_tests::*;
 
-const MAGIC: u32 = 0x5753_5550;
 const POSTGRES_EPOCH_US: i64 = 946_684_800_000_000;
 
 fn saved_file(cluster: &Cluster) -> PathBuf {
@@ -19,35 +19,24 @@ fn pg_time(time: DateTime<Utc>) -> i64 {
     time.timestamp_micros() - POSTGRES_EPOCH_US
 }
 
-/// A saved set in the current format: header with its write time, entries, CRC32C.
-fn encode(written_at: i64, entries: &[(u32, Uuid, i64)]) -> Vec<u8> {
-    let mut bytes = Vec::new();
-    bytes.extend_from_slice(&MAGIC.to_le_bytes());
-    bytes.extend_from_slice(&2u32.to_le_bytes());
-    bytes.extend_from_slice(&written_at.to_le_bytes());
-    bytes.extend_from_slice(&(entries.len() as u64).to_le_bytes());
+/// A saved set in the format the extension writes, of `entries` (database, id, time) of each
+/// database's `default` target, and `more` marks as they are.
+fn encode(written_at: i64, entries: &[(u32, Uuid, i64)], more: &[Mark]) -> Vec<u8> {
+    let mut set = SavedSet { written_at, ..SavedSet::default() };
     for (database, id, at) in entries {
-        bytes.extend_from_slice(&database.to_le_bytes());
-        bytes.extend_from_slice(id.as_bytes());
-        bytes.extend_from_slice(&at.to_le_bytes());
+        let target = set.targets.iter().position(|target| target.database == *database).unwrap_or_else(|| {
+            set.targets.push(Target { database: *database, name: "default".into() });
+            set.targets.len() - 1
+        });
+        set.marks.push(Mark { target: target as u32, kind: 0, id: *id.as_bytes(), marked_at: *at });
     }
-    let crc = crc32c::crc32c(&bytes);
-    bytes.extend_from_slice(&crc.to_le_bytes());
-    bytes
+    set.marks.extend_from_slice(more);
+    format::encode(&set)
 }
 
-/// A saved set as release 0.2.0 wrote it: no write time, no checksum.
-fn encode_0_2_0(entries: &[(u32, Uuid, i64)]) -> Vec<u8> {
-    let mut bytes = Vec::new();
-    bytes.extend_from_slice(&MAGIC.to_le_bytes());
-    bytes.extend_from_slice(&1u32.to_le_bytes());
-    bytes.extend_from_slice(&(entries.len() as u64).to_le_bytes());
-    for (database, id, at) in entries {
-        bytes.extend_from_slice(&database.to_le_bytes());
-        bytes.extend_from_slice(id.as_bytes());
-        bytes.extend_from_slice(&at.to_le_bytes());
-    }
-    bytes
+/// (database, id, time) as the earlier formats' tests write them.
+fn untargeted(entries: &[(u32, Uuid, i64)]) -> Vec<(u32, [u8; 16], i64)> {
+    entries.iter().map(|(database, id, at)| (*database, *id.as_bytes(), *at)).collect()
 }
 
 /// Marks that no worker can flush before the shutdown (the table is parked), so the postmaster
@@ -138,11 +127,18 @@ fn a_saved_mark_that_is_not_valid_never_reaches_the_table() {
         // An id twice.
         (database, ids[0], valid),
     ];
-    fs::write(saved_file(&cluster), encode(written_at, &entries)).unwrap();
+    let id = *ids[2].as_bytes();
+    let more = [
+        // A target the file does not list.
+        Mark { target: 7, kind: 0, id, marked_at: valid },
+        // A kind of key no release has.
+        Mark { target: 0, kind: 9, id, marked_at: valid },
+    ];
+    fs::write(saved_file(&cluster), encode(written_at, &entries, &more)).unwrap();
 
     let (mut client, pending) = pending_after_restart(&mut cluster);
     assert_eq!(pending, vec![ids[0]]);
-    assert!(cluster.log().contains("wsusage ignored 3 saved pending ids"), "{}", cluster.log());
+    assert!(cluster.log().contains("wsusage ignored 5 saved pending ids"), "{}", cluster.log());
     assert_eq!(flush(&mut client), 1);
     let written: DateTime<Utc> = last_used(&mut client, &ids[0]).unwrap();
     assert_eq!(pg_time(written), valid);
@@ -154,10 +150,37 @@ fn a_set_saved_by_release_0_2_0_is_restored_after_the_upgrades_restart() {
     let (mut cluster, ids, database) = stopped_with_saved_marks("fast");
     let at = pg_time(Utc::now() - Span::minutes(1));
     let entries: Vec<(u32, Uuid, i64)> = ids.iter().map(|id| (database, *id, at)).collect();
-    fs::write(saved_file(&cluster), encode_0_2_0(&entries)).unwrap();
+    fs::write(saved_file(&cluster), legacy::encode_0_2_0(&untargeted(&entries))).unwrap();
     let (mut client, pending) = pending_after_restart(&mut cluster);
     assert_eq!(pending.len(), 3);
     assert_eq!(flush(&mut client), 3);
+    assert_eq!(pg_time(last_used(&mut client, &ids[2]).unwrap()), at);
+}
+
+#[test]
+fn sets_saved_by_release_0_3_0_and_its_development_builds_are_restored_after_the_upgrades_restart() {
+    let (mut cluster, ids, database) = stopped_with_saved_marks("fast");
+    let at = pg_time(Utc::now() - Span::minutes(1));
+    let written_at = pg_time(Utc::now());
+    // 0.3.0's format (version 3), the first two ids; a development build's (version 2) next.
+    let set = SavedSet {
+        written_at,
+        targets: vec![Target { database, name: "default".into() }],
+        marks: ids[..2].iter().map(|id| Mark { target: 0, kind: 0, id: *id.as_bytes(), marked_at: at }).collect(),
+    };
+    fs::write(saved_file(&cluster), legacy::encode_targeted(&set)).unwrap();
+    let (mut client, pending) = pending_after_restart(&mut cluster);
+    assert_eq!(pending.len(), 2);
+    assert_eq!(flush(&mut client), 2);
+    // Parked again, so that no worker flushes the next file's mark before it is seen pending.
+    client.batch_execute("ALTER TABLE workspaces RENAME TO parked").unwrap();
+    drop(client);
+    cluster.stop("fast");
+    fs::write(saved_file(&cluster), legacy::encode_untargeted(written_at, &untargeted(&[(database, ids[2], at)])))
+        .unwrap();
+    let (mut client, pending) = pending_after_restart(&mut cluster);
+    assert_eq!(pending, vec![ids[2]]);
+    assert_eq!(flush(&mut client), 1);
     assert_eq!(pg_time(last_used(&mut client, &ids[2]).unwrap()), at);
 }
 

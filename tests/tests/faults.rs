@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -280,7 +279,13 @@ fn after_drop_extension_the_worker_leaves_and_the_kept_marks_are_flushed_once_it
 
     let leaving = "wsusage flush worker is leaving: extension \"wsusage\" does not exist in database \"postgres\"";
     wait_until("the worker to leave", || cluster.log().contains(leaving) && slot(&mut watcher).1.is_none());
-    std::thread::sleep(Duration::from_millis(500)); // several intervals: no worker comes back meanwhile
+    // The launcher goes on with its rounds — it starts the watcher's worker for a mark there, and
+    // that worker flushes it — and still starts none for this database.
+    let watched = Uuid::new_v4();
+    watcher.batch_execute("CREATE TABLE workspaces (id uuid PRIMARY KEY, last_used_at timestamptz)").unwrap();
+    watcher.execute("INSERT INTO workspaces (id) VALUES ($1)", &[&watched]).unwrap();
+    watcher.execute("SELECT wsusage_mark($1)", &[&watched]).unwrap();
+    wait_until("the launcher's rounds to start the watcher's worker and flush", || count_used(&mut watcher) == 1);
     assert_eq!(slot(&mut watcher), (3, None), "the marks stay pending, with no worker holding a place");
     assert_eq!(cluster.log().matches(leaving).count(), 1, "said once");
     assert_eq!(count_used(&mut client), 0);

@@ -70,16 +70,18 @@ fn marking_in_a_query_turns_its_parallel_plan_off() {
 fn a_null_from_an_outer_join_fails_the_query_unless_filtered() {
     let cluster = Cluster::start(&[]);
     let (mut client, ids) = cluster.with_workspaces(2);
-    let query = "SELECT wsusage_mark(w.id) FROM (VALUES ($1::uuid), (gen_random_uuid())) AS v(id)
-                   LEFT JOIN workspaces AS w ON w.id = v.id";
+    // The join's rows in a known order (whatever join the planner picks): the matched row first.
+    let query = "SELECT wsusage_mark(joined.id) FROM (
+                     SELECT w.id FROM (VALUES (1, $1::uuid), (2, gen_random_uuid())) AS v(n, id)
+                     LEFT JOIN workspaces AS w ON w.id = v.id ORDER BY v.n) AS joined";
     let err = client.query(query, &[&ids[0]]).unwrap_err();
     assert_eq!(sqlstate(&err), "22004", "the unmatched row's NULL id");
-    // A mark is not transactional: the matched row, read before the NULL, stays marked although
+    // A mark is not transactional: the matched row, marked before the NULL, stays marked although
     // the statement failed.
     assert_eq!(pending(&mut client), 1);
 
     // Filtered, the query runs and marks the matched rows only.
-    let rows = client.query(&format!("{query} WHERE w.id IS NOT NULL"), &[&ids[1]]).unwrap();
+    let rows = client.query(&format!("{query} WHERE joined.id IS NOT NULL"), &[&ids[1]]).unwrap();
     assert_eq!(rows.len(), 1);
     assert_eq!(flush(&mut client), 2);
 }

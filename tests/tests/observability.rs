@@ -33,7 +33,10 @@ fn stats_count_marks_flushes_and_what_each_flush_wrote() {
     client.execute("UPDATE workspaces SET last_used_at = now() + interval '1 day' WHERE id = $1", &[&ids[2]]).unwrap();
     assert_eq!(counter(&stats(&mut client), "pending"), 4);
 
+    let (before_flush, started) = (chrono::Utc::now(), std::time::Instant::now());
     assert_eq!(flush(&mut client), 4);
+    let flush_call = started.elapsed();
+    let after_flush = chrono::Utc::now();
     let after = stats(&mut client);
     assert_eq!(counter(&after, "marks"), 5, "every id of every call counts");
     assert_eq!(counter(&after, "pending"), 0);
@@ -52,10 +55,18 @@ fn stats_count_marks_flushes_and_what_each_flush_wrote() {
     for column in ["marks", "flushes", "ids_flushed", "rows_updated", "ids_without_row", "failures", "rejected"] {
         assert_eq!(counter(&by_database, column), counter(&after, column), "{column}: one database, same counts");
     }
-    assert!(after.get::<_, Option<chrono::DateTime<chrono::Utc>>>("last_flush_at").is_some());
-    let took: bool =
-        client.query_one("SELECT last_flush_duration >= interval '0' FROM wsusage_stats", &[]).unwrap().get(0);
-    assert!(took);
+    // The flush this test asked for, as timed around the call: it ended within the call, and
+    // took some time, but not more than the call did.
+    let last_flush_at = after.get::<_, Option<chrono::DateTime<chrono::Utc>>>("last_flush_at").unwrap();
+    assert!(
+        before_flush <= last_flush_at && last_flush_at <= after_flush,
+        "{before_flush} <= {last_flush_at} <= {after_flush}"
+    );
+    let took_us: i64 = client
+        .query_one("SELECT (extract(epoch FROM last_flush_duration) * 1e6)::bigint FROM wsusage_stats", &[])
+        .unwrap()
+        .get(0);
+    assert!(0 < took_us && took_us <= flush_call.as_micros() as i64, "0 < {took_us} µs <= {flush_call:?}");
     // The flush's writes reach the table statistics that autovacuum reads (PostgreSQL 14's
     // statistics collector delivers them a moment later).
     wait_until("the flush's updates in pg_stat_user_tables", || {

@@ -294,3 +294,35 @@ fn a_set_that_fills_during_a_long_mark_many_counts_every_id_it_refused() {
     let row = client.query_one("SELECT marks, rejected FROM wsusage_stats", &[]).unwrap();
     assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (16, 9_984));
 }
+
+#[test]
+fn every_integer_setting_takes_its_bounds_and_refuses_one_beyond_them() {
+    let cluster = Cluster::start(&[]);
+    let mut client = cluster.connect();
+    // The ranges the README's settings table gives (ms for the times).
+    let bounds: [(&str, i64, i64); 8] = [
+        ("wsusage.flush_interval", 10, 86_400_000),
+        ("wsusage.batch_size", 1, 1_000_000),
+        ("wsusage.lock_timeout", 0, 3_600_000),
+        ("wsusage.statement_timeout", 0, 3_600_000),
+        ("wsusage.max_pending", 16, 16_777_216),
+        ("wsusage.max_databases", 1, 4_096),
+        ("wsusage.max_targets", 1, 32_767),
+        ("wsusage.max_workers", 1, 262_143),
+    ];
+    for (setting, min, max) in bounds {
+        for value in [min, max] {
+            client.batch_execute(&format!("ALTER SYSTEM SET {setting} = {value}")).unwrap();
+        }
+        for value in [min - 1, max + 1] {
+            let err = client.batch_execute(&format!("ALTER SYSTEM SET {setting} = {value}")).unwrap_err();
+            assert_eq!(sqlstate(&err), "22023", "{setting} = {value}");
+        }
+        let (low, high): (String, String) = client
+            .query_one("SELECT min_val, max_val FROM pg_settings WHERE name = $1", &[&setting])
+            .map(|row| (row.get(0), row.get(1)))
+            .unwrap();
+        assert_eq!((low, high), (min.to_string(), max.to_string()), "{setting} as pg_settings shows it");
+    }
+    client.batch_execute("ALTER SYSTEM RESET ALL").unwrap();
+}

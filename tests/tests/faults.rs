@@ -491,3 +491,87 @@ fn a_chunk_slower_than_statement_timeout_is_cancelled_and_retried_later() {
     assert_eq!(cluster.worker_pid(&mut client), Some(worker), "the timeout ended the chunk, not the worker");
     nothing_lost(&mut client, "a chunk slower than wsusage.statement_timeout", 3);
 }
+
+/// The sizes of the chunks that reached `after_flush`, one call per committed chunk.
+fn chunk_sizes(client: &mut Client) -> Vec<i32> {
+    client.query("SELECT size FROM chunks ORDER BY n", &[]).unwrap().iter().map(|row| row.get(0)).collect()
+}
+
+#[test]
+fn keys_are_written_in_chunks_of_batch_size_and_a_chunk_that_times_out_alone_stays_pending() {
+    let cluster = Cluster::start(&[
+        ("wsusage.batch_size", "10"),
+        ("wsusage.statement_timeout", "'500ms'"),
+        ("wsusage.lock_timeout", "0"),
+    ]);
+    let (mut client, ids) = cluster.with_workspaces(35);
+    // after_flush counts each committed chunk's keys; a trigger takes 2 s for one row only.
+    client
+        .batch_execute(
+            "CREATE TABLE chunks (n serial, size int);
+             CREATE FUNCTION count_chunk(ids uuid[], at timestamptz[]) RETURNS void LANGUAGE sql AS
+               $$ INSERT INTO chunks (size) VALUES (cardinality(ids)) $$;
+             INSERT INTO wsusage_target (name, relation, id_column, timestamp_column, after_flush)
+               VALUES ('chunked', 'workspaces', 'id', 'last_used_at', 'count_chunk(uuid[], timestamptz[])');
+             CREATE TABLE slow_ids (id uuid);
+             CREATE FUNCTION slow_row() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN IF NEW.id IN (SELECT id FROM slow_ids) THEN PERFORM pg_sleep(2); END IF; RETURN NEW; END $$;
+             CREATE TRIGGER slow_row BEFORE UPDATE ON workspaces FOR EACH ROW EXECUTE FUNCTION slow_row();",
+        )
+        .unwrap();
+    client.execute("SELECT wsusage_mark_many('chunked', $1)", &[&ids]).unwrap();
+    assert_eq!(flush(&mut client), 35);
+    assert_eq!(chunk_sizes(&mut client), [10, 10, 10, 5], "35 keys in chunks of wsusage.batch_size");
+
+    // One chunk of four times out (57014): it alone stays pending, the three others commit.
+    let mut sorted_ids = ids[..].to_vec();
+    sorted_ids.sort();
+    let slow = sorted_ids[15];
+    client.execute("INSERT INTO slow_ids VALUES ($1)", &[&slow]).unwrap();
+    client.batch_execute("TRUNCATE chunks; UPDATE workspaces SET last_used_at = NULL").unwrap();
+    client.execute("SELECT wsusage_mark_many('chunked', $1)", &[&ids]).unwrap();
+    let (code, message, _, _) = flush_error(&mut client);
+    assert_eq!(code, "57014", "{message}");
+    assert_eq!(chunk_sizes(&mut client), [10, 10, 5], "the chunks before and after the slow one committed");
+    assert_eq!(count_used(&mut client), 25);
+    let pending: Vec<Uuid> = client
+        .query("SELECT key::uuid FROM wsusage_pending() WHERE target = 'chunked' ORDER BY 1", &[])
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(pending, sorted_ids[10..20], "the slow row's chunk, and nothing else, stays pending");
+
+    client.batch_execute("TRUNCATE slow_ids").unwrap();
+    assert_eq!(flush(&mut client), 10);
+    assert_eq!(count_used(&mut client), 35);
+}
+
+#[test]
+fn a_row_its_check_constraint_refuses_is_held_back_and_every_other_is_written() {
+    let cluster = Cluster::start(&[("wsusage.batch_size", "100")]);
+    let (mut client, ids) = cluster.with_workspaces(50);
+    // The realistic bad row: a constraint of the application's (class 23) that one row breaks.
+    client
+        .batch_execute(
+            "ALTER TABLE workspaces ADD COLUMN archived boolean NOT NULL DEFAULT false;
+             ALTER TABLE workspaces ADD CONSTRAINT archived_not_used
+               CHECK (NOT archived OR last_used_at IS NULL);",
+        )
+        .unwrap();
+    client.execute("UPDATE workspaces SET archived = true WHERE id = $1", &[&ids[7]]).unwrap();
+    client.execute("SELECT wsusage_mark_many($1)", &[&ids]).unwrap();
+    let written = client.query_one("SELECT wsusage_flush()", &[]).unwrap().get::<_, i64>(0);
+    assert_eq!(written, 49, "every id but the refused one");
+    assert_eq!(count_used(&mut client), 49);
+    let held: Vec<(Uuid, String)> = client
+        .query("SELECT workspace_id, error FROM wsusage_pending() WHERE error IS NOT NULL", &[])
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(held.len(), 1);
+    assert_eq!(held[0].0, ids[7]);
+    assert!(held[0].1.contains("archived_not_used"), "{}", held[0].1);
+    assert!(cluster.log().contains("wsusage holds back id"), "{}", cluster.log());
+}

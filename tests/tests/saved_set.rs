@@ -184,6 +184,31 @@ fn sets_saved_by_release_0_3_0_and_its_development_builds_are_restored_after_the
     assert_eq!(pg_time(last_used(&mut client, &ids[2]).unwrap()), at);
 }
 
+#[test]
+fn a_saved_set_larger_than_the_new_max_pending_restores_what_fits_and_says_how_many_did_not() {
+    let (mut cluster, _, database) = stopped_with_saved_marks("fast");
+    let ids: Vec<Uuid> = (0..20).map(|_| Uuid::new_v4()).collect();
+    let at = pg_time(Utc::now() - Span::minutes(1));
+    let entries: Vec<(u32, Uuid, i64)> = ids.iter().map(|id| (database, *id, at)).collect();
+    fs::write(saved_file(&cluster), encode(pg_time(Utc::now()), &entries, &[])).unwrap();
+    // The DBA made the set smaller for the restart.
+    let conf = cluster.data.join("postgresql.auto.conf");
+    let mut text = fs::read_to_string(&conf).unwrap_or_default();
+    text.push_str("wsusage.max_pending = 16\n");
+    fs::write(&conf, text).unwrap();
+
+    let (_client, pending) = pending_after_restart(&mut cluster);
+    assert_eq!(pending.len(), 16, "what fits");
+    assert!(pending.iter().all(|id| ids.contains(id)));
+    assert!(
+        cluster.log().contains(
+            "wsusage could not restore 4 saved pending ids: the set, its database slots or its target slots are full"
+        ),
+        "{}",
+        cluster.log()
+    );
+}
+
 /// Every pending key of the database, target by target: (target, key as text, mark time).
 fn pending_by_target(client: &mut Client) -> Vec<(String, String, DateTime<Utc>)> {
     client

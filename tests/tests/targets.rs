@@ -1162,3 +1162,30 @@ fn after_flush_of_an_integer_or_bigint_key_takes_an_array_of_the_key_columns_own
         "exactly the written keys, each with the time written to its row"
     );
 }
+
+#[test]
+fn a_target_beyond_max_targets_is_refused_with_53400_and_the_others_keep_their_marks() {
+    let cluster = Cluster::start(&[("wsusage.max_targets", "1")]);
+    let (mut client, ids) = cluster.with_workspaces(2);
+    client.batch_execute("CREATE TABLE others (id uuid PRIMARY KEY, seen timestamptz)").unwrap();
+    add_target(&mut client, "others", "others", "id", "seen");
+    client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
+
+    // The one target place is the default target's while its key is pending.
+    let err = client.execute("SELECT wsusage_mark('others', $1)", &[&ids[1]]).unwrap_err();
+    let (code, message, detail, hint) = report(&err);
+    assert_eq!(code, "53400");
+    assert_eq!(message, "wsusage cannot track marks of more targets");
+    assert!(detail.contains("1 other targets") && detail.contains("wsusage.max_targets"), "{detail}");
+    assert!(hint.contains("wsusage.max_targets"), "{hint}");
+
+    // Flushed, the default target gives its place up to the next target that needs one.
+    assert_eq!(flush(&mut client), 1);
+    assert_eq!(count_used(&mut client), 1);
+    client.execute("INSERT INTO others (id) VALUES ($1)", &[&ids[1]]).unwrap();
+    client.execute("SELECT wsusage_mark('others', $1)", &[&ids[1]]).unwrap();
+    assert_eq!(flush(&mut client), 1);
+    let seen: Option<DateTime<Utc>> =
+        client.query_one("SELECT seen FROM others WHERE id = $1", &[&ids[1]]).unwrap().get(0);
+    assert!(seen.is_some());
+}

@@ -49,6 +49,23 @@ fn stats_count_marks_flushes_and_what_each_flush_wrote() {
     assert_eq!(after.get::<_, Option<i32>>("launcher_pid"), Some(launcher));
     assert_eq!((counter(&after, "databases"), counter(&after, "workers")), (1, 1));
     let worker = cluster.wait_for_worker(&mut client, None);
+    // How a DBA checks that it runs (the README's quick start): the launcher's log line, and the
+    // launcher and a worker for the database with marks among the server's processes.
+    let log = cluster.log();
+    assert!(
+        log.contains("wsusage launcher started: flushing pending marks every 3600000 ms with up to 4 workers"),
+        "{log}"
+    );
+    let processes: Vec<(String, Option<String>)> = client
+        .query(
+            "SELECT backend_type, datname::text FROM pg_stat_activity WHERE backend_type LIKE 'wsusage%' ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(processes, [("wsusage".to_owned(), Some("postgres".to_owned())), ("wsusage launcher".to_owned(), None)]);
     let by_database = client.query_one("SELECT * FROM wsusage_stats_by_database", &[]).unwrap();
     assert_eq!(by_database.get::<_, Option<String>>("datname").as_deref(), Some("postgres"));
     assert_eq!(by_database.get::<_, Option<i32>>("worker_pid"), Some(worker));

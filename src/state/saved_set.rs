@@ -37,7 +37,7 @@ use wsusage_saved_set::{self as format, Mark, Refused, SavedSet, Target};
 use crate::clock;
 use crate::memory::key::Kind;
 use crate::memory::layout::{self, ViewMut};
-use crate::memory::target_slot::NAME_MAX;
+use crate::memory::target_slot::{TargetSlot, NAME_MAX};
 use crate::state::pending;
 
 /// Relative to the data directory, the postmaster's working directory; beside
@@ -100,15 +100,16 @@ fn saved_set(state: &ViewMut<'_>, entries: Vec<Entry>, now: i64) -> SavedSet {
         .into_iter()
         .map(|entry| {
             let slot_index = usize::from(entry.key.target);
+            let of_its_database = |slot: &&TargetSlot| slot.database.to_u32() == entry.key.database;
             let target = match (index_of.get(slot_index).copied().flatten(), state.targets.get(slot_index)) {
-                (Some(file_index), _) => file_index,
-                (None, Some(slot)) if slot.in_use() && slot.database.to_u32() == entry.key.database => {
+                (Some(file_index), Some(slot)) if of_its_database(&slot) => file_index,
+                (None, Some(slot)) if slot.in_use() && of_its_database(&slot) => {
                     targets.push(Target { database: slot.database.to_u32(), name: slot.name().to_owned() });
                     let file_index = (targets.len() - 1) as u32;
                     index_of[slot_index] = Some(file_index);
                     file_index
                 }
-                (None, _) => u32::MAX,
+                _ => u32::MAX,
             };
             Mark { target, kind: entry.key.kind, id: entry.key.id, marked_at: entry.marked_at }
         })

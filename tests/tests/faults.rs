@@ -248,7 +248,7 @@ fn when_every_row_fails_splitting_stops_at_its_budget_and_everything_stays_pendi
     let (code, _, _, _) = flush_error(&mut client);
     assert_eq!(code, "P0001");
     let statements = refusals(&mut client);
-    // Halving from the chunk of 1,000 to its first row (11 statements), then on to the next rows,
+    // Halving from the chunk of 1,000 to its first row (10 statements), then on to the next rows,
     // until 8 ids are held back, the round's cap: 25 failed statements, not two per row (2,000),
     // and far within the budget of 256 a round.
     assert_eq!(statements, 25, "failed statements");
@@ -501,11 +501,11 @@ fn chunk_sizes(client: &mut Client) -> Vec<i32> {
 fn keys_are_written_in_chunks_of_batch_size_and_a_chunk_that_times_out_alone_stays_pending() {
     let cluster = Cluster::start(&[
         ("wsusage.batch_size", "10"),
-        ("wsusage.statement_timeout", "'500ms'"),
+        ("wsusage.statement_timeout", "'1s'"),
         ("wsusage.lock_timeout", "0"),
     ]);
     let (mut client, ids) = cluster.with_workspaces(35);
-    // after_flush counts each committed chunk's keys; a trigger takes 2 s for one row only.
+    // after_flush counts each committed chunk's keys; a trigger takes 4 s for one row only.
     client
         .batch_execute(
             "CREATE TABLE chunks (n serial, size int);
@@ -515,7 +515,7 @@ fn keys_are_written_in_chunks_of_batch_size_and_a_chunk_that_times_out_alone_sta
                VALUES ('chunked', 'workspaces', 'id', 'last_used_at', 'count_chunk(uuid[], timestamptz[])');
              CREATE TABLE slow_ids (id uuid);
              CREATE FUNCTION slow_row() RETURNS trigger LANGUAGE plpgsql AS $$
-               BEGIN IF NEW.id IN (SELECT id FROM slow_ids) THEN PERFORM pg_sleep(2); END IF; RETURN NEW; END $$;
+               BEGIN IF NEW.id IN (SELECT id FROM slow_ids) THEN PERFORM pg_sleep(4); END IF; RETURN NEW; END $$;
              CREATE TRIGGER slow_row BEFORE UPDATE ON workspaces FOR EACH ROW EXECUTE FUNCTION slow_row();",
         )
         .unwrap();

@@ -9,7 +9,7 @@ use wsusage_pending_table::{Entry, Key};
 use crate::clock::now;
 use crate::flush::failure::{self, Failure, Scope};
 use crate::flush::failure_log;
-use crate::flush::round::{Flusher, Part, Round, HELD_PER_ROUND, SPLIT_BUDGET};
+use crate::flush::round::{record_failure, Flusher, Part, Round, HELD_PER_ROUND, SPLIT_BUDGET};
 use crate::flush::statements::{self, Locking, Statements, Written};
 use crate::flush::transaction::in_transaction;
 use crate::memory::key::Kind;
@@ -26,12 +26,7 @@ impl Flusher {
         round.target_failed = false;
         if let Some(problem) = part.definition.problem() {
             let failure = part.failure(Failure { sqlstate: problem.sqlstate as i32, message: problem.message });
-            counting::record_chunk(
-                database,
-                Some(part.slot),
-                &ChunkOutcome::Failed { message: &failure.message },
-                now(),
-            );
+            record_failure(database, Some(part.slot), &failure.message);
             round.fail(failure);
             counting::record_target_round(database, part.slot, true, now());
             return;
@@ -66,14 +61,6 @@ impl Flusher {
     fn write(&mut self, part: &Part<'_>, chunk: &[Entry], round: &mut Round) {
         let database = self.database;
         let Some(statements) = self.statements.get_mut(&part.definition.name) else { return };
-        let record_failed = |failure: &Failure| {
-            counting::record_chunk(
-                database,
-                Some(part.slot),
-                &ChunkOutcome::Failed { message: &failure.message },
-                now(),
-            );
-        };
         match write_chunk(statements, chunk) {
             Ok(Written::Rows { updated, without_row, mut skipped }) => {
                 skipped.sort_unstable();
@@ -109,13 +96,13 @@ impl Flusher {
                         }
                     }
                     AfterFailure::HoldBack => {
-                        record_failed(&failure);
+                        record_failure(database, Some(part.slot), &failure.message);
                         self.hold_back(chunk[0].key, &failure);
                         round.held_back += 1;
                         round.target_failed = true;
                     }
                     AfterFailure::Stop { target } => {
-                        record_failed(&failure);
+                        record_failure(database, Some(part.slot), &failure.message);
                         round.stop_target = target;
                         round.fail(failure);
                     }

@@ -199,7 +199,7 @@ impl Flusher {
         // Read after the snapshot: a mark in it was made after its target's row was written.
         let catalog = match in_transaction(|| lookup::read(None, current_user())) {
             Err(failure) => {
-                counting::record_chunk(database, None, &ChunkOutcome::Failed { message: &failure.message }, now());
+                record_failure(database, None, &failure.message);
                 round.failure = Some(failure);
                 return;
             }
@@ -296,9 +296,15 @@ impl Flusher {
             );
             self.extension_was_missing = true;
         }
-        counting::record_chunk(self.database, None, &ChunkOutcome::Failed { message: &message }, now());
+        record_failure(self.database, None, &message);
         Failure { sqlstate: PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT as i32, message }
     }
+}
+
+/// Count a failed chunk of target slot `target` (`None`: a round that failed before any chunk)
+/// and keep its message for the DBA.
+pub(super) fn record_failure(database: pg_sys::Oid, target: Option<SlotRef>, message: &str) {
+    counting::record_chunk(database, target, &ChunkOutcome::Failed { message }, now());
 }
 
 /// What a failure's message starts with: the target it is of, unless it is `default` (whose

@@ -444,7 +444,7 @@ def context(results, clients_list, set_rows):
     return [(name, value) for name, value in rows if value is not None]
 
 
-IN_SERVER = ["scan", "floor_fn", "mark", "mark_target"]
+IN_SERVER = ["scan", "floor_fn", "mark", "mark_target", "read"]
 
 
 class Session:
@@ -500,10 +500,12 @@ def in_server_cost(cluster: Cluster, calls: int, backends_list, reps: int):
     Returns per backend count the median milliseconds of each, and ns per call over the bare scan
     (floor_fn) and over floor_fn (the mark), of wall time and of each backend's own CPU time (see
     Session: the figure that compares builds, the wall time varying with what else ran). mark_target is `wsusage_mark('workspaces', id)`, the
-    same column as a named target: what naming one costs. Run after flush_benchmark: its hour-long
-    flush interval keeps the worker from emptying the set meanwhile."""
+    same column as a named target: what naming one costs. read is `wsusage_pending_at(id)`, a
+    fresh read of the pending mark of each id (all found), in builds that have it. Run after
+    flush_benchmark: its hour-long flush interval keeps the worker from emptying the set meanwhile."""
     named = cluster.sql("SELECT to_regclass('wsusage_target') IS NOT NULL") == "t"
-    measured = [m for m in IN_SERVER if named or m != "mark_target"]
+    reads = cluster.sql("SELECT to_regprocedure('wsusage_pending_at(uuid)') IS NOT NULL") == "t"
+    measured = [m for m in IN_SERVER if (named or m != "mark_target") and (reads or m != "read")]
     cluster.sql(f"SELECT wsusage_mark_many(ARRAY({ids_query(ROWS)}))")
     if named:
         cluster.sql(f"SELECT wsusage_mark_many('workspaces', ARRAY({ids_query(ROWS)}))")
@@ -512,7 +514,8 @@ def in_server_cost(cluster: Cluster, calls: int, backends_list, reps: int):
     cluster.sql("VACUUM ANALYZE draws")
     query = {"scan": "SELECT count(id) FROM draws", "floor_fn": "SELECT count(floor_fn(id)) FROM draws",
              "mark": "SELECT count(wsusage_mark(id)) FROM draws",
-             "mark_target": "SELECT count(wsusage_mark('workspaces', id)) FROM draws"}
+             "mark_target": "SELECT count(wsusage_mark('workspaces', id)) FROM draws",
+             "read": "SELECT count(wsusage_pending_at(id)) FROM draws"}
     rows = []
     for backends in backends_list:
         sessions = [Session(cluster, "SET max_parallel_workers_per_gather = 0") for _ in range(backends)]
@@ -544,7 +547,9 @@ def in_server_cost(cluster: Cluster, calls: int, backends_list, reps: int):
                      "cpu_ns": cpu_ns,
                      "mark_cpu_ns": cpu_ns["mark"] - cpu_ns["floor_fn"],
                      "mark_target_cpu_ns": cpu_ns["mark_target"] - cpu_ns["floor_fn"] if named else None,
-                     "mark_cpu_ns_range": [t / calls - cpu_ns["floor_fn"] for t in (min(cpu["mark"]), max(cpu["mark"]))]})
+                     "mark_cpu_ns_range": [t / calls - cpu_ns["floor_fn"] for t in (min(cpu["mark"]), max(cpu["mark"]))],
+                     "read_ns": (ms["read"] - ms["floor_fn"]) * 1e6 / calls if reads else None,
+                     "read_cpu_ns": cpu_ns["read"] - cpu_ns["floor_fn"] if reads else None})
     return rows
 
 
@@ -590,12 +595,14 @@ def markdown(summary, flush_rows, checks, notes, meta, set_rows, in_server_rows,
         lines += ["", "The same statements in each backend's own CPU time (the kernel's account of it: what a mark costs, "
                   "without the moments a backend waited for a core), ns per call:", "",
                   "| backends at once | floor_fn (with the scan) | wsusage_mark over floor_fn (fastest – slowest run) | "
-                  "wsusage_mark('workspaces', id) over floor_fn |", "|---:|---:|---|---:|"]
+                  "wsusage_mark('workspaces', id) over floor_fn | wsusage_pending_at(id) over floor_fn |",
+                  "|---:|---:|---|---:|---:|"]
         for r in in_server_rows:
             lo, hi = r["mark_cpu_ns_range"]
-            named = r["mark_target_cpu_ns"]
+            named, read = r["mark_target_cpu_ns"], r.get("read_cpu_ns")
             lines.append(f"| {r['backends']} | {r['cpu_ns']['floor_fn']:.0f} | {r['mark_cpu_ns']:.0f} ({lo:.0f} – {hi:.0f}) | "
-                         + (f"{named:.0f} |" if named is not None else "– |"))
+                         + (f"{named:.0f} | " if named is not None else "– | ")
+                         + (f"{read:.0f} |" if read is not None else "– |"))
     if connect_rows:
         c, n = connect_rows[0]["clients"], len(connect_rows)
         lines += ["", f"A connection per call: {c} clients each connecting, preparing, calling once and disconnecting, "
@@ -708,7 +715,9 @@ def main():
             in_server_rows = in_server_cost(cluster, args.in_server_calls, sorted({1, os.cpu_count() or 1}), args.in_server_reps)
         for r in in_server_rows:
             print(f"in the server, {r['backends']} backend(s) at once: wsusage_mark {r['mark_ns']:.0f} ns per call over floor_fn, "
-                  f"{r['mark_cpu_ns']:.0f} ns of the backend's CPU", flush=True)
+                  f"{r['mark_cpu_ns']:.0f} ns of the backend's CPU"
+                  + (f"; wsusage_pending_at {r['read_cpu_ns']:.0f} ns of CPU over floor_fn" if r.get("read_cpu_ns") is not None else ""),
+                  flush=True)
     finally:
         cluster.stop()
 

@@ -395,6 +395,24 @@ impl Table<'_> {
         Ok(Inserted::Full)
     }
 
+    /// The time `key` was last marked, if it is in the table. Shared holders may call it while
+    /// others insert: a claim on its way waits to be published (bounded, as an insert waits), so
+    /// a key whose insert returned before this call began is always found.
+    pub fn marked_at(&self, key: &Key) -> Result<Option<i64>, Stuck> {
+        let mut index = self.home(key);
+        for _ in 0..self.places.len() {
+            let place = &self.places[index];
+            if place.settled_state(index)? == FREE {
+                return Ok(None);
+            }
+            if place.key() == *key {
+                return Ok(Some(place.marked_at.load(Ordering::Relaxed)));
+            }
+            index = self.next(index);
+        }
+        Ok(None)
+    }
+
     /// A copy of each published entry; at most `limit` of them, so that damaged memory cannot
     /// make a walk overlong. Shared holders may call it while others insert: it skips claims not
     /// yet published.

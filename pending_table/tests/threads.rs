@@ -90,6 +90,7 @@ fn one_thread_inserting_removing_and_retaining_matches_a_map_through_runs_that_w
                     }
                 }
                 6..=8 => {
+                    assert_eq!(table.marked_at(&k), Ok(model.get(&k).copied()), "seed {seed}, operation {at}");
                     let found = table.find(&exclusive, &k);
                     assert_eq!(found.is_some(), model.contains_key(&k));
                     if let Some(index) = found {
@@ -153,6 +154,60 @@ fn threads_racing_for_the_places_of_one_run_never_see_a_false_full() {
         });
         assert_eq!(table.verify(&exclusive()), Ok(limit), "round {round}");
     }
+}
+
+/// A reader (`wsusage_pending_at`) holds the lock shared, like the inserters: a key whose insert
+/// returned before the read began is found, at its time, even while the run it is in is being
+/// claimed by other threads; a key never inserted is not.
+#[test]
+fn readers_racing_inserters_find_every_key_inserted_before_the_read() {
+    const KEYS: usize = 48;
+    let found_while_racing = AtomicUsize::new(0);
+    for round in 0..100u64 {
+        let table = new_table(KEYS, [round, 11]);
+        // Runs that wrap, claimed by several threads at once.
+        let keys = keys_homed_at_the_end(&table, KEYS + 8, 4);
+        let (keys, never) = keys.split_at(KEYS);
+        let inserted: Vec<AtomicBool> = (0..KEYS).map(|_| AtomicBool::new(false)).collect();
+        let lock = RwLock::new(());
+        let (table, keys, inserted, lock) = (&table, keys, &inserted, &lock);
+        thread::scope(|scope| {
+            for worker in 0..4 {
+                scope.spawn(move || {
+                    for n in (worker..KEYS).step_by(4) {
+                        let _shared = lock.read().unwrap();
+                        assert_eq!(table.insert(&keys[n], n as i64), Ok(Inserted::New), "round {round}");
+                        inserted[n].store(true, Ordering::Release);
+                    }
+                });
+            }
+            for reader in 0..2u64 {
+                let found_while_racing = &found_while_racing;
+                scope.spawn(move || {
+                    let mut random = Random(round * 31 + reader + 1);
+                    for _ in 0..2_000 {
+                        let n = random.below(KEYS);
+                        let _shared = lock.read().unwrap();
+                        let before = inserted[n].load(Ordering::Acquire);
+                        let read = table.marked_at(&keys[n]).expect("claims are published at once");
+                        if before {
+                            assert_eq!(read, Some(n as i64), "round {round}: key {n} inserted before the read");
+                            found_while_racing.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            assert!(read.is_none() || read == Some(n as i64), "round {round}: key {n} read {read:?}");
+                        }
+                        let absent = &never[random.below(never.len())];
+                        assert_eq!(table.marked_at(absent), Ok(None), "round {round}");
+                    }
+                });
+            }
+        });
+        for (n, k) in keys.iter().enumerate() {
+            assert_eq!(table.marked_at(k), Ok(Some(n as i64)));
+        }
+    }
+    // Over the rounds, reads of keys already inserted happened while other keys were claimed.
+    assert!(found_while_racing.load(Ordering::Relaxed) > 0);
 }
 
 #[test]

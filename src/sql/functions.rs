@@ -19,7 +19,7 @@ use crate::state::pending::{self, MarkError, Marking};
 use crate::state::rendezvous::{self, Lookup, Request};
 
 /// The target `wsusage_mark(uuid)` and `wsusage_mark_many(uuid[])` mark.
-const DEFAULT_TARGET: &str = "default";
+pub const DEFAULT_TARGET: &str = "default";
 
 /// How long `wsusage_flush()` waits for the launcher to attach before giving up. Longer than the
 /// launcher's restart delay, so a launcher that was just terminated comes back within it.
@@ -172,7 +172,7 @@ fn wsusage_flush() -> i64 {
 }
 
 fn mark(target: &str, kind: Kind, ids: &[[u8; 16]], function: &'static str) {
-    resolve::with_target(target, kind, function, |target| {
+    resolve::with_target(target, kind, resolve::Access::Mark, function, |target| {
         // The time of the call (clock_timestamp()), not the transaction's start.
         let now = clock::now();
         let mut marking = Marking { database: this_database(), name: &target.name, slot: &mut target.slot, kind };

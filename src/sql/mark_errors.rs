@@ -1,7 +1,8 @@
 //! Why a mark is refused: a NULL key or target, a target that does not exist, takes other keys
 //! or cannot be written, a role without the privilege the mark defers, no room in the set or its
 //! slots, or a place of the set held by a process that does not run. Raised by the marking
-//! functions (`functions`) and by the resolution of their target (`resolve`).
+//! functions (`functions`) and by the resolution of their target (`resolve`); a read of pending
+//! marks (`wsusage_pending_at`) is refused for the same reasons as far as they concern it.
 
 use pgrx::pg_sys::errcodes::PgSqlErrorCode;
 use pgrx::pg_sys::panic::ErrorReport;
@@ -9,6 +10,7 @@ use wsusage_pending_table::Stuck;
 
 use crate::memory::key::Kind;
 use crate::sql::report::Report;
+use crate::sql::resolve::Access;
 use crate::targets::definition::Problem;
 
 pub enum MarkRefused {
@@ -29,8 +31,10 @@ pub enum MarkRefused {
         name: String,
         problem: Problem,
     },
-    /// The role may not make the UPDATE a mark of the target defers, so may not mark it.
+    /// The role may not make the UPDATE a mark of the target defers, so may not mark it; or, to
+    /// read its pending marks, may not read the column.
     NoPrivilege {
+        access: Access,
         name: String,
         table: String,
         id_column: String,
@@ -59,6 +63,10 @@ pub enum MarkRefused {
         marked: usize,
         requested: usize,
     },
+    /// As `Stuck`, for a read of a pending mark.
+    StuckReading {
+        stuck: Stuck,
+    },
 }
 
 impl Report for MarkRefused {
@@ -78,14 +86,17 @@ impl Report for MarkRefused {
                     "wsusage_mark" => "wsusage_mark_bigint",
                     "wsusage_mark_many" => "wsusage_mark_many_bigint",
                     "wsusage_mark_bigint" => "wsusage_mark",
+                    "wsusage_pending_at" => "wsusage_pending_at_bigint",
+                    "wsusage_pending_at_bigint" => "wsusage_pending_at",
                     _ => "wsusage_mark_many",
                 };
+                let verb = if function.starts_with("wsusage_pending_at") { "Read" } else { "Mark" };
                 ErrorReport::new(
                     ERRCODE_DATATYPE_MISMATCH,
                     format!("wsusage target \"{name}\" has keys of type {column_type}, but {function} takes {}", takes.sql_type()),
                     function,
                 )
-                .set_hint(format!("Mark the keys of this target with {other}()."))
+                .set_hint(format!("{verb} the keys of this target with {other}()."))
             }
             MarkRefused::TargetProblem { name, problem } => ErrorReport::new(
                 problem.sqlstate,
@@ -93,7 +104,18 @@ impl Report for MarkRefused {
                 function,
             )
             .set_hint(problem.hint.clone()),
-            MarkRefused::NoPrivilege { name, table, id_column, column } => ErrorReport::new(
+            MarkRefused::NoPrivilege { access: Access::Read, name, table, id_column, column } => ErrorReport::new(
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("permission denied to read the pending marks of wsusage target \"{name}\": no privilege to select column \"{column}\" of table {table}"),
+                function,
+            )
+            .set_detail("A pending mark is the column's next value: reading it needs what reading the column does, USAGE on the table's schema and SELECT on the id and timestamp columns.")
+            .set_hint(format!(
+                "GRANT SELECT ({id}, {ts}) ON {table} TO the role that reads.",
+                id = quote_identifier(id_column),
+                ts = quote_identifier(column)
+            )),
+            MarkRefused::NoPrivilege { access: Access::Mark, name, table, id_column, column } => ErrorReport::new(
                 ERRCODE_INSUFFICIENT_PRIVILEGE,
                 format!("permission denied to mark wsusage target \"{name}\": no privilege to update column \"{column}\" of table {table}"),
                 function,
@@ -131,28 +153,32 @@ impl Report for MarkRefused {
                     .set_hint("Increase \"wsusage.max_databases\" (needs a restart), or shorten \"wsusage.flush_interval\" so that databases free their places sooner.")
             }
             MarkRefused::Stuck { stuck, marked, requested } => {
-                let detail = if *requested == 1 {
+                let outcome = if *requested == 1 {
                     "The id was not marked.".to_owned()
                 } else {
                     format!("{marked} of the {requested} ids were marked; the others were not.")
                 };
-                ErrorReport::new(
-                    ERRCODE_LOCK_NOT_AVAILABLE,
-                    format!(
-                        "{function}: a place of the wsusage pending set was held by another process for {} ms",
-                        stuck.waited.as_millis()
-                    ),
-                    function,
-                )
-                .set_detail(format!(
-                    "{detail} The process that claimed place {} has not run since: stopped (SIGSTOP, a debugger) or \
-                     starved of CPU. Marks already pending are kept.",
-                    stuck.place
-                ))
-                .set_hint("Mark again. If it keeps failing, look for a stopped server process (pg_stat_activity, ps).")
+                stuck_report(function, stuck, &format!("{outcome} "), "Mark again")
             }
+            MarkRefused::StuckReading { stuck } => stuck_report(function, stuck, "", "Read again"),
         }
     }
+}
+
+/// A place of the set stayed claimed: what the call did (`outcome`, empty or a sentence and a
+/// space), and what to do (`again`).
+fn stuck_report(function: &'static str, stuck: &Stuck, outcome: &str, again: &str) -> ErrorReport {
+    ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
+        format!("{function}: a place of the wsusage pending set was held by another process for {} ms", stuck.waited.as_millis()),
+        function,
+    )
+    .set_detail(format!(
+        "{outcome}The process that claimed place {} has not run since: stopped (SIGSTOP, a debugger) or starved of \
+         CPU. Marks already pending are kept.",
+        stuck.place
+    ))
+    .set_hint(format!("{again}. If it keeps failing, look for a stopped server process (pg_stat_activity, ps)."))
 }
 
 /// `name` as an SQL identifier, quoted when it must be.

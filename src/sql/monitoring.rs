@@ -340,11 +340,12 @@ COMMENT ON VIEW wsusage_stats_by_database IS 'What wsusage holds, has done and l
 CREATE VIEW wsusage_stats_by_target AS SELECT * FROM wsusage_stats_by_target();
 COMMENT ON VIEW wsusage_stats_by_target IS 'What wsusage holds, has done and last failed at, per target of each database';
 
--- Least privilege: nothing is callable by PUBLIC. Applications get the marking functions by
--- GRANT (see the README); monitoring roles read the stats.
+-- Least privilege: nothing is callable by PUBLIC. Applications get the marking and reading
+-- functions by GRANT (see the README); monitoring roles read the stats.
 REVOKE EXECUTE ON FUNCTION wsusage_mark(uuid), wsusage_mark_many(uuid[]), wsusage_flush(),
     wsusage_mark(text, uuid), wsusage_mark_many(text, uuid[]), wsusage_mark_bigint(text, bigint),
     wsusage_mark_many_bigint(text, bigint[]),
+    wsusage_pending_at(uuid), wsusage_pending_at(text, uuid), wsusage_pending_at_bigint(text, bigint),
     wsusage_stats(), wsusage_stats_by_database(), wsusage_stats_by_target(), wsusage_stats_reset(),
     wsusage_pending() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION wsusage_stats(), wsusage_stats_by_database(), wsusage_stats_by_target(),

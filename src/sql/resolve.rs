@@ -1,8 +1,8 @@
 //! Which target a mark names, as a backend sees it: resolved at a backend's first mark of it —
 //! its declaration as an earlier backend published it (see `published`), else read from the
 //! catalogs (see `targets::lookup`) — checked in this backend's catalog caches (it exists, its key
-//! type is the function's, the role may UPDATE its timestamp column), and remembered, so that a
-//! mark costs no catalog lookup.
+//! type is the function's, the role may UPDATE its timestamp column to mark it, or SELECT it to
+//! read its pending marks), and remembered, so that a mark or a read costs no catalog lookup.
 //!
 //! What is remembered is forgotten when it may have changed: an invalidation of
 //! `wsusage_target` (its trigger sends one at every change), of a target's table (a GRANT or
@@ -24,10 +24,20 @@ use crate::state::target_slots::SlotRef;
 use crate::targets::lookup;
 use crate::targets::published;
 
-/// A target a mark may name, as checked.
+/// What a caller does with a target's keys, each checked against its own privilege.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Access {
+    /// Mark them: the role may make the UPDATE the mark defers.
+    Mark,
+    /// Read their pending marks (`wsusage_pending_at`): the role may read the column.
+    Read,
+}
+
+/// A target a mark or a read may name, as checked.
 pub struct Resolved {
     pub name: String,
     pub kind: Kind,
+    pub access: Access,
     /// Its slot in shared memory, as last found by a mark.
     pub slot: Option<SlotRef>,
     /// Its key column's type, for messages.
@@ -103,8 +113,15 @@ fn current_user() -> pg_sys::Oid {
 }
 
 /// Run `mark` on target `name`, resolving and checking it first unless remembered; raises for a
-/// target that does not exist, takes other keys than `takes`, or that the role may not mark.
-pub fn with_target<R>(name: &str, takes: Kind, function: &'static str, mark: impl FnOnce(&mut Resolved) -> R) -> R {
+/// target that does not exist, takes other keys than `takes`, or whose keys the role may not
+/// use for `access`.
+pub fn with_target<R>(
+    name: &str,
+    takes: Kind,
+    access: Access,
+    function: &'static str,
+    mark: impl FnOnce(&mut Resolved) -> R,
+) -> R {
     let user = current_user();
     // Plain loads first: a swap would be a locked instruction on every mark.
     let settings = settings::target_generation();
@@ -117,7 +134,9 @@ pub fn with_target<R>(name: &str, takes: Kind, function: &'static str, mark: imp
     // `STALE`, so the list may stay borrowed while it runs.
     let mark = RESOLVED.with(|resolved| {
         let mut resolved = resolved.borrow_mut();
-        let Some(target) = resolved.iter_mut().find(|target| target.name == name && target.user == user) else {
+        let Some(target) =
+            resolved.iter_mut().find(|target| target.name == name && target.user == user && target.access == access)
+        else {
             return Err(mark);
         };
         if target.kind != takes {
@@ -127,7 +146,7 @@ pub fn with_target<R>(name: &str, takes: Kind, function: &'static str, mark: imp
     });
     match mark {
         Ok(result) => result,
-        Err(mark) => resolve_and_mark(name, takes, function, user, mark),
+        Err(mark) => resolve_and_mark(name, takes, access, function, user, mark),
     }
 }
 
@@ -138,11 +157,12 @@ pub fn with_target<R>(name: &str, takes: Kind, function: &'static str, mark: imp
 fn resolve_and_mark<R>(
     name: &str,
     takes: Kind,
+    access: Access,
     function: &'static str,
     user: pg_sys::Oid,
     mark: impl FnOnce(&mut Resolved) -> R,
 ) -> R {
-    match resolve(name, takes, function, user) {
+    match resolve(name, takes, access, function, user) {
         Some(resolved) => RESOLVED.with(|all| {
             let mut all = all.borrow_mut();
             all.push(resolved);
@@ -151,9 +171,14 @@ fn resolve_and_mark<R>(
         }),
         // The settings' target, not writable now: accepted, and resolved again at the next
         // mark (see `resolve`).
-        None => {
-            mark(&mut Resolved { name: name.to_owned(), kind: takes, column_type: String::new(), slot: None, user })
-        }
+        None => mark(&mut Resolved {
+            name: name.to_owned(),
+            kind: takes,
+            access,
+            column_type: String::new(),
+            slot: None,
+            user,
+        }),
     }
 }
 
@@ -166,7 +191,8 @@ fn refuse_key_type(target: &Resolved, takes: Kind, function: &'static str) -> ! 
 
 /// Read and check target `name`. `None` for the settings' `default` whose table does not fit:
 /// marks of it are accepted, as before targets existed, and the worker reports the problem.
-fn resolve(name: &str, takes: Kind, function: &'static str, user: pg_sys::Oid) -> Option<Resolved> {
+/// Reads of such a target are refused: no column's privilege can allow them.
+fn resolve(name: &str, takes: Kind, access: Access, function: &'static str, user: pg_sys::Oid) -> Option<Resolved> {
     register_callbacks();
     let catalog = read(name, user);
     let targets_table = catalog.targets_table;
@@ -174,7 +200,12 @@ fn resolve(name: &str, takes: Kind, function: &'static str, user: pg_sys::Oid) -
         MarkRefused::UnknownTarget { name: name.to_owned() }.raise(function)
     };
     let relation = definition.relation.clone().unwrap_or_default();
+    let allowed = match access {
+        Access::Mark => definition.may_update,
+        Access::Read => definition.may_read,
+    };
     let refused = || MarkRefused::NoPrivilege {
+        access,
         id_column: definition.id_column.clone(),
         name: name.to_owned(),
         table: relation.display.clone(),
@@ -184,8 +215,8 @@ fn resolve(name: &str, takes: Kind, function: &'static str, user: pg_sys::Oid) -
         // The settings' target whose table or columns are not there (yet): its marks wait, as
         // before targets existed, checked again at every mark; but a role known to lack the
         // privilege is refused now.
-        if definition.from_settings {
-            if definition.may_update == Some(false) {
+        if definition.from_settings && access == Access::Mark {
+            if allowed == Some(false) {
                 refused().raise(function);
             }
             return None;
@@ -197,7 +228,7 @@ fn resolve(name: &str, takes: Kind, function: &'static str, user: pg_sys::Oid) -
     if kind != takes {
         MarkRefused::WrongKeyType { name: name.to_owned(), column_type, takes }.raise(function);
     }
-    if definition.may_update != Some(true) {
+    if allowed != Some(true) {
         refused().raise(function);
     }
     TARGETS_TABLE_WATCHED.store(targets_table.is_some(), Ordering::Relaxed);
@@ -207,7 +238,7 @@ fn resolve(name: &str, takes: Kind, function: &'static str, user: pg_sys::Oid) -
         watched.sort_unstable_by_key(|oid| oid.to_u32());
         watched.dedup();
     });
-    Some(Resolved { name: name.to_owned(), kind, column_type, slot: None, user })
+    Some(Resolved { name: name.to_owned(), kind, access, column_type, slot: None, user })
 }
 
 /// The definition of target `name`, with `user`'s privilege on it: its declaration as published

@@ -35,8 +35,9 @@ pub fn high_water_mark() -> usize {
     (settings::max_pending() * HIGH_WATER_NUMERATOR / HIGH_WATER_DENOMINATOR).max(1)
 }
 
-/// What a mark names: a target of the caller's database, the slot the caller last found it in
-/// (refreshed here when the slot was given to another target since), and the kind of its keys.
+/// What a mark (or a read of one) names: a target of the caller's database, the slot the caller
+/// last found it in (refreshed here when the slot was given to another target since), and the
+/// kind of its keys.
 pub struct Marking<'a> {
     pub database: pg_sys::Oid,
     pub name: &'a str,
@@ -184,6 +185,33 @@ fn take_high_water_wake(state: &View<'_>) -> Option<*mut pg_sys::Latch> {
     }
     // Of the markers passing it at once, one wakes the launcher.
     (!state.header.high_water_wake_sent.swap(true, Ordering::Relaxed)).then_some(latch)
+}
+
+/// Why [`marked_at`] could not read.
+pub enum ReadError {
+    NotPreloaded,
+    Stuck(Stuck),
+}
+
+/// The time of the pending mark of key `id` of the target `reading` names, if one is pending.
+/// Under the lock held shared, as a mark: it waits for no marker and no marker waits for it.
+pub fn marked_at(reading: &mut Marking<'_>, id: [u8; 16]) -> Result<Option<i64>, ReadError> {
+    layout::with_shared(|state| {
+        let target = match reading.slot.filter(|found| found.is_current(state, reading.database)) {
+            Some(target) => target,
+            None => {
+                // Never marked here, or its slot was given away with its keys flushed: nothing
+                // pending until a mark claims one.
+                let Some(found) = target_slots::find(state.targets, reading.database, reading.name) else {
+                    return Ok(None);
+                };
+                *reading.slot = Some(found);
+                found
+            }
+        };
+        state.pending.marked_at(&key(reading.database, target, reading.kind, id)).map_err(ReadError::Stuck)
+    })
+    .unwrap_or(Err(ReadError::NotPreloaded))
 }
 
 /// Whether the set has passed its high-water mark and `database` holds at least an even share

@@ -38,6 +38,10 @@ pub struct Definition {
     /// Whether the role asked about may run the UPDATE a mark defers: USAGE on the schema,
     /// UPDATE and SELECT on the timestamp column, SELECT on the id column.
     pub may_update: Option<bool>,
+    /// Whether the role asked about may read the target's pending marks (`wsusage_pending_at`):
+    /// what reading the column itself needs, USAGE on the schema, SELECT on the id and timestamp
+    /// columns.
+    pub may_read: Option<bool>,
 
     /// Defined by the settings, not by a row of `wsusage_target`.
     pub from_settings: bool,

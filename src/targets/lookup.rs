@@ -276,11 +276,18 @@ fn describe(row: &Declared, role: pg_sys::Oid, runner_setting: Option<(&str, Opt
         None => runner.map(catalog::role_name).unwrap_or_default(),
     };
     let id_array = id_column.map(|(_, type_oid)| catalog::array_type(type_oid));
-    let may_update = table.as_ref().zip(id_column.zip(timestamp_column)).map(|((oid, table), (id, timestamp))| {
+    // What `SELECT timestamp FROM table WHERE id = …` needs; and that, with the UPDATE a mark
+    // defers.
+    let may_read = table.as_ref().zip(id_column.zip(timestamp_column)).map(|((oid, table), (id, timestamp))| {
         catalog::may_use_schema(role, table.namespace)
-            && catalog::may_use_column(role, *oid, timestamp.0, pg_sys::ACL_UPDATE)
             && catalog::may_use_column(role, *oid, timestamp.0, pg_sys::ACL_SELECT)
             && catalog::may_use_column(role, *oid, id.0, pg_sys::ACL_SELECT)
+    });
+    let may_update = may_read.map(|may_read| {
+        may_read
+            && table.as_ref().zip(timestamp_column).is_some_and(|((oid, _), timestamp)| {
+                catalog::may_use_column(role, *oid, timestamp.0, pg_sys::ACL_UPDATE)
+            })
     });
     let after_flush = row.after_flush.as_ref().map(|signature| {
         let function = catalog::function_named(signature).and_then(|oid| catalog::function(oid).map(|f| (oid, f)));
@@ -339,6 +346,7 @@ fn describe(row: &Declared, role: pg_sys::Oid, runner_setting: Option<(&str, Opt
         min_change: row.min_change.clone(),
         after_flush,
         may_update,
+        may_read,
         from_settings: row.from_settings,
         found: Hints {
             relation: row.from_settings.then_some(relation_oid).flatten(),

@@ -77,7 +77,11 @@ fn wsusage_database_restricts_marks_to_the_one_database_it_names() {
     let mut client = cluster.connect_to("elsewhere");
     client.batch_execute("CREATE EXTENSION wsusage").unwrap();
 
-    for call in ["SELECT wsusage_mark(gen_random_uuid())", "SELECT wsusage_flush()"] {
+    for call in [
+        "SELECT wsusage_mark(gen_random_uuid())",
+        "SELECT wsusage_flush()",
+        "SELECT wsusage_pending_at(gen_random_uuid())",
+    ] {
         let err = client.execute(call, &[]).unwrap_err();
         let (code, message, detail, hint) = report(&err);
         assert_eq!(code, "55000", "{call}");
@@ -96,6 +100,9 @@ fn without_shared_preload_libraries_every_function_says_how_to_fix_it() {
         "SELECT wsusage_mark(gen_random_uuid())",
         "SELECT wsusage_mark_many(ARRAY[gen_random_uuid()])",
         "SELECT wsusage_flush()",
+        "SELECT wsusage_pending_at(gen_random_uuid())",
+        "SELECT wsusage_pending_at('default', gen_random_uuid())",
+        "SELECT wsusage_pending_at_bigint('default', 1)",
     ] {
         let err = client.execute(call, &[]).unwrap_err();
         let (code, message, _, hint) = report(&err);

@@ -27,6 +27,11 @@ fn a_standby_refuses_marks_runs_no_worker_and_starts_one_when_promoted() {
     assert_eq!(sqlstate(&err), "25006");
     let err = client.execute("SELECT wsusage_mark('default', $1)", &[&ids[0]]).unwrap_err();
     assert_eq!(sqlstate(&err), "25006", "a named target too");
+    // Pending marks live in the primary's memory: a read here would say "none" wrongly.
+    let err = client.query("SELECT wsusage_pending_at($1)", &[&ids[0]]).unwrap_err();
+    let (code, message, _, hint) = report(&err);
+    assert_eq!((code.as_str(), message.as_str()), ("25006", "cannot read pending marks during recovery"));
+    assert!(hint.contains("primary"), "{hint}");
 
     std::thread::sleep(std::time::Duration::from_secs(1));
     let ours: i64 = client

@@ -170,7 +170,10 @@ impl Report for MarkRefused {
 fn stuck_report(function: &'static str, stuck: &Stuck, outcome: &str, again: &str) -> ErrorReport {
     ErrorReport::new(
         PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
-        format!("{function}: a place of the wsusage pending set was held by another process for {} ms", stuck.waited.as_millis()),
+        format!(
+            "{function}: a place of the wsusage pending set was held by another process for {} ms",
+            stuck.waited.as_millis()
+        ),
         function,
     )
     .set_detail(format!(

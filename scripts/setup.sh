@@ -142,6 +142,25 @@ ensure_postgres_user() {
 }
 
 # Build and install the extension into the PostgreSQL build of major $1.
+# pgrx_test MAJOR [ARGS...]: `cargo pgrx test pgMAJOR ARGS...`, the #[pg_test]s (src/pg_tests/) in a
+# throwaway cluster of that build. PostgreSQL refuses to run as root: as root, pgrx runs it as
+# "postgres" (CARGO_PGRX_TEST_RUNAS) through `sudo -u`, and where there is no sudo through
+# scripts/sudo-stand-in (runuser). It installs the extension built with the tests: install the
+# plain build again (install_extension) before tests/ runs.
+pgrx_test() {
+    local major=$1
+    shift
+    (
+        if is_root; then
+            local pgdata="${TMPDIR:-/tmp}/wsusage-pgrx-$major"
+            mkdir -p "$pgdata" && chown postgres "$pgdata"
+            export CARGO_PGRX_TEST_RUNAS=postgres CARGO_PGRX_TEST_PGDATA="$pgdata"
+            command -v sudo >/dev/null || PATH="$WSUSAGE_ROOT/scripts/sudo-stand-in:$PATH"
+        fi
+        cd "$WSUSAGE_ROOT" && cargo pgrx test "pg$major" "$@"
+    )
+}
+
 install_extension() {
     cargo pgrx install --package wsusage --pg-config "$(pg_config_of "$1")" \
         --no-default-features --features "pg$1" >/dev/null

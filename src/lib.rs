@@ -31,6 +31,10 @@ mod flush;
 mod processes;
 mod sql;
 
+// What runs inside one transaction, tested where it runs: `cargo pgrx test` (see src/pg_tests/).
+#[cfg(any(test, feature = "pg_test"))]
+mod pg_tests;
+
 ::pgrx::pg_module_magic!(name, version);
 
 #[pg_guard]
@@ -45,4 +49,16 @@ pub extern "C-unwind" fn _PG_init() {
     settings::init();
     processes::postmaster::init();
     processes::launcher::register();
+}
+
+/// What `cargo pgrx test` asks of the crate: its test cluster's settings.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        // Preloaded, or _PG_init does nothing and every call is 55000. No flush by the worker
+        // while the tests run: what they mark stays pending for them to read.
+        vec!["shared_preload_libraries = 'wsusage'", "wsusage.flush_interval = '1h'"]
+    }
 }

@@ -97,3 +97,50 @@ pub struct Target {
 pub fn quote(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(value: &str, max_parts: usize) -> Result<Vec<String>, String> {
+        parse(value, max_parts).map(|name| name.0)
+    }
+
+    #[test]
+    fn names_parse_as_postgresql_parses_identifiers() {
+        assert_eq!(parts("workspaces", 2), Ok(vec!["workspaces".into()]));
+        assert_eq!(parts(" Public . WorkSpaces ", 2), Ok(vec!["public".into(), "workspaces".into()]), "folded, spaces");
+        assert_eq!(parts(r#""My Schema"."usage.log""#, 2), Ok(vec!["My Schema".into(), "usage.log".into()]));
+        assert_eq!(parts(r#""say ""hi""""#, 1), Ok(vec![r#"say "hi""#.into()]), "a doubled quote is a quote");
+        assert_eq!(parts(&"a".repeat(63), 1), Ok(vec!["a".repeat(63)]));
+    }
+
+    #[test]
+    fn a_wrong_name_is_refused_with_a_sentence_saying_why() {
+        for (value, max_parts, why) in [
+            ("", 2, "A name is missing"),
+            ("public.", 2, "A name is missing"),
+            (r#""unclosed"#, 2, "is not closed"),
+            (r#""""#, 2, "is empty"),
+            ("a.b.c", 2, "Write the table as name or schema.name."),
+            ("public.last_used_at", 1, "A column name cannot be qualified."),
+            ("workspaces; DROP TABLE x", 2, "Unexpected \"D\""),
+            ("work spaces", 2, "Unexpected \"s\""),
+        ] {
+            let refused = parse(value, max_parts).expect_err(value);
+            assert!(refused.contains(why), "{value:?}: {refused}");
+        }
+        assert!(parse(&"a".repeat(64), 1).expect_err("64 bytes").contains("longer than 63 bytes"));
+        // Bytes, not characters: 32 two-byte characters are 64 bytes.
+        assert!(parse(&format!("\"{}\"", "é".repeat(32)), 1).is_err());
+    }
+
+    #[test]
+    fn a_name_reaches_sql_only_double_quoted() {
+        let name = parse(r#"public."workspaces; DROP TABLE x""#, 2).unwrap();
+        assert_eq!(name.quoted(), r#""public"."workspaces; DROP TABLE x""#);
+        assert_eq!(quote(r#"a"b"#), r#""a""b""#);
+        assert_eq!(name.schema_and_name("other"), ("public", "workspaces; DROP TABLE x"));
+        assert_eq!(parse("t", 2).unwrap().schema_and_name("other"), ("other", "t"));
+    }
+}

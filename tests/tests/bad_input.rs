@@ -1,37 +1,9 @@
-//! Every wrong call and wrong setting gets a clear error with its SQLSTATE, never a crash.
+//! Every wrong call and wrong setting gets a clear error with its SQLSTATE, never a crash. The
+//! wrong arguments that need no cluster of their own (a NULL key, text that is not one, hostile
+//! text) are `#[pg_test]`s: src/pg_tests/arguments.rs.
 
 use uuid::Uuid;
 use wsusage_tests::*;
-
-#[test]
-fn a_null_id_is_rejected_with_22004() {
-    let cluster = Cluster::start(&[]);
-    let (mut client, ids) = cluster.with_workspaces(2);
-
-    let err = client.execute("SELECT wsusage_mark(NULL)", &[]).unwrap_err();
-    let (code, message, _, _) = report(&err);
-    assert_eq!((code.as_str(), message.as_str()), ("22004", "id must not be null"));
-
-    let err = client.execute("SELECT wsusage_mark_many(NULL)", &[]).unwrap_err();
-    assert_eq!(sqlstate(&err), "22004");
-
-    // A NULL element rejects the whole array: no id of it is marked.
-    let err = client.execute("SELECT wsusage_mark_many(ARRAY[$1, NULL, $2]::uuid[])", &[&ids[0], &ids[1]]).unwrap_err();
-    let (code, _, detail, _) = report(&err);
-    assert_eq!(code, "22004");
-    assert!(detail.contains("Element 2"), "{detail}");
-    assert_eq!(flush(&mut client), 0);
-}
-
-#[test]
-fn text_that_is_not_a_uuid_is_rejected_with_22p02() {
-    let cluster = Cluster::start(&[]);
-    let (mut client, _) = cluster.with_workspaces(0);
-    let err = client.execute("SELECT wsusage_mark('not-a-uuid')", &[]).unwrap_err();
-    assert_eq!(sqlstate(&err), "22P02");
-    let err = client.execute("SELECT wsusage_mark_many('{zzz}')", &[]).unwrap_err();
-    assert_eq!(sqlstate(&err), "22P02");
-}
 
 #[test]
 fn a_full_set_refuses_new_ids_with_53400_but_accepts_pending_ones() {
@@ -228,30 +200,6 @@ fn overlong_database_and_role_names_are_refused() {
         assert_eq!(code, "22023");
         assert!(!detail.is_empty());
     }
-}
-
-#[test]
-fn hostile_text_in_place_of_an_id_is_only_ever_data() {
-    let cluster = Cluster::start(&[]);
-    let (mut client, _) = cluster.with_workspaces(1);
-    for hostile in ["'); DROP TABLE workspaces; --", "00000000-0000-0000-0000-000000000000'; DROP TABLE workspaces; --"]
-    {
-        // wsusage takes ids as uuid only: no signature takes text, so text can reach it only as
-        // a uuid (untyped text goes through uuid input, see text_that_is_not_a_uuid_is_rejected_with_22p02),
-        // never as a string it could splice into its SQL.
-        let err = client.execute("SELECT wsusage_mark($1::text)", &[&hostile]).unwrap_err();
-        let (code, message, _, _) = report(&err);
-        assert_eq!(code, "42883", "{message}");
-        assert!(message.contains("wsusage_mark(text)"), "{message}");
-        let err = client.execute("SELECT wsusage_mark_many($1::text[])", &[&vec![hostile]]).unwrap_err();
-        assert_eq!(sqlstate(&err), "42883", "{err}");
-    }
-    // Nothing was marked, nothing written, nothing dropped.
-    let pending: i64 = client.query_one("SELECT count(*) FROM wsusage_pending()", &[]).unwrap().get(0);
-    assert_eq!(pending, 0);
-    assert_eq!(flush(&mut client), 0);
-    let rows: i64 = client.query_one("SELECT count(*) FROM workspaces", &[]).unwrap().get(0);
-    assert_eq!(rows, 1);
 }
 
 /// PostgreSQL keeps a setting's default, with a WARNING, when the configuration file's value is

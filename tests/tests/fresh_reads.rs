@@ -1,6 +1,7 @@
 //! Fresh reads: `wsusage_pending_at` returns the time of a key's pending mark, the value the next
 //! flush writes, so that `greatest(last_used_at, wsusage_pending_at(id))` is the column as of
 //! now without a write. Per database and target; reading needs what reading the column needs.
+//! The wrong calls, and reads within one transaction, are `#[pg_test]`s (src/pg_tests/).
 
 use chrono::{DateTime, Utc};
 use postgres::types::ToSql;
@@ -108,51 +109,6 @@ fn a_read_sees_its_own_target_and_database_only() {
     assert_eq!(flush(&mut client), 3);
     assert_eq!(pending_at(&mut client, "SELECT wsusage_pending_at('users', $1)", &[&ids[0]]), None);
     assert_eq!(pending_at(&mut client, "SELECT wsusage_pending_at_bigint('api_keys', 42)", &[]), None);
-}
-
-#[test]
-fn bad_calls_are_refused_with_their_sqlstate() {
-    let cluster = cluster();
-    let (mut client, ids) = cluster.with_workspaces(1);
-    client
-        .batch_execute(
-            "CREATE TABLE api_keys (id bigint PRIMARY KEY, last_used timestamptz, spare timestamptz);
-             INSERT INTO wsusage_target (name, relation, id_column, timestamp_column)
-                  VALUES ('api_keys', 'api_keys', 'id', 'last_used');",
-        )
-        .unwrap();
-    let id = &ids[0];
-    for (sql, expected) in [
-        ("SELECT wsusage_pending_at(NULL, $1::uuid)", "22004"),
-        ("SELECT wsusage_pending_at_bigint(NULL, $1::bigint)", "22004"),
-        ("SELECT wsusage_pending_at('nope', $1::uuid)", "42704"),
-        ("SELECT wsusage_pending_at_bigint('nope', $1::bigint)", "42704"),
-    ] {
-        let key: &(dyn ToSql + Sync) = if sql.ends_with("::uuid)") { id } else { &1i64 };
-        let (code, message, _, _) = refusal(&mut client, sql, &[key]);
-        assert_eq!(code, expected, "{sql}: {message}");
-    }
-    // The wrong function for the key type says which one to call.
-    let (code, message, _, hint) = refusal(&mut client, "SELECT wsusage_pending_at('api_keys', $1)", &[id]);
-    assert_eq!(code, "42804", "{message}");
-    assert!(message.contains("bigint") && message.contains("uuid"), "{message}");
-    assert_eq!(hint, "Read the keys of this target with wsusage_pending_at_bigint().");
-    let (code, _, _, hint) = refusal(&mut client, "SELECT wsusage_pending_at_bigint('default', 1)", &[]);
-    assert_eq!(code, "42804");
-    assert_eq!(hint, "Read the keys of this target with wsusage_pending_at().");
-    // A NULL key has no pending mark: NULL, as SQL's own functions answer.
-    assert_eq!(pending_at(&mut client, "SELECT wsusage_pending_at_bigint('api_keys', NULL)", &[]), None);
-
-    // A target whose column is gone cannot be read either, with the catalog's own SQLSTATE.
-    client.batch_execute("ALTER TABLE api_keys DROP COLUMN last_used").unwrap();
-    let (code, message, _, _) = refusal(&mut client, "SELECT wsusage_pending_at_bigint('api_keys', 1)", &[]);
-    assert_eq!(code, "42703", "{message}");
-    // So is the default target whose table the settings name but that does not exist: its marks
-    // are accepted (they wait for the table), but no column's privilege can allow a read.
-    client.batch_execute("DROP TABLE workspaces").unwrap();
-    client.execute("SELECT wsusage_mark($1)", &[id]).unwrap();
-    let (code, message, _, _) = refusal(&mut client, "SELECT wsusage_pending_at($1)", &[id]);
-    assert_eq!(code, "42P01", "{message}");
 }
 
 /// Reading a pending mark reveals the column's next value: it needs what reading the column

@@ -1,4 +1,5 @@
-//! What a mark records, and what a flush writes from it.
+//! What a mark records, and what a flush writes from it. The functions' volatility and signatures
+//! are `#[pg_test]`s: src/pg_tests/signatures.rs.
 
 use postgres::types::Type;
 use uuid::Uuid;
@@ -126,73 +127,4 @@ fn an_untyped_parameter_resolves_to_uuid_as_drivers_send_it() {
 
     assert_eq!(flush(&mut client), 2);
     assert_eq!(count_used(&mut client), 2);
-}
-
-#[test]
-fn the_functions_are_volatile_and_parallel_unsafe() {
-    let cluster = Cluster::start(&[]);
-    let (mut client, _) = cluster.with_workspaces(0);
-    let rows = client
-        .query(
-            "SELECT proname, provolatile::text, proparallel::text, pg_get_function_result(oid)
-               FROM pg_proc WHERE proname LIKE 'wsusage%' ORDER BY proname, pronargs",
-            &[],
-        )
-        .unwrap();
-    let described: Vec<(String, String, String, String)> =
-        rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
-    let expected = [
-        ("wsusage_flush", "bigint"),
-        ("wsusage_mark", "void"),
-        ("wsusage_mark", "void"),
-        ("wsusage_mark_bigint", "void"),
-        ("wsusage_mark_many", "void"),
-        ("wsusage_mark_many", "void"),
-        ("wsusage_mark_many_bigint", "void"),
-        (
-            "wsusage_pending",
-            "TABLE(target text, key text, workspace_id uuid, last_used_at timestamp with time zone, error text, \
-             retry_at timestamp with time zone)",
-        ),
-        // The fresh reads.
-        ("wsusage_pending_at", "timestamp with time zone"),
-        ("wsusage_pending_at", "timestamp with time zone"),
-        ("wsusage_pending_at_bigint", "timestamp with time zone"),
-        (
-            "wsusage_stats",
-            "TABLE(pending bigint, capacity bigint, marks bigint, flushes bigint, ids_flushed bigint, \
-             rows_updated bigint, ids_without_row bigint, ids_skipped_locked bigint, \
-             ids_skipped_by_min_change bigint, ids_discarded bigint, \
-             failures bigint, consecutive_failures bigint, rejected bigint, held_back bigint, \
-             last_flush_at timestamp with time zone, \
-             last_flush_duration interval, last_error text, last_error_at timestamp with time zone, \
-             databases bigint, workers bigint, launcher_pid integer, stats_reset timestamp with time zone)",
-        ),
-        (
-            "wsusage_stats_by_database",
-            "TABLE(datid oid, datname text, pending bigint, marks bigint, flushes bigint, ids_flushed bigint, \
-             rows_updated bigint, ids_without_row bigint, ids_skipped_locked bigint, \
-             ids_skipped_by_min_change bigint, failures bigint, \
-             consecutive_failures bigint, rejected bigint, held_back bigint, \
-             last_flush_at timestamp with time zone, last_flush_duration interval, \
-             last_error text, last_error_at timestamp with time zone, worker_pid integer, \
-             stats_reset timestamp with time zone)",
-        ),
-        (
-            "wsusage_stats_by_target",
-            "TABLE(database text, target text, pending bigint, ids_flushed bigint, rows_updated bigint, \
-             ids_skipped_by_min_change bigint, ids_without_row bigint, ids_skipped_locked bigint, \
-             failures bigint, consecutive_failures bigint, last_error text, \
-             last_error_at timestamp with time zone, last_flush_at timestamp with time zone)",
-        ),
-        ("wsusage_stats_reset", "void"),
-        // The trigger functions of wsusage_target.
-        ("wsusage_target_check", "trigger"),
-        ("wsusage_target_normalize", "trigger"),
-    ];
-    assert_eq!(described.len(), expected.len(), "{described:?}");
-    for ((name, volatility, parallel, result), (want_name, want_result)) in described.iter().zip(expected) {
-        assert_eq!((name.as_str(), result.as_str()), (want_name, want_result));
-        assert_eq!((volatility.as_str(), parallel.as_str()), ("v", "u"), "{name}");
-    }
 }

@@ -575,3 +575,39 @@ fn a_row_its_check_constraint_refuses_is_held_back_and_every_other_is_written() 
     assert!(held[0].1.contains("archived_not_used"), "{}", held[0].1);
     assert!(cluster.log().contains("wsusage holds back id"), "{}", cluster.log());
 }
+
+/// A held-back key is retried by the worker's rounds ever more slowly — one flush interval after
+/// its first failure, then 2, 4 … up to 64 — and at once by every `wsusage_flush()`, whose
+/// caller (an operator who fixed the row) wants it tried now: each such try that fails again
+/// doubles the wait, as `wsusage_pending()` shows.
+#[test]
+fn a_held_back_key_waits_twice_as_long_after_each_failure_up_to_64_intervals() {
+    let cluster = Cluster::start(&[("wsusage.flush_interval", "'1h'")]);
+    let (mut client, ids) = cluster.with_workspaces(2);
+    client
+        .batch_execute(
+            "ALTER TABLE workspaces ADD CONSTRAINT stay_unused CHECK (name <> 'poison' OR last_used_at IS NULL)",
+        )
+        .unwrap();
+    client.execute("UPDATE workspaces SET name = 'poison' WHERE id = $1", &[&ids[0]]).unwrap();
+    client.execute("SELECT wsusage_mark_many($1)", &[&ids]).unwrap();
+    let mut waits = Vec::new();
+    for _ in 0..8 {
+        let before = now_us();
+        // The poison row alone fails: 23514 reaches the caller as a warning, the other row is written.
+        client.query_one("SELECT wsusage_flush()", &[]).unwrap();
+        let retry_at: DateTime<Utc> = client
+            .query_one("SELECT retry_at FROM wsusage_pending() WHERE workspace_id = $1", &[&ids[0]])
+            .unwrap()
+            .get(0);
+        let hours = (retry_at - before).num_seconds() as f64 / 3600.0;
+        waits.push(hours.round() as i64);
+    }
+    assert_eq!(waits, [1, 2, 4, 8, 16, 32, 64, 64], "flush intervals until the next try");
+    assert_eq!(used_ids(&mut client), [ids[1]], "every other row written at the first flush");
+
+    // The row fixed, the next wsusage_flush() writes it at once, whatever its wait.
+    client.execute("UPDATE workspaces SET name = 'fixed' WHERE id = $1", &[&ids[0]]).unwrap();
+    assert_eq!(flush(&mut client), 1);
+    assert_eq!(used_ids(&mut client), sorted(&ids));
+}

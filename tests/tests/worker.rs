@@ -203,3 +203,29 @@ fn pg_cancel_backend_on_the_idle_worker_does_not_end_it() {
     assert_eq!(flush(&mut client), 1);
     assert_eq!(cluster.worker_pid(&mut client), Some(worker), "the same worker served the flush");
 }
+
+/// `wsusage_flush()` waits for a launcher for a while (longer than the launcher's restart
+/// delay): a caller who asks while the launcher is gone — terminated, and not yet restarted by
+/// the postmaster — is served by the next one.
+#[test]
+fn a_flush_asked_for_while_the_launcher_is_gone_is_served_by_the_restarted_one() {
+    let cluster = Cluster::start(&[]);
+    let (mut client, ids) = cluster.with_workspaces(3);
+    let launcher = cluster.wait_for_launcher(&mut client);
+    let terminated: bool = client.query_one("SELECT pg_terminate_backend($1)", &[&launcher]).unwrap().get(0);
+    assert!(terminated);
+    wait_until("the launcher to exit", || {
+        client.query_opt("SELECT FROM pg_stat_activity WHERE backend_type = 'wsusage launcher'", &[]).unwrap().is_none()
+    });
+    // No launcher runs and no worker either (nothing was marked before): the marks wait, and the
+    // caller with them.
+    client.execute("SELECT wsusage_mark_many($1)", &[&ids]).unwrap();
+    // The postmaster restarts the launcher 5 s after it exited: unless this machine stalled for
+    // that long, the call below is made while no launcher runs.
+    let absent: bool = client.query_one("SELECT launcher_pid IS NULL FROM wsusage_stats", &[]).unwrap().get(0);
+    assert_eq!(flush(&mut client), 3, "served once the postmaster restarted the launcher");
+    eprintln!("wsusage_flush() was called {}", if absent { "with no launcher running" } else { "after the restart" });
+    let after = cluster.wait_for_launcher_other_than(&mut client, Some(launcher));
+    assert_ne!(after, launcher);
+    assert_eq!(count_used(&mut client), 3);
+}

@@ -63,6 +63,16 @@ ensure_debian_server() {
     ensure_apt postgresql-15
 }
 
+# Miri, for the pending table's single-thread operations (scripts/test): the nightly toolchain's
+# component, installed with rustup where it can reach its server. Returns 1 where it cannot.
+ensure_miri() {
+    cargo +nightly miri --version >/dev/null 2>&1 && return 0
+    command -v rustup >/dev/null || return 1
+    log "installing Miri (the nightly toolchain with miri and rust-src, once)"
+    timeout 900 rustup toolchain install nightly --profile minimal --component miri,rust-src >/dev/null 2>&1 || return 1
+    cargo +nightly miri --version >/dev/null 2>&1
+}
+
 ensure_cargo_pgrx() {
     if ! cargo pgrx --version 2>/dev/null | grep -q " $PGRX_VERSION\$"; then
         log "installing cargo-pgrx $PGRX_VERSION (a few minutes, once)"

@@ -38,15 +38,19 @@
 //! of its claim or an exclusive holder writes, is in an `UnsafeCell`. No `&mut` to the table's
 //! memory is ever made: the memory is shared with other processes for as long as the table lives.
 //!
+//! The protocol is model-checked with loom (tests/loom.rs, through `sync`); the threads of
+//! tests/threads.rs run it on the machine, and Miri checks the operations' memory accesses.
+//!
 //! Waiting on a claimed place is bounded: a claim is published a few instructions after it is
 //! made, so the waiter spins, then yields, then sleeps, and after [`STUCK_AFTER`] gives up with
 //! [`Stuck`] instead of waiting forever.
 
-use std::cell::UnsafeCell;
 use std::marker::PhantomData;
 use std::mem::{align_of, size_of};
-use std::sync::atomic::{fence, AtomicBool, AtomicI64, AtomicU8, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+mod sync;
+use sync::{fence, AtomicBool, AtomicI64, AtomicU8, AtomicUsize, KeyCell, Ordering};
 
 /// What the table is keyed by: a key is pending per database (an OID) and target (the index of
 /// the target's slot, which the extension keeps). `kind` says how `id` holds the key (a uuid, a
@@ -160,12 +164,13 @@ const HELD: u8 = 2;
 struct Place {
     /// Written only by the holder of the place's claim (no one reads it until the claim is
     /// published) or by an exclusive holder.
-    key: UnsafeCell<Key>,
+    key: KeyCell,
     state: AtomicU8,
     /// Latest mark time; raised atomically, by shared holders too.
     marked_at: AtomicI64,
 }
 
+#[cfg(not(loom))]
 const _: () = assert!(size_of::<Place>() == 32);
 
 // SAFETY: the only non-atomic field, `key`, is written by one party at a time (the holder of the
@@ -180,7 +185,7 @@ impl Place {
     fn key(&self) -> Key {
         // SAFETY: a held place's key changes only under exclusive access, which the caller either
         // has or is excluded by; the acquire load of its state made the write visible.
-        unsafe { *self.key.get() }
+        unsafe { self.key.read() }
     }
 
     fn entry(&self) -> Entry {
@@ -214,11 +219,9 @@ impl Backoff {
 
     fn wait(&mut self) -> Result<(), Duration> {
         self.turns = self.turns.saturating_add(1);
-        if self.turns <= Self::SPINS {
-            std::hint::spin_loop();
-        } else if self.turns <= Self::SPINS + Self::YIELDS {
-            // The claimant may be descheduled on this very core: give it the processor.
-            std::thread::yield_now();
+        // Under loom every claim is published in the end: no time passes there, and none is waited.
+        if cfg!(loom) || self.turns <= Self::SPINS + Self::YIELDS {
+            sync::pause(self.turns <= Self::SPINS);
         } else {
             let since = *self.since.get_or_insert_with(Instant::now);
             let waited = since.elapsed();
@@ -291,6 +294,28 @@ pub unsafe fn create<'a>(memory: *mut u8, limit: usize, seed: [u64; 2]) -> Table
         });
         attach(memory)
     }
+}
+
+/// A table of `limit` keys for loom's model, whose atomics cannot be laid over zeroed memory as
+/// [`create`] lays std's: built on the heap and leaked (a model's tables are a few places each).
+#[cfg(loom)]
+pub fn create_in_model(limit: usize, seed: [u64; 2]) -> Table<'static> {
+    let header = Box::leak(Box::new(Header {
+        len: AtomicUsize::new(0),
+        changing: AtomicBool::new(false),
+        limit,
+        places: places_for(limit),
+        seed,
+    }));
+    let places = (0..places_for(limit))
+        .map(|_| Place {
+            key: KeyCell::new(Key { database: 0, target: 0, kind: 0, id: [0; 16] }),
+            state: AtomicU8::new(FREE),
+            marked_at: AtomicI64::new(0),
+        })
+        .collect::<Vec<_>>()
+        .leak();
+    Table { header, places }
 }
 
 /// The table [`create`] made in `memory`.
@@ -377,7 +402,7 @@ impl Table<'_> {
                     }
                     // SAFETY: we hold the place's claim: no one reads or writes its key until the
                     // release store below publishes it.
-                    unsafe { place.key.get().write(*key) };
+                    unsafe { place.key.write(*key) };
                     place.marked_at.store(at, Ordering::Relaxed);
                     place.state.store(HELD, Ordering::Release);
                     return Ok(Inserted::New);
@@ -470,7 +495,7 @@ impl Table<'_> {
             if distance_to_hole < distance_to_next {
                 let target = &self.places[hole];
                 // SAFETY: the caller excludes every other user (the Exclusive token).
-                unsafe { target.key.get().write(candidate.key()) };
+                unsafe { target.key.write(candidate.key()) };
                 target.marked_at.store(candidate.marked_at.load(Ordering::Relaxed), Ordering::Relaxed);
                 target.state.store(HELD, Ordering::Relaxed);
                 hole = next;
@@ -479,7 +504,7 @@ impl Table<'_> {
         }
         let emptied = &self.places[hole];
         // SAFETY: as above.
-        unsafe { emptied.key.get().write(Key { database: 0, target: 0, kind: 0, id: [0; 16] }) };
+        unsafe { emptied.key.write(Key { database: 0, target: 0, kind: 0, id: [0; 16] }) };
         emptied.marked_at.store(0, Ordering::Relaxed);
         emptied.state.store(FREE, Ordering::Relaxed);
         let len = self.header.len.load(Ordering::Relaxed);

@@ -11,6 +11,16 @@ use std::time::{Duration, Instant};
 
 use wsusage_pending_table::{create, size, Entry, Exclusive, Inserted, Key, Table};
 
+/// `n` rounds or operations, or a fiftieth of them under Miri, which checks every memory access
+/// of every operation and runs them thousands of times slower (scripts/test runs both).
+const fn scaled(n: u64) -> u64 {
+    if cfg!(miri) {
+        n.div_ceil(50)
+    } else {
+        n
+    }
+}
+
 /// A table of `limit` keys in memory that lives for the rest of the test process.
 fn new_table(limit: usize, seed: [u64; 2]) -> Table<'static> {
     let memory: &'static mut [u64] = Box::leak(vec![0u64; size(limit).div_ceil(8)].into_boxed_slice());
@@ -63,7 +73,7 @@ fn as_map(table: &Table<'_>) -> HashMap<Key, i64> {
 #[test]
 fn one_thread_inserting_removing_and_retaining_matches_a_map_through_runs_that_wrap() {
     let mut operations = 0u64;
-    for seed in 1..=20u64 {
+    for seed in 1..=scaled(20) {
         let limit = 48;
         let table = new_table(limit, [seed, seed.rotate_left(17)]);
         let exclusive = exclusive();
@@ -72,7 +82,7 @@ fn one_thread_inserting_removing_and_retaining_matches_a_map_through_runs_that_w
         pool.extend((1000..1040).map(key));
         let mut model: HashMap<Key, i64> = HashMap::new();
         let mut random = Random(seed * 0x9e37_79b9);
-        for at in 0..3_000i64 {
+        for at in 0..scaled(3_000) as i64 {
             let k = pool[random.below(pool.len())];
             match random.below(10) {
                 0..=5 => {
@@ -134,7 +144,7 @@ fn a_table_is_full_at_exactly_its_limit_and_takes_existing_keys_when_full() {
 /// not use up the probe's bound, or a thread would see a false "full".
 #[test]
 fn threads_racing_for_the_places_of_one_run_never_see_a_false_full() {
-    for round in 0..200u64 {
+    for round in 0..scaled(200) {
         let limit = 16;
         let table = new_table(limit, [round, 7]);
         // 16 distinct keys, all homed in the last 2 places, inserted by 8 threads at once: every
@@ -163,7 +173,7 @@ fn threads_racing_for_the_places_of_one_run_never_see_a_false_full() {
 fn readers_racing_inserters_find_every_key_inserted_before_the_read() {
     const KEYS: usize = 48;
     let found_while_racing = AtomicUsize::new(0);
-    for round in 0..100u64 {
+    for round in 0..scaled(100) {
         let table = new_table(KEYS, [round, 11]);
         // Runs that wrap, claimed by several threads at once.
         let keys = keys_homed_at_the_end(&table, KEYS + 8, 4);
@@ -185,7 +195,7 @@ fn readers_racing_inserters_find_every_key_inserted_before_the_read() {
                 let found_while_racing = &found_while_racing;
                 scope.spawn(move || {
                     let mut random = Random(round * 31 + reader + 1);
-                    for _ in 0..2_000 {
+                    for _ in 0..scaled(2_000) {
                         let n = random.below(KEYS);
                         let _shared = lock.read().unwrap();
                         let before = inserted[n].load(Ordering::Acquire);
@@ -212,7 +222,7 @@ fn readers_racing_inserters_find_every_key_inserted_before_the_read() {
 
 #[test]
 fn threads_filling_a_table_at_once_get_exactly_limit_keys_accepted() {
-    for round in 0..50u64 {
+    for round in 0..scaled(50) {
         let limit = 64;
         let table = new_table(limit, [round, round + 1]);
         let accepted = AtomicU64::new(0);
@@ -244,9 +254,9 @@ fn threads_filling_a_table_at_once_get_exactly_limit_keys_accepted() {
 #[test]
 fn inserters_and_a_remover_at_once_leave_each_key_at_its_latest_time_since_its_last_removal() {
     const INSERTERS: u64 = 4;
-    const MARKS: u64 = 20_000;
+    const MARKS: u64 = scaled(20_000);
     /// Distinct keys the remover must have removed before the inserters stop.
-    const REMOVED_KEYS: usize = 100;
+    const REMOVED_KEYS: usize = scaled(100) as usize;
     let limit = 256;
     let table = new_table(limit, [0xfeed, 0xbeef]);
     // Keys crowd the last places, so runs wrap and removals shift entries across the end.
@@ -308,7 +318,7 @@ fn inserters_and_a_remover_at_once_leave_each_key_at_its_latest_time_since_its_l
                     // However the threads are scheduled (a loaded machine may run the inserters
                     // to the end before the remover starts), insert until the remover has
                     // interleaved with them.
-                    let deadline = Instant::now() + Duration::from_secs(60);
+                    let deadline = Instant::now() + Duration::from_secs(if cfg!(miri) { 900 } else { 60 });
                     for n in 0.. {
                         if n >= MARKS && removed_keys.load(Ordering::Relaxed) >= REMOVED_KEYS {
                             break;

@@ -55,6 +55,10 @@ pub const STATEMENT_TIMEOUT_MS_DEFAULT: i32 = 60_000;
 /// One hour; 0 (no limit) is also accepted, as for PostgreSQL's own timeouts.
 pub const TIMEOUT_MS_MAX: i32 = 3_600_000;
 
+/// Three times the launcher's restart delay: a launcher that was just terminated comes back
+/// within it.
+pub const LAUNCHER_WAIT_MS_DEFAULT: i32 = 15_000;
+
 /// Time between flushes of the pending set.
 static FLUSH_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(FLUSH_INTERVAL_MS_DEFAULT);
 
@@ -81,6 +85,8 @@ static LOCK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(LOCK_TIMEOUT_MS
 
 /// Longest a chunk's UPDATE may run.
 static STATEMENT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(STATEMENT_TIMEOUT_MS_DEFAULT);
+/// How long `wsusage_flush()` waits for a launcher to attach.
+static LAUNCHER_WAIT_MS: GucSetting<i32> = GucSetting::<i32>::new(LAUNCHER_WAIT_MS_DEFAULT);
 
 /// The role every flush runs as instead of the owner of each target's table; empty: the owner.
 static mut ROLE: *mut c_char = null_mut();
@@ -234,6 +240,10 @@ pub fn lock_timeout_ms() -> i32 {
 
 pub fn statement_timeout_ms() -> i32 {
     STATEMENT_TIMEOUT_MS.get()
+}
+
+pub fn launcher_wait() -> std::time::Duration {
+    std::time::Duration::from_millis(u64::try_from(LAUNCHER_WAIT_MS.get()).unwrap_or(0))
 }
 
 /// The setting whose value the server refused at start, if any: with it, no mark is accepted

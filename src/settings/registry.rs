@@ -118,6 +118,16 @@ pub fn init() {
             context: GucContext::Sighup,
             flags: GucFlags::UNIT_MS,
         },
+        IntSetting {
+            name: c"wsusage.launcher_wait",
+            short: c"How long wsusage_flush() waits for the wsusage launcher to run before it gives up; 0: it gives up at once.",
+            long: c"The postmaster restarts a launcher that exited 5 s later; the default waits for that.",
+            variable: &LAUNCHER_WAIT_MS,
+            min: 0,
+            max: TIMEOUT_MS_MAX,
+            context: GucContext::Userset,
+            flags: GucFlags::UNIT_MS,
+        },
     ];
     let texts = [
         TextSetting {

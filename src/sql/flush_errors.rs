@@ -33,8 +33,8 @@ impl Report for FlushError {
                 function,
             )
             .set_detail(format!(
-                "No wsusage launcher was attached during {} seconds; the marks stay pending.",
-                waited.as_secs()
+                "No wsusage launcher was attached during {} ms (\"wsusage.launcher_wait\"); the marks stay pending.",
+                waited.as_millis()
             ))
             .set_hint("Check the server log for messages from the \"wsusage launcher\", and that \"max_worker_processes\" leaves room for it and \"wsusage.max_workers\" flush workers."),
             FlushError::FlushFailed { sqlstate, message } => ErrorReport::new(

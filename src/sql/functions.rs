@@ -1,6 +1,6 @@
 //! The SQL functions. All are VOLATILE and PARALLEL UNSAFE: they act on shared state, not data.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use pgrx::prelude::*;
 use pgrx::{Array, Uuid};
@@ -20,10 +20,6 @@ use crate::state::rendezvous::{self, Lookup, Request};
 
 /// The target `wsusage_mark(uuid)` and `wsusage_mark_many(uuid[])` mark.
 pub const DEFAULT_TARGET: &str = "default";
-
-/// How long `wsusage_flush()` waits for the launcher to attach before giving up. Longer than the
-/// launcher's restart delay, so a launcher that was just terminated comes back within it.
-const LAUNCHER_ATTACH_WAIT: Duration = Duration::from_secs(15);
 
 /// Record that a workspace (a key of the `default` target) was used now. Not transactional:
 /// the mark stands even if the caller's transaction rolls back.
@@ -143,9 +139,9 @@ fn wsusage_flush() -> i64 {
             }
             Lookup::Waiting { launcher_attached: false } => {
                 let since = *launcher_absent_since.get_or_insert_with(Instant::now);
-                (since.elapsed() >= LAUNCHER_ATTACH_WAIT).then(|| {
-                    Box::new(FlushError::LauncherNotRunning { waited: LAUNCHER_ATTACH_WAIT }) as Box<dyn Report>
-                })
+                let waited = settings::launcher_wait();
+                (since.elapsed() >= waited)
+                    .then(|| Box::new(FlushError::LauncherNotRunning { waited }) as Box<dyn Report>)
             }
             Lookup::Forgotten => Some(Box::new(FlushError::FlushOutcomeLost)),
             Lookup::NotPreloaded => Some(Box::new(Unavailable::NotPreloaded)),

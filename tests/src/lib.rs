@@ -261,7 +261,7 @@ impl Cluster {
         backup
             .arg("-D")
             .arg(&data)
-            .args(["-R", "-X", "stream", "-U", "postgres", "-p", "5432", "-h"])
+            .args(["-R", "-X", "stream", "--checkpoint=fast", "-U", "postgres", "-p", "5432", "-h"])
             .arg(&primary.dir);
         run(backup, "pg_basebackup");
         let path = data.join("postgresql.conf");

@@ -92,11 +92,16 @@ fn flush_gives_up_with_a_clear_error_when_no_launcher_can_run() {
     let cluster = Cluster::start(&[("max_worker_processes", "0")]);
     let (mut client, ids) = cluster.with_workspaces_and_no_worker(1);
     client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
+    // 15 s by default, longer than the launcher's restart delay; a caller may wait less.
+    client.batch_execute("SET wsusage.launcher_wait = '1s'").unwrap();
 
     let (code, message, detail, hint) = flush_error(&mut client);
     assert_eq!(code, "55000");
     assert_eq!(message, "wsusage launcher is not running");
-    assert!(detail.contains("stay pending"), "{detail}");
+    assert!(
+        detail.contains("during 1000 ms (\"wsusage.launcher_wait\")") && detail.contains("stay pending"),
+        "{detail}"
+    );
     assert!(hint.contains("max_worker_processes"), "{hint}");
 }
 
@@ -255,11 +260,12 @@ fn every_integer_setting_takes_its_bounds_and_refuses_one_beyond_them() {
     let cluster = Cluster::start(&[]);
     let mut client = cluster.connect();
     // The ranges the README's settings table gives (ms for the times).
-    let bounds: [(&str, i64, i64); 8] = [
+    let bounds: [(&str, i64, i64); 9] = [
         ("wsusage.flush_interval", 10, 86_400_000),
         ("wsusage.batch_size", 1, 1_000_000),
         ("wsusage.lock_timeout", 0, 3_600_000),
         ("wsusage.statement_timeout", 0, 3_600_000),
+        ("wsusage.launcher_wait", 0, 3_600_000),
         ("wsusage.max_pending", 16, 16_777_216),
         ("wsusage.max_databases", 1, 4_096),
         ("wsusage.max_targets", 1, 32_767),

@@ -274,16 +274,19 @@ fn assert_alerts(case: &str, samples: &[(String, f64)], course: Course, firing: 
 const FLUSHING: Course = Course { flushing: true, refusing: false };
 const STALLED: Course = Course { flushing: false, refusing: false };
 
-/// Every alert of alerts.yml, on series scraped from the real exporter of real clusters: each
-/// fires when it should (no launcher on a primary; keys pending and no flush for three intervals,
-/// none ever included; a database's rounds failing; the set over half full; marks refused) and
-/// stays quiet on a hot standby, a fresh server and a server whose flushes succeed.
-#[test]
-fn the_alerts_fire_when_they_should_and_only_then() {
-    let minute = [("wsusage.flush_interval", "'1min'")];
+// Every alert of alerts.yml, on series scraped from the real exporter of real clusters: each
+// fires when it should (no launcher on a primary; keys pending and no flush for three intervals,
+// none ever included; a database's rounds failing; the set over half full; marks refused) and
+// stays quiet on a hot standby, a fresh server and a server whose flushes succeed. One test per
+// case, so that their clusters run at once.
 
-    // Healthy: marks flushed, flushes going on.
-    let primary = Cluster::start(&minute);
+const MINUTE: (&str, &str) = ("wsusage.flush_interval", "'1min'");
+
+/// Healthy: marks flushed, flushes going on; and a hot standby of it, with no launcher there by
+/// design.
+#[test]
+fn no_alert_fires_on_a_healthy_primary_nor_on_its_hot_standby() {
+    let primary = Cluster::start(&[MINUTE]);
     let (mut client, ids) = primary.with_workspaces(2);
     client.execute("SELECT wsusage_mark_many($1)", &[&ids]).unwrap();
     flush(&mut client);
@@ -293,25 +296,28 @@ fn the_alerts_fire_when_they_should_and_only_then() {
     assert_alerts("healthy", &wsusage_samples(&exporter), FLUSHING, &[]);
     drop(exporter);
 
-    // A hot standby of it: no launcher there, by design.
     let standby = Cluster::standby_of(&primary);
     let exporter = Exporter::start(&standby);
     assert_eq!(exporter.value("wsusage_in_recovery"), 1.0);
     assert_eq!(exporter.value("wsusage_launcher_up"), 0.0);
     assert_alerts("standby", &wsusage_samples(&exporter), STALLED, &[]);
-    drop(exporter);
+}
 
-    // A fresh server: nothing marked, so no flush yet is no fault.
-    let fresh = Cluster::start(&minute);
+/// A fresh server: nothing marked, so no flush yet is no fault.
+#[test]
+fn no_alert_fires_on_a_fresh_server_that_has_flushed_nothing_yet() {
+    let fresh = Cluster::start(&[MINUTE]);
     let (_client, _) = fresh.with_workspaces(1);
     let exporter = Exporter::start(&fresh);
     assert_eq!(exporter.value("wsusage_seconds_since_last_flush"), -1.0);
     assert_alerts("fresh", &wsusage_samples(&exporter), STALLED, &[]);
-    drop(exporter);
+}
 
-    // No slot for a worker (the logical replication launcher and ours take both): keys pending,
-    // no flush ever.
-    let no_worker = Cluster::start(&[minute[0], ("max_worker_processes", "2")]);
+/// No slot for a worker (the logical replication launcher and ours take both): keys pending, no
+/// flush ever.
+#[test]
+fn wsusage_no_flush_fires_when_keys_wait_and_no_flush_ever_succeeded() {
+    let no_worker = Cluster::start(&[MINUTE, ("max_worker_processes", "2")]);
     let (mut client, ids) = no_worker.with_workspaces_and_no_worker(1);
     no_worker.wait_for_launcher(&mut client);
     client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
@@ -319,17 +325,20 @@ fn the_alerts_fire_when_they_should_and_only_then() {
     assert_eq!(exporter.value("wsusage_launcher_up"), 1.0);
     assert_eq!(exporter.value("wsusage_seconds_since_last_flush"), -1.0);
     assert_alerts("no worker slot", &wsusage_samples(&exporter), STALLED, &["WsusageNoFlush"]);
-    drop(exporter);
+}
 
-    // No launcher on a primary.
-    let no_launcher = Cluster::start(&[minute[0], ("max_worker_processes", "0")]);
+#[test]
+fn wsusage_launcher_down_fires_on_a_primary_without_a_launcher() {
+    let no_launcher = Cluster::start(&[MINUTE, ("max_worker_processes", "0")]);
     let (_client, _) = no_launcher.with_workspaces_and_no_worker(1);
     let exporter = Exporter::start(&no_launcher);
     assert_eq!(exporter.value("wsusage_launcher_up"), 0.0);
     assert_alerts("no launcher", &wsusage_samples(&exporter), STALLED, &["WsusageLauncherDown"]);
-    drop(exporter);
+}
 
-    // A database whose rounds keep failing (its table renamed away).
+/// A database whose rounds keep failing (its table renamed away).
+#[test]
+fn wsusage_flush_failing_fires_when_a_databases_rounds_keep_failing() {
     let failing = Cluster::start(&[]);
     let (mut client, ids) = failing.with_workspaces(1);
     client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
@@ -340,11 +349,13 @@ fn the_alerts_fire_when_they_should_and_only_then() {
     let exporter = Exporter::start(&failing);
     assert_eq!(exporter.value("wsusage_database_consecutive_failures{datname=\"postgres\"}"), 3.0);
     assert_alerts("failing", &wsusage_samples(&exporter), FLUSHING, &["WsusageFlushFailing"]);
-    drop(exporter);
+}
 
-    // The set over half full, and marks refused once full (and still refused). No worker may
-    // start (as above), or the full set would be flushed early; with an hour's interval, three
-    // intervals without a flush are not reached.
+/// The set over half full, and marks refused once full (and still refused). No worker may start
+/// (as above), or the full set would be flushed early; with an hour's interval, three intervals
+/// without a flush are not reached.
+#[test]
+fn wsusage_pending_high_and_wsusage_rejecting_fire_when_the_set_fills() {
     let full = Cluster::start(&[("wsusage.max_pending", "16"), ("max_worker_processes", "2")]);
     let (mut client, ids) = full.with_workspaces_and_no_worker(20);
     full.wait_for_launcher(&mut client);

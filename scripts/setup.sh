@@ -151,7 +151,6 @@ ensure_postgres_user() {
     fi
 }
 
-# Build and install the extension into the PostgreSQL build of major $1.
 # pgrx_test MAJOR [ARGS...]: `cargo pgrx test pgMAJOR ARGS...`, the #[pg_test]s (src/pg_tests/) in a
 # throwaway cluster of that build. PostgreSQL refuses to run as root: as root, pgrx runs it as
 # "postgres" (CARGO_PGRX_TEST_RUNAS) through `sudo -u`, and where there is no sudo through
@@ -162,8 +161,12 @@ pgrx_test() {
     shift
     (
         if is_root; then
-            local pgdata="${TMPDIR:-/tmp}/wsusage-pgrx-$major"
-            mkdir -p "$pgdata" && chown postgres "$pgdata"
+            # A folder of this run's own (a fixed name could be a link planted to make root chown
+            # what it points to), for the cluster, which "postgres" must own.
+            local pgdata
+            pgdata=$(mktemp -d)
+            trap 'rm -rf "$pgdata"' EXIT
+            chown postgres "$pgdata"
             export CARGO_PGRX_TEST_RUNAS=postgres CARGO_PGRX_TEST_PGDATA="$pgdata"
             command -v sudo >/dev/null || PATH="$WSUSAGE_ROOT/scripts/sudo-stand-in:$PATH"
         fi
@@ -171,6 +174,7 @@ pgrx_test() {
     )
 }
 
+# Build and install the extension into the PostgreSQL build of major $1.
 install_extension() {
     cargo pgrx install --package wsusage --pg-config "$(pg_config_of "$1")" \
         --no-default-features --features "pg$1" >/dev/null

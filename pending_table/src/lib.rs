@@ -276,11 +276,13 @@ impl Exclusive<'_> {
     }
 }
 
-/// Make an empty table for `limit` keys in `memory`, hashing with `seed`.
+/// Make an empty table for `limit` keys in `memory`, hashing with `seed`. Not under loom, whose
+/// atomics zeroed memory does not make (see [`create_in_model`]).
 ///
 /// # Safety
 /// `memory` is [`ALIGN`]-aligned, [`size`]`(limit)` writable bytes, used by no one else until
 /// this returns, and lives as long as `'a`.
+#[cfg(not(loom))]
 pub unsafe fn create<'a>(memory: *mut u8, limit: usize, seed: [u64; 2]) -> Table<'a> {
     // SAFETY: the caller's promise; all-zero places are free.
     unsafe {
@@ -322,6 +324,7 @@ pub fn create_in_model(limit: usize, seed: [u64; 2]) -> Table<'static> {
 ///
 /// # Safety
 /// `memory` was made by [`create`] and lives as long as `'a`.
+#[cfg(not(loom))]
 pub unsafe fn attach<'a>(memory: *const u8) -> Table<'a> {
     // SAFETY: the places follow the header in the same allocation (see `size`); every access goes
     // through shared references to atomics or UnsafeCells.
@@ -424,14 +427,21 @@ impl Table<'_> {
     /// others insert: a claim on its way waits to be published (bounded, as an insert waits), so
     /// a key whose insert returned before this call began is always found.
     pub fn marked_at(&self, key: &Key) -> Result<Option<i64>, Stuck> {
+        let found = self.probe(key, |place, index| place.settled_state(index))?;
+        Ok(found.map(|index| self.places[index].marked_at.load(Ordering::Relaxed)))
+    }
+
+    /// The place holding `key`: its run walked from its home, each place's state as `state` reads
+    /// it, until the key or a free place (or, in damaged memory, every place) is met.
+    fn probe(&self, key: &Key, state: impl Fn(&Place, usize) -> Result<u8, Stuck>) -> Result<Option<usize>, Stuck> {
         let mut index = self.home(key);
         for _ in 0..self.places.len() {
             let place = &self.places[index];
-            if place.settled_state(index)? == FREE {
+            if state(place, index)? == FREE {
                 return Ok(None);
             }
             if place.key() == *key {
-                return Ok(Some(place.marked_at.load(Ordering::Relaxed)));
+                return Ok(Some(index));
             }
             index = self.next(index);
         }
@@ -451,18 +461,8 @@ impl Table<'_> {
 
     /// The place holding `key`, if it is in the table.
     pub fn find(&self, _: &Exclusive<'_>, key: &Key) -> Option<usize> {
-        let mut index = self.home(key);
-        for _ in 0..self.places.len() {
-            let place = &self.places[index];
-            if place.state.load(Ordering::Acquire) == FREE {
-                return None;
-            }
-            if place.key() == *key {
-                return Some(index);
-            }
-            index = self.next(index);
-        }
-        None
+        // No claim is in progress while the table is held exclusively: a state is read as it is.
+        self.probe(key, |place, _| Ok(place.state.load(Ordering::Acquire))).unwrap_or(None)
     }
 
     /// The entry at `index`, a place [`Table::find`] returned.

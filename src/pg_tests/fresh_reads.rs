@@ -55,6 +55,11 @@ mod tests {
             let refused = refusal(sql);
             assert_eq!(refused.sqlstate, expected, "{sql}: {}", refused.message);
         }
+        assert_eq!(
+            refusal("SELECT wsusage_pending_at(NULL, gen_random_uuid())").hint,
+            "Name a target of wsusage_target, or call the function without one to read the \"default\" target."
+        );
+        assert_eq!(refusal("SELECT wsusage_pending_at_bigint(NULL, 1)").hint, "Name a target of wsusage_target.");
         // The wrong function for the key type says which one to call.
         let refused = refusal("SELECT wsusage_pending_at('read_keys', gen_random_uuid())");
         assert_eq!(refused.sqlstate, "42804", "{}", refused.message);

@@ -153,6 +153,18 @@ mod tests {
         run("RESET ROLE");
         assert_eq!(as_dashboard.as_deref(), Some("true"));
         assert_eq!(marking.sqlstate, "42501", "reading is not marking: {}", marking.message);
+        // Row-level security that filters the role's rows: a read would answer for rows it cannot
+        // see, so none is allowed; without it, reads again.
+        run("ALTER TABLE watched.t ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY only_notes ON watched.t FOR SELECT USING (note IS NOT NULL);");
+        let refused = denied("dashboard", &read, "watched.t", "last_used_at");
+        assert!(refused.detail.contains("row-level security"), "{}", refused.detail);
+        run("ALTER TABLE watched.t DISABLE ROW LEVEL SECURITY");
+        run("SET LOCAL ROLE dashboard");
+        let again = value(&format!("SELECT (wsusage_pending_at('watched', '{id}') IS NOT NULL)::text"));
+        run("RESET ROLE");
+        assert_eq!(again.as_deref(), Some("true"));
+
         run("REVOKE SELECT (id) ON watched.t FROM dashboard");
         denied("dashboard", &read, "watched.t", "last_used_at");
     }

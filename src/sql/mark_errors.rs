@@ -73,8 +73,15 @@ impl Report for MarkRefused {
     fn to_report(&self, function: &'static str) -> ErrorReport {
         use PgSqlErrorCode::*;
         match self {
-            MarkRefused::NullTarget => ErrorReport::new(ERRCODE_NULL_VALUE_NOT_ALLOWED, "target must not be null", function)
-                .set_hint("Name a target of wsusage_target, or call the function without one to mark the \"default\" target."),
+            MarkRefused::NullTarget => {
+                let without = match function {
+                    "wsusage_mark" | "wsusage_mark_many" => ", or call the function without one to mark the \"default\" target",
+                    "wsusage_pending_at" => ", or call the function without one to read the \"default\" target",
+                    _ => "",
+                };
+                ErrorReport::new(ERRCODE_NULL_VALUE_NOT_ALLOWED, "target must not be null", function)
+                    .set_hint(format!("Name a target of wsusage_target{without}."))
+            }
             MarkRefused::UnknownTarget { name } => ErrorReport::new(
                 ERRCODE_UNDEFINED_OBJECT,
                 format!("wsusage target \"{name}\" does not exist"),
@@ -104,28 +111,22 @@ impl Report for MarkRefused {
                 function,
             )
             .set_hint(problem.hint.clone()),
-            MarkRefused::NoPrivilege { access: Access::Read, name, table, id_column, column } => ErrorReport::new(
-                ERRCODE_INSUFFICIENT_PRIVILEGE,
-                format!("permission denied to read the pending marks of wsusage target \"{name}\": no privilege to select column \"{column}\" of table {table}"),
-                function,
-            )
-            .set_detail("A pending mark is the column's next value: reading it needs what reading the column does, USAGE on the table's schema and SELECT on the id and timestamp columns.")
-            .set_hint(format!(
-                "GRANT SELECT ({id}, {ts}) ON {table} TO the role that reads.",
-                id = quote_identifier(id_column),
-                ts = quote_identifier(column)
-            )),
-            MarkRefused::NoPrivilege { access: Access::Mark, name, table, id_column, column } => ErrorReport::new(
-                ERRCODE_INSUFFICIENT_PRIVILEGE,
-                format!("permission denied to mark wsusage target \"{name}\": no privilege to update column \"{column}\" of table {table}"),
-                function,
-            )
-            .set_detail("A mark is an UPDATE of that column made later by the flush worker, so it needs what the UPDATE would: USAGE on the table's schema, SELECT on the id and timestamp columns, UPDATE on the timestamp column.")
-            .set_hint(format!(
-                "GRANT SELECT ({id}, {ts}), UPDATE ({ts}) ON {table} TO the role that marks.",
-                id = quote_identifier(id_column),
-                ts = quote_identifier(column)
-            )),
+            MarkRefused::NoPrivilege { access, name, table, id_column, column } => {
+                let (id, ts) = (quote_identifier(id_column), quote_identifier(column));
+                let (message, detail, hint) = match access {
+                    Access::Mark => (
+                        format!("permission denied to mark wsusage target \"{name}\": no privilege to update column \"{column}\" of table {table}"),
+                        "A mark is an UPDATE of that column made later by the flush worker, so it needs what the UPDATE would: USAGE on the table's schema, SELECT on the id and timestamp columns, UPDATE on the timestamp column.",
+                        format!("GRANT SELECT ({id}, {ts}), UPDATE ({ts}) ON {table} TO the role that marks."),
+                    ),
+                    Access::Read => (
+                        format!("permission denied to read the pending marks of wsusage target \"{name}\": no privilege to select columns \"{id_column}\" and \"{column}\" of every row of table {table}"),
+                        "A pending mark is the column's next value: reading it needs what reading the column does, USAGE on the table's schema and SELECT on the id and timestamp columns, on a table whose rows row-level security does not filter for the role.",
+                        format!("GRANT SELECT ({id}, {ts}) ON {table} TO the role that reads."),
+                    ),
+                };
+                ErrorReport::new(ERRCODE_INSUFFICIENT_PRIVILEGE, message, function).set_detail(detail).set_hint(hint)
+            }
             MarkRefused::TooManyTargets { capacity } => {
                 ErrorReport::new(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED, "wsusage cannot track marks of more targets", function)
                     .set_detail(format!("Marks are pending for {capacity} other targets, the maximum (\"wsusage.max_targets\")."))

@@ -248,7 +248,7 @@ fn resolve(name: &str, takes: Kind, access: Access, function: &'static str, user
 /// its own rows, and publishes nothing of them: they are not committed.
 fn read(name: &str, user: pg_sys::Oid) -> lookup::Catalog {
     if changes::uncommitted() {
-        return lookup::describe_declarations(lookup::declarations(Some(name)), Some(name), user);
+        return lookup::read(Some(name), user);
     }
     // SAFETY: a plain read of the backend's database, set once it connected.
     let database = unsafe { pg_sys::MyDatabaseId };

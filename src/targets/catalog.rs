@@ -175,6 +175,14 @@ pub fn qualified_name(schema: &str, name: &str) -> String {
     unsafe { owned(pg_sys::quote_qualified_identifier(schema.as_ptr(), name.as_ptr())) }.unwrap_or_default()
 }
 
+/// Whether row-level security filters the rows of table `relid` that `role` reads, as a query of
+/// it by `role` would have them filtered now (`row_security`, BYPASSRLS, ownership, FORCE).
+pub fn rows_filtered_for(role: pg_sys::Oid, relid: pg_sys::Oid) -> bool {
+    // SAFETY: PostgreSQL's own check, with noError: nothing raises for it.
+    let enabled = unsafe { pg_sys::check_enable_rls(relid, role, true) };
+    enabled == pg_sys::CheckEnableRlsResult::RLS_ENABLED as std::ffi::c_int
+}
+
 /// Whether `role` has privilege `mode` (ACL_*) on column `attnum` of table `relid`, on the table
 /// or on the column: what `has_column_privilege(role, relid, attnum, mode)` answers. False for a
 /// table dropped meanwhile.

@@ -40,7 +40,7 @@ pub struct Definition {
     pub may_update: Option<bool>,
     /// Whether the role asked about may read the target's pending marks (`wsusage_pending_at`):
     /// what reading the column itself needs, USAGE on the schema, SELECT on the id and timestamp
-    /// columns.
+    /// columns, and no row-level security filtering the table's rows for it.
     pub may_read: Option<bool>,
 
     /// Defined by the settings, not by a row of `wsusage_target`.

@@ -276,15 +276,19 @@ fn describe(row: &Declared, role: pg_sys::Oid, runner_setting: Option<(&str, Opt
         None => runner.map(catalog::role_name).unwrap_or_default(),
     };
     let id_array = id_column.map(|(_, type_oid)| catalog::array_type(type_oid));
-    // What `SELECT timestamp FROM table WHERE id = …` needs; and that, with the UPDATE a mark
-    // defers.
-    let may_read = table.as_ref().zip(id_column.zip(timestamp_column)).map(|((oid, table), (id, timestamp))| {
+    // What `SELECT timestamp FROM table WHERE id = …` needs; with the UPDATE, what the UPDATE a
+    // mark defers needs. A read sees every key's pending mark, so it is refused where row-level
+    // security would hide some rows from the role; the flush applies the table's policies to its
+    // own UPDATE (see `flush::run_as`).
+    let may_select = table.as_ref().zip(id_column.zip(timestamp_column)).map(|((oid, table), (id, timestamp))| {
         catalog::may_use_schema(role, table.namespace)
             && catalog::may_use_column(role, *oid, timestamp.0, pg_sys::ACL_SELECT)
             && catalog::may_use_column(role, *oid, id.0, pg_sys::ACL_SELECT)
     });
-    let may_update = may_read.map(|may_read| {
-        may_read
+    let may_read = may_select
+        .map(|may_select| may_select && table.as_ref().is_some_and(|(oid, _)| !catalog::rows_filtered_for(role, *oid)));
+    let may_update = may_select.map(|may_select| {
+        may_select
             && table.as_ref().zip(timestamp_column).is_some_and(|((oid, _), timestamp)| {
                 catalog::may_use_column(role, *oid, timestamp.0, pg_sys::ACL_UPDATE)
             })

@@ -11,7 +11,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use wsusage_tests::*;
@@ -38,6 +38,18 @@ fn packages() -> Result<PathBuf, String> {
         }
     }
     Ok(PathBuf::from(dir))
+}
+
+/// The packages' folder, and Debian's server to this test alone; `None`, saying why, where these
+/// tests cannot run.
+fn debian_server() -> Option<(PathBuf, MutexGuard<'static, ()>)> {
+    match packages() {
+        Ok(dir) => Some((dir, DEBIAN_SERVER.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))),
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            None
+        }
+    }
 }
 
 /// The one file of `dir` whose name ends with `suffix`.
@@ -166,11 +178,7 @@ fn installed(package: &str) -> bool {
 
 #[test]
 fn the_debian_package_installs_into_debians_postgresql_15_works_and_removes_every_file() {
-    let dir = match packages() {
-        Ok(dir) => dir,
-        Err(why) => return eprintln!("skipped: {why}"),
-    };
-    let _one_at_a_time = DEBIAN_SERVER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let Some((dir, _server)) = debian_server() else { return };
     let deb = artefact(&dir, "_amd64.deb");
     assert!(deb.file_name().unwrap().to_string_lossy().starts_with(&format!("{PACKAGE}_0.")), "{}", deb.display());
     let info = run("dpkg-deb --field", Command::new("dpkg-deb").arg("--field").arg(&deb));
@@ -206,11 +214,7 @@ fn the_debian_package_installs_into_debians_postgresql_15_works_and_removes_ever
 
 #[test]
 fn the_tarball_installs_with_its_install_sh_works_and_uninstalls() {
-    let dir = match packages() {
-        Ok(dir) => dir,
-        Err(why) => return eprintln!("skipped: {why}"),
-    };
-    let _one_at_a_time = DEBIAN_SERVER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let Some((dir, _server)) = debian_server() else { return };
     let tarball = artefact(&dir, ".tar.gz");
     let unpacked = Scratch::new("tarball");
     run("tar", Command::new("tar").arg("-xzf").arg(&tarball).arg("-C").arg(&unpacked.0));

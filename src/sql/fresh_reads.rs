@@ -1,6 +1,6 @@
 //! Fresh reads: the time of a key's pending mark, which the next flush writes to its column.
 //! `greatest(last_used_at, wsusage_pending_at(id))` is the column's value as of now, without a
-//! write. A read needs what reading the column does (see `resolve::Access::Read`), and takes the
+//! write. A read needs what reading the column does (see `access::Access::Read`), and takes the
 //! lock shared, as a mark does: it waits for no marker, and no marker waits for it.
 //!
 //! A NULL id reads as NULL, as SQL's own functions of a NULL do (a row without an id has no
@@ -10,11 +10,12 @@ use pgrx::prelude::*;
 use pgrx::Uuid;
 
 use crate::memory::key::{self, Kind};
+use crate::sql::access::Access;
 use crate::sql::availability::{check_active_here, this_database, Unavailable};
 use crate::sql::functions::DEFAULT_TARGET;
 use crate::sql::mark_errors::MarkRefused;
 use crate::sql::report::Report;
-use crate::sql::resolve::{self, Access};
+use crate::sql::resolve;
 use crate::state::pending::{self, Marking, ReadError};
 
 /// The time of the pending mark of workspace `workspace_id` (a key of the `default` target) in

@@ -10,6 +10,7 @@ use crate::memory::key::{self, Kind};
 use crate::memory::layout;
 use crate::memory::message;
 use crate::settings;
+use crate::sql::access::Access;
 use crate::sql::availability::{check_active_here, this_database, Unavailable};
 use crate::sql::flush_errors::FlushError;
 use crate::sql::mark_errors::MarkRefused;
@@ -168,7 +169,7 @@ fn wsusage_flush() -> i64 {
 }
 
 fn mark(target: &str, kind: Kind, ids: &[[u8; 16]], function: &'static str) {
-    resolve::with_target(target, kind, resolve::Access::Mark, function, |target| {
+    resolve::with_target(target, kind, Access::Mark, function, |target| {
         // The time of the call (clock_timestamp()), not the transaction's start.
         let now = clock::now();
         let mut marking = Marking { database: this_database(), name: &target.name, slot: &mut target.slot, kind };

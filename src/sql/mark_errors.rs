@@ -9,8 +9,8 @@ use pgrx::pg_sys::panic::ErrorReport;
 use wsusage_pending_table::Stuck;
 
 use crate::memory::key::Kind;
+use crate::sql::access::Access;
 use crate::sql::report::Report;
-use crate::sql::resolve::Access;
 use crate::targets::definition::Problem;
 
 pub enum MarkRefused {

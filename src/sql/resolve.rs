@@ -18,21 +18,13 @@ use pgrx::pg_sys;
 
 use crate::memory::key::Kind;
 use crate::settings;
+use crate::sql::access::Access;
 use crate::sql::mark_errors::MarkRefused;
 use crate::sql::report::Report;
 use crate::state::target_slots::SlotRef;
 use crate::targets::changes;
 use crate::targets::lookup;
 use crate::targets::published;
-
-/// What a caller does with a target's keys, each checked against its own privilege.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Access {
-    /// Mark them: the role may make the UPDATE the mark defers.
-    Mark,
-    /// Read their pending marks (`wsusage_pending_at`): the role may read the column.
-    Read,
-}
 
 /// A target a mark or a read may name, as checked.
 pub struct Resolved {

@@ -106,3 +106,49 @@ pub fn report_held_back(database: &str, key: Key, failures: Option<u32>, failure
     .set_hint("Fix the row, or what rejects it (a trigger, a check); the next try writes it.")
     .report(PgLogLevel::WARNING);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scope_of(code: PgSqlErrorCode) -> Scope {
+        Failure { sqlstate: code as i32, message: String::new() }.scope()
+    }
+
+    #[test]
+    fn a_lock_a_timeout_a_deadlock_or_a_serialization_failure_is_the_chunks_own_trouble() {
+        use PgSqlErrorCode::*;
+        for code in [
+            ERRCODE_LOCK_NOT_AVAILABLE,
+            ERRCODE_QUERY_CANCELED,
+            ERRCODE_T_R_DEADLOCK_DETECTED,
+            ERRCODE_T_R_SERIALIZATION_FAILURE,
+        ] {
+            assert_eq!(scope_of(code), Scope::Chunk, "{code:?}");
+        }
+    }
+
+    #[test]
+    fn a_rows_own_error_is_looked_for_and_anything_else_stops_the_round() {
+        use PgSqlErrorCode::*;
+        for code in [
+            ERRCODE_CHECK_VIOLATION,
+            ERRCODE_NOT_NULL_VIOLATION,
+            ERRCODE_RAISE_EXCEPTION,
+            ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE,
+            ERRCODE_TRIGGERED_ACTION_EXCEPTION,
+            ERRCODE_WITH_CHECK_OPTION_VIOLATION,
+        ] {
+            assert_eq!(scope_of(code), Scope::Rows, "{code:?}");
+        }
+        for code in [
+            ERRCODE_UNDEFINED_TABLE,
+            ERRCODE_UNDEFINED_COLUMN,
+            ERRCODE_INSUFFICIENT_PRIVILEGE,
+            ERRCODE_READ_ONLY_SQL_TRANSACTION,
+            ERRCODE_OUT_OF_MEMORY,
+        ] {
+            assert_eq!(scope_of(code), Scope::Round, "{code:?}");
+        }
+    }
+}

@@ -19,8 +19,8 @@
 //!
 //! # Concurrency
 //!
-//! The caller's lock has two modes. Shared holders ([`Table::insert`], [`Table::entries`], and
-//! [`Table::len`]) may run at the same time as one another; an exclusive holder, proven by an
+//! The caller's lock has two modes. Shared holders ([`Table::insert`], [`Table::marked_at`],
+//! [`Table::entries`], and [`Table::len`]) may run at the same time as one another; an exclusive holder, proven by an
 //! [`Exclusive`] token, excludes every other user and may remove entries, which moves others. The
 //! rules that make concurrent inserts safe:
 //! - a place only goes from free to held while the lock is shared, never back (except a claim

@@ -1,6 +1,6 @@
 //! The synchronisation the table is built on: std's atomics, or loom's when the table is
-//! model-checked (`RUSTFLAGS="--cfg loom"`, tests/loom.rs), which explores every interleaving of
-//! their operations and every outcome the memory model allows them. The one non-atomic field, a
+//! model-checked (`RUSTFLAGS="--cfg loom"`, tests/loom.rs), which explores the interleavings of
+//! their operations and the outcomes of them it models (not load buffering; SeqCst as AcqRel). The one non-atomic field, a
 //! place's key, is a [`KeyCell`] for the same reason: loom checks each of its reads and writes
 //! against the others.
 

@@ -1,6 +1,6 @@
 //! The claim/publish protocol, model-checked with loom: each test runs its threads in every
-//! interleaving loom can tell apart (up to three preemptions each), with every outcome the memory
-//! model allows the atomics' orderings, and checks each one. Where tests/threads.rs runs the real
+//! interleaving loom can tell apart (up to three preemptions each), with the outcomes of the
+//! atomics' orderings that loom models (all but load buffering), and checks each one. Where tests/threads.rs runs the real
 //! machine's few interleavings many times, this runs each interleaving once.
 //!
 //!     RUSTFLAGS="--cfg loom" cargo test --release --package wsusage-pending-table --test loom

@@ -1,7 +1,8 @@
 //! Fresh reads: the time of a key's pending mark, which the next flush writes to its column.
 //! `greatest(last_used_at, wsusage_pending_at(id))` is the column's value as of now, without a
 //! write. A read needs what reading the column does (see `access::Access::Read`), and takes the
-//! lock shared, as a mark does: it waits for no marker, and no marker waits for it.
+//! lock shared, as a mark does: it waits only for a claim on its way to be published (as a mark
+//! does), and no marker waits for it.
 //!
 //! A NULL id reads as NULL, as SQL's own functions of a NULL do (a row without an id has no
 //! pending mark); a NULL target is a mistake in the call, refused as the marking functions do.

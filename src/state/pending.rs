@@ -194,7 +194,8 @@ pub enum ReadError {
 }
 
 /// The time of the pending mark of key `id` of the target `reading` names, if one is pending.
-/// Under the lock held shared, as a mark: it waits for no marker and no marker waits for it.
+/// Under the lock held shared, as a mark: it waits only for a claim on its way to be published,
+/// and no marker waits for it.
 pub fn marked_at(reading: &mut Marking<'_>, id: [u8; 16]) -> Result<Option<i64>, ReadError> {
     layout::with_shared(|state| {
         let target = match reading.slot.filter(|found| found.is_current(state, reading.database)) {

@@ -178,7 +178,8 @@ pub fn qualified_name(schema: &str, name: &str) -> String {
 /// Whether row-level security filters the rows of table `relid` that `role` reads, as a query of
 /// it by `role` would have them filtered now (`row_security`, BYPASSRLS, ownership, FORCE).
 pub fn rows_filtered_for(role: pg_sys::Oid, relid: pg_sys::Oid) -> bool {
-    // SAFETY: PostgreSQL's own check, with noError: nothing raises for it.
+    // SAFETY: PostgreSQL's own check; noError keeps `row_security = off` from raising, and what
+    // may still raise (a table dropped meanwhile, out of memory) reaches pgrx's guard as an ERROR.
     let enabled = unsafe { pg_sys::check_enable_rls(relid, role, true) };
     enabled == pg_sys::CheckEnableRlsResult::RLS_ENABLED as std::ffi::c_int
 }

@@ -608,7 +608,13 @@ pub fn sorted(ids: &[Uuid]) -> Vec<Uuid> {
 /// `wsusage_flush()`, cancelled once the caller is seen waiting inside it — so that its request is
 /// registered however loaded the machine, which a short `statement_timeout` cannot promise.
 /// Returns the call's error (57014, the cancel) or, should the flush have ended first, its count.
+/// The call is made from a connection of its own: a cancel can land after the statement it was
+/// meant for ended (the postmaster signals the backend and its process group), and would cancel
+/// the client's next statement (seen: `pg_terminate_backend` in faults.rs).
 pub fn request_flush(cluster: &Cluster, client: &mut Client) -> Result<i64, PgError> {
+    let database: String = client.query_one("SELECT current_database()", &[]).expect("current_database()").get(0);
+    let mut caller_client = cluster.connect_to(&database);
+    let client = &mut caller_client;
     let caller: i32 = client.query_one("SELECT pg_backend_pid()", &[]).expect("pg_backend_pid()").get(0);
     let cancel = client.cancel_token();
     let returned = std::sync::atomic::AtomicBool::new(false);
@@ -630,29 +636,12 @@ pub fn request_flush(cluster: &Cluster, client: &mut Client) -> Result<i64, PgEr
             if waiting {
                 cancel.cancel_query(NoTls).expect("cancel wsusage_flush()");
             }
-            waiting
         });
         let result = client.query_one("SELECT wsusage_flush()", &[]).map(|row| row.get(0));
         returned.store(true, std::sync::atomic::Ordering::Release);
-        if canceller.join().expect("the canceller") {
-            absorb_late_cancel(client);
-        }
+        canceller.join().expect("the canceller");
         result
     })
-}
-
-/// After a cancel request: the postmaster signals the backend and its process group, so the
-/// backend may be signalled twice, and a cancel that comes after its statement ended cancels the
-/// next one (seen: `pg_terminate_backend` cancelled right after the cancelled `wsusage_flush()`).
-/// A short sleep takes it instead, if it comes.
-fn absorb_late_cancel(client: &mut Client) {
-    for _ in 0..3 {
-        match client.batch_execute("SELECT pg_sleep(0.05)") {
-            Ok(()) => return,
-            Err(error) if sqlstate(&error) == "57014" => continue,
-            Err(error) => panic!("after a cancel: {error}"),
-        }
-    }
 }
 
 pub fn flush(client: &mut Client) -> i64 {

@@ -45,10 +45,11 @@ ensure_apt_packages() {
 }
 
 # What the test suite runs besides PostgreSQL: Go with the drivers the examples use (built offline
-# in GOPATH mode), PgBouncer and the Prometheus exporter, all from Debian.
+# in GOPATH mode), PgBouncer and the Prometheus exporter, and gdb (to stop a backend where a test
+# needs it stopped), all from Debian.
 ensure_test_packages() {
     ensure_apt golang-go golang-github-lib-pq-dev golang-github-jackc-pgx-v4-dev pgbouncer prometheus-postgres-exporter \
-        prometheus
+        prometheus gdb
 }
 
 # Debian's own PostgreSQL 15 (Debian 12's), which tests/tests/packages.rs installs the Debian

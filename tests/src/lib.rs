@@ -298,6 +298,33 @@ impl Cluster {
         self.running = false;
     }
 
+    /// The postmaster's pid, from `postmaster.pid`.
+    pub fn postmaster_pid(&self) -> u32 {
+        let text = fs::read_to_string(self.data.join("postmaster.pid")).expect("read postmaster.pid");
+        text.lines().next().and_then(|line| line.trim().parse().ok()).expect("a pid in postmaster.pid")
+    }
+
+    /// The titles (`ps` shows them) of the server's processes: the postmaster's children. A
+    /// background worker has its title from its first instructions on, before it connects to a
+    /// database and shows in `pg_stat_activity`.
+    pub fn process_titles(&self) -> Vec<String> {
+        let postmaster = self.postmaster_pid().to_string();
+        let mut titles = Vec::new();
+        for entry in fs::read_dir("/proc").expect("read /proc").flatten() {
+            let proc_dir = entry.path();
+            // "pid (comm) state ppid …": the parent is the second field after the last ')'.
+            let Ok(stat) = fs::read_to_string(proc_dir.join("stat")) else { continue };
+            let parent = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1));
+            if parent != Some(postmaster.as_str()) {
+                continue;
+            }
+            if let Ok(cmdline) = fs::read(proc_dir.join("cmdline")) {
+                titles.push(String::from_utf8_lossy(&cmdline).trim_end_matches('\0').replace('\0', " "));
+            }
+        }
+        titles
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("server.log")
     }

@@ -2,7 +2,10 @@
 //! at shutdown comes back, and nothing damaged, invalid or from the future ever reaches a table.
 
 use std::fs;
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::thread;
 
 use chrono::{DateTime, Duration as Span, Utc};
 use uuid::Uuid;
@@ -88,6 +91,107 @@ fn an_immediate_shutdown_that_interrupted_nothing_keeps_the_set() {
     let (mut client, pending) = pending_after_restart(&mut cluster);
     assert_eq!(pending.len(), ids.len());
     assert_eq!(flush(&mut client), 3);
+}
+
+/// A debugger's breakpoint in a backend: the process, not the server, stops when it enters
+/// `function`, and stays stopped until an immediate shutdown kills it. A process that dies
+/// traced is the debugger's to reap, not the postmaster's: gdb lets go of it once the postmaster
+/// says it has sent SIGKILL, so that the postmaster sees it gone and exits.
+struct Breakpoint {
+    gdb: Child,
+    hit: PathBuf,
+}
+
+impl Breakpoint {
+    /// Returns once the breakpoint is in the backend `pid`.
+    fn set(cluster: &Cluster, pid: i32, function: &str) -> Breakpoint {
+        let hit = cluster.dir.join("breakpoint-hit");
+        let mut gdb = Command::new("gdb")
+            .args(["-p", &pid.to_string(), "-batch", "-ex", &format!("break {function}"), "-ex", "continue"])
+            .args(["-ex", &format!("shell touch {}", hit.display())])
+            .args(["-ex", &format!("shell {}", until_logged(cluster, "issuing SIGKILL to recalcitrant children"))])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run gdb (scripts/test installs it)");
+        // "Breakpoint 1 at …" once it is in; the backend runs on when gdb goes on to `continue`,
+        // and what a client sends it meanwhile waits in its socket.
+        let mut out = BufReader::new(gdb.stdout.take().expect("gdb's stdout"));
+        let mut said = String::new();
+        loop {
+            let mut line = String::new();
+            if out.read_line(&mut line).expect("read gdb's output") == 0 {
+                panic!("gdb set no breakpoint in {function}:\n{said}");
+            }
+            said.push_str(&line);
+            if line.starts_with("Breakpoint 1 at") {
+                break;
+            }
+        }
+        // Read on, so that gdb never waits on a full pipe.
+        thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        Breakpoint { gdb, hit }
+    }
+
+    fn wait_until_stopped_there(&self) {
+        wait_until("the backend to stop at its breakpoint", || self.hit.exists());
+    }
+}
+
+/// A shell command that returns once the server's log has `line` (or after `PATIENCE`).
+fn until_logged(cluster: &Cluster, line: &str) -> String {
+    format!(
+        "timeout {} sh -c 'until grep -qF \"{line}\" {}; do sleep 0.1; done'",
+        PATIENCE.as_secs(),
+        cluster.log_path().display()
+    )
+}
+
+impl Drop for Breakpoint {
+    fn drop(&mut self) {
+        let _ = self.gdb.kill();
+        let _ = self.gdb.wait();
+    }
+}
+
+#[test]
+fn an_immediate_shutdown_that_interrupted_a_change_of_the_set_saves_nothing_and_says_so() {
+    let mut cluster = Cluster::start(&[]);
+    let (mut client, ids) = cluster.with_workspaces(3);
+    client.batch_execute("ALTER TABLE workspaces RENAME TO parked").unwrap();
+    client.execute("SELECT wsusage_mark_many($1)", &[&ids]).unwrap();
+    // A database without a mark yet: its first claims the database's place in the set, in the
+    // marking backend, with the set's lock held exclusively — a change of the set.
+    let (mut other, other_ids) = cluster.with_workspaces_in("other", 1);
+    let pid: i32 = other.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    let breakpoint = Breakpoint::set(&cluster, pid, "wsusage::state::databases::claim");
+    let marking = thread::spawn(move || other.execute("SELECT wsusage_mark($1)", &[&other_ids[0]]).map(|_| ()));
+    breakpoint.wait_until_stopped_there();
+
+    // The postmaster kills the stopped backend where it stands (SIGQUIT, then SIGKILL after 5 s),
+    // then exits: what that backend was changing may be half done.
+    drop(client);
+    cluster.stop("immediate");
+    drop(breakpoint);
+    assert!(cluster.log().contains("issuing SIGKILL to recalcitrant children"), "killed at the breakpoint");
+    assert!(marking.join().unwrap().is_err(), "the interrupted mark did not return");
+    let log = cluster.log();
+    assert!(
+        log.contains(
+            "WARNING:  wsusage did not save its 3 pending ids: a process was stopped while it changed the set \
+             (an immediate shutdown, or a crash); they are lost"
+        ),
+        "{log}"
+    );
+    assert!(!saved_file(&cluster).exists(), "no file to restore from");
+
+    let (mut client, pending) = pending_after_restart(&mut cluster);
+    assert_eq!(pending, Vec::<Uuid>::new(), "nothing of a set that may be half changed comes back");
+    assert_eq!(count_used(&mut client), 0);
+    // The set starts afresh: marks are taken and written.
+    client.execute("SELECT wsusage_mark($1)", &[&ids[0]]).unwrap();
+    assert_eq!(flush(&mut client), 1);
+    assert!(last_used(&mut client, &ids[0]).is_some());
 }
 
 #[test]

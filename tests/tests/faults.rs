@@ -493,6 +493,30 @@ fn a_chunk_slower_than_statement_timeout_is_cancelled_and_retried_later() {
 }
 
 /// The sizes of the chunks that reached `after_flush`, one call per committed chunk.
+/// The target `chunked` (the table `workspaces`), whose `after_flush` records the size of each
+/// chunk it commits in the table `chunks`.
+fn chunked_target(client: &mut Client) {
+    client
+        .batch_execute(
+            "CREATE TABLE chunks (n serial, size int);
+             CREATE FUNCTION count_chunk(ids uuid[], at timestamptz[]) RETURNS void LANGUAGE sql AS
+               $$ INSERT INTO chunks (size) VALUES (cardinality(ids)) $$;
+             INSERT INTO wsusage_target (name, relation, id_column, timestamp_column, after_flush)
+               VALUES ('chunked', 'workspaces', 'id', 'last_used_at', 'count_chunk(uuid[], timestamptz[])');",
+        )
+        .unwrap();
+}
+
+/// The keys of `chunked` still pending, sorted.
+fn pending_chunked(client: &mut Client) -> Vec<Uuid> {
+    client
+        .query("SELECT key::uuid FROM wsusage_pending() WHERE target = 'chunked' ORDER BY 1", &[])
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
 fn chunk_sizes(client: &mut Client) -> Vec<i32> {
     client.query("SELECT size FROM chunks ORDER BY n", &[]).unwrap().iter().map(|row| row.get(0)).collect()
 }
@@ -506,14 +530,10 @@ fn keys_are_written_in_chunks_of_batch_size_and_a_chunk_that_times_out_alone_sta
     ]);
     let (mut client, ids) = cluster.with_workspaces(35);
     // after_flush counts each committed chunk's keys; a trigger takes 4 s for one row only.
+    chunked_target(&mut client);
     client
         .batch_execute(
-            "CREATE TABLE chunks (n serial, size int);
-             CREATE FUNCTION count_chunk(ids uuid[], at timestamptz[]) RETURNS void LANGUAGE sql AS
-               $$ INSERT INTO chunks (size) VALUES (cardinality(ids)) $$;
-             INSERT INTO wsusage_target (name, relation, id_column, timestamp_column, after_flush)
-               VALUES ('chunked', 'workspaces', 'id', 'last_used_at', 'count_chunk(uuid[], timestamptz[])');
-             CREATE TABLE slow_ids (id uuid);
+            "CREATE TABLE slow_ids (id uuid);
              CREATE FUNCTION slow_row() RETURNS trigger LANGUAGE plpgsql AS $$
                BEGIN IF NEW.id IN (SELECT id FROM slow_ids) THEN PERFORM pg_sleep(4); END IF; RETURN NEW; END $$;
              CREATE TRIGGER slow_row BEFORE UPDATE ON workspaces FOR EACH ROW EXECUTE FUNCTION slow_row();",
@@ -534,13 +554,11 @@ fn keys_are_written_in_chunks_of_batch_size_and_a_chunk_that_times_out_alone_sta
     assert_eq!(code, "57014", "{message}");
     assert_eq!(chunk_sizes(&mut client), [10, 10, 5], "the chunks before and after the slow one committed");
     assert_eq!(count_used(&mut client), 25);
-    let pending: Vec<Uuid> = client
-        .query("SELECT key::uuid FROM wsusage_pending() WHERE target = 'chunked' ORDER BY 1", &[])
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
-    assert_eq!(pending, sorted_ids[10..20], "the slow row's chunk, and nothing else, stays pending");
+    assert_eq!(
+        pending_chunked(&mut client),
+        sorted_ids[10..20],
+        "the slow row's chunk, and nothing else, stays pending"
+    );
 
     client.batch_execute("TRUNCATE slow_ids").unwrap();
     assert_eq!(flush(&mut client), 10);
@@ -610,4 +628,176 @@ fn a_held_back_key_waits_twice_as_long_after_each_failure_up_to_64_intervals() {
     client.execute("UPDATE workspaces SET name = 'fixed' WHERE id = $1", &[&ids[0]]).unwrap();
     assert_eq!(flush(&mut client), 1);
     assert_eq!(used_ids(&mut client), sorted(&ids));
+}
+
+/// The pool of held-back ids is the cluster's, `HELD_MAX` (256) places, filled at most 8 a round
+/// (past that, failing rows are the table's trouble, not a few rows'). A poison row past the
+/// pool is isolated again at every round instead, with a WARNING that says so; nothing is written
+/// wrong or lost, and every row is written once fixed.
+#[test]
+fn past_256_held_back_ids_a_poison_row_is_isolated_again_at_every_round_and_nothing_is_lost() {
+    const HELD_MAX: i64 = 256;
+    const POISON: usize = 264;
+    let cluster = Cluster::start(&[]);
+    let (mut client, ids) = cluster.with_workspaces(POISON + 1);
+    let (poison, good) = ids.split_at(POISON);
+    client
+        .batch_execute(
+            "ALTER TABLE workspaces ADD COLUMN archived boolean NOT NULL DEFAULT false;
+             ALTER TABLE workspaces ADD CONSTRAINT archived_not_used CHECK (NOT archived OR last_used_at IS NULL);",
+        )
+        .unwrap();
+    client.execute("UPDATE workspaces SET archived = true WHERE id = ANY($1)", &[&poison]).unwrap();
+    client.execute("SELECT wsusage_mark_many($1)", &[&ids]).unwrap();
+    // Rounds every 20 ms: 8 more held back a round while earlier ones wait out their back-off.
+    client.batch_execute("ALTER SYSTEM SET wsusage.flush_interval = '20ms'").unwrap();
+    client.batch_execute("SELECT pg_reload_conf()").unwrap();
+    wait_until("the pool of held-back ids to fill", || stat(&mut client, "held_back") == HELD_MAX);
+    wait_until("a poison row past the pool to be reported", || {
+        cluster.log().contains(&format!(
+            "wsusage holds back at most {HELD_MAX} ids, so this one is isolated again at every flush"
+        ))
+    });
+    client.batch_execute("ALTER SYSTEM RESET wsusage.flush_interval").unwrap();
+    client.batch_execute("SELECT pg_reload_conf()").unwrap();
+
+    assert_eq!(used_ids(&mut client), sorted(good), "the good row written, no poison row");
+    assert_eq!(stat(&mut client, "pending"), POISON as i64, "every poison row still pending");
+    let held: i64 = client
+        .query_one("SELECT count(*) FROM wsusage_pending() WHERE error LIKE '%archived_not_used%'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(held, HELD_MAX, "wsusage_pending() shows the error of each held-back id");
+
+    // Fixed: the operator's wsusage_flush() tries every one at once.
+    client.execute("UPDATE workspaces SET archived = false WHERE id = ANY($1)", &[&poison]).unwrap();
+    client.query_one("SELECT wsusage_flush()", &[]).unwrap();
+    assert_eq!((stat(&mut client, "held_back"), stat(&mut client, "pending")), (0, 0));
+    nothing_lost(&mut client, "poison rows past the pool of held-back ids", ids.len());
+}
+
+/// `wsusage_flush()`, from a connection of its own, failing: `meanwhile` runs once the flush's
+/// chunk has waited for a lock on `relation` past its first attempt (which gives a lock up after
+/// 10 ms; the second waits up to `wsusage.lock_timeout`). Returns the flush's SQLSTATE and message.
+fn flush_failing_while_a_chunk_waits_for(
+    cluster: &Cluster,
+    client: &mut Client,
+    relation: &str,
+    meanwhile: impl FnOnce(),
+) -> (String, String) {
+    thread::scope(|scope| {
+        let flushing = scope.spawn(|| flush_error(&mut cluster.connect()));
+        wait_until(&format!("the flush's chunk to wait for {relation} in its second attempt"), || {
+            client
+                .query_one(
+                    "SELECT count(*) FROM pg_locks WHERE relation = $1::text::regclass AND NOT granted
+                        AND waitstart < now() - interval '500 ms'",
+                    &[&relation],
+                )
+                .unwrap()
+                .get::<_, i64>(0)
+                == 1
+        });
+        meanwhile();
+        let (code, message, _, _) = flushing.join().unwrap();
+        (code, message)
+    })
+}
+
+/// Of the 35 keys of `chunked` in chunks of 10, the second chunk's failed: the others committed,
+/// it alone is pending, and the next flush writes it.
+fn only_the_second_chunk_was_left_pending(client: &mut Client, sorted_ids: &[Uuid]) {
+    assert_eq!(chunk_sizes(client), [10, 10, 5], "the chunks before and after it committed");
+    assert_eq!(count_used(client), 25);
+    assert_eq!(pending_chunked(client), sorted_ids[10..20], "its chunk, and nothing else, stays pending");
+    assert_eq!(flush(client), 10);
+    assert_eq!(count_used(client), 35);
+}
+
+/// A deadlock (40P01) is a chunk's own trouble, as a timeout is. Made for real: for one row, a
+/// trigger of the application's locks a table that an application transaction holds, and that
+/// transaction then asks for a lock on `workspaces`, which the flush's chunk holds. The chunk is
+/// the waiter that finds the cycle (the application's transaction would look after an hour).
+#[test]
+fn a_chunk_caught_in_a_deadlock_alone_stays_pending_and_the_next_flush_writes_it() {
+    let cluster = Cluster::start(&[("wsusage.batch_size", "10"), ("wsusage.lock_timeout", "'1min'")]);
+    let (mut client, ids) = cluster.with_workspaces(35);
+    let mut sorted_ids = ids.clone();
+    sorted_ids.sort();
+    chunked_target(&mut client);
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE ledger (n int);
+             CREATE FUNCTION lock_ledger() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN IF NEW.id = '{}' THEN LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE; END IF; RETURN NEW; END $$;
+             CREATE TRIGGER lock_ledger BEFORE UPDATE ON workspaces FOR EACH ROW EXECUTE FUNCTION lock_ledger();",
+            sorted_ids[15]
+        ))
+        .unwrap();
+    let mut application = cluster.connect();
+    application
+        .batch_execute("SET deadlock_timeout = '1h'; BEGIN; LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    client.execute("SELECT wsusage_mark_many('chunked', $1)", &[&ids]).unwrap();
+
+    let (code, message) = flush_failing_while_a_chunk_waits_for(&cluster, &mut client, "ledger", || {
+        // The cycle: granted once the chunk, finding it, has failed and let its locks go.
+        application.batch_execute("LOCK TABLE workspaces IN SHARE MODE").unwrap();
+        application.batch_execute("COMMIT").unwrap();
+    });
+    assert_eq!(code, "40P01", "{message}");
+    assert!(message.contains("deadlock detected"), "{message}");
+    only_the_second_chunk_was_left_pending(&mut client, &sorted_ids);
+}
+
+/// A serialization failure (40001) too, where the DBA has made every transaction SERIALIZABLE.
+/// For one row, the chunk reads a table an application transaction has written (not yet seeing
+/// it), while that transaction has read the row the chunk writes; the chunk then waits (for a
+/// table a third session holds) while the application's transaction commits first: the chunk
+/// is the one that cannot commit.
+#[test]
+fn a_chunk_that_cannot_serialize_alone_stays_pending_and_the_next_flush_writes_it() {
+    let cluster = Cluster::start(&[
+        ("wsusage.batch_size", "10"),
+        ("wsusage.lock_timeout", "'1min'"),
+        ("default_transaction_isolation", "'serializable'"),
+    ]);
+    let (mut client, ids) = cluster.with_workspaces(35);
+    let mut sorted_ids = ids.clone();
+    sorted_ids.sort();
+    let row = sorted_ids[15];
+    chunked_target(&mut client);
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE ledger (n int);
+             CREATE TABLE gate (n int);
+             CREATE FUNCTION read_ledger() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN
+                 IF NEW.id = '{row}' THEN
+                   PERFORM count(*) FROM ledger;
+                   LOCK TABLE gate IN ACCESS EXCLUSIVE MODE;
+                 END IF;
+                 RETURN NEW;
+               END $$;
+             CREATE TRIGGER read_ledger BEFORE UPDATE ON workspaces FOR EACH ROW EXECUTE FUNCTION read_ledger();"
+        ))
+        .unwrap();
+    let mut gate = cluster.connect();
+    gate.batch_execute("BEGIN; LOCK TABLE gate IN ACCESS EXCLUSIVE MODE").unwrap();
+    let mut application = cluster.connect();
+    application
+        .batch_execute(&format!(
+            // By its index: a scan of the whole table would read every row any chunk writes.
+            "SET enable_seqscan = off; BEGIN;
+             SELECT last_used_at FROM workspaces WHERE id = '{row}'; INSERT INTO ledger VALUES (1);"
+        ))
+        .unwrap();
+    client.execute("SELECT wsusage_mark_many('chunked', $1)", &[&ids]).unwrap();
+
+    let (code, message) = flush_failing_while_a_chunk_waits_for(&cluster, &mut client, "gate", || {
+        application.batch_execute("COMMIT").expect("the application's transaction commits first");
+        gate.batch_execute("COMMIT").unwrap();
+    });
+    assert_eq!(code, "40001", "{message}");
+    only_the_second_chunk_was_left_pending(&mut client, &sorted_ids);
 }

@@ -5,7 +5,9 @@ use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::thread;
+use std::time::Instant;
 
 use chrono::{DateTime, Duration as Span, Utc};
 use uuid::Uuid;
@@ -115,21 +117,28 @@ impl Breakpoint {
             .spawn()
             .expect("run gdb (scripts/test installs it)");
         // "Breakpoint 1 at …" once it is in; the backend runs on when gdb goes on to `continue`,
-        // and what a client sends it meanwhile waits in its socket.
-        let mut out = BufReader::new(gdb.stdout.take().expect("gdb's stdout"));
-        let mut said = String::new();
-        loop {
-            let mut line = String::new();
-            if out.read_line(&mut line).expect("read gdb's output") == 0 {
-                panic!("gdb set no breakpoint in {function}:\n{said}");
+        // and what a client sends it meanwhile waits in its socket. Read on after it, so that gdb
+        // never waits on a full pipe; a gdb that says nothing of the kind (no such function: it
+        // goes on to `continue` and waits there) fails the test within PATIENCE, not hangs it.
+        let out = BufReader::new(gdb.stdout.take().expect("gdb's stdout"));
+        let (lines, said) = mpsc::channel();
+        thread::spawn(move || {
+            for line in out.lines().map_while(Result::ok) {
+                let _ = lines.send(line);
             }
-            said.push_str(&line);
-            if line.starts_with("Breakpoint 1 at") {
-                break;
+        });
+        let deadline = Instant::now() + PATIENCE;
+        let mut heard = Vec::new();
+        loop {
+            match said.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) if line.starts_with("Breakpoint 1 at") => break,
+                Ok(line) => heard.push(line),
+                Err(_) => {
+                    let _ = gdb.kill();
+                    panic!("gdb set no breakpoint in {function}:\n{}", heard.join("\n"));
+                }
             }
         }
-        // Read on, so that gdb never waits on a full pipe.
-        thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
         Breakpoint { gdb, hit }
     }
 

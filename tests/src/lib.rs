@@ -182,10 +182,7 @@ fn harness_dir_owner(name: &str) -> Option<u32> {
 /// names this directory is signalled, never one that merely reuses the pid in postmaster.pid.
 fn stop_stale_postmaster(dir: &Path, name: &str) {
     let data = dir.join("data");
-    let Some(pid) = fs::read_to_string(data.join("postmaster.pid"))
-        .ok()
-        .and_then(|text| text.lines().next()?.trim().parse::<u32>().ok())
-    else {
+    let Some(pid) = postmaster_pid_in(&data) else {
         return;
     };
     let runs_here = || {
@@ -200,6 +197,11 @@ fn stop_stale_postmaster(dir: &Path, name: &str) {
     if runs_here() {
         let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
     }
+}
+
+/// The pid of the postmaster of data directory `data`, from its `postmaster.pid` (none without one).
+fn postmaster_pid_in(data: &Path) -> Option<u32> {
+    fs::read_to_string(data.join("postmaster.pid")).ok().and_then(|text| text.lines().next()?.trim().parse().ok())
 }
 
 pub struct Cluster {
@@ -300,8 +302,7 @@ impl Cluster {
 
     /// The postmaster's pid, from `postmaster.pid`.
     pub fn postmaster_pid(&self) -> u32 {
-        let text = fs::read_to_string(self.data.join("postmaster.pid")).expect("read postmaster.pid");
-        text.lines().next().and_then(|line| line.trim().parse().ok()).expect("a pid in postmaster.pid")
+        postmaster_pid_in(&self.data).expect("a pid in postmaster.pid")
     }
 
     /// The titles (`ps` shows them) of the server's processes: the postmaster's children. A
